@@ -1,0 +1,252 @@
+"""Batched on-device augmentation: geometry, colour jitter, normalisation and TTA views.
+
+Images come from a uint8 cache already resized to the model's input size, so a batch is moved to
+the device once and every random transform below runs there, batched, with per-sample parameters.
+The same code is the CPU path. 16-bit float inputs are augmented in float32 internally (grid
+coordinates in half precision are off by ~0.1 px at 224 px) and returned in their own dtype.
+
+Example::
+
+    x = to_float(batch_u8.to(device))
+    x = augment_batch(x, AugmentConfig(), generator=gen)
+    x = normalize(x, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+# RGB -> YIQ (NTSC); a hue shift is a rotation of the (I, Q) chroma plane at constant luma Y.
+_RGB_TO_YIQ = (
+    (0.299, 0.587, 0.114),
+    (0.596, -0.274, -0.322),
+    (0.211, -0.523, 0.312),
+)
+# Order of the uniform draws per sample. All are drawn whatever the config, so the random stream,
+# and thus every other parameter, does not change when one magnitude is switched off.
+_N_DRAWS = 9
+_HFLIP, _VFLIP, _ANGLE, _SCALE, _P_COLOUR, _BRIGHT, _CONTRAST, _SAT, _HUE = range(_N_DRAWS)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentation magnitudes; every parameter is drawn independently per sample."""
+
+    hflip: float = 0.5  # probability
+    vflip: float = 0.5
+    # Max |degrees|, uniform in [-rotation, rotation]; dermoscopy has no canonical orientation.
+    rotation: float = 180.0
+    scale: tuple[float, float] = (0.9, 1.1)  # zoom factor range (>1 zooms in), same affine pass
+    brightness: float = 0.3  # ColorJitter semantics: factor uniform in [1-b, 1+b]
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.1  # shift in [-h, h] of a full turn
+    p_colour: float = 1.0  # probability the colour jitter is applied to a sample
+
+    def __post_init__(self) -> None:
+        for name in ("hflip", "vflip", "p_colour"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"AugmentConfig.{name} is a probability in [0, 1], got {value}")
+        for name in ("rotation", "brightness", "contrast", "saturation", "hue"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.hue > 0.5:
+            raise ValueError(f"AugmentConfig.hue must be <= 0.5 (half a turn), got {self.hue}")
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"AugmentConfig.scale must satisfy 0 < lo <= hi, got {self.scale}")
+
+
+def to_float(
+    batch_u8: torch.Tensor, channels_last_input: bool = True, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Convert a uint8 batch (B, H, W, 3), or (B, 3, H, W) if not channels-last, to (B, 3, H, W)
+    floats in [0, 1]. Move the uint8 batch to the device first: it is 4x smaller than floats."""
+    if batch_u8.dtype != torch.uint8:
+        raise TypeError(f"to_float expects a uint8 tensor, got {batch_u8.dtype}")
+    if batch_u8.ndim != 4:
+        raise ValueError(f"to_float expects a 4-D batch, got shape {tuple(batch_u8.shape)}")
+    x = batch_u8.permute(0, 3, 1, 2) if channels_last_input else batch_u8
+    if x.shape[1] != 3:
+        layout = "(B, H, W, 3)" if channels_last_input else "(B, 3, H, W)"
+        raise ValueError(f"to_float expects {layout}, got shape {tuple(batch_u8.shape)}")
+    # contiguous() so later convolutions see the usual NCHW layout rather than a permuted view.
+    return (x.to(dtype) / 255.0).contiguous()
+
+
+def affine_theta(
+    angle_deg: torch.Tensor,
+    scale: torch.Tensor,
+    flip_x: torch.Tensor,
+    flip_y: torch.Tensor,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """Per-sample (B, 2, 3) matrices for `F.affine_grid`: a counter-clockwise rotation by
+    `angle_deg` (as displayed, y down), zoom by `scale` (>1 zooms in) and flips (`flip_*` True
+    mirrors that axis), all about the image centre.
+
+    The matrix maps output to input coordinates, so it is the inverse of the image transform.
+    Rotation is done in pixel units, so non-square images are not sheared.
+    """
+    rad = angle_deg * (math.pi / 180.0)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    one = torch.ones_like(cos)
+    fx = torch.where(flip_x, -one, one)
+    fy = torch.where(flip_y, -one, one)
+    aspect = height / width  # normalised coords are per-axis, so rescale the off-diagonal terms
+    # Input = R(-angle) @ diag(fx, fy) @ output / scale; a flip folded in as the sign of a column.
+    theta = torch.zeros(angle_deg.shape[0], 2, 3, dtype=cos.dtype, device=cos.device)
+    theta[:, 0, 0] = cos * fx / scale
+    theta[:, 0, 1] = -sin * aspect * fy / scale
+    theta[:, 1, 0] = sin / aspect * fx / scale
+    theta[:, 1, 1] = cos * fy / scale
+    return theta
+
+
+def _geometry(x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Flips, rotation and zoom as one resampling pass; `u` holds the per-sample uniform draws."""
+    if cfg.hflip == 0 and cfg.vflip == 0 and cfg.rotation == 0 and cfg.scale == (1.0, 1.0):
+        return x
+    lo, hi = cfg.scale
+    angle = (2.0 * u[:, _ANGLE] - 1.0) * cfg.rotation
+    scale = lo + (hi - lo) * u[:, _SCALE]
+    theta = affine_theta(
+        angle, scale, u[:, _HFLIP] < cfg.hflip, u[:, _VFLIP] < cfg.vflip, x.shape[-2], x.shape[-1]
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(
+        x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    ).clamp_(0.0, 1.0)
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of a (B, 3, H, W) batch, shape (B, 1, H, W)."""
+    r, g, b = x.unbind(dim=1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply each sample by its (B,) factor, clamped to [0, 1]."""
+    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each sample with the mean of its grayscale by its (B,) factor, clamped to [0, 1]."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return torch.lerp(mean, x, _per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each sample with its grayscale by its (B,) factor (0 gives gray), clamped."""
+    return torch.lerp(grayscale(x), x, _per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) RGB matrices rotating hue by `shift` turns in YIQ space, at constant luma."""
+    # Build in float64 so that a zero shift gives the identity to ~1e-16, then cast.
+    yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64, device=shift.device)
+    # Minus sign: R, G, B sit clockwise in the I-Q plane, and a positive shift should move
+    # red towards green as an HSV hue shift does.
+    rad = -2.0 * math.pi * shift.to(torch.float64)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    rot = torch.zeros(shift.shape[0], 3, 3, dtype=torch.float64, device=shift.device)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
+    rot[:, 2, 1], rot[:, 2, 2] = sin, cos
+    return (torch.linalg.inv(yiq) @ rot @ yiq).to(shift.dtype)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample's hue by its (B,) shift in turns, clamped to [0, 1]."""
+    m = hue_matrices(shift).to(x.dtype)
+    return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0.0, 1.0)
+
+
+def _colour(x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue (fixed order) on the samples chosen by p_colour."""
+    if cfg.p_colour == 0 or not (cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue):
+        return x
+    out = x
+    # Factors clamp at 0, as torchvision's ColorJitter does for magnitudes above 1.
+    if cfg.brightness:
+        out = adjust_brightness(out, (1.0 + (2.0 * u[:, _BRIGHT] - 1.0) * cfg.brightness).clamp(0))
+    if cfg.contrast:
+        out = adjust_contrast(out, (1.0 + (2.0 * u[:, _CONTRAST] - 1.0) * cfg.contrast).clamp(0))
+    if cfg.saturation:
+        out = adjust_saturation(out, (1.0 + (2.0 * u[:, _SAT] - 1.0) * cfg.saturation).clamp(0))
+    if cfg.hue:
+        out = adjust_hue(out, (2.0 * u[:, _HUE] - 1.0) * cfg.hue)
+    if cfg.p_colour >= 1.0:
+        return out
+    # A select rather than identity parameters: untouched samples stay bit-exact.
+    return torch.where(_per_sample(u[:, _P_COLOUR] < cfg.p_colour), out, x)
+
+
+def augment_batch(
+    x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Randomly flip, rotate, zoom and colour-jitter a float (B, 3, H, W) batch in [0, 1].
+
+    Every sample gets its own parameters, drawn on the generator's device (the input's device if
+    no generator) and moved to the input's, so a seeded generator reproduces the batch. Returns a
+    new tensor of the same shape and dtype, clamped to [0, 1].
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"augment_batch expects (B, 3, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"augment_batch expects a float tensor in [0, 1], got {x.dtype}; use to_float first"
+        )
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    draw_device = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape[0], _N_DRAWS, generator=generator, device=draw_device)
+    u = u.to(device=x.device, dtype=work)
+    out = x.to(work)
+    out = _geometry(out, u, cfg)
+    out = _colour(out, u, cfg)
+    # clamp also covers the identity config, where inputs slightly outside [0, 1] pass through.
+    return out.clamp(0.0, 1.0).to(x.dtype)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Per-channel `(x - mean) / std` for a (B, C, H, W) batch."""
+    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+        raise ValueError(
+            f"normalize got {len(mean)} means and {len(std)} stds for {x.shape[1]} channels"
+        )
+    if any(s <= 0 for s in std):
+        raise ValueError(f"normalize needs positive stds, got {tuple(std)}")
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def tta_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The first `n` of the 8 dihedral views of a (..., H, W) batch, in the order identity,
+    hflip, vflip, rot90, rot180, rot270, transpose, anti-transpose (rot90 as `torch.rot90`,
+    counter-clockwise). Views 3, 5, 6 and 7 swap H and W of non-square inputs."""
+    if not 1 <= n <= 8:
+        raise ValueError(f"tta_views needs n in 1..8 (the 8 dihedral transforms), got {n}")
+    h, w = -2, -1
+    views = (
+        lambda t: t,
+        lambda t: t.flip(w),
+        lambda t: t.flip(h),
+        lambda t: t.rot90(1, (h, w)),
+        lambda t: t.rot90(2, (h, w)),
+        lambda t: t.rot90(3, (h, w)),
+        lambda t: t.transpose(h, w),
+        lambda t: t.rot90(2, (h, w)).transpose(h, w),
+    )
+    return [view(x) for view in views[:n]]

@@ -1,0 +1,164 @@
+"""Command line: each sub-command parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("skinlesion")
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from skinlesion.download import download_dataset
+
+    dest = download_dataset(
+        Path(args.dest),
+        doi=args.doi,
+        server=args.server,
+        retries=args.retries,
+        extract=not args.no_extract,
+    )
+    print(f"HAM10000 is in {dest}")
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from skinlesion.folds import check_folds, fold_balance, make_folds, save_folds
+    from skinlesion.metadata import read_metadata
+
+    df = read_metadata(Path(args.metadata))
+    folds = make_folds(df, args.folds, args.seed)
+    check_folds(folds)
+    save_folds(folds, Path(args.out))
+    worst = float(fold_balance(folds).abs().to_numpy().max())
+    print(
+        f"wrote {args.out}: {len(folds)} images, {folds['lesion_id'].nunique()} lesions, "
+        f"{args.folds} folds; largest class-share deviation {worst:.2f} points"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from skinlesion.config import load_config
+    from skinlesion.training import run_cv
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_cv(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from skinlesion.inference import load_ensemble, predict_sources
+    from skinlesion.runtime import resolve_runtime
+
+    runtime = resolve_runtime(args.device)
+    members = load_ensemble(args.model, runtime)
+    classes = list(members[0].spec.class_names)
+    probs, errors = predict_sources(
+        args.images,
+        members,
+        runtime,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    df = pd.DataFrame(probs, columns=classes)
+    df.insert(0, "image", [str(p) for p in args.images])
+    df["prediction"] = [
+        classes[int(r.argmax())] if i not in errors else "" for i, r in enumerate(probs)
+    ]
+    df["error"] = [errors.get(i, "") for i in range(len(df))]
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.output, index=False, float_format="%.6f")
+        print(f"wrote {len(df) - len(errors)} prediction(s) to {args.output}")
+    else:
+        df.to_csv(sys.stdout, index=False, float_format="%.6f")
+    for msg in errors.values():
+        print(f"error: {msg}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="skinlesion", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("download", help="fetch HAM10000 from Harvard Dataverse")
+    d.add_argument("--dest", required=True)
+    d.add_argument("--doi", default="doi:10.7910/DVN/DBW86T")
+    d.add_argument("--server", default="https://dataverse.harvard.edu")
+    d.add_argument("--retries", type=int, default=5)
+    d.add_argument("--no-extract", action="store_true")
+    d.set_defaults(func=_cmd_download)
+
+    s = sub.add_parser("split", help="lesion-grouped stratified folds -> folds.csv")
+    s.add_argument("--metadata", required=True)
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_cmd_split)
+
+    t = sub.add_parser("train", help="cross-validated training from a config")
+    t.add_argument("--config", default=None)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=3")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("predict", help="class probabilities for images")
+    r.add_argument("--model", required=True, help="run folder (fold ensemble) or checkpoint")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--output", default=None, help="CSV path (default: stdout)")
+    r.add_argument("--tta", type=int, default=1, help="test-time views, 1..8")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_cmd_predict)
+
+    return p
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input (files, config, data): printed as one message, no traceback."""
+    from skinlesion.checkpoint import CheckpointError
+    from skinlesion.config import ConfigError
+    from skinlesion.download import DownloadError
+    from skinlesion.metadata import DataError
+    from skinlesion.models import WeightsUnavailableError
+    from skinlesion.preprocess import ImageDecodeError
+
+    return (
+        ConfigError,
+        DataError,
+        DownloadError,
+        CheckpointError,
+        WeightsUnavailableError,
+        ImageDecodeError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except user_errors() as err:
+        print(f"skinlesion {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed, strict run configuration: defaults < YAML file < ``key=value`` overrides.
+
+Every key is declared here; an unknown key or a value of the wrong type is an error that names
+the key (``train.lr``), so a typo can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    root: str | None = None
+    """Folder with the HAM10000 release (metadata CSV/TAB and image folders)."""
+    metadata: str | None = None
+    """Metadata file; default: found in ``root``."""
+    image_size: int = Field(300, ge=16, le=1024)
+    max_images: int | None = Field(None, ge=10)
+    """Lesion-grouped stratified subset for quick runs; ``None`` = all images."""
+    cache_dir: str | None = None
+    """Where decoded images are cached; default ``$SKINLESION_CACHE`` or ``~/.cache/skinlesion``."""
+    colour_constancy: bool = False
+    """Shades-of-Gray colour constancy (p=6) applied when images are cached and at inference."""
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+
+
+class CVConfig(_Strict):
+    n_folds: int = Field(5, ge=2)
+    folds_to_run: list[int] | None = None
+    """Subset of folds to train (e.g. ``[0]``); ``None`` = all."""
+    seed: int = 42
+    folds_file: str | None = None
+    """A ``folds.csv`` from ``skinlesion split``; default: folds are made and saved in the run."""
+
+
+class ModelConfig(_Strict):
+    backbone: str = "efficientnet_b3"
+    pretrained: bool = True
+    weights: str | None = None
+    """A local weights file to load instead of the provider's (``.pth``/``.safetensors``)."""
+    drop_rate: float = Field(0.3, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+    patience: int | None = Field(5, ge=1)
+    """Early stopping: epochs without a lower validation loss; ``None`` disables it."""
+    steps_per_epoch: int | None = Field(None, ge=1)
+    """Batches drawn per epoch; default: one pass over the fold's training images."""
+    grad_clip: float | None = Field(None, gt=0)
+    device: str = "auto"
+    amp: bool = True
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)."""
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    num_threads: int | None = Field(None, ge=1)
+
+
+class LossConfig(_Strict):
+    name: str = "focal"
+    gamma: float = Field(2.0, ge=0)
+    alpha: list[float] | None = None
+    """Per-class weights for the focal loss, in class order; ``None`` = unweighted."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class SamplerConfig(_Strict):
+    name: str = "weighted"
+    power: float = Field(1.0, ge=0)
+    """Weight of an image = (1 / class frequency) ** power; 1 draws classes uniformly."""
+
+
+class AugmentSettings(_Strict):
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rotation: float = Field(180.0, ge=0, le=180)
+    scale: tuple[float, float] = (0.9, 1.1)
+    brightness: float = Field(0.3, ge=0)
+    contrast: float = Field(0.3, ge=0)
+    saturation: float = Field(0.3, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    p_colour: float = Field(1.0, ge=0, le=1)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
+class EvalConfig(_Strict):
+    tta: int = Field(1, ge=1, le=8)
+    calibrate: bool = True
+    """Fit a temperature per fold on its validation predictions and store it in the checkpoint."""
+    n_boot: int = Field(1000, ge=0)
+
+
+class Config(_Strict):
+    data: DataConfig = DataConfig()
+    cv: CVConfig = CVConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    augment: AugmentSettings = AugmentSettings()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str = "runs/default"
+    seed: int = 42
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-3", "cv.folds_to_run=[0,1]"]`` into a nested dict (YAML-typed)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from err
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce_numbers(tree: Any, schema: type[BaseModel]) -> Any:
+    """Let an int stand where a float is declared (``lr: 1``), nothing looser."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        field = schema.model_fields.get(key)
+        ann = field.annotation if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out[key] = _coerce_numbers(value, ann)
+        elif isinstance(value, int) and not isinstance(value, bool) and _accepts_float(ann):
+            out[key] = float(value)
+        elif isinstance(value, str) and _accepts_float(ann) and _is_float_text(value):
+            # YAML 1.1 reads ``3e-4`` as a string.
+            out[key] = float(value)
+        elif isinstance(value, list) and _accepts_float_list(ann):
+            out[key] = [
+                float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value
+            ]
+        else:
+            out[key] = value
+    return out
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _accepts_float(ann: Any) -> bool:
+    return ann is float or (
+        hasattr(ann, "__args__") and float in ann.__args__ and int not in ann.__args__
+    )
+
+
+def _accepts_float_list(ann: Any) -> bool:
+    text = str(ann)
+    return "list[float]" in text or "tuple[float, float]" in text
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict against the schema, naming every bad key."""
+    try:
+        return Config.model_validate(_coerce_numbers(tree, Config))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides.
+
+    >>> cfg = load_config(None, ["train.epochs=2"])
+    >>> cfg.train.epochs
+    2
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree = loaded
+        source = str(path)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source += " + overrides"
+    return build_config(tree, source)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain types only (lists, not tuples), so it round-trips through YAML and checkpoints."""
+    return _plain(cfg.model_dump(mode="python"))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

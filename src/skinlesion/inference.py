@@ -1,0 +1,133 @@
+"""Inference that uses everything a run learned: fold ensemble, temperatures, TTA, colour constancy.
+
+``predict`` and ``evaluate`` (and serving) share :func:`predict_sources`: images are decoded and
+prepared with each model's own preprocessing spec, every TTA view's logits are divided by the
+fold's temperature, and the calibrated probabilities are averaged over views and folds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from skinlesion.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from skinlesion.engine import predict_logits
+from skinlesion.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
+from skinlesion.runtime import Runtime, resolve_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One fold model of an ensemble."""
+
+    model: nn.Module
+    spec: PreprocessSpec
+    temperature: float
+    fold: int
+    path: Path
+
+
+def checkpoint_paths(path: str | Path) -> list[Path]:
+    """A checkpoint file, or every ``fold_*/best.pt`` of a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(path.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name[5:]))
+        if found:
+            return found
+        raise CheckpointError(f"{path}: no fold_*/best.pt in this run folder")
+    raise CheckpointError(f"{path}: no such run folder or checkpoint")
+
+
+def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Member]:
+    """Load the fold models of a run folder (or one checkpoint) onto the runtime's device."""
+    runtime = runtime or resolve_runtime("auto")
+    members = []
+    for p in checkpoint_paths(path):
+        ckpt = load_checkpoint(p)
+        model, spec = model_from_checkpoint(ckpt)
+        model = model.to(runtime.device)
+        if runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        members.append(
+            Member(model, spec, float(ckpt.get("temperature", 1.0)), int(ckpt["fold"]), p)
+        )
+    classes = {m.spec.class_names for m in members}
+    if len(classes) > 1:
+        raise CheckpointError(f"{path}: fold models disagree on class names: {classes}")
+    return members
+
+
+def ensemble_probs(
+    members: Sequence[Member],
+    images: dict[PreprocessSpec, np.ndarray],
+    runtime: Runtime,
+    tta: int = 1,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Mean calibrated probabilities over members and TTA views for prepared uint8 images."""
+    total: np.ndarray | None = None
+    for m in members:
+        arr = images[m.spec]
+        logits = predict_logits(
+            m.model, arr, np.arange(len(arr)), batch_size, runtime, m.spec.mean, m.spec.std, tta=tta
+        )
+        # Views are averaged in logit space, as when the temperature was fitted.
+        z = torch.from_numpy(logits).double().mean(0) / m.temperature
+        probs = torch.softmax(z, -1).numpy()
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(members)
+
+
+def predict_sources(
+    sources: Sequence[str | Path | bytes],
+    members: Sequence[Member],
+    runtime: Runtime,
+    tta: int = 1,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Probabilities (N, C) for each source; rows of sources that failed are NaN.
+
+    Returns the probabilities and ``{index: error message}`` for the sources that could not be
+    decoded, so one bad file never costs the predictions of the others.
+    """
+    if not members:
+        raise ValueError("no models to predict with")
+    n_classes = len(members[0].spec.class_names)
+    out = np.full((len(sources), n_classes), np.nan)
+    errors: dict[int, str] = {}
+    specs = list(dict.fromkeys(m.spec for m in members))
+    chunk = max(batch_size * 4, 64)
+    bar = tqdm(total=len(sources), desc="predict", disable=not progress)
+    for start in range(0, len(sources), chunk):
+        idx = list(range(start, min(start + chunk, len(sources))))
+        prepared: dict[PreprocessSpec, list[np.ndarray]] = {s: [] for s in specs}
+        ok: list[int] = []
+        for i in idx:
+            try:
+                arrays = {s: prepare_with_spec(sources[i], s) for s in specs}
+            except ImageDecodeError as err:
+                errors[i] = str(err)
+                log.error("%s", err)
+                continue
+            ok.append(i)
+            for s in specs:
+                prepared[s].append(arrays[s])
+        if ok:
+            stacked = {s: np.stack(v) for s, v in prepared.items()}
+            out[ok] = ensemble_probs(members, stacked, runtime, tta, batch_size)
+        bar.update(len(idx))
+    bar.close()
+    return out, errors

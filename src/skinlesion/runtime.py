@@ -1,0 +1,190 @@
+"""Devices, precision, seeding, distributed state and the environment record of a run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank and world size of this process (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors are computed."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+    dist: DistInfo = DistInfo()
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    info = DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    log.info("distributed: rank %d of %d (%s)", info.rank, info.world_size, dist.get_backend())
+    return info
+
+
+def resolve_runtime(
+    device: str = "auto",
+    amp: bool = True,
+    channels_last: bool = True,
+    dist_info: DistInfo | None = None,
+) -> Runtime:
+    """Pick the device; on CUDA use bf16 autocast where supported, else fp16 with a scaler."""
+    dist_info = dist_info or DistInfo()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        if dev.index is None:
+            dev = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        amp_dtype = (
+            (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+        )
+    else:
+        amp_dtype = None  # CPU autocast is slower than fp32 for these convnets
+    return Runtime(
+        device=dev,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last and dev.type == "cuda",
+        dist=dist_info,
+    )
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; ``deterministic`` also forces deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    where = path or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info(runtime: Runtime | None = None) -> dict[str, Any]:
+    """Package versions, git commit and hardware, for the run folder."""
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": {
+            p: _version(p)
+            for p in (
+                "skinlesion",
+                "torch",
+                "torchvision",
+                "timm",
+                "numpy",
+                "scikit-learn",
+                "pandas",
+                "pillow",
+            )
+        },
+        "git_commit": git_commit(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if runtime is not None:
+        info["device"] = str(runtime.device)
+        info["amp_dtype"] = str(runtime.amp_dtype) if runtime.amp_dtype else None
+        info["world_size"] = runtime.dist.world_size
+    return info
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

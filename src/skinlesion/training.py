@@ -1,0 +1,561 @@
+"""Cross-validated training: data -> folds -> cache -> one model per fold, resumable.
+
+A run folder explains itself::
+
+    output_dir/
+      config.yaml  folds.csv  environment.json  train.log
+      fold_K/metrics.csv   per-epoch train/val figures
+      fold_K/best.pt       lowest validation loss (calibrated temperature added at the end)
+      fold_K/last.pt       full training state for --resume
+      fold_K/val_predictions.csv  fold_K/summary.json
+      oof_predictions.csv  oof_metrics.json  report.md  plots/
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from skinlesion.augment import AugmentConfig
+from skinlesion.cache import build_cache
+from skinlesion.calibration import fit_temperature
+from skinlesion.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from skinlesion.config import Config, config_to_dict, save_config
+from skinlesion.engine import ImageSource, predict_logits, train_one_epoch
+from skinlesion.folds import align_folds, check_folds, make_folds, read_folds, save_folds
+from skinlesion.labels import CLASSES
+from skinlesion.losses import build_loss
+from skinlesion.metadata import load_ham10000, subset_by_lesion
+from skinlesion.metrics import point_metrics
+from skinlesion.models import build_model, default_spec
+from skinlesion.preprocess import PreprocessSpec
+from skinlesion.runtime import (
+    Runtime,
+    environment_info,
+    init_distributed,
+    resolve_runtime,
+    seed_everything,
+)
+from skinlesion.sampling import draw_indices
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_log_loss",
+    "val_balanced_accuracy",
+    "val_macro_f1",
+    "val_accuracy",
+    "lr",
+    "seconds",
+)
+
+
+@dataclass
+class RunData:
+    """Everything the folds share: table (with ``fold`` and ``label``), cached images, spec."""
+
+    table: pd.DataFrame
+    images: ImageSource
+    spec: PreprocessSpec
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    return {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
+
+
+def augment_config(cfg: Config) -> AugmentConfig:
+    a = cfg.augment
+    return AugmentConfig(
+        hflip=a.hflip,
+        vflip=a.vflip,
+        rotation=a.rotation,
+        scale=tuple(a.scale),
+        brightness=a.brightness,
+        contrast=a.contrast,
+        saturation=a.saturation,
+        hue=a.hue,
+        p_colour=a.p_colour,
+    )
+
+
+def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) -> RunData:
+    """Validate the data, make or read the folds, and build (or reuse) the image cache."""
+    if cfg.data.root is None:
+        raise ValueError(
+            "data.root is not set: point it at a HAM10000 folder "
+            "(or run `skinlesion download --dest DIR`)"
+        )
+    df = load_ham10000(cfg.data.root, cfg.data.metadata)
+    df = subset_by_lesion(df, cfg.data.max_images, cfg.cv.seed)
+    if cfg.cv.folds_file:
+        folds = read_folds(Path(cfg.cv.folds_file))
+        df = align_folds(df, folds, cfg.cv.folds_file)
+    else:
+        folds = make_folds(df, cfg.cv.n_folds, cfg.cv.seed)
+        df = df.merge(folds[["image_id", "fold"]], on="image_id", validate="one_to_one")
+    check_folds(df)
+    if folds_out is not None:
+        save_folds(df, folds_out)
+    df = df.sort_values("image_id").reset_index(drop=True)
+    df["label"] = df["dx"].map({c: i for i, c in enumerate(CLASSES)}).astype(int)
+    spec = default_spec(
+        cfg.model.backbone, cfg.data.image_size, cfg.data.interpolation, cfg.data.colour_constancy
+    )
+    cache = build_cache(
+        df["image_id"].tolist(),
+        df["path"].tolist(),
+        cfg.data.image_size,
+        Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
+        spec.interpolation,
+        spec.colour_constancy,
+        progress=progress,
+    )
+    df["row"] = cache.rows(df["image_id"].tolist())
+    return RunData(table=df, images=cache.images, spec=spec)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.train.lr, momentum=0.9, nesterov=True, weight_decay=cfg.train.weight_decay
+    )
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    """Per-step cosine with linear warm-up, per-epoch plateau, or none."""
+    if cfg.train.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = min(cfg.train.warmup_epochs * steps_per_epoch, max(total - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.scheduler == "none":
+            return 1.0
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path) as fh:
+        return [r for r in csv.DictReader(fh) if int(r["epoch"]) <= upto_epoch]
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def validation_logits(
+    model: nn.Module,
+    data: RunData,
+    rows: np.ndarray,
+    batch_size: int,
+    runtime: Runtime,
+    tta: int = 1,
+) -> np.ndarray:
+    """Logits (V, N, C) for ``rows``, computed in shards across ranks when distributed."""
+    d = runtime.dist
+    mine = rows[d.rank :: d.world_size]
+    logits = predict_logits(
+        model, data.images, mine, batch_size, runtime, data.spec.mean, data.spec.std, tta=tta
+    )
+    if not d.enabled:
+        return logits
+    parts: list[Any] = [None] * d.world_size
+    dist.all_gather_object(parts, logits)
+    out = np.zeros((tta, len(rows), parts[0].shape[-1]), dtype=np.float32)
+    for r, part in enumerate(parts):
+        out[:, r :: d.world_size] = part
+    return out
+
+
+def val_figures(criterion: nn.Module, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Selection loss (the training criterion) and headline metrics on validation logits."""
+    lt = torch.from_numpy(logits)
+    yt = torch.from_numpy(y).long()
+    probs = torch.softmax(lt.double(), -1).numpy()
+    pm = point_metrics(y, probs)
+    return {
+        "val_loss": float(criterion(lt, yt)),
+        "val_log_loss": float(nn.functional.cross_entropy(lt.double(), yt)),
+        "val_balanced_accuracy": pm["balanced_accuracy"],
+        "val_macro_f1": pm["macro_f1"],
+        "val_accuracy": pm["accuracy"],
+    }
+
+
+def fit_fold(
+    cfg: Config,
+    data: RunData,
+    fold: int,
+    run_dir: Path,
+    runtime: Runtime,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one fold, keep the lowest-validation-loss checkpoint, calibrate it; its summary."""
+    fold_dir = run_dir / f"fold_{fold}"
+    summary_path = fold_dir / "summary.json"
+    if resume and summary_path.is_file():
+        log.info("fold %d already complete, skipping", fold)
+        return json.loads(summary_path.read_text())
+    if runtime.dist.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    table = data.table
+    train_t, val_t = table[table["fold"] != fold], table[table["fold"] == fold]
+    if len(train_t) == 0 or len(val_t) == 0:
+        raise ValueError(
+            f"fold {fold} has {len(train_t)} training and {len(val_t)} validation "
+            f"images; check cv.n_folds and cv.folds_to_run"
+        )
+    labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
+    val_rows = val_t["row"].to_numpy()
+    y_val = val_t["label"].to_numpy()
+    row_of = torch.as_tensor(table["row"].to_numpy(), dtype=torch.long)
+    labels_by_row = torch.zeros(len(data.images), dtype=torch.long)
+    labels_by_row[row_of] = labels
+
+    seed_everything(cfg.seed + fold, cfg.train.deterministic)
+    model = build_model(
+        cfg.model.backbone,
+        len(CLASSES),
+        cfg.model.pretrained,
+        cfg.model.weights,
+        **model_kwargs(cfg),
+    ).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model: nn.Module = model
+    if runtime.dist.enabled:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    criterion = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha, cfg.loss.label_smoothing)
+    per_epoch = cfg.train.steps_per_epoch or math.ceil(len(train_t) / cfg.train.batch_size)
+    per_rank_steps = math.ceil(per_epoch / runtime.dist.world_size)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, per_rank_steps)
+    scaler = torch.amp.GradScaler("cuda") if runtime.needs_scaler else None
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold + 10_000 * runtime.dist.rank)
+
+    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
+    last_path, best_path, metrics_path = (
+        fold_dir / "last.pt",
+        fold_dir / "best.pt",
+        fold_dir / "metrics.csv",
+    )
+    if resume and last_path.is_file():
+        last = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(last["state_dict"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        if scaler is not None and last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
+        gen.set_state(last["generator"])
+        aug_gen.set_state(last["aug_generator"])
+        state = dict(last["state"])
+        log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+    rows_so_far = _read_metrics(metrics_path, state["epoch"])
+    train_labels = train_t["label"].to_numpy()
+    train_rows = torch.as_tensor(train_t["row"].to_numpy(), dtype=torch.long)
+    spec = data.spec
+    cfg_dict = config_to_dict(cfg)
+
+    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        picks = draw_indices(
+            cfg.sampler.name,
+            train_labels,
+            len(CLASSES),
+            per_rank_steps * cfg.train.batch_size * runtime.dist.world_size,
+            gen,
+            cfg.sampler.power,
+        )
+        order = train_rows[picks][runtime.dist.rank :: runtime.dist.world_size]
+        step = scheduler.step if cfg.train.scheduler != "plateau" else None
+        train_loss = train_one_epoch(
+            train_model,
+            data.images,
+            labels_by_row,
+            order,
+            cfg.train.batch_size,
+            criterion,
+            optimizer,
+            runtime,
+            spec.mean,
+            spec.std,
+            augment_config(cfg),
+            aug_gen,
+            scaler,
+            step,
+            cfg.train.grad_clip,
+            progress=progress and runtime.dist.is_main,
+        )
+        if runtime.dist.enabled:
+            t = torch.tensor([train_loss], device=runtime.device)
+            dist.all_reduce(t)
+            train_loss = float(t.item() / runtime.dist.world_size)
+        logits = validation_logits(
+            model, data, val_rows, cfg.train.eval_batch_size or cfg.train.batch_size * 2, runtime
+        )[0]
+        figs = val_figures(criterion, logits, y_val)
+        if cfg.train.scheduler == "plateau":
+            scheduler.step(figs["val_loss"])
+        improved = figs["val_loss"] < state["best_val_loss"]
+        state["epoch"] = epoch
+        if improved:
+            state.update(best_val_loss=figs["val_loss"], best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            **figs,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        rows_so_far.append(row)
+        if runtime.dist.is_main:
+            if improved:
+                atomic_torch_save(
+                    make_checkpoint(
+                        model,
+                        cfg.model.backbone,
+                        spec,
+                        fold,
+                        epoch,
+                        figs,
+                        cfg_dict,
+                        1.0,
+                        model_kwargs(cfg),
+                    ),
+                    best_path,
+                )
+            atomic_torch_save(
+                {
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "generator": gen.get_state(),
+                    "aug_generator": aug_gen.get_state(),
+                    "state": state,
+                },
+                last_path,
+            )
+            _write_metrics(metrics_path, rows_so_far)
+        log.info(
+            "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f bal_acc %.3f "
+            "macro_f1 %.3f (%.0fs)%s",
+            fold,
+            epoch,
+            cfg.train.epochs,
+            train_loss,
+            figs["val_loss"],
+            figs["val_balanced_accuracy"],
+            figs["val_macro_f1"],
+            row["seconds"],
+            " *" if improved else "",
+        )
+        if runtime.dist.enabled:
+            dist.barrier()
+        if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
+            log.info(
+                "fold %d: early stop after %d epochs without a lower val_loss",
+                fold,
+                cfg.train.patience,
+            )
+            break
+    return finish_fold(cfg, data, fold, fold_dir, runtime, val_t)
+
+
+def finish_fold(
+    cfg: Config, data: RunData, fold: int, fold_dir: Path, runtime: Runtime, val_t: pd.DataFrame
+) -> dict[str, Any]:
+    """Reload the best checkpoint, fit its temperature, save validation predictions."""
+    best_path = fold_dir / "best.pt"
+    if runtime.dist.enabled:
+        dist.barrier()
+    ckpt = load_checkpoint(best_path)
+    model = build_model(ckpt["backbone"], ckpt["num_classes"], False, **ckpt["model_kwargs"]).to(
+        runtime.device
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # Out-of-fold predictions use the same TTA as inference (eval.tta), views averaged in logit
+    # space, so the temperature is fitted on exactly the output it will calibrate.
+    logits = (
+        validation_logits(
+            model,
+            data,
+            val_t["row"].to_numpy(),
+            cfg.train.eval_batch_size or cfg.train.batch_size * 2,
+            runtime,
+            tta=cfg.eval.tta,
+        )
+        .mean(0)
+        .astype(np.float64)
+    )
+    y = val_t["label"].to_numpy()
+    temperature = fit_temperature(logits, y) if cfg.eval.calibrate else 1.0
+    summary = {
+        "fold": fold,
+        "best_epoch": ckpt["epoch"],
+        "metrics": ckpt["metrics"],
+        "temperature": temperature,
+        "n_train": int((data.table["fold"] != fold).sum()),
+        "n_val": len(val_t),
+    }
+    if runtime.dist.is_main:
+        ckpt["temperature"] = float(temperature)
+        atomic_torch_save(ckpt, best_path)
+        write_val_predictions(val_t, logits, temperature, fold_dir / "val_predictions.csv")
+        (fold_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(
+        "fold %d done: best epoch %d, val_loss %.4f, temperature %.3f",
+        fold,
+        ckpt["epoch"],
+        ckpt["metrics"]["val_loss"],
+        temperature,
+    )
+    return summary
+
+
+def write_val_predictions(
+    val_t: pd.DataFrame, logits: np.ndarray, temperature: float, path: Path
+) -> None:
+    """Calibrated probabilities (columns named by class) plus the raw ones (``raw_<class>``)."""
+    from skinlesion.calibration import apply_temperature, softmax
+
+    probs = apply_temperature(logits, temperature)
+    raw = softmax(logits)
+    out = val_t[["image_id", "lesion_id", "dx", "fold"]].reset_index(drop=True).copy()
+    for i, c in enumerate(CLASSES):
+        out[c] = probs[:, i]
+    out["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
+    for i, c in enumerate(CLASSES):
+        out[f"raw_{c}"] = raw[:, i]
+    out.to_csv(path, index=False, float_format="%.8g")
+
+
+def setup_logging(run_dir: Path | None, is_main: bool = True) -> None:
+    """Console logging, plus ``train.log`` in the run folder on the main process."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not any(
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        for h in root.handlers
+    ):
+        h = logging.StreamHandler()
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    if run_dir is not None and is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        target = str((run_dir / "train.log").resolve())
+        if not any(getattr(h, "baseFilename", None) == target for h in root.handlers):
+            fh = logging.FileHandler(target)
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+
+
+def check_resume(run_dir: Path, cfg: Config, resume: bool) -> None:
+    """Refuse to mix runs: a folder with results needs --resume and the same config."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    if not resume and any(run_dir.glob("fold_*/last.pt")):
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it, "
+            f"or choose another output_dir"
+        )
+    if resume:
+        import yaml
+
+        old = yaml.safe_load(saved.read_text())
+        new = config_to_dict(cfg)
+        diff = [
+            k
+            for k in ("data", "cv", "model", "loss", "sampler", "augment")
+            if old.get(k) != new.get(k)
+        ]
+        if diff:
+            raise ValueError(
+                f"--resume with a different config than {saved} (sections "
+                f"{diff} differ); use the saved config or another output_dir"
+            )
+
+
+def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
+    """Train every fold of ``cv.folds_to_run``; write the run folder and its OOF report."""
+    dist_info = init_distributed()
+    runtime = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, dist_info)
+    run_dir = Path(cfg.output_dir)
+    setup_logging(run_dir, dist_info.is_main)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if dist_info.is_main:
+        check_resume(run_dir, cfg, resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "environment.json").write_text(json.dumps(environment_info(runtime), indent=2))
+    data = load_run_data(
+        cfg,
+        run_dir / "folds.csv" if dist_info.is_main else None,
+        progress=progress and dist_info.is_main,
+    )
+    if runtime.device.type == "cuda":
+        # The whole uint8 cache lives on the GPU (HAM10000 at 300 px: ~2.7 GB).
+        data.images = torch.from_numpy(np.ascontiguousarray(data.images)).to(runtime.device)
+    folds = (
+        cfg.cv.folds_to_run
+        if cfg.cv.folds_to_run is not None
+        else sorted(data.table["fold"].unique().tolist())
+    )
+    unknown = [f for f in folds if f not in set(data.table["fold"])]
+    if unknown:
+        raise ValueError(
+            f"cv.folds_to_run names folds {unknown}; the folds are "
+            f"{sorted(set(data.table['fold']))}"
+        )
+    for fold in folds:
+        fit_fold(cfg, data, fold, run_dir, runtime, resume=resume, progress=progress)
+    if dist_info.is_main:
+        from skinlesion.report import write_oof_report
+
+        write_oof_report(run_dir, n_boot=cfg.eval.n_boot)
+    if dist_info.enabled:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run_dir
