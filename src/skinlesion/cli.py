@@ -85,6 +85,75 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from skinlesion.evaluate import evaluate_external
+
+    where = dict(_key_value(w) for w in args.where)
+    result = evaluate_external(
+        args.model,
+        args.labels,
+        args.images,
+        args.output,
+        tta=args.tta,
+        label_map=args.label_map,
+        batch_size=args.batch_size,
+        device=args.device,
+        n_boot=args.n_boot,
+        where=where,
+        progress=not args.no_progress,
+    )
+    p = result["point"]
+    print(
+        f"{p['n']} images, classes present {p['classes_present']}: balanced accuracy "
+        f"{p['balanced_accuracy']:.3f}, macro AUROC {p['macro_auroc'] or float('nan'):.3f}; "
+        f"details in {args.output}/metrics.json and report.md"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from skinlesion.report import write_oof_report
+
+    result = write_oof_report(Path(args.run_dir), n_boot=args.n_boot)
+    print(
+        f"{args.run_dir}/report.md: balanced accuracy "
+        f"{result['point']['balanced_accuracy']:.3f} over {result['point']['n']} images"
+    )
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from skinlesion.config import load_config
+    from skinlesion.leakage import audit_leakage
+
+    cfg = load_config(args.config, args.overrides)
+    result = audit_leakage(
+        cfg, resume=args.resume, n_boot=args.n_boot, progress=not args.no_progress
+    )
+    ba = result["metrics"]["balanced_accuracy"]
+    print(
+        f"balanced accuracy: lesion-grouped {ba['lesion_grouped']:.3f}, image-random "
+        f"{ba['image_random']:.3f}, inflation {ba['inflation']:+.3f}; see "
+        f"{cfg.output_dir}/leakage.md"
+    )
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from skinlesion.merge import merge_runs
+
+    out = merge_runs(args.runs, args.out, n_boot=args.n_boot)
+    print(f"merged {len(args.runs)} run(s) into {out} (report: {out}/report.md)")
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"'{text}' is not COLUMN=VALUE")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skinlesion", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -121,6 +190,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_predict)
+
+    e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
+    e.add_argument("--model", required=True, help="run folder (fold ensemble) or checkpoint")
+    e.add_argument("--labels", required=True, help="CSV with image_id and dx")
+    e.add_argument("--images", required=True, help="folder with <image_id>.<jpg|png|...>")
+    e.add_argument("--output", required=True)
+    e.add_argument("--label-map", default=None, help="YAML or CSV (from,to) label mapping")
+    e.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="keep only rows with this value (e.g. split=test); repeatable",
+    )
+    e.add_argument("--tta", type=int, default=1)
+    e.add_argument("--n-boot", type=int, default=1000)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="regenerate a run's out-of-fold report")
+    rp.add_argument("run_dir")
+    rp.add_argument("--n-boot", type=int, default=1000)
+    rp.set_defaults(func=_cmd_report)
+
+    a = sub.add_parser("audit-leakage", help="metric inflation of image-level vs lesion folds")
+    a.add_argument("--config", default=None)
+    a.add_argument("--resume", action="store_true")
+    a.add_argument("--n-boot", type=int, default=None)
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("overrides", nargs="*", help="key=value")
+    a.set_defaults(func=_cmd_audit)
+
+    m = sub.add_parser("merge", help="join runs of different folds into one run folder")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument("--n-boot", type=int, default=1000)
+    m.set_defaults(func=_cmd_merge)
 
     return p
 

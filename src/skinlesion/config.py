@@ -41,6 +41,8 @@ class CVConfig(_Strict):
     folds_to_run: list[int] | None = None
     """Subset of folds to train (e.g. ``[0]``); ``None`` = all."""
     seed: int = 42
+    grouped: bool = True
+    """Group folds by lesion. ``false`` leaks lesions across folds: only for the leakage audit."""
     folds_file: str | None = None
     """A ``folds.csv`` from ``skinlesion split``; default: folds are made and saved in the run."""
 
@@ -55,6 +57,13 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    scheme: Literal["finetune", "linear_probe"] = "finetune"
+    """``linear_probe``: frozen backbone, cached embeddings, a linear head per fold (minutes on
+    a CPU)."""
+    freeze_stages: int = Field(0, ge=0)
+    """Fine-tune only the last stages: the stem and the first K stages stay frozen."""
+    probe_flips: bool = True
+    """Linear probe: average each embedding over the image and its h/v flips."""
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)

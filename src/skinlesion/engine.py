@@ -70,9 +70,15 @@ def train_one_epoch(
     step_scheduler: Callable[[], None] | None = None,
     grad_clip: float | None = None,
     progress: bool = True,
+    frozen: Sequence[nn.Module] = (),
 ) -> float:
-    """Train over the image rows in ``order`` (already drawn by the sampler); mean loss."""
+    """Train over the image rows in ``order`` (already drawn by the sampler); mean loss.
+
+    ``frozen`` modules stay in eval mode, so their BatchNorm statistics do not drift.
+    """
     model.train()
+    for m in frozen:
+        m.eval()
     total, count = torch.zeros((), device=runtime.device), 0
     n_batches = math.ceil(len(order) / batch_size)
     for b in tqdm(range(n_batches), desc="train", leave=False, disable=not progress):

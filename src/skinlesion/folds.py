@@ -6,6 +6,7 @@ sit on both sides of a split and every validation number is inflated.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def read_folds(path: Path) -> pd.DataFrame:
     bad = [
         f"line {i + 2}: fold '{v}' is not an integer"
         for i, v in enumerate(df["fold"])
-        if not str(v).lstrip("-").isdigit()
+        if not re.fullmatch(r"-?[0-9]+", str(v))
     ]
     if bad:
         raise DataError(f"{path}: invalid folds", bad)
@@ -88,6 +89,9 @@ def read_folds(path: Path) -> pd.DataFrame:
 
 def align_folds(df: pd.DataFrame, folds: pd.DataFrame, source: str) -> pd.DataFrame:
     """Attach the ``fold`` column of a saved folds file to the metadata rows it covers."""
+    dup = sorted(set(folds["image_id"][folds["image_id"].duplicated()]))
+    if dup:
+        raise DataError(f"{source}: images with several fold rows", [f"image {i}" for i in dup])
     lookup = folds.set_index("image_id")
     missing = [i for i in df["image_id"] if i not in lookup.index]
     if missing:

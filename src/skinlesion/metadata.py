@@ -99,7 +99,8 @@ def validate_metadata(
             )
     dup = df["image_id"][df["image_id"].duplicated(keep=False) & (df["image_id"] != "")]
     for image_id in sorted(set(dup)):
-        lines = [str(i + 2) for i in df.index[df["image_id"] == image_id]]
+        # Positions, not index labels: a frame passed in may not have a 0..n-1 index.
+        lines = [str(i + 2) for i in (df["image_id"] == image_id).to_numpy().nonzero()[0]]
         problems.append(f"image_id {image_id} appears on lines {', '.join(lines)}")
     if "lesion_id" in required:
         per_lesion = df[df["dx"].isin(known)].groupby("lesion_id")["dx"].nunique()

@@ -156,6 +156,16 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
     head = {k for k in state if k in own and state[k].shape != own[k].shape}
+    # Only the classifier may differ; a misshapen backbone tensor would otherwise stay random.
+    clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+    clf_keys = {
+        f"{name}.{k}" for name, m in model.named_modules() if m is clf for k in m.state_dict()
+    }
+    if head - clf_keys:
+        raise RuntimeError(
+            f"{path} does not fit {type(model).__name__}: shapes differ for "
+            f"{sorted(head - clf_keys)[:5]}"
+        )
     for k in head:
         del state[k]
     missing, unexpected = model.load_state_dict(state, strict=False)

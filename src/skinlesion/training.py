@@ -42,6 +42,7 @@ from skinlesion.metadata import load_ham10000, subset_by_lesion
 from skinlesion.metrics import point_metrics
 from skinlesion.models import build_model, default_spec
 from skinlesion.preprocess import PreprocessSpec
+from skinlesion.probe import freeze_stages, run_linear_probe
 from skinlesion.runtime import (
     Runtime,
     environment_info,
@@ -73,6 +74,7 @@ class RunData:
     table: pd.DataFrame
     images: ImageSource
     spec: PreprocessSpec
+    cache_root: Path
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -107,9 +109,15 @@ def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) ->
         folds = read_folds(Path(cfg.cv.folds_file))
         df = align_folds(df, folds, cfg.cv.folds_file)
     else:
-        folds = make_folds(df, cfg.cv.n_folds, cfg.cv.seed)
+        folds = make_folds(df, cfg.cv.n_folds, cfg.cv.seed, grouped=cfg.cv.grouped)
         df = df.merge(folds[["image_id", "fold"]], on="image_id", validate="one_to_one")
-    check_folds(df)
+    if cfg.cv.grouped:
+        check_folds(df)
+    else:
+        log.warning(
+            "cv.grouped=false: images of one lesion may sit in several folds; the "
+            "metrics of this run are inflated by leakage"
+        )
     if folds_out is not None:
         save_folds(df, folds_out)
     df = df.sort_values("image_id").reset_index(drop=True)
@@ -127,7 +135,7 @@ def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) ->
         progress=progress,
     )
     df["row"] = cache.rows(df["image_id"].tolist())
-    return RunData(table=df, images=cache.images, spec=spec)
+    return RunData(table=df, images=cache.images, spec=spec, cache_root=cache.root)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -164,7 +172,7 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, str]]:
         return [r for r in csv.DictReader(fh) if int(r["epoch"]) <= upto_epoch]
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_metrics_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
@@ -239,7 +247,7 @@ def fit_fold(
     labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
     val_rows = val_t["row"].to_numpy()
     y_val = val_t["label"].to_numpy()
-    row_of = torch.as_tensor(table["row"].to_numpy(), dtype=torch.long)
+    row_of = torch.tensor(table["row"].to_numpy(), dtype=torch.long)
     labels_by_row = torch.zeros(len(data.images), dtype=torch.long)
     labels_by_row[row_of] = labels
 
@@ -253,6 +261,7 @@ def fit_fold(
     ).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    frozen = freeze_stages(model, cfg.train.freeze_stages)
     train_model: nn.Module = model
     if runtime.dist.enabled:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -283,6 +292,7 @@ def fit_fold(
             scaler.load_state_dict(last["scaler"])
         gen.set_state(last["generator"])
         aug_gen.set_state(last["aug_generator"])
+        torch.set_rng_state(last["torch_rng"])  # dropout / drop-path draws
         state = dict(last["state"])
         log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
     rows_so_far = _read_metrics(metrics_path, state["epoch"])
@@ -320,6 +330,7 @@ def fit_fold(
             step,
             cfg.train.grad_clip,
             progress=progress and runtime.dist.is_main,
+            frozen=frozen,
         )
         if runtime.dist.enabled:
             t = torch.tensor([train_loss], device=runtime.device)
@@ -369,11 +380,12 @@ def fit_fold(
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "generator": gen.get_state(),
                     "aug_generator": aug_gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
                     "state": state,
                 },
                 last_path,
             )
-            _write_metrics(metrics_path, rows_so_far)
+            write_metrics_rows(metrics_path, rows_so_far)
         log.info(
             "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f bal_acc %.3f "
             "macro_f1 %.3f (%.0fs)%s",
@@ -495,7 +507,7 @@ def check_resume(run_dir: Path, cfg: Config, resume: bool) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    if not resume and any(run_dir.glob("fold_*/last.pt")):
+    if not resume and (any(run_dir.glob("fold_*/last.pt")) or any(run_dir.glob("fold_*/best.pt"))):
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it, "
             f"or choose another output_dir"
@@ -549,8 +561,13 @@ def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
             f"cv.folds_to_run names folds {unknown}; the folds are "
             f"{sorted(set(data.table['fold']))}"
         )
-    for fold in folds:
-        fit_fold(cfg, data, fold, run_dir, runtime, resume=resume, progress=progress)
+    if cfg.train.scheme == "linear_probe":
+        if dist_info.enabled:
+            raise ValueError("train.scheme=linear_probe runs in one process; drop torchrun")
+        run_linear_probe(cfg, data, run_dir, runtime, folds, data.cache_root, resume, progress)
+    else:
+        for fold in folds:
+            fit_fold(cfg, data, fold, run_dir, runtime, resume=resume, progress=progress)
     if dist_info.is_main:
         from skinlesion.report import write_oof_report
 

@@ -1,0 +1,46 @@
+# Set-up and the two main jobs. `make test` and `make demo` work on a fresh machine: they create
+# the virtual environment and install everything first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the releases this project is tested with.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+HAM10000_DIR ?= ../shared/data/ham10000
+DEMO_DIR ?= runs/demo
+
+.PHONY: install test lint demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: install
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: no tests were collected"; exit 1; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+# The quick recipe on HAM10000 (from HAM10000_DIR, else downloaded to data/ham10000), then
+# predictions for a few of its images.
+demo: install
+	@set -e; root="$(HAM10000_DIR)"; \
+	if [ ! -e "$$root/HAM10000_metadata.csv" ] && [ ! -e "$$root/HAM10000_metadata.tab" ]; then \
+	  root=data/ham10000; $(VENV)/bin/skinlesion download --dest $$root; fi; \
+	rm -rf $(DEMO_DIR); \
+	$(VENV)/bin/skinlesion train --config configs/quick.yaml data.root=$$root output_dir=$(DEMO_DIR); \
+	imgs=$$(find $$root -name '*.jpg' | sort | head -n 5); \
+	$(VENV)/bin/skinlesion predict --model $(DEMO_DIR) $$imgs --output $(DEMO_DIR)/demo_predictions.csv; \
+	echo; echo "run folder:   $(DEMO_DIR) (report: $(DEMO_DIR)/report.md)"; \
+	echo "predictions:  $(DEMO_DIR)/demo_predictions.csv"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
