@@ -44,6 +44,7 @@ from skinlesion.models import build_model, default_spec
 from skinlesion.preprocess import PreprocessSpec
 from skinlesion.probe import freeze_stages, run_linear_probe
 from skinlesion.runtime import (
+    DistInfo,
     Runtime,
     environment_info,
     init_distributed,
@@ -297,7 +298,7 @@ def fit_fold(
         log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
     rows_so_far = _read_metrics(metrics_path, state["epoch"])
     train_labels = train_t["label"].to_numpy()
-    train_rows = torch.as_tensor(train_t["row"].to_numpy(), dtype=torch.long)
+    train_rows = torch.tensor(train_t["row"].to_numpy(), dtype=torch.long)
     spec = data.spec
     cfg_dict = config_to_dict(cfg)
 
@@ -481,10 +482,13 @@ def write_val_predictions(
     out.to_csv(path, index=False, float_format="%.8g")
 
 
-def setup_logging(run_dir: Path | None, is_main: bool = True) -> None:
-    """Console logging, plus ``train.log`` in the run folder on the main process."""
+def setup_logging(run_dir: Path | None, is_main: bool = True) -> logging.Handler | None:
+    """Console logging, plus ``train.log`` in the run folder on the main process.
+
+    Returns the file handler, which the caller removes when the run ends.
+    """
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not any(
         isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
@@ -495,11 +499,11 @@ def setup_logging(run_dir: Path | None, is_main: bool = True) -> None:
         root.addHandler(h)
     if run_dir is not None and is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        target = str((run_dir / "train.log").resolve())
-        if not any(getattr(h, "baseFilename", None) == target for h in root.handlers):
-            fh = logging.FileHandler(target)
-            fh.setFormatter(fmt)
-            root.addHandler(fh)
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+        return fh
+    return None
 
 
 def check_resume(run_dir: Path, cfg: Config, resume: bool) -> None:
@@ -532,35 +536,42 @@ def check_resume(run_dir: Path, cfg: Config, resume: bool) -> None:
 def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train every fold of ``cv.folds_to_run``; write the run folder and its OOF report."""
     dist_info = init_distributed()
-    runtime = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, dist_info)
     run_dir = Path(cfg.output_dir)
-    setup_logging(run_dir, dist_info.is_main)
+    handler = setup_logging(run_dir, dist_info.is_main)
+    try:
+        _run_cv(cfg, run_dir, dist_info, resume, progress)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if dist_info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+    return run_dir
+
+
+def _run_cv(cfg: Config, run_dir: Path, dist_info: DistInfo, resume: bool, progress: bool) -> None:
+    runtime = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, dist_info)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if dist_info.is_main:
         check_resume(run_dir, cfg, resume)
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "environment.json").write_text(json.dumps(environment_info(runtime), indent=2))
-    data = load_run_data(
-        cfg,
-        run_dir / "folds.csv" if dist_info.is_main else None,
-        progress=progress and dist_info.is_main,
-    )
+    # The main process builds the image cache first; the others then find it ready.
+    if dist_info.is_main:
+        data = load_run_data(cfg, run_dir / "folds.csv", progress=progress)
+    if dist_info.enabled:
+        dist.barrier()
+    if not dist_info.is_main:
+        data = load_run_data(cfg, None, progress=False)
     if runtime.device.type == "cuda":
         # The whole uint8 cache lives on the GPU (HAM10000 at 300 px: ~2.7 GB).
         data.images = torch.from_numpy(np.ascontiguousarray(data.images)).to(runtime.device)
-    folds = (
-        cfg.cv.folds_to_run
-        if cfg.cv.folds_to_run is not None
-        else sorted(data.table["fold"].unique().tolist())
-    )
-    unknown = [f for f in folds if f not in set(data.table["fold"])]
+    present = sorted(set(data.table["fold"].tolist()))
+    folds = cfg.cv.folds_to_run if cfg.cv.folds_to_run is not None else present
+    unknown = [f for f in folds if f not in present]
     if unknown:
-        raise ValueError(
-            f"cv.folds_to_run names folds {unknown}; the folds are "
-            f"{sorted(set(data.table['fold']))}"
-        )
+        raise ValueError(f"cv.folds_to_run names folds {unknown}; the folds are {present}")
     if cfg.train.scheme == "linear_probe":
         if dist_info.enabled:
             raise ValueError("train.scheme=linear_probe runs in one process; drop torchrun")
@@ -574,5 +585,3 @@ def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
         write_oof_report(run_dir, n_boot=cfg.eval.n_boot)
     if dist_info.enabled:
         dist.barrier()
-        dist.destroy_process_group()
-    return run_dir
