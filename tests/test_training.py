@@ -51,8 +51,15 @@ def run_train(args: list[str]) -> int:
 def test_train_writes_self_describing_run(syn_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert run_train(tiny_overrides(syn_root, out, tmp_path / "cache")) == 0
-    for name in ("config.yaml", "folds.csv", "environment.json", "train.log",
-                 "oof_predictions.csv", "oof_metrics.json", "report.md"):
+    for name in (
+        "config.yaml",
+        "folds.csv",
+        "environment.json",
+        "train.log",
+        "oof_predictions.csv",
+        "oof_metrics.json",
+        "report.md",
+    ):
         assert (out / name).is_file(), name
     folds = pd.read_csv(out / "folds.csv")
     assert list(folds.columns) == ["image_id", "lesion_id", "dx", "fold"]
@@ -62,8 +69,15 @@ def test_train_writes_self_describing_run(syn_root: Path, tmp_path: Path) -> Non
     np.testing.assert_allclose(oof[list(CLASSES)].sum(axis=1), 1.0, atol=1e-6)
     for fold in (0, 1):
         metrics = pd.read_csv(out / f"fold_{fold}" / "metrics.csv")
-        assert {"epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_macro_f1",
-                "lr", "seconds"} <= set(metrics.columns)
+        assert {
+            "epoch",
+            "train_loss",
+            "val_loss",
+            "val_balanced_accuracy",
+            "val_macro_f1",
+            "lr",
+            "seconds",
+        } <= set(metrics.columns)
         assert metrics["epoch"].tolist() == [1, 2, 3]
         raw = torch.load(out / f"fold_{fold}" / "best.pt", weights_only=True)
         ckpt = load_checkpoint(out / f"fold_{fold}" / "best.pt")
@@ -79,8 +93,14 @@ def test_train_writes_self_describing_run(syn_root: Path, tmp_path: Path) -> Non
 
 def test_predict_ensemble_and_bad_file(syn_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert run_train(tiny_overrides(syn_root, out, tmp_path / "cache", **{
-        "cv.folds_to_run": "[0]", "train.epochs": "1"})) == 0
+    assert (
+        run_train(
+            tiny_overrides(
+                syn_root, out, tmp_path / "cache", **{"cv.folds_to_run": "[0]", "train.epochs": "1"}
+            )
+        )
+        == 0
+    )
     images = sorted(syn_root.glob("HAM10000_images_part_1/*.jpg"))[:3]
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
@@ -89,8 +109,19 @@ def test_predict_ensemble_and_bad_file(syn_root: Path, tmp_path: Path) -> None:
 
     Image.open(images[0]).convert("L").save(png)
     csv = tmp_path / "preds.csv"
-    args = ["predict", "--model", str(out), *map(str, images), str(bad), str(png), "--output",
-            str(csv), "--no-progress", "--tta", "2"]
+    args = [
+        "predict",
+        "--model",
+        str(out),
+        *map(str, images),
+        str(bad),
+        str(png),
+        "--output",
+        str(csv),
+        "--no-progress",
+        "--tta",
+        "2",
+    ]
     assert main(args) == 1  # one file failed, the others were still predicted
     df = pd.read_csv(csv, keep_default_na=False)
     assert list(df.columns) == ["image", *CLASSES, "prediction", "error"]
@@ -102,8 +133,9 @@ def test_predict_ensemble_and_bad_file(syn_root: Path, tmp_path: Path) -> None:
     assert failed["image"].tolist() == [str(bad)] and "notes.jpg" in failed["error"].iloc[0]
 
 
-def test_resume_after_interruption_matches_uninterrupted(syn_root: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_interruption_matches_uninterrupted(
+    syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     extra = {"cv.folds_to_run": "[0]", "eval.calibrate": "false"}
     full = tmp_path / "full"
@@ -136,8 +168,9 @@ def test_resume_after_interruption_matches_uninterrupted(syn_root: Path, tmp_pat
 
 def test_resume_refuses_changed_config(syn_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = tiny_overrides(syn_root, out, tmp_path / "cache", **{"cv.folds_to_run": "[0]",
-                                                                "train.epochs": "1"})
+    args = tiny_overrides(
+        syn_root, out, tmp_path / "cache", **{"cv.folds_to_run": "[0]", "train.epochs": "1"}
+    )
     assert run_train(args) == 0
     assert run_train(["--resume", *args, "loss.gamma=0.5"]) == 2
 
@@ -149,11 +182,29 @@ def test_bad_config_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_folds_file_is_used(syn_root: Path, tmp_path: Path) -> None:
     folds_csv = tmp_path / "folds.csv"
-    assert main(["split", "--metadata", str(syn_root / "HAM10000_metadata.csv"), "--folds", "3",
-                 "--seed", "7", "--out", str(folds_csv)]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--metadata",
+                str(syn_root / "HAM10000_metadata.csv"),
+                "--folds",
+                "3",
+                "--seed",
+                "7",
+                "--out",
+                str(folds_csv),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "run"
-    args = tiny_overrides(syn_root, out, tmp_path / "cache", **{
-        "cv.folds_file": str(folds_csv), "cv.folds_to_run": "[2]", "train.epochs": "1"})
+    args = tiny_overrides(
+        syn_root,
+        out,
+        tmp_path / "cache",
+        **{"cv.folds_file": str(folds_csv), "cv.folds_to_run": "[2]", "train.epochs": "1"},
+    )
     assert run_train(args) == 0
     saved = pd.read_csv(out / "folds.csv").sort_values("image_id").reset_index(drop=True)
     given = pd.read_csv(folds_csv).sort_values("image_id").reset_index(drop=True)
@@ -161,8 +212,9 @@ def test_folds_file_is_used(syn_root: Path, tmp_path: Path) -> None:
     assert (out / "fold_2" / "best.pt").is_file() and not (out / "fold_0").exists()
 
 
-def test_config_run_reads_cache_not_jpegs(syn_root: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_run_reads_cache_not_jpegs(
+    syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = load_config(None, tiny_overrides(syn_root, tmp_path / "r1", tmp_path / "cache"))
     data = training.load_run_data(cfg, None, progress=False)
     assert data.images.dtype == np.uint8 and data.images.shape[1:] == (32, 32, 3)

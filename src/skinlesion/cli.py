@@ -114,7 +114,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from skinlesion.report import write_oof_report
 
-    result = write_oof_report(Path(args.run_dir), n_boot=args.n_boot)
+    result = write_oof_report(Path(args.run_dir), n_boot=_run_n_boot(args.run_dir, args.n_boot))
     print(
         f"{args.run_dir}/report.md: balanced accuracy "
         f"{result['point']['balanced_accuracy']:.3f} over {result['point']['n']} images"
@@ -142,9 +142,20 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from skinlesion.merge import merge_runs
 
-    out = merge_runs(args.runs, args.out, n_boot=args.n_boot)
+    out = merge_runs(args.runs, args.out, n_boot=_run_n_boot(args.runs[0], args.n_boot))
     print(f"merged {len(args.runs)} run(s) into {out} (report: {out}/report.md)")
     return 0
+
+
+def _run_n_boot(run_dir: str, given: int | None) -> int:
+    """``--n-boot`` if given, else the run's own ``eval.n_boot`` (so a report reproduces)."""
+    if given is not None:
+        return given
+    import yaml
+
+    saved = Path(run_dir) / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    return int((cfg or {}).get("eval", {}).get("n_boot", 1000))
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -213,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="regenerate a run's out-of-fold report")
     rp.add_argument("run_dir")
-    rp.add_argument("--n-boot", type=int, default=1000)
+    rp.add_argument("--n-boot", type=int, default=None, help="default: the run's eval.n_boot")
     rp.set_defaults(func=_cmd_report)
 
     a = sub.add_parser("audit-leakage", help="metric inflation of image-level vs lesion folds")
@@ -227,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="join runs of different folds into one run folder")
     m.add_argument("runs", nargs="+")
     m.add_argument("--out", required=True)
-    m.add_argument("--n-boot", type=int, default=1000)
+    m.add_argument("--n-boot", type=int, default=None, help="default: the runs' eval.n_boot")
     m.set_defaults(func=_cmd_merge)
 
     return p

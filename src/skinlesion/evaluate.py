@@ -61,13 +61,14 @@ def load_labels(
             f"{labels_csv}: wrong columns",
             [f"missing {missing}; found {list(df.columns)}; expected image_id, dx"],
         )
+    # Line numbers of the file (header = line 1), fixed before --where drops rows.
+    df["line"] = np.arange(len(df)) + 2
     for col, value in (where or {}).items():
         df = df[df[col].astype(str) == value]
     if df.empty:
         raise DataError(f"{labels_csv}: no rows", [f"no row matches {where}"])
     df["image_id"] = df["image_id"].astype(str).str.strip()
     df["dx"] = df["dx"].astype(str).str.strip()
-    df["line"] = np.arange(len(df)) + 2
     if label_map:
         unmapped = sorted(set(df["dx"]) - set(label_map) - set(CLASSES))
         df["dx"] = df["dx"].map(lambda d: label_map.get(d, d))

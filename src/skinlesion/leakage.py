@@ -82,6 +82,8 @@ def audit_leakage(
     from skinlesion.training import run_cv
 
     out = Path(cfg.output_dir)
+    # 0 is a valid choice (point values only), so only None falls back to the config.
+    n_boot = cfg.eval.n_boot if n_boot is None else n_boot
     oof = {}
     for scheme, grouped in SCHEMES.items():
         sub = cfg.model_copy(deep=True)
@@ -111,10 +113,8 @@ def audit_leakage(
         "n_images": len(merged),
         "n_lesions": int(merged["lesion_id"].nunique()),
         "lesions_split_across_folds_in_random_split": int((lesions_split > 1).sum()),
-        "bootstrap": {"unit": "lesion", "n_boot": n_boot or cfg.eval.n_boot, "paired": True},
-        "metrics": paired_inflation(
-            y, p_leaky, p_clean, merged["lesion_id"].to_numpy(), n_boot or cfg.eval.n_boot
-        ),
+        "bootstrap": {"unit": "lesion", "n_boot": n_boot, "paired": True},
+        "metrics": paired_inflation(y, p_leaky, p_clean, merged["lesion_id"].to_numpy(), n_boot),
     }
     (out / "leakage.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     (out / "leakage.md").write_text(render_leakage(result))
@@ -130,7 +130,8 @@ def render_leakage(result: dict[str, Any]) -> str:
         f"{result['n_images']} images of {result['n_lesions']} lesions; the random image "
         f"split put {result['lesions_split_across_folds_in_random_split']} lesions in more "
         f"than one fold. Inflation = random split minus lesion-grouped split, 95% paired "
-        f"bootstrap over lesions.",
+        f"bootstrap over lesions; for log loss and ECE (lower is better) leakage shows as a "
+        f"negative number.",
         "",
         "| metric | lesion-grouped | image-random | inflation [95% CI] |",
         "| --- | --- | --- | --- |",

@@ -14,8 +14,15 @@ import yaml
 
 from skinlesion.report import write_oof_report
 
-# Keys that may differ between the parts: where each wrote and which folds it ran.
-_PER_PART = (("cv", "folds_to_run"), ("output_dir",), ("train", "device"), ("train", "num_threads"))
+# Keys that may differ between the parts: where each wrote and which folds it ran, and
+# machine-specific settings that do not change the recipe (the image cache is only a cache).
+_PER_PART = (
+    ("cv", "folds_to_run"),
+    ("output_dir",),
+    ("train", "device"),
+    ("train", "num_threads"),
+    ("data", "cache_dir"),
+)
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,8 @@ import numpy as np
 from skinlesion.labels import CLASSES
 
 MEL = "mel"
-LOG_LOSS_EPS = 1e-15
+# The floor scikit-learn uses, so log loss agrees with sklearn.metrics.log_loss.
+LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
 # Bootstrap replicates are evaluated in chunks so that the (replicates x images) weight matrices,
 # and the few temporaries of their size, stay at tens of MB whatever the data size.
 _CHUNK_ELEMENTS = 2_000_000

@@ -73,7 +73,8 @@ def write_plots(
     present = sorted(set(y.tolist()))
     if len(present) >= 2:
         paths.append(plot_roc_curves(y, probs, CLASSES, out / "roc_curves.png"))
-    return [str(p) for p in paths]
+    # Relative to the report folder, so a moved run folder stays consistent.
+    return [p.name for p in paths]
 
 
 def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
