@@ -137,6 +137,21 @@ def _ham_like_labels(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(N_CLASSES, size=n, p=p / p.sum())
 
 
+def _image_source(
+    n: int, size: int, device: torch.device, seed: int
+) -> tuple[np.ndarray | torch.Tensor, np.ndarray]:
+    """``n`` random uint8 (size, size, 3) images held as training holds its cache (a tensor on
+    the GPU on CUDA, else a NumPy array), and HAM10000-like labels."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = _ham_like_labels(n, rng)
+    if device.type == "cuda":
+        return torch.from_numpy(images).to(device), labels
+    return images, labels
+
+
 def _build(backbone: str, runtime: Runtime, compile: bool = False) -> tuple[nn.Module, nn.Module]:
     """(model, the module to call): the second is compiled when asked."""
     import torch
@@ -239,10 +254,7 @@ def bench_train(
             _train_step(step_model, x, y, criterion, optimizer, runtime, scaler)
 
     # (b) end to end: the real training step path over a uint8 image source.
-    rng = np.random.default_rng(seed)
-    source_np = rng.integers(0, 256, (images, image_size, image_size, 3), dtype=np.uint8)
-    source = torch.from_numpy(source_np).to(dev) if dev.type == "cuda" else source_np
-    labels = _ham_like_labels(images, rng)
+    source, labels = _image_source(images, image_size, dev, seed)
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
@@ -732,7 +744,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def benchmark_command(args: argparse.Namespace) -> int:
     """Handler of ``skinlesion benchmark``: print the table, write the JSON if asked."""
-    result = run_benchmark(args)
+    from skinlesion.runtime import torch_threads
+
+    with torch_threads(args.threads):
+        result = run_benchmark(args)
     print(format_table(result))
     if args.json:
         path = Path(args.json)
@@ -783,6 +798,9 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--synthetic-images", type=int, default=500, help="loader without --data")
     b.add_argument("--decode-workers", type=int, default=None, help="loader: decoding threads")
+    b.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     b.set_defaults(func=benchmark_command)
