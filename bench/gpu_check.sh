@@ -16,6 +16,8 @@
 #                 after the start, leaving ~30 s for the report and the summary
 # NBOOT           bootstrap resamples of the out-of-fold report (default 1000, ~10 s)
 # WORK            scratch folder for the run and logs (default /tmp/skinlesion_gpu_check)
+# TRAIN_OVERRIDES more key=value overrides for the lite run, space-separated
+#                 (e.g. "data.max_images=5000 train.patience=null")
 # SMOKE=1         toy sizes on the CPU (lite0, 64 px, a few steps, 300 images), .whl/ left alone:
 #                 checks the script itself in a minute on a machine without a GPU
 #
@@ -156,7 +158,8 @@ train_lite() {
     timeout --signal=INT --kill-after=20 "$limit" python3 -m skinlesion train \
         --config configs/ham10000_lite.yaml --no-progress \
         "data.root=$DATA" "output_dir=$RUN" data.cache_dir=/tmp/slcache \
-        "train.epochs=$epochs" "eval.n_boot=$NBOOT" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
+        "train.epochs=$epochs" "eval.n_boot=$NBOOT" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} \
+        ${TRAIN_OVERRIDES:-}
 }
 
 # After an interrupted run: the report of the folds that finished.

@@ -202,7 +202,7 @@ def bench_train(
     compile: bool = False,
     images: int = 2048,
     seed: int = 0,
-    rounds: int = 3,
+    rounds: int = 4,
 ) -> dict[str, Any]:
     """Training images/s of the model alone and of the real training step path, and their ratio.
 
@@ -213,7 +213,7 @@ def bench_train(
     :func:`~skinlesion.training.run_cv` holds the cache), rows drawn by the weighted sampler,
     default augmentation. Both use the same model, optimiser, precision and layout; ``warmup``
     steps of each run first and are not timed, then the ``steps`` timed steps of each are taken
-    in ``rounds`` alternating chunks.
+    in ``rounds`` alternating chunks (model first, then end to end first, and so on).
     """
     import torch
 
@@ -281,12 +281,16 @@ def bench_train(
     if warmup:
         model_steps(warmup)
         epoch(warmup)
-    # Alternate the two in rounds, so that a change of machine load or clock during the run
-    # touches both alike and the ratio stays fair.
+    # Alternate the two in rounds, in A-B, B-A order, so that a drift of speed during the run
+    # (machine load, clocks, a long warm-up) touches both alike and the ratio stays fair.
     model_only_s = end_to_end_s = 0.0
-    for chunk in _chunks(steps, rounds):
-        model_only_s += _timed(lambda c=chunk: model_steps(c), dev)
+    for r, chunk in enumerate(_chunks(steps, rounds)):
+        first_model = r % 2 == 0
+        if first_model:
+            model_only_s += _timed(lambda c=chunk: model_steps(c), dev)
         end_to_end_s += _timed(lambda c=chunk: epoch(c), dev)
+        if not first_model:
+            model_only_s += _timed(lambda c=chunk: model_steps(c), dev)
 
     n = steps * batch_size
     result: dict[str, Any] = {
@@ -455,8 +459,9 @@ def _time_pipelines(
 ) -> dict[str, tuple[float, float]]:
     """(read seconds, prepare seconds) of each reader over ``draws[1:]``; ``draws[0]`` warms up.
 
-    The readers take turns batch by batch, so a change of machine load touches all alike; each
-    has its own augmentation generator, seeded alike, so all prepare the very same batches.
+    The readers take turns batch by batch, in alternating order, so that a change of machine
+    load touches all alike; each has its own augmentation generator, seeded alike, so all prepare
+    the very same batches.
     """
     import torch
 
@@ -467,7 +472,8 @@ def _time_pipelines(
     gens = {name: torch.Generator().manual_seed(seed + 1) for name in readers}
     totals = {name: [0.0, 0.0] for name in readers}
     for b, rows in enumerate(draws):
-        for name, read in readers.items():
+        order = list(readers.items())
+        for name, read in order if b % 2 else order[::-1]:
             t0 = time.perf_counter()
             u8 = read(rows)
             t1 = time.perf_counter()

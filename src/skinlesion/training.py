@@ -221,37 +221,49 @@ def val_figures(criterion: nn.Module, logits: np.ndarray, y: np.ndarray) -> dict
     }
 
 
-def fit_fold(
-    cfg: Config,
-    data: RunData,
-    fold: int,
-    run_dir: Path,
-    runtime: Runtime,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train one fold, keep the lowest-validation-loss checkpoint, calibrate it; its summary."""
-    fold_dir = run_dir / f"fold_{fold}"
-    summary_path = fold_dir / "summary.json"
-    if resume and summary_path.is_file():
-        log.info("fold %d already complete, skipping", fold)
-        return json.loads(summary_path.read_text())
-    if runtime.dist.is_main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-    table = data.table
-    train_t, val_t = table[table["fold"] != fold], table[table["fold"] == fold]
-    if len(train_t) == 0 or len(val_t) == 0:
-        raise ValueError(
-            f"fold {fold} has {len(train_t)} training and {len(val_t)} validation "
-            f"images; check cv.n_folds and cv.folds_to_run"
-        )
-    labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
-    val_rows = val_t["row"].to_numpy()
-    y_val = val_t["label"].to_numpy()
-    row_of = torch.tensor(table["row"].to_numpy(), dtype=torch.long)
-    labels_by_row = torch.zeros(len(data.images), dtype=torch.long)
-    labels_by_row[row_of] = labels
+@dataclass
+class FoldTrainer:
+    """Everything that changes while one fold trains, and what --resume restores."""
 
+    model: nn.Module
+    train_model: nn.Module  # model, or its DDP / compiled wrapper
+    frozen: list[nn.Module]
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    gen: torch.Generator  # sampler draws (same on every rank)
+    aug_gen: torch.Generator  # augmentation draws (per rank)
+    steps: int  # optimizer steps per epoch on this rank
+    state: dict[str, Any]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "generator": self.gen.get_state(),
+            "aug_generator": self.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout / drop-path draws
+            "state": self.state,
+        }
+
+    def restore(self, path: Path) -> None:
+        last = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(last["state_dict"])
+        self.optimizer.load_state_dict(last["optimizer"])
+        self.scheduler.load_state_dict(last["scheduler"])
+        if self.scaler is not None and last.get("scaler"):
+            self.scaler.load_state_dict(last["scaler"])
+        self.gen.set_state(last["generator"])
+        self.aug_gen.set_state(last["aug_generator"])
+        torch.set_rng_state(last["torch_rng"])
+        self.state = dict(last["state"])
+
+
+def build_trainer(cfg: Config, fold: int, n_train: int, runtime: Runtime) -> FoldTrainer:
+    """Model (pretrained, frozen stages, DDP/compile), loss, optimizer, schedule, generators."""
     seed_everything(cfg.seed + fold, cfg.train.deterministic)
     model = build_model(
         cfg.model.backbone,
@@ -269,127 +281,150 @@ def fit_fold(
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
-    criterion = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha, cfg.loss.label_smoothing)
-    per_epoch = cfg.train.steps_per_epoch or math.ceil(len(train_t) / cfg.train.batch_size)
-    per_rank_steps = math.ceil(per_epoch / runtime.dist.world_size)
+    per_epoch = cfg.train.steps_per_epoch or math.ceil(n_train / cfg.train.batch_size)
+    steps = math.ceil(per_epoch / runtime.dist.world_size)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, per_rank_steps)
-    scaler = torch.amp.GradScaler("cuda") if runtime.needs_scaler else None
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold + 10_000 * runtime.dist.rank)
-
-    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
-    last_path, best_path, metrics_path = (
-        fold_dir / "last.pt",
-        fold_dir / "best.pt",
-        fold_dir / "metrics.csv",
+    return FoldTrainer(
+        model=model,
+        train_model=train_model,
+        frozen=frozen,
+        criterion=build_loss(
+            cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha, cfg.loss.label_smoothing
+        ),
+        optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, steps),
+        scaler=torch.amp.GradScaler("cuda") if runtime.needs_scaler else None,
+        gen=torch.Generator().manual_seed(cfg.seed * 1000 + fold),
+        aug_gen=torch.Generator().manual_seed(cfg.seed * 1000 + fold + 10_000 * runtime.dist.rank),
+        steps=steps,
+        state={"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0},
     )
-    if resume and last_path.is_file():
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(last["state_dict"])
-        optimizer.load_state_dict(last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        if scaler is not None and last.get("scaler"):
-            scaler.load_state_dict(last["scaler"])
-        gen.set_state(last["generator"])
-        aug_gen.set_state(last["aug_generator"])
-        torch.set_rng_state(last["torch_rng"])  # dropout / drop-path draws
-        state = dict(last["state"])
-        log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
-    rows_so_far = _read_metrics(metrics_path, state["epoch"])
-    train_labels = train_t["label"].to_numpy()
-    train_rows = torch.tensor(train_t["row"].to_numpy(), dtype=torch.long)
-    spec = data.spec
-    cfg_dict = config_to_dict(cfg)
 
-    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+
+def train_epoch(
+    cfg: Config,
+    data: RunData,
+    tr: FoldTrainer,
+    train_t: pd.DataFrame,
+    runtime: Runtime,
+    progress: bool,
+) -> float:
+    """Draw this epoch's weighted sample, train this rank's share; loss averaged over ranks."""
+    d = runtime.dist
+    picks = draw_indices(
+        cfg.sampler.name,
+        train_t["label"].to_numpy(),
+        len(CLASSES),
+        tr.steps * cfg.train.batch_size * d.world_size,
+        tr.gen,
+        cfg.sampler.power,
+    )
+    rows = torch.tensor(train_t["row"].to_numpy(), dtype=torch.long)
+    order = rows[picks][d.rank :: d.world_size]
+    labels_by_row = torch.zeros(len(data.images), dtype=torch.long)
+    labels_by_row[torch.tensor(data.table["row"].to_numpy())] = torch.tensor(
+        data.table["label"].to_numpy()
+    )
+    loss = train_one_epoch(
+        tr.train_model,
+        data.images,
+        labels_by_row,
+        order,
+        cfg.train.batch_size,
+        tr.criterion,
+        tr.optimizer,
+        runtime,
+        data.spec.mean,
+        data.spec.std,
+        augment_config(cfg),
+        tr.aug_gen,
+        tr.scaler,
+        tr.scheduler.step if cfg.train.scheduler != "plateau" else None,
+        cfg.train.grad_clip,
+        progress=progress and d.is_main,
+        frozen=tr.frozen,
+    )
+    if d.enabled:
+        t = torch.tensor([loss], device=runtime.device)
+        dist.all_reduce(t)
+        loss = float(t.item() / d.world_size)
+    return loss
+
+
+def fit_fold(
+    cfg: Config,
+    data: RunData,
+    fold: int,
+    run_dir: Path,
+    runtime: Runtime,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one fold, keep the lowest-validation-loss checkpoint, calibrate it; its summary."""
+    fold_dir = run_dir / f"fold_{fold}"
+    if resume and (fold_dir / "summary.json").is_file():
+        log.info("fold %d already complete, skipping", fold)
+        return json.loads((fold_dir / "summary.json").read_text())
+    if runtime.dist.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    table = data.table
+    train_t, val_t = table[table["fold"] != fold], table[table["fold"] == fold]
+    if len(train_t) == 0 or len(val_t) == 0:
+        raise ValueError(
+            f"fold {fold} has {len(train_t)} training and {len(val_t)} validation "
+            f"images; check cv.n_folds and cv.folds_to_run"
+        )
+    tr = build_trainer(cfg, fold, len(train_t), runtime)
+    if resume and (fold_dir / "last.pt").is_file():
+        tr.restore(fold_dir / "last.pt")
+        log.info("fold %d: resuming after epoch %d", fold, tr.state["epoch"])
+    rows = _read_metrics(fold_dir / "metrics.csv", tr.state["epoch"])
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size * 2
+    for epoch in range(tr.state["epoch"] + 1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
-        picks = draw_indices(
-            cfg.sampler.name,
-            train_labels,
-            len(CLASSES),
-            per_rank_steps * cfg.train.batch_size * runtime.dist.world_size,
-            gen,
-            cfg.sampler.power,
-        )
-        order = train_rows[picks][runtime.dist.rank :: runtime.dist.world_size]
-        step = scheduler.step if cfg.train.scheduler != "plateau" else None
-        train_loss = train_one_epoch(
-            train_model,
-            data.images,
-            labels_by_row,
-            order,
-            cfg.train.batch_size,
-            criterion,
-            optimizer,
-            runtime,
-            spec.mean,
-            spec.std,
-            augment_config(cfg),
-            aug_gen,
-            scaler,
-            step,
-            cfg.train.grad_clip,
-            progress=progress and runtime.dist.is_main,
-            frozen=frozen,
-        )
-        if runtime.dist.enabled:
-            t = torch.tensor([train_loss], device=runtime.device)
-            dist.all_reduce(t)
-            train_loss = float(t.item() / runtime.dist.world_size)
-        logits = validation_logits(
-            model, data, val_rows, cfg.train.eval_batch_size or cfg.train.batch_size * 2, runtime
-        )[0]
-        figs = val_figures(criterion, logits, y_val)
+        train_loss = train_epoch(cfg, data, tr, train_t, runtime, progress)
+        logits = validation_logits(tr.model, data, val_t["row"].to_numpy(), eval_bs, runtime)[0]
+        figs = val_figures(tr.criterion, logits, val_t["label"].to_numpy())
         if cfg.train.scheduler == "plateau":
-            scheduler.step(figs["val_loss"])
-        improved = figs["val_loss"] < state["best_val_loss"]
-        state["epoch"] = epoch
+            tr.scheduler.step(figs["val_loss"])
+        improved = figs["val_loss"] < tr.state["best_val_loss"]
+        tr.state["epoch"] = epoch
         if improved:
-            state.update(best_val_loss=figs["val_loss"], best_epoch=epoch, bad_epochs=0)
+            tr.state.update(best_val_loss=figs["val_loss"], best_epoch=epoch, bad_epochs=0)
         else:
-            state["bad_epochs"] += 1
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            **figs,
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - t0,
-        }
-        rows_so_far.append(row)
+            tr.state["bad_epochs"] += 1
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                **figs,
+                "lr": tr.optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         if runtime.dist.is_main:
+            # best.pt first, then last.pt, then metrics.csv: a crash between two writes leaves
+            # a state that --resume continues from consistently.
             if improved:
                 atomic_torch_save(
                     make_checkpoint(
-                        model,
+                        tr.model,
                         cfg.model.backbone,
-                        spec,
+                        data.spec,
                         fold,
                         epoch,
                         figs,
-                        cfg_dict,
+                        config_to_dict(cfg),
                         1.0,
                         model_kwargs(cfg),
                     ),
-                    best_path,
+                    fold_dir / "best.pt",
                 )
-            atomic_torch_save(
-                {
-                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "generator": gen.get_state(),
-                    "aug_generator": aug_gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "state": state,
-                },
-                last_path,
-            )
-            write_metrics_rows(metrics_path, rows_so_far)
+            atomic_torch_save(tr.snapshot(), fold_dir / "last.pt")
+            write_metrics_rows(fold_dir / "metrics.csv", rows)
         log.info(
-            "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f bal_acc %.3f "
-            "macro_f1 %.3f (%.0fs)%s",
+            "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f bal_acc %.3f macro_f1 %.3f "
+            "(%.0fs)%s",
             fold,
             epoch,
             cfg.train.epochs,
@@ -397,12 +432,12 @@ def fit_fold(
             figs["val_loss"],
             figs["val_balanced_accuracy"],
             figs["val_macro_f1"],
-            row["seconds"],
+            rows[-1]["seconds"],
             " *" if improved else "",
         )
         if runtime.dist.enabled:
             dist.barrier()
-        if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
+        if cfg.train.patience and tr.state["bad_epochs"] >= cfg.train.patience:
             log.info(
                 "fold %d: early stop after %d epochs without a lower val_loss",
                 fold,
