@@ -264,3 +264,16 @@ def test_default_spec_uses_timm_config() -> None:
     assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.5, 0.5, 0.5)
     assert spec.interpolation == "bicubic"
     assert default_spec(LITE0, 64, interpolation="bilinear").interpolation == "bilinear"
+
+
+def test_load_weights_file_backbone_only(tmp_path: Path) -> None:
+    src = build_model("tf_efficientnet_lite0", 7, pretrained=False)
+    backbone = {k: v for k, v in src.state_dict().items() if not k.startswith("classifier.")}
+    path = tmp_path / "backbone.pth"
+    torch.save(backbone, path)
+    model = build_model("tf_efficientnet_lite0", 7, pretrained=False, weights=path)
+    torch.testing.assert_close(model.state_dict()["conv_stem.weight"], backbone["conv_stem.weight"])
+    del backbone["bn2.weight"]  # a missing backbone tensor is still an error
+    torch.save(backbone, path)
+    with pytest.raises(RuntimeError, match="bn2.weight"):
+        build_model("tf_efficientnet_lite0", 7, pretrained=False, weights=path)

@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-boot", type=int, default=None, help="default: the runs' eval.n_boot")
     m.set_defaults(func=_cmd_merge)
 
+    from skinlesion.benchmark import add_benchmark_parser
+
+    add_benchmark_parser(sub)
+
     return p
 
 

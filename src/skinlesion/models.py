@@ -143,7 +143,11 @@ WEIGHT_PROVIDERS: dict[str, tuple[Callable[[str], bool], Callable[[nn.Module, st
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Load a local ``.pth``/``.pt``/``.safetensors`` file; a differing head is left fresh."""
+    """Load a local ``.pth``/``.pt``/``.safetensors`` file.
+
+    A classifier of another shape, or none (a backbone-only file), leaves the head fresh; every
+    other tensor must be present with its exact shape.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file not found: {path}")
@@ -169,10 +173,10 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
     for k in head:
         del state[k]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - head:
+    if unexpected or set(missing) - clf_keys:
         raise RuntimeError(
             f"{path} does not fit {type(model).__name__}: missing "
-            f"{sorted(set(missing) - head)[:5]}, unexpected {unexpected[:5]}"
+            f"{sorted(set(missing) - clf_keys)[:5]}, unexpected {unexpected[:5]}"
         )
 
 
