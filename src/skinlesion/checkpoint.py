@@ -64,7 +64,10 @@ def make_checkpoint(
 ) -> dict[str, Any]:
     module = getattr(model, "module", model)  # unwrap DDP / compile
     module = getattr(module, "_orig_mod", module)
-    state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+    state = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for k, v in module.state_dict().items()
+    }
     ckpt = {
         "format_version": FORMAT_VERSION,
         "state_dict": state,

@@ -166,7 +166,10 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="skinlesion", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="skinlesion",
+        description="Train, evaluate and serve leakage-free classifiers of dermoscopic images.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 

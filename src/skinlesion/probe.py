@@ -282,6 +282,8 @@ def run_linear_probe(
         drop_rate=cfg.model.drop_rate,
         drop_path_rate=cfg.model.drop_path_rate,
     ).to(runtime.device)
+    if runtime.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
     if not cfg.model.pretrained and cfg.model.weights is None:
         log.warning("linear probe on a randomly initialised backbone: expect chance level")
     emb = cached_embeddings(
@@ -295,7 +297,8 @@ def run_linear_probe(
         cfg.train.probe_flips,
         progress,
     )
-    backbone = backbone.cpu()
+    # Checkpoints hold plain contiguous CPU tensors.
+    backbone = backbone.cpu().to(memory_format=torch.contiguous_format)
     for fold in folds:
         if resume and (run_dir / f"fold_{fold}" / "summary.json").is_file():
             log.info("fold %d already complete, skipping", fold)
