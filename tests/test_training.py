@@ -96,7 +96,10 @@ def test_predict_ensemble_and_bad_file(syn_root: Path, tmp_path: Path) -> None:
     assert (
         run_train(
             tiny_overrides(
-                syn_root, out, tmp_path / "cache", **{"cv.folds_to_run": "[0]", "train.epochs": "1"}
+                syn_root,
+                out,
+                tmp_path / "cache",
+                **{"cv.folds_to_run": "[0]", "train.epochs": "1", "eval.tta": "2"},
             )
         )
         == 0
@@ -227,3 +230,26 @@ def test_config_run_reads_cache_not_jpegs(
     monkeypatch.setattr(cache_mod, "prepare_image", boom)
     again = training.load_run_data(cfg, None, progress=False)
     assert np.array_equal(np.asarray(again.images), np.asarray(data.images))
+
+
+def test_predict_defaults_to_the_runs_tta(syn_root: Path, tmp_path: Path) -> None:
+    from skinlesion.inference import load_ensemble, predict_sources
+    from skinlesion.runtime import resolve_runtime
+
+    out = tmp_path / "run"
+    args = tiny_overrides(
+        syn_root,
+        out,
+        tmp_path / "cache",
+        **{"cv.folds_to_run": "[0]", "train.epochs": "1", "eval.tta": "4"},
+    )
+    assert run_train(args) == 0
+    runtime = resolve_runtime("cpu")
+    members = load_ensemble(out, runtime)
+    assert members[0].tta == 4
+    images = [str(p) for p in sorted(syn_root.rglob("*.jpg"))[:3]]
+    default, _ = predict_sources(images, members, runtime, progress=False)
+    four, _ = predict_sources(images, members, runtime, tta=4, progress=False)
+    one, _ = predict_sources(images, members, runtime, tta=1, progress=False)
+    np.testing.assert_allclose(default, four)
+    assert not np.allclose(default, one)

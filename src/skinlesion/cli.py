@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="run folder (fold ensemble) or checkpoint")
     r.add_argument("images", nargs="+")
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
-    r.add_argument("--tta", type=int, default=1, help="test-time views, 1..8")
+    r.add_argument(
+        "--tta", type=int, default=None, help="test-time views, 1..8 (default: the run's eval.tta)"
+    )
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--device", default="auto")
     r.add_argument("--no-progress", action="store_true")
@@ -218,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COLUMN=VALUE",
         help="keep only rows with this value (e.g. split=test); repeatable",
     )
-    e.add_argument("--tta", type=int, default=1)
+    e.add_argument(
+        "--tta", type=int, default=None, help="test-time views, 1..8 (default: the run's eval.tta)"
+    )
     e.add_argument("--n-boot", type=int, default=1000)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default="auto")

@@ -121,7 +121,7 @@ def evaluate_external(
     labels_csv: str | Path,
     images_dir: str | Path,
     output: str | Path,
-    tta: int = 1,
+    tta: int | None = None,
     label_map: str | Path | None = None,
     batch_size: int = 32,
     device: str = "auto",
@@ -135,6 +135,7 @@ def evaluate_external(
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where)
     runtime = resolve_runtime(device)
     members = load_ensemble(model, runtime)
+    tta = members[0].tta if tta is None else tta
     probs, errors = predict_sources(
         labels["path"].tolist(), members, runtime, tta=tta, batch_size=batch_size, progress=progress
     )

@@ -34,6 +34,7 @@ class Member:
     temperature: float
     fold: int
     path: Path
+    tta: int = 1  # the views its temperature was fitted on (the run's eval.tta)
 
 
 def checkpoint_paths(path: str | Path) -> list[Path]:
@@ -59,8 +60,9 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
         model = model.to(runtime.device)
         if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        tta = int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
         members.append(
-            Member(model, spec, float(ckpt.get("temperature", 1.0)), int(ckpt["fold"]), p)
+            Member(model, spec, float(ckpt.get("temperature", 1.0)), int(ckpt["fold"]), p, tta)
         )
     classes = {m.spec.class_names for m in members}
     if len(classes) > 1:
@@ -94,17 +96,20 @@ def predict_sources(
     sources: Sequence[str | Path | bytes],
     members: Sequence[Member],
     runtime: Runtime,
-    tta: int = 1,
+    tta: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Probabilities (N, C) for each source; rows of sources that failed are NaN.
+
+    ``tta=None`` uses the views the run calibrated on (its ``eval.tta``).
 
     Returns the probabilities and ``{index: error message}`` for the sources that could not be
     decoded, so one bad file never costs the predictions of the others.
     """
     if not members:
         raise ValueError("no models to predict with")
+    tta = members[0].tta if tta is None else tta
     n_classes = len(members[0].spec.class_names)
     out = np.full((len(sources), n_classes), np.nan)
     errors: dict[int, str] = {}
