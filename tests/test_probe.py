@@ -121,7 +121,7 @@ def test_fit_linear_head_separable() -> None:
     centres = rng.normal(0, 3, (7, 16))
     y = rng.integers(0, 7, 700)
     x = centres[y] + rng.normal(0, 1, (700, 16))
-    w, b = probe.fit_linear_head(x, y, np.ones(700), 1e-3, build_loss("focal"), 7)
+    w, b = probe.fit_linear_head(x, y, np.ones(700), 1e-3, build_loss("focal", reduction="none"), 7)
     assert ((x @ w.T + b).argmax(1) == y).mean() > 0.95
 
 

@@ -167,29 +167,6 @@ def _build(backbone: str, runtime: Runtime, compile: bool = False) -> tuple[nn.M
 # --- training ------------------------------------------------------------------------------------
 
 
-def _train_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    runtime: Runtime,
-    scaler: torch.amp.GradScaler | None,
-) -> None:
-    """One optimisation step exactly as :func:`skinlesion.engine.train_one_epoch` takes it."""
-    with runtime.autocast():
-        loss = criterion(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
 def bench_train(
     backbone: str,
     image_size: int,
@@ -218,7 +195,7 @@ def bench_train(
     import torch
 
     from skinlesion.augment import AugmentConfig
-    from skinlesion.engine import train_one_epoch
+    from skinlesion.engine import train_one_epoch, train_step
     from skinlesion.losses import build_loss
     from skinlesion.models import default_spec
     from skinlesion.runtime import resolve_runtime, seed_everything
@@ -251,7 +228,7 @@ def bench_train(
     def model_steps(n: int) -> None:
         model.train()
         for _ in range(n):
-            _train_step(step_model, x, y, criterion, optimizer, runtime, scaler)
+            train_step(step_model, x, y, criterion, optimizer, runtime, scaler)
 
     # (b) end to end: the real training step path over a uint8 image source.
     source, labels = _image_source(images, image_size, dev, seed)

@@ -53,6 +53,35 @@ def prepare(
     return x
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+) -> torch.Tensor:
+    """One optimisation step on a prepared batch (autocast, grad scaler, clipping); the loss."""
+    with runtime.autocast():
+        loss = criterion(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     images: ImageSource,
@@ -87,21 +116,7 @@ def train_one_epoch(
             continue
         x = prepare(gather(images, rows, runtime.device), mean, std, runtime, augment, generator)
         y = labels[rows].to(runtime.device, non_blocking=True)
-        with runtime.autocast():
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        loss = train_step(model, x, y, criterion, optimizer, runtime, scaler, grad_clip)
         if step_scheduler is not None:
             step_scheduler()
         total += loss.detach() * len(rows)
@@ -120,8 +135,12 @@ def predict_logits(
     std: Sequence[float],
     tta: int = 1,
     progress: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Logits (V, N, C) for the given rows, one slice per TTA view (V = ``tta``)."""
+    """Logits (V, N, C) for the given rows, one slice per TTA view (V = ``tta``).
+
+    ``forward`` replaces ``model(x)``, e.g. to return pooled features instead of logits.
+    """
     model.eval()
     rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
     out: list[torch.Tensor] = []
@@ -135,7 +154,7 @@ def predict_logits(
         )
         views = tta_views(x, tta) if tta > 1 else [x]
         with runtime.autocast():
-            logits = torch.stack([model(v) for v in views])
+            logits = torch.stack([(forward or model)(v) for v in views])
         out.append(logits.float().cpu())
     if not out:
         return np.zeros((tta, 0, 0), dtype=np.float32)

@@ -7,6 +7,7 @@ fold's temperature, and the calibrated probabilities are averaged over views and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,21 @@ class Member:
     fold: int
     path: Path
     tta: int = 1  # the views its temperature was fitted on (the run's eval.tta)
+    backbone_id: str = ""  # hash of every weight but the classifier's
+
+
+def backbone_id(model: nn.Module) -> str:
+    """Equal for models that differ only in their classifier (a linear probe's folds)."""
+    clf = model.get_classifier()
+    if not isinstance(clf, nn.Linear):
+        return f"unshared-{id(model)}"
+    prefix = next(name for name, m in model.named_modules() if m is clf) + "."
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefix):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def checkpoint_paths(path: str | Path) -> list[Path]:
@@ -61,8 +77,9 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
         if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         tta = int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
+        temperature = float(ckpt.get("temperature", 1.0))
         members.append(
-            Member(model, spec, float(ckpt.get("temperature", 1.0)), int(ckpt["fold"]), p, tta)
+            Member(model, spec, temperature, int(ckpt["fold"]), p, tta, backbone_id(model))
         )
     classes = {m.spec.class_names for m in members}
     if len(classes) > 1:
@@ -77,19 +94,51 @@ def ensemble_probs(
     tta: int = 1,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """Mean calibrated probabilities over members and TTA views for prepared uint8 images."""
-    total: np.ndarray | None = None
+    """Mean calibrated probabilities over members and TTA views for prepared uint8 images.
+
+    Members that share a backbone (a linear probe's folds) run it once: the pooled features are
+    computed once and each member applies only its own classifier.
+    """
+    groups: dict[tuple[PreprocessSpec, str], list[Member]] = {}
     for m in members:
-        arr = images[m.spec]
-        logits = predict_logits(
-            m.model, arr, np.arange(len(arr)), batch_size, runtime, m.spec.mean, m.spec.std, tta=tta
-        )
-        # Views are averaged in logit space, as when the temperature was fitted.
-        z = torch.from_numpy(logits).double().mean(0) / m.temperature
-        probs = torch.softmax(z, -1).numpy()
-        total = probs if total is None else total + probs
+        groups.setdefault((m.spec, m.backbone_id), []).append(m)
+    total = None
+    for (spec, _), group in groups.items():
+        arr, first = images[spec], group[0].model
+        rows = np.arange(len(arr))
+        if len(group) == 1:
+            per_member = [
+                predict_logits(first, arr, rows, batch_size, runtime, spec.mean, spec.std, tta=tta)
+            ]
+        else:
+            feats = torch.from_numpy(
+                predict_logits(
+                    first,
+                    arr,
+                    rows,
+                    batch_size,
+                    runtime,
+                    spec.mean,
+                    spec.std,
+                    tta=tta,
+                    forward=lambda v, f=first: f.forward_head(
+                        f.forward_features(v), pre_logits=True
+                    ),
+                )
+            )
+            per_member = [_linear(feats, m.model.get_classifier()) for m in group]
+        for m, logits in zip(group, per_member, strict=True):
+            # Views are averaged in logit space, as when the temperature was fitted.
+            z = torch.from_numpy(logits).double().mean(0) / m.temperature
+            probs = torch.softmax(z, -1).numpy()
+            total = probs if total is None else total + probs
     assert total is not None
     return total / len(members)
+
+
+def _linear(feats: torch.Tensor, clf: nn.Module) -> np.ndarray:
+    w, b = clf.weight.detach().float().cpu(), clf.bias.detach().float().cpu()
+    return torch.nn.functional.linear(feats, w, b).numpy()
 
 
 def predict_sources(

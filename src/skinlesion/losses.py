@@ -21,18 +21,26 @@ class FocalLoss(nn.Module):
     """
 
     def __init__(
-        self, gamma: float = 2.0, alpha: Sequence[float] | None = None, label_smoothing: float = 0.0
+        self,
+        gamma: float = 2.0,
+        alpha: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
     ):
         super().__init__()
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+        self.reduction = reduction
         self.gamma = float(gamma)
         self.label_smoothing = float(label_smoothing)
         alpha_t = torch.as_tensor(alpha, dtype=torch.float32) if alpha is not None else None
         self.register_buffer("alpha", alpha_t, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=-1)
+        # Half-precision logits are upcast; float64 (the linear probe's fit) stays float64.
+        logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
         n_classes = logits.shape[-1]
         onehot = F.one_hot(target, n_classes).to(logp.dtype)
         if self.label_smoothing:
@@ -44,18 +52,23 @@ class FocalLoss(nn.Module):
             if self.alpha.numel() != n_classes:
                 raise ValueError(f"alpha has {self.alpha.numel()} weights for {n_classes} classes")
             per_class = per_class * self.alpha.to(logp.device)
-        return per_class.sum(-1).mean()
+        per_sample = per_class.sum(-1)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
-def _focal(gamma: float, alpha: Sequence[float] | None, label_smoothing: float) -> nn.Module:
-    return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=label_smoothing)
+def _focal(
+    gamma: float, alpha: Sequence[float] | None, label_smoothing: float, reduction: str
+) -> nn.Module:
+    return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=label_smoothing, reduction=reduction)
 
 
 def _cross_entropy(
-    gamma: float, alpha: Sequence[float] | None, label_smoothing: float
+    gamma: float, alpha: Sequence[float] | None, label_smoothing: float, reduction: str
 ) -> nn.Module:
     weight = torch.as_tensor(alpha, dtype=torch.float32) if alpha is not None else None
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing, reduction=reduction)
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {"focal": _focal, "ce": _cross_entropy}
@@ -66,8 +79,10 @@ def build_loss(
     gamma: float = 2.0,
     alpha: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
+    reduction: str = "mean",
 ) -> nn.Module:
-    """The loss registered as ``name`` (``focal`` or ``ce``)."""
+    """The loss registered as ``name`` (``focal`` or ``ce``); ``reduction="none"`` gives one
+    value per sample."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss '{name}'; known: {sorted(LOSSES)}")
-    return LOSSES[name](gamma, alpha, label_smoothing)
+    return LOSSES[name](gamma, alpha, label_smoothing, reduction)

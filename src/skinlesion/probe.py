@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.models import group_modules
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,7 +34,7 @@ from skinlesion.labels import CLASSES
 from skinlesion.losses import build_loss
 from skinlesion.models import build_model
 from skinlesion.runtime import Runtime
-from skinlesion.sampling import class_weights
+from skinlesion.sampling import sample_weights
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,10 @@ def fit_linear_head(
     max_iter: int = 200,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted multinomial head on standardised features with L-BFGS; returns (W, b) in the
-    original feature space, so it drops straight into the model's classifier."""
+    original feature space, so it drops straight into the model's classifier.
+
+    ``criterion`` is the run's loss built with ``reduction="none"`` (one value per sample).
+    """
     xt = torch.from_numpy(x).double()
     mu, sd = xt.mean(0), xt.std(0).clamp(min=1e-6)
     z = (xt - mu) / sd
@@ -154,7 +156,7 @@ def fit_linear_head(
     opt = torch.optim.LBFGS(
         [w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
     )
-    per_sample = _per_sample(criterion)
+    per_sample = criterion.to(torch.float64)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -168,22 +170,17 @@ def fit_linear_head(
     return w_orig.numpy(), b_orig.numpy()
 
 
-def _per_sample(criterion: nn.Module) -> Any:
-    gamma = getattr(criterion, "gamma", 0.0)
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits, -1).gather(1, y[:, None])[:, 0]
-        return -((1 - logp.exp()).clamp(min=0) ** gamma) * logp if gamma else -logp
-
-    return loss
-
-
 def probe_fold(
     cfg: Config, data: Any, emb: np.ndarray, fold: int, run_dir: Path, backbone: nn.Module
 ) -> dict[str, Any]:
     """Fit the head of one fold over the L2 grid; keep the lowest validation loss."""
     from skinlesion.calibration import fit_temperature
-    from skinlesion.training import val_figures, write_metrics_rows, write_val_predictions
+    from skinlesion.training import (
+        model_kwargs,
+        val_figures,
+        write_metrics_rows,
+        write_val_predictions,
+    )
 
     fold_dir = run_dir / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -191,16 +188,18 @@ def probe_fold(
     tr, va = table[table["fold"] != fold], table[table["fold"] == fold]
     x_tr, x_va = emb[tr["row"].to_numpy()], emb[va["row"].to_numpy()]
     y_tr, y_va = tr["label"].to_numpy(), va["label"].to_numpy()
+    # The weighted sampler's weights, applied to the loss instead of to drawing.
     weights = (
-        class_weights(y_tr, len(CLASSES), cfg.sampler.power)[y_tr]
+        sample_weights(y_tr, len(CLASSES), cfg.sampler.power)
         if cfg.sampler.name == "weighted"
         else np.ones(len(y_tr))
     )
     criterion = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha)
+    per_sample = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha, reduction="none")
     rows, best = [], None
     for i, l2 in enumerate(L2_GRID, 1):
         t0 = time.perf_counter()
-        w, b = fit_linear_head(x_tr, y_tr, weights, l2, criterion, len(CLASSES))
+        w, b = fit_linear_head(x_tr, y_tr, weights, l2, per_sample, len(CLASSES))
         logits_tr = x_tr @ w.T + b
         logits = (x_va @ w.T + b).astype(np.float32)
         figs = val_figures(criterion, logits, y_va)
@@ -233,7 +232,6 @@ def probe_fold(
         classifier.weight.copy_(torch.from_numpy(w).float())
         classifier.bias.copy_(torch.from_numpy(b).float())
     temperature = fit_temperature(logits.astype(np.float64), y_va) if cfg.eval.calibrate else 1.0
-    kwargs = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
     ckpt = make_checkpoint(
         backbone,
         cfg.model.backbone,
@@ -243,7 +241,7 @@ def probe_fold(
         figs,
         config_to_dict(cfg),
         temperature,
-        kwargs,
+        model_kwargs(cfg),
         extra={"probe_l2": l2},
     )
     atomic_torch_save(ckpt, fold_dir / "best.pt")
@@ -274,13 +272,14 @@ def run_linear_probe(
     progress: bool = True,
 ) -> None:
     """Embed every image once, then fit and save one linear head per fold."""
+    from skinlesion.training import model_kwargs
+
     backbone = build_model(
         cfg.model.backbone,
         len(CLASSES),
         cfg.model.pretrained,
         cfg.model.weights,
-        drop_rate=cfg.model.drop_rate,
-        drop_path_rate=cfg.model.drop_path_rate,
+        **model_kwargs(cfg),
     ).to(runtime.device)
     if runtime.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
