@@ -31,6 +31,10 @@ _RGB_TO_YIQ = (
 # and thus every other parameter, does not change when one magnitude is switched off.
 _N_DRAWS = 9
 _HFLIP, _VFLIP, _ANGLE, _SCALE, _P_COLOUR, _BRIGHT, _CONTRAST, _SAT, _HUE = range(_N_DRAWS)
+# Draws of the field-of-view transforms, taken after the 9 above and only when one is switched on,
+# so configs without them keep their random stream.
+_N_EXTRA = 5
+_X_ASPECT, _X_P_VIGNETTE, _X_RADIUS, _X_SOFT, _X_DARK = range(_N_EXTRA)
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,15 @@ class AugmentConfig:
     saturation: float = 0.3
     hue: float = 0.1  # shift in [-h, h] of a full turn
     p_colour: float = 1.0  # probability the colour jitter is applied to a sample
+    # Anisotropic stretch: width/height ratio factor, log-uniform in [lo, hi]. Other sites' images
+    # come squashed to a square or at other aspects; (1, 1) is off.
+    aspect: tuple[float, float] = (1.0, 1.0)
+    # Probability of a dark circular field of view (the vignette of a contact dermatoscope), with
+    # its radius uniform between the shorter half-side and the half-diagonal.
+    vignette: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("hflip", "vflip", "p_colour"):
+        for name in ("hflip", "vflip", "p_colour", "vignette"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"AugmentConfig.{name} is a probability in [0, 1], got {value}")
@@ -61,6 +71,9 @@ class AugmentConfig:
         lo, hi = self.scale
         if not 0.0 < lo <= hi:
             raise ValueError(f"AugmentConfig.scale must satisfy 0 < lo <= hi, got {self.scale}")
+        a_lo, a_hi = self.aspect
+        if not 0.0 < a_lo <= a_hi:
+            raise ValueError(f"AugmentConfig.aspect must satisfy 0 < lo <= hi, got {self.aspect}")
 
 
 def to_float(
@@ -87,10 +100,12 @@ def affine_theta(
     flip_y: torch.Tensor,
     height: int,
     width: int,
+    stretch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample (B, 2, 3) matrices for `F.affine_grid`: a counter-clockwise rotation by
     `angle_deg` (as displayed, y down), zoom by `scale` (>1 zooms in) and flips (`flip_*` True
-    mirrors that axis), all about the image centre.
+    mirrors that axis), all about the image centre. `stretch` (B,) widens the content by
+    sqrt(stretch) and narrows its height by the same factor (area kept), after the rotation.
 
     The matrix maps output to input coordinates, so it is the inverse of the image transform.
     Rotation is done in pixel units, so non-square images are not sheared.
@@ -107,23 +122,79 @@ def affine_theta(
     theta[:, 0, 1] = -sin * aspect * fy / scale
     theta[:, 1, 0] = sin / aspect * fx / scale
     theta[:, 1, 1] = cos * fy / scale
+    if stretch is not None:
+        # Output x is divided by sqrt(stretch) before the inverse rotation: content widens.
+        root = torch.sqrt(stretch)
+        theta[:, :, 0] = theta[:, :, 0] / root.unsqueeze(1)
+        theta[:, :, 1] = theta[:, :, 1] * root.unsqueeze(1)
     return theta
 
 
-def _geometry(x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """Flips, rotation and zoom as one resampling pass; `u` holds the per-sample uniform draws."""
-    if cfg.hflip == 0 and cfg.vflip == 0 and cfg.rotation == 0 and cfg.scale == (1.0, 1.0):
+def _geometry(
+    x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig, extra: torch.Tensor | None
+) -> torch.Tensor:
+    """Flips, rotation, zoom and stretch as one resampling pass; `u` and `extra` hold the
+    per-sample uniform draws."""
+    no_stretch = cfg.aspect == (1.0, 1.0)
+    if (
+        cfg.hflip == 0
+        and cfg.vflip == 0
+        and cfg.rotation == 0
+        and cfg.scale == (1.0, 1.0)
+        and no_stretch
+    ):
         return x
     lo, hi = cfg.scale
     angle = (2.0 * u[:, _ANGLE] - 1.0) * cfg.rotation
     scale = lo + (hi - lo) * u[:, _SCALE]
+    stretch = None
+    if not no_stretch and extra is not None:
+        a_lo, a_hi = (math.log(v) for v in cfg.aspect)
+        stretch = torch.exp(a_lo + (a_hi - a_lo) * extra[:, _X_ASPECT])
     theta = affine_theta(
-        angle, scale, u[:, _HFLIP] < cfg.hflip, u[:, _VFLIP] < cfg.vflip, x.shape[-2], x.shape[-1]
+        angle,
+        scale,
+        u[:, _HFLIP] < cfg.hflip,
+        u[:, _VFLIP] < cfg.vflip,
+        x.shape[-2],
+        x.shape[-1],
+        stretch,
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(
         x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
     ).clamp_(0.0, 1.0)
+
+
+def vignette_mask(
+    height: int, width: int, radius: torch.Tensor, softness: torch.Tensor
+) -> torch.Tensor:
+    """(B, 1, H, W) weights, 1 inside a centred circle and falling to 0 outside it.
+
+    `radius` and `softness` (B,) are in units of half the shorter side, so a radius of 1 touches
+    the shorter edges and ``hypot(1, long / short)`` (the half-diagonal) reaches the corners.
+    """
+    dev, dt = radius.device, radius.dtype
+    half = min(height, width) / 2.0
+    ys = (torch.arange(height, device=dev, dtype=dt) + 0.5 - height / 2.0) / half
+    xs = (torch.arange(width, device=dev, dtype=dt) + 0.5 - width / 2.0) / half
+    dist = torch.sqrt(ys.view(-1, 1) ** 2 + xs.view(1, -1) ** 2).unsqueeze(0)
+    edge = (radius.view(-1, 1, 1) - dist) / softness.view(-1, 1, 1)
+    return torch.sigmoid(edge).unsqueeze(1)
+
+
+def _vignette(x: torch.Tensor, cfg: AugmentConfig, extra: torch.Tensor | None) -> torch.Tensor:
+    """Darken the outside of a random circle on the samples chosen by `cfg.vignette`."""
+    if cfg.vignette == 0 or extra is None:
+        return x
+    h, w = x.shape[-2], x.shape[-1]
+    corner = math.hypot(1.0, max(h, w) / min(h, w))
+    radius = 1.0 + (corner - 1.0) * extra[:, _X_RADIUS]
+    softness = 0.01 + 0.07 * extra[:, _X_SOFT]
+    mask = vignette_mask(h, w, radius, softness)
+    dark = _per_sample(0.12 * extra[:, _X_DARK])  # black to a dim gray outside the field
+    out = x * mask + dark * (1.0 - mask)
+    return torch.where(_per_sample(extra[:, _X_P_VIGNETTE] < cfg.vignette), out, x)
 
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
@@ -212,9 +283,14 @@ def augment_batch(
     draw_device = generator.device if generator is not None else x.device
     u = torch.rand(x.shape[0], _N_DRAWS, generator=generator, device=draw_device)
     u = u.to(device=x.device, dtype=work)
+    extra = None
+    if cfg.aspect != (1.0, 1.0) or cfg.vignette > 0:
+        extra = torch.rand(x.shape[0], _N_EXTRA, generator=generator, device=draw_device)
+        extra = extra.to(device=x.device, dtype=work)
     out = x.to(work)
-    out = _geometry(out, u, cfg)
+    out = _geometry(out, u, cfg, extra)
     out = _colour(out, u, cfg)
+    out = _vignette(out, cfg, extra)
     # clamp also covers the identity config, where inputs slightly outside [0, 1] pass through.
     return out.clamp(0.0, 1.0).to(x.dtype)
 

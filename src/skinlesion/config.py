@@ -110,8 +110,12 @@ class AugmentSettings(_Strict):
     saturation: float = Field(0.3, ge=0)
     hue: float = Field(0.1, ge=0, le=0.5)
     p_colour: float = Field(1.0, ge=0, le=1)
+    aspect: tuple[float, float] = (1.0, 1.0)
+    """Width/height stretch factor range, log-uniform; (1, 1) is off."""
+    vignette: float = Field(0.0, ge=0, le=1)
+    """Probability of a dark circular field of view around the image."""
 
-    @field_validator("scale", mode="before")
+    @field_validator("scale", "aspect", mode="before")
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v

@@ -94,6 +94,8 @@ def augment_config(cfg: Config) -> AugmentConfig:
         saturation=a.saturation,
         hue=a.hue,
         p_colour=a.p_colour,
+        aspect=tuple(a.aspect),
+        vignette=a.vignette,
     )
 
 
