@@ -78,7 +78,7 @@ sl_bench() {
     if python3 -m skinlesion benchmark --help >/dev/null 2>&1; then
         python3 -m skinlesion benchmark "$@"
     else
-        python3 -m skinlesion.benchmark "$@"
+        python3 -m skinlesion.benchmark.runner "$@"
     fi
 }
 

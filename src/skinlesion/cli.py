@@ -12,7 +12,7 @@ log = logging.getLogger("skinlesion")
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from skinlesion.download import download_dataset
+    from skinlesion.data.download import download_dataset
 
     dest = download_dataset(
         Path(args.dest),
@@ -26,8 +26,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from skinlesion.folds import check_folds, fold_balance, make_folds, save_folds
-    from skinlesion.metadata import read_metadata
+    from skinlesion.data.folds import check_folds, fold_balance, make_folds, save_folds
+    from skinlesion.data.metadata import read_metadata
 
     df = read_metadata(Path(args.metadata))
     folds = make_folds(df, args.folds, args.seed)
@@ -42,8 +42,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from skinlesion.config import load_config
-    from skinlesion.training import run_cv
+    from skinlesion.core.config import load_config
+    from skinlesion.training.cv import run_cv
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_cv(cfg, resume=args.resume, progress=not args.no_progress)
@@ -54,8 +54,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from skinlesion.inference import load_ensemble, predict_sources
-    from skinlesion.runtime import resolve_runtime
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.inference.predict import load_ensemble, predict_sources
 
     runtime = resolve_runtime(args.device)
     members = load_ensemble(args.model, runtime)
@@ -86,7 +86,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from skinlesion.evaluate import evaluate_external
+    from skinlesion.evaluation.external import evaluate_external
 
     where = dict(_key_value(w) for w in args.where)
     result = evaluate_external(
@@ -112,7 +112,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from skinlesion.report import write_oof_report
+    from skinlesion.evaluation.report import write_oof_report
 
     result = write_oof_report(Path(args.run_dir), n_boot=_run_n_boot(args.run_dir, args.n_boot))
     print(
@@ -123,8 +123,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from skinlesion.config import load_config
-    from skinlesion.leakage import audit_leakage
+    from skinlesion.core.config import load_config
+    from skinlesion.training.leakage import audit_leakage
 
     cfg = load_config(args.config, args.overrides)
     result = audit_leakage(
@@ -140,7 +140,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from skinlesion.merge import merge_runs
+    from skinlesion.training.merge import merge_runs
 
     out = merge_runs(args.runs, args.out, n_boot=_run_n_boot(args.runs[0], args.n_boot))
     print(f"merged {len(args.runs)} run(s) into {out} (report: {out}/report.md)")
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-boot", type=int, default=None, help="default: the runs' eval.n_boot")
     m.set_defaults(func=_cmd_merge)
 
-    from skinlesion.benchmark import add_benchmark_parser
+    from skinlesion.benchmark.runner import add_benchmark_parser
 
     add_benchmark_parser(sub)
 
@@ -257,12 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (files, config, data): printed as one message, no traceback."""
-    from skinlesion.checkpoint import CheckpointError
-    from skinlesion.config import ConfigError
-    from skinlesion.download import DownloadError
-    from skinlesion.metadata import DataError
-    from skinlesion.models import WeightsUnavailableError
-    from skinlesion.preprocess import ImageDecodeError
+    from skinlesion.core.config import ConfigError
+    from skinlesion.data.download import DownloadError
+    from skinlesion.data.metadata import DataError
+    from skinlesion.data.preprocess import ImageDecodeError
+    from skinlesion.models.checkpoint import CheckpointError
+    from skinlesion.models.factory import WeightsUnavailableError
 
     return (
         ConfigError,

@@ -1,0 +1,114 @@
+"""Cross-validation folds: stratified by diagnosis, grouped by lesion, saved as data.
+
+A lesion photographed several times lives in exactly one fold; otherwise near-duplicate images
+sit on both sides of a split and every validation number is inflated.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
+
+from skinlesion.data.metadata import DataError, read_table
+
+FOLD_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "fold")
+
+
+def make_folds(
+    df: pd.DataFrame, n_folds: int = 5, seed: int = 42, grouped: bool = True
+) -> pd.DataFrame:
+    """``image_id, lesion_id, dx, fold`` for every image, deterministic for a seed.
+
+    ``grouped=False`` gives image-level stratified folds, which leak lesions across folds; it
+    exists only so the leakage audit can measure how much that inflates the metrics.
+    """
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    # Sort first so the folds depend on the data, not on the row order of the file.
+    data = df[["image_id", "lesion_id", "dx"]].sort_values("image_id").reset_index(drop=True)
+    fold = np.full(len(data), -1, dtype=int)
+    y = data["dx"].to_numpy()
+    if grouped:
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(data, y, groups=data["lesion_id"].to_numpy())
+    elif min(pd.Series(y).value_counts()) >= n_folds:
+        splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(data, y)
+    else:
+        splits = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(data)
+    for k, (_, val_idx) in enumerate(splits):
+        fold[val_idx] = k
+    data["fold"] = fold
+    return data
+
+
+def check_folds(folds: pd.DataFrame) -> None:
+    """Raise if a lesion sits in two folds or an image is missing a fold."""
+    problems = []
+    if (folds["fold"] < 0).any():
+        problems.append(f"{int((folds['fold'] < 0).sum())} image(s) without a fold")
+    per_lesion = folds.groupby("lesion_id")["fold"].nunique()
+    for lesion in per_lesion[per_lesion > 1].index[:50]:
+        problems.append(
+            f"lesion {lesion} is in folds "
+            f"{sorted(set(folds.loc[folds['lesion_id'] == lesion, 'fold']))}"
+        )
+    if folds["image_id"].duplicated().any():
+        problems.append("duplicate image_id rows")
+    if problems:
+        raise DataError("folds leak or are incomplete", problems)
+
+
+def save_folds(folds: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folds[list(FOLD_COLUMNS)].to_csv(path, index=False)
+
+
+def read_folds(path: Path) -> pd.DataFrame:
+    """Read a ``folds.csv``, checking columns and integer folds."""
+    df = read_table(Path(path))
+    missing = [c for c in FOLD_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: wrong columns",
+            [f"missing {missing}; found {list(df.columns)}; expected {list(FOLD_COLUMNS)}"],
+        )
+    bad = [
+        f"line {i + 2}: fold '{v}' is not an integer"
+        for i, v in enumerate(df["fold"])
+        if not re.fullmatch(r"-?[0-9]+", str(v))
+    ]
+    if bad:
+        raise DataError(f"{path}: invalid folds", bad)
+    df["fold"] = df["fold"].astype(int)
+    return df
+
+
+def align_folds(df: pd.DataFrame, folds: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Attach the ``fold`` column of a saved folds file to the metadata rows it covers."""
+    dup = sorted(set(folds["image_id"][folds["image_id"].duplicated()]))
+    if dup:
+        raise DataError(f"{source}: images with several fold rows", [f"image {i}" for i in dup])
+    lookup = folds.set_index("image_id")
+    missing = [i for i in df["image_id"] if i not in lookup.index]
+    if missing:
+        raise DataError(f"{source}: images without a fold", [f"image {i}" for i in missing])
+    out = df.copy()
+    out["fold"] = lookup.loc[out["image_id"], "fold"].to_numpy()
+    mismatched = out["lesion_id"].to_numpy() != lookup.loc[out["image_id"], "lesion_id"].to_numpy()
+    if mismatched.any():
+        raise DataError(
+            f"{source}: lesion ids differ from the metadata",
+            [f"image {i}" for i in out["image_id"][mismatched]],
+        )
+    return out
+
+
+def fold_balance(folds: pd.DataFrame) -> pd.DataFrame:
+    """Each class's share (percent) per fold minus its share overall."""
+    overall = folds["dx"].value_counts(normalize=True)
+    per_fold = folds.groupby("fold")["dx"].value_counts(normalize=True).unstack(fill_value=0)
+    return (per_fold - overall) * 100

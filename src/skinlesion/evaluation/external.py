@@ -1,0 +1,179 @@
+"""External validation: a trained run on any labelled image set from another site or device.
+
+Labels come as a CSV with ``image_id`` and ``dx`` (HAM10000 codes, or another vocabulary mapped
+with ``--label-map``); images are ``DIR/<image_id>.<jpg|jpeg|png|bmp>``. The melanoma threshold
+and the confidence reference are taken unchanged from the run's out-of-fold report, so the
+external numbers answer "how does the model as shipped do here?".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from skinlesion.core.labels import CLASSES
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.data.metadata import IMAGE_EXTENSIONS, DataError, check_image, read_table
+from skinlesion.evaluation.metrics import evaluate_predictions
+from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
+from skinlesion.inference.predict import load_ensemble, predict_sources
+
+log = logging.getLogger(__name__)
+
+DROP = {"", "-", "drop", "ignore"}
+
+
+def read_label_map(path: Path) -> dict[str, str]:
+    """A YAML mapping or a two-column CSV ``from,to``; a target of ``drop`` removes the image."""
+    if path.suffix in (".yaml", ".yml"):
+        mapping = yaml.safe_load(path.read_text())
+        if not isinstance(mapping, dict):
+            raise DataError(f"{path}: label map", ["expected a mapping from label to dx code"])
+        return {str(k).strip(): "" if v is None else str(v).strip() for k, v in mapping.items()}
+    table = read_table(path)
+    if list(table.columns[:2]) != ["from", "to"]:
+        raise DataError(
+            f"{path}: label map", [f"expected columns from,to; found {list(table.columns)}"]
+        )
+    return {str(a).strip(): str(b).strip() for a, b in zip(table["from"], table["to"], strict=True)}
+
+
+def load_labels(
+    labels_csv: Path,
+    images_dir: Path,
+    label_map: dict[str, str] | None = None,
+    where: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """Labels with ``label`` (class index) and ``path``; every problem reported at once.
+
+    ``where`` keeps only rows whose columns equal the given values (e.g. ``{"split": "test"}``).
+    """
+    df = read_table(labels_csv)
+    missing = [c for c in ("image_id", "dx", *(where or {})) if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{labels_csv}: wrong columns",
+            [f"missing {missing}; found {list(df.columns)}; expected image_id, dx"],
+        )
+    # Line numbers of the file (header = line 1), fixed before --where drops rows.
+    df["line"] = np.arange(len(df)) + 2
+    for col, value in (where or {}).items():
+        df = df[df[col].astype(str) == value]
+    if df.empty:
+        raise DataError(f"{labels_csv}: no rows", [f"no row matches {where}"])
+    df["image_id"] = df["image_id"].astype(str).str.strip()
+    df["dx"] = df["dx"].astype(str).str.strip()
+    if label_map:
+        unmapped = sorted(set(df["dx"]) - set(label_map) - set(CLASSES))
+        df["dx"] = df["dx"].map(lambda d: label_map.get(d, d))
+        if unmapped:
+            log.info("labels not in the map kept as they are: %s", unmapped)
+        dropped = df["dx"].isin(DROP)
+        if dropped.any():
+            log.info("dropping %d image(s) whose label maps to 'drop'", int(dropped.sum()))
+        df = df[~dropped]
+    problems = [
+        f"line {r.line} (image {r.image_id}): unknown dx '{r.dx}', expected one of "
+        f"{list(CLASSES)}" + (" (use --label-map)" if not label_map else "")
+        for r in df.itertuples()
+        if r.dx not in CLASSES
+    ]
+    dup = df["image_id"][df["image_id"].duplicated()]
+    problems += [f"image_id {i} is listed more than once" for i in sorted(set(dup))]
+    found = (
+        {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        if images_dir.is_dir()
+        else {}
+    )
+    if not images_dir.is_dir():
+        problems.append(f"image folder {images_dir} does not exist")
+    paths = []
+    for r in df.itertuples():
+        p = found.get(r.image_id)
+        if p is None and images_dir.is_dir():
+            problems.append(
+                f"line {r.line}: no image {r.image_id}.<jpg|jpeg|png|bmp> in {images_dir}"
+            )
+        elif p is not None:
+            bad = check_image(p)
+            if bad:
+                problems.append(f"line {r.line}: {bad}")
+        paths.append(str(p) if p else "")
+    if problems:
+        raise DataError(f"{labels_csv}: cannot evaluate", problems)
+    df = df.assign(path=paths, label=df["dx"].map({c: i for i, c in enumerate(CLASSES)}))
+    return df.reset_index(drop=True)
+
+
+def _oof_reference(model: Path) -> dict[str, Any] | None:
+    ref = model / "oof_metrics.json" if model.is_dir() else model.parent.parent / "oof_metrics.json"
+    return json.loads(ref.read_text()) if ref.is_file() else None
+
+
+def evaluate_external(
+    model: str | Path,
+    labels_csv: str | Path,
+    images_dir: str | Path,
+    output: str | Path,
+    tta: int | None = None,
+    label_map: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    n_boot: int = 1000,
+    where: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report."""
+    model, output = Path(model), Path(output)
+    mapping = read_label_map(Path(label_map)) if label_map else None
+    labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where)
+    runtime = resolve_runtime(device)
+    members = load_ensemble(model, runtime)
+    tta = members[0].tta if tta is None else tta
+    probs, errors = predict_sources(
+        labels["path"].tolist(), members, runtime, tta=tta, batch_size=batch_size, progress=progress
+    )
+    if errors:
+        raise DataError("images failed to decode", list(errors.values()))
+    output.mkdir(parents=True, exist_ok=True)
+    preds = labels[["image_id", "dx"]].copy()
+    for i, c in enumerate(CLASSES):
+        preds[c] = probs[:, i]
+    preds["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
+    pred_path = output / "predictions.csv"
+    preds.to_csv(pred_path, index=False, float_format="%.8g")
+    preds = pd.read_csv(pred_path, dtype={"image_id": str})  # figures from the file
+    y = preds["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    p = preds[list(CLASSES)].to_numpy(dtype=np.float64)
+    reference = _oof_reference(model)
+    threshold = reference.get("mel_threshold") if reference else None
+    groups = labels["lesion_id"].to_numpy() if "lesion_id" in labels.columns else None
+    metrics = evaluate_predictions(y, p, groups=groups, mel_threshold=threshold, n_boot=n_boot)
+    conf_threshold = reference["domain"]["confidence_threshold"] if reference else 0.5
+    domain = confidence_indicators(p, conf_threshold)
+    if reference:
+        domain["reference"] = {
+            k: reference["domain"][k] for k in ("mean_max_probability", "share_below_threshold")
+        }
+    result = {
+        "source": str(labels_csv),
+        "filter": where or {},
+        "model": str(model),
+        "tta": tta,
+        "mel_threshold": threshold,
+        "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
+        if threshold is not None
+        else "none (no out-of-fold report found)",
+        "domain": domain,
+        **metrics,
+    }
+    result["plots"] = write_plots(y, p, metrics["point"]["confusion_matrix"], output)
+    (output / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+    (output / "report.md").write_text(render_markdown(result, f"External evaluation: {labels_csv}"))
+    return result

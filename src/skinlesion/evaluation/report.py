@@ -1,0 +1,213 @@
+"""Reports computed from saved predictions: out-of-fold after training, external after evaluate.
+
+Every number is recomputed from a predictions CSV on disk, so anyone can check it: read the CSV,
+feed the class columns to scikit-learn, get the same figure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skinlesion.core.labels import CLASSES
+from skinlesion.evaluation.metrics import (
+    evaluate_predictions,
+    melanoma_threshold_for_specificity,
+    point_metrics,
+)
+from skinlesion.evaluation.plots import (
+    plot_confusion_matrices,
+    plot_reliability_diagram,
+    plot_roc_curves,
+)
+
+log = logging.getLogger(__name__)
+
+# Share of out-of-fold images below which the top-class confidence counts as "low": the
+# confidence at this quantile of the OOF predictions is the operating threshold that external
+# sets are compared against.
+LOW_CONFIDENCE_QUANTILE = 0.10
+
+
+def _arrays(df: pd.DataFrame, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    lookup = {c: i for i, c in enumerate(CLASSES)}
+    y = df["dx"].map(lookup).to_numpy()
+    probs = df[[f"{prefix}{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
+    return y, probs
+
+
+def collect_oof(run_dir: Path) -> pd.DataFrame:
+    """Concatenate ``fold_*/val_predictions.csv``; each image must appear exactly once."""
+    parts = [
+        pd.read_csv(p, dtype={"image_id": str, "lesion_id": str})
+        for p in sorted(run_dir.glob("fold_*/val_predictions.csv"))
+    ]
+    if not parts:
+        raise FileNotFoundError(f"{run_dir}: no fold_*/val_predictions.csv (has a fold finished?)")
+    oof = pd.concat(parts, ignore_index=True).sort_values(["fold", "image_id"])
+    dup = oof["image_id"][oof["image_id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"{run_dir}: images predicted by several folds: {dup.tolist()[:5]}")
+    return oof.reset_index(drop=True)
+
+
+def confidence_indicators(probs: np.ndarray, threshold: float) -> dict[str, float]:
+    conf = probs.max(1)
+    return {
+        "mean_max_probability": float(conf.mean()),
+        "share_below_threshold": float((conf < threshold).mean()),
+        "confidence_threshold": float(threshold),
+    }
+
+
+def write_plots(
+    y: np.ndarray, probs: np.ndarray, cm: list[list[int]], out: Path, raw: np.ndarray | None = None
+) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_confusion_matrices(cm, CLASSES, out / "confusion_matrix.png")]
+    if raw is not None:
+        paths.append(plot_reliability_diagram(y, raw, out / "reliability.png", probs_after=probs))
+    else:
+        paths.append(plot_reliability_diagram(y, probs, out / "reliability.png"))
+    present = sorted(set(y.tolist()))
+    if len(present) >= 2:
+        paths.append(plot_roc_curves(y, probs, CLASSES, out / "roc_curves.png"))
+    # Relative to the report folder, so a moved run folder stays consistent.
+    return [p.name for p in paths]
+
+
+def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """``oof_predictions.csv``, ``oof_metrics.json``, ``plots/`` and ``report.md`` of a run."""
+    run_dir = Path(run_dir)
+    oof = collect_oof(run_dir)
+    path = run_dir / "oof_predictions.csv"
+    oof.to_csv(path, index=False, float_format="%.8g")
+    oof = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})  # figures from the file
+    y, probs = _arrays(oof)
+    has_raw = all(f"raw_{c}" in oof.columns for c in CLASSES)
+    raw = _arrays(oof, "raw_")[1] if has_raw else None
+    threshold = melanoma_threshold_for_specificity(y, probs, 0.95)
+    metrics = evaluate_predictions(
+        y,
+        probs,
+        groups=oof["lesion_id"].to_numpy(),
+        mel_threshold=threshold,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    conf_threshold = float(np.quantile(probs.max(1), LOW_CONFIDENCE_QUANTILE))
+    result: dict[str, Any] = {
+        "source": "out-of-fold",
+        "folds": sorted(int(f) for f in oof["fold"].unique()),
+        "mel_threshold": threshold,
+        "mel_threshold_rule": "lowest p(mel) threshold with specificity >= 0.95 on OOF",
+        "domain": confidence_indicators(probs, conf_threshold),
+        **metrics,
+    }
+    if raw is not None:
+        before = point_metrics(y, raw)
+        result["calibration"] = {
+            "before": {k: before[k] for k in ("ece", "log_loss", "brier")},
+            "after": {k: metrics["point"][k] for k in ("ece", "log_loss", "brier")},
+        }
+    result["plots"] = write_plots(
+        y, probs, metrics["point"]["confusion_matrix"], run_dir / "plots", raw
+    )
+    (run_dir / "oof_metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+    (run_dir / "report.md").write_text(render_markdown(result, f"Out-of-fold report: {run_dir}"))
+    log.info("report: %s", run_dir / "report.md")
+    return result
+
+
+def _fmt(value: float | None, ci: list[float] | None = None, pct: bool = False) -> str:
+    if value is None:
+        return "absent"
+    scale = 100.0 if pct else 1.0
+    text = f"{value * scale:.1f}" if pct else f"{value:.3f}"
+    if ci:
+        text += (
+            f" [{ci[0] * scale:.1f}, {ci[1] * scale:.1f}]"
+            if pct
+            else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        )
+    return text
+
+
+def render_markdown(result: dict[str, Any], title: str) -> str:
+    """The headline table (with 95% intervals), calibration, per-class table."""
+    p, ci = result["point"], result.get("ci95", {})
+    mel = p["mel"]
+    unit = result.get("bootstrap_unit", "image")
+    lines = [
+        f"# {title}",
+        "",
+        f"n = {p['n']} images; classes present: {', '.join(p['classes_present'])}"
+        + (f"; absent: {', '.join(p['classes_absent'])}" if p["classes_absent"] else ""),
+        f"95% intervals: bootstrap over {unit}s ({result.get('n_boot', 0)} resamples).",
+        "",
+        "| metric | value [95% CI] |",
+        "| --- | --- |",
+    ]
+    rows = [
+        ("balanced accuracy (%)", "balanced_accuracy", True),
+        ("macro F1", "macro_f1", False),
+        ("accuracy (%)", "accuracy", True),
+        ("macro AUROC", "macro_auroc", False),
+        ("ECE (15 bins)", "ece", False),
+        ("Brier score", "brier", False),
+        ("log loss", "log_loss", False),
+    ]
+    for label, key, pct in rows:
+        lines.append(f"| {label} | {_fmt(p[key], ci.get(key), pct)} |")
+    mel_ci = ci.get("mel", {})
+    for label, key in (
+        ("melanoma sensitivity, argmax (%)", "sensitivity_argmax"),
+        ("melanoma specificity, argmax (%)", "specificity_argmax"),
+        ("melanoma sensitivity at threshold (%)", "sensitivity_at_threshold"),
+        ("melanoma specificity at threshold (%)", "specificity_at_threshold"),
+    ):
+        lines.append(f"| {label} | {_fmt(mel.get(key), mel_ci.get(key), True)} |")
+    if result.get("mel_threshold") is not None:
+        lines += [
+            "",
+            f"Melanoma threshold p(mel) >= {result['mel_threshold']:.4f} "
+            f"({result.get('mel_threshold_rule', '')}).",
+        ]
+    if "calibration" in result:
+        cb, ca = result["calibration"]["before"], result["calibration"]["after"]
+        lines += ["", "| calibration | before | after temperature scaling |", "| --- | --- | --- |"]
+        for key in ("ece", "log_loss", "brier"):
+            lines.append(f"| {key} | {cb[key]:.4f} | {ca[key]:.4f} |")
+    if "domain" in result:
+        d = result["domain"]
+        lines += [
+            "",
+            f"Mean top-class confidence {d['mean_max_probability']:.3f}; "
+            f"{d['share_below_threshold'] * 100:.1f}% of images below confidence "
+            f"{d['confidence_threshold']:.3f}.",
+        ]
+        if "reference" in d:
+            r = d["reference"]
+            lines.append(
+                f"Out-of-fold reference: {r['mean_max_probability']:.3f} and "
+                f"{r['share_below_threshold'] * 100:.1f}%."
+            )
+    lines += [
+        "",
+        "| class | support | precision | recall | F1 | AUROC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c, v in p["per_class"].items():
+        if v.get("absent"):
+            lines.append(f"| {c} | 0 | absent | absent | absent | absent |")
+        else:
+            lines.append(
+                f"| {c} | {v['support']} | {_fmt(v['precision'])} | "
+                f"{_fmt(v['recall'])} | {_fmt(v['f1'])} | {_fmt(v['auroc'])} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""Batched (TTA) prediction over cached uint8 images, and the batch preparation it shares with
+training.
+
+Images arrive as uint8 (N, S, S, 3), either a NumPy memmap (CPU path: rows are read per batch)
+or a torch tensor already on the device (GPU path: the whole cache moved once). Conversion,
+augmentation and normalisation run batched on the device, so the CPU does no per-image work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from skinlesion.core.runtime import Runtime
+from skinlesion.data.augment import AugmentConfig, augment_batch, normalize, to_float, tta_views
+
+ImageSource = np.ndarray | torch.Tensor
+
+
+def gather(
+    images: ImageSource, rows: torch.Tensor | np.ndarray, device: torch.device
+) -> torch.Tensor:
+    """uint8 (B, S, S, 3) rows of the image source, on ``device``."""
+    if isinstance(images, torch.Tensor):
+        idx = torch.as_tensor(rows, device=images.device)
+        return images.index_select(0, idx).to(device, non_blocking=True)
+    idx = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
+    batch = torch.from_numpy(np.ascontiguousarray(images[idx]))
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
+def prepare(
+    batch_u8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    runtime: Runtime,
+    augment: AugmentConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), augmented if ``augment`` is given."""
+    x = to_float(batch_u8)
+    if augment is not None:
+        x = augment_batch(x, augment, generator=generator)
+    x = normalize(x, mean, std)
+    if runtime.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: ImageSource,
+    rows: np.ndarray | torch.Tensor,
+    batch_size: int,
+    runtime: Runtime,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tta: int = 1,
+    progress: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """Logits (V, N, C) for the given rows, one slice per TTA view (V = ``tta``).
+
+    ``forward`` replaces ``model(x)``, e.g. to return pooled features instead of logits.
+    """
+    model.eval()
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    out: list[torch.Tensor] = []
+    n_batches = math.ceil(len(rows) / batch_size)
+    for b in tqdm(range(n_batches), desc="predict", leave=False, disable=not progress):
+        x = prepare(
+            gather(images, rows[b * batch_size : (b + 1) * batch_size], runtime.device),
+            mean,
+            std,
+            runtime,
+        )
+        views = tta_views(x, tta) if tta > 1 else [x]
+        with runtime.autocast():
+            logits = torch.stack([(forward or model)(v) for v in views])
+        out.append(logits.float().cpu())
+    if not out:
+        return np.zeros((tta, 0, 0), dtype=np.float32)
+    return torch.cat(out, dim=1).numpy()

@@ -1,0 +1,191 @@
+"""Inference that uses everything a run learned: fold ensemble, temperatures, TTA, colour constancy.
+
+``predict`` and ``evaluate`` (and serving) share :func:`predict_sources`: images are decoded and
+prepared with each model's own preprocessing spec, every TTA view's logits are divided by the
+fold's temperature, and the calibrated probabilities are averaged over views and folds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from skinlesion.core.runtime import Runtime, resolve_runtime
+from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
+from skinlesion.inference.engine import predict_logits
+from skinlesion.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One fold model of an ensemble."""
+
+    model: nn.Module
+    spec: PreprocessSpec
+    temperature: float
+    fold: int
+    path: Path
+    tta: int = 1  # the views its temperature was fitted on (the run's eval.tta)
+    backbone_id: str = ""  # hash of every weight but the classifier's
+
+
+def backbone_id(model: nn.Module) -> str:
+    """Equal for models that differ only in their classifier (a linear probe's folds)."""
+    clf = model.get_classifier()
+    if not isinstance(clf, nn.Linear):
+        return f"unshared-{id(model)}"
+    prefix = next(name for name, m in model.named_modules() if m is clf) + "."
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefix):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_paths(path: str | Path) -> list[Path]:
+    """A checkpoint file, or every ``fold_*/best.pt`` of a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(path.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name[5:]))
+        if found:
+            return found
+        raise CheckpointError(f"{path}: no fold_*/best.pt in this run folder")
+    raise CheckpointError(f"{path}: no such run folder or checkpoint")
+
+
+def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Member]:
+    """Load the fold models of a run folder (or one checkpoint) onto the runtime's device."""
+    runtime = runtime or resolve_runtime("auto")
+    members = []
+    for p in checkpoint_paths(path):
+        ckpt = load_checkpoint(p)
+        model, spec = model_from_checkpoint(ckpt)
+        model = model.to(runtime.device)
+        if runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        tta = int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
+        temperature = float(ckpt.get("temperature", 1.0))
+        members.append(
+            Member(model, spec, temperature, int(ckpt["fold"]), p, tta, backbone_id(model))
+        )
+    classes = {m.spec.class_names for m in members}
+    if len(classes) > 1:
+        raise CheckpointError(f"{path}: fold models disagree on class names: {classes}")
+    return members
+
+
+def ensemble_probs(
+    members: Sequence[Member],
+    images: dict[PreprocessSpec, np.ndarray],
+    runtime: Runtime,
+    tta: int = 1,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Mean calibrated probabilities over members and TTA views for prepared uint8 images.
+
+    Members that share a backbone (a linear probe's folds) run it once: the pooled features are
+    computed once and each member applies only its own classifier.
+    """
+    groups: dict[tuple[PreprocessSpec, str], list[Member]] = {}
+    for m in members:
+        groups.setdefault((m.spec, m.backbone_id), []).append(m)
+    total = None
+    for (spec, _), group in groups.items():
+        arr, first = images[spec], group[0].model
+        rows = np.arange(len(arr))
+        if len(group) == 1:
+            per_member = [
+                predict_logits(first, arr, rows, batch_size, runtime, spec.mean, spec.std, tta=tta)
+            ]
+        else:
+            feats = torch.from_numpy(
+                predict_logits(
+                    first,
+                    arr,
+                    rows,
+                    batch_size,
+                    runtime,
+                    spec.mean,
+                    spec.std,
+                    tta=tta,
+                    forward=lambda v, f=first: f.forward_head(
+                        f.forward_features(v), pre_logits=True
+                    ),
+                )
+            )
+            per_member = [_linear(feats, m.model.get_classifier()) for m in group]
+        for m, logits in zip(group, per_member, strict=True):
+            # Views are averaged in logit space, as when the temperature was fitted.
+            z = torch.from_numpy(logits).double().mean(0) / m.temperature
+            probs = torch.softmax(z, -1).numpy()
+            total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(members)
+
+
+def _linear(feats: torch.Tensor, clf: nn.Module) -> np.ndarray:
+    w, b = clf.weight.detach().float().cpu(), clf.bias.detach().float().cpu()
+    return torch.nn.functional.linear(feats, w, b).numpy()
+
+
+def predict_sources(
+    sources: Sequence[str | Path | bytes],
+    members: Sequence[Member],
+    runtime: Runtime,
+    tta: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Probabilities (N, C) for each source; rows of sources that failed are NaN.
+
+    ``tta=None`` uses the views the run calibrated on (its ``eval.tta``).
+
+    Returns the probabilities and ``{index: error message}`` for the sources that could not be
+    decoded, so one bad file never costs the predictions of the others.
+    """
+    if not members:
+        raise ValueError("no models to predict with")
+    tta = members[0].tta if tta is None else tta
+    n_classes = len(members[0].spec.class_names)
+    out = np.full((len(sources), n_classes), np.nan)
+    errors: dict[int, str] = {}
+    specs = list(dict.fromkeys(m.spec for m in members))
+    chunk = max(batch_size * 4, 64)
+    bar = tqdm(total=len(sources), desc="predict", disable=not progress)
+    for start in range(0, len(sources), chunk):
+        idx = list(range(start, min(start + chunk, len(sources))))
+        prepared: dict[PreprocessSpec, list[np.ndarray]] = {s: [] for s in specs}
+        ok: list[int] = []
+        for i in idx:
+            try:
+                arrays = {s: prepare_with_spec(sources[i], s) for s in specs}
+            except ImageDecodeError as err:
+                errors[i] = str(err)
+                log.error("%s", err)
+                continue
+            ok.append(i)
+            for s in specs:
+                prepared[s].append(arrays[s])
+        if ok:
+            stacked = {s: np.stack(v) for s, v in prepared.items()}
+            out[ok] = ensemble_probs(members, stacked, runtime, tta, batch_size)
+        bar.update(len(idx))
+    bar.close()
+    return out, errors

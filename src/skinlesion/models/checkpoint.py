@@ -1,0 +1,121 @@
+"""Self-describing checkpoints of plain types, written atomically.
+
+A checkpoint holds everything needed to rebuild and use a model without the run that made it:
+format version, backbone, class names, preprocessing spec, fold, epoch, metrics, temperature and
+the resolved config. It loads with ``torch.load(..., weights_only=True)``: nothing pickled runs
+code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skinlesion.data.preprocess import PreprocessSpec
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = (
+    "format_version",
+    "state_dict",
+    "backbone",
+    "num_classes",
+    "class_names",
+    "preprocessing",
+    "fold",
+    "epoch",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed save (disk full, interrupt) must not leave a half-written temp file behind.
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def make_checkpoint(
+    model: torch.nn.Module,
+    backbone: str,
+    spec: PreprocessSpec,
+    fold: int,
+    epoch: int,
+    metrics: dict[str, float],
+    config: dict[str, Any],
+    temperature: float = 1.0,
+    model_kwargs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    module = getattr(model, "module", model)  # unwrap DDP / compile
+    module = getattr(module, "_orig_mod", module)
+    state = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for k, v in module.state_dict().items()
+    }
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": state,
+        "backbone": backbone,
+        "num_classes": len(spec.class_names),
+        "class_names": list(spec.class_names),
+        "preprocessing": spec.to_dict(),
+        "fold": int(fold),
+        "epoch": int(epoch),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "temperature": float(temperature),
+        "model_kwargs": dict(model_kwargs or {}),
+        "config": config,
+    }
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a checkpoint (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a skinlesion checkpoint")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a skinlesion checkpoint (missing {missing})")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {ckpt['format_version']} is newer than this "
+            f"skinlesion understands ({FORMAT_VERSION}); upgrade skinlesion"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[torch.nn.Module, PreprocessSpec]:
+    """Rebuild the model (eval mode) and its preprocessing spec from a loaded checkpoint."""
+    from skinlesion.models.factory import build_model
+
+    model = build_model(
+        ckpt["backbone"], ckpt["num_classes"], pretrained=False, **ckpt.get("model_kwargs", {})
+    )
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.eval()
+    return model, PreprocessSpec.from_dict(ckpt["preprocessing"])

@@ -1,0 +1,85 @@
+"""The inner training loop: one optimisation step and one epoch over cached uint8 images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from skinlesion.core.runtime import Runtime
+from skinlesion.data.augment import AugmentConfig
+from skinlesion.inference.engine import ImageSource, gather, prepare
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+) -> torch.Tensor:
+    """One optimisation step on a prepared batch (autocast, grad scaler, clipping); the loss."""
+    with runtime.autocast():
+        loss = criterion(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: ImageSource,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: AugmentConfig,
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
+    step_scheduler: Callable[[], None] | None = None,
+    grad_clip: float | None = None,
+    progress: bool = True,
+    frozen: Sequence[nn.Module] = (),
+) -> float:
+    """Train over the image rows in ``order`` (already drawn by the sampler); mean loss.
+
+    ``frozen`` modules stay in eval mode, so their BatchNorm statistics do not drift.
+    """
+    model.train()
+    for m in frozen:
+        m.eval()
+    total, count = torch.zeros((), device=runtime.device), 0
+    n_batches = math.ceil(len(order) / batch_size)
+    for b in tqdm(range(n_batches), desc="train", leave=False, disable=not progress):
+        rows = order[b * batch_size : (b + 1) * batch_size]
+        if len(rows) < 2:  # BatchNorm cannot train on a single sample
+            continue
+        x = prepare(gather(images, rows, runtime.device), mean, std, runtime, augment, generator)
+        y = labels[rows].to(runtime.device, non_blocking=True)
+        loss = train_step(model, x, y, criterion, optimizer, runtime, scaler, grad_clip)
+        if step_scheduler is not None:
+            step_scheduler()
+        total += loss.detach() * len(rows)
+        count += len(rows)
+    return float(total.item() / max(count, 1))

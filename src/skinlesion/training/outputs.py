@@ -1,0 +1,75 @@
+"""What one fold writes into the run folder: per-epoch metrics, validation figures and
+predictions; shared by fine-tuning and the linear probe."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from skinlesion.core.config import Config
+from skinlesion.core.labels import CLASSES
+from skinlesion.evaluation.metrics import point_metrics
+
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_log_loss",
+    "val_balanced_accuracy",
+    "val_macro_f1",
+    "val_accuracy",
+    "lr",
+    "seconds",
+)
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    return {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
+
+
+def write_metrics_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def val_figures(criterion: nn.Module, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Selection loss (the training criterion) and headline metrics on validation logits."""
+    lt = torch.from_numpy(logits)
+    yt = torch.from_numpy(y).long()
+    probs = torch.softmax(lt.double(), -1).numpy()
+    pm = point_metrics(y, probs)
+    return {
+        "val_loss": float(criterion(lt, yt)),
+        "val_log_loss": float(nn.functional.cross_entropy(lt.double(), yt)),
+        "val_balanced_accuracy": pm["balanced_accuracy"],
+        "val_macro_f1": pm["macro_f1"],
+        "val_accuracy": pm["accuracy"],
+    }
+
+
+def write_val_predictions(
+    val_t: pd.DataFrame, logits: np.ndarray, temperature: float, path: Path
+) -> None:
+    """Calibrated probabilities (columns named by class) plus the raw ones (``raw_<class>``)."""
+    from skinlesion.evaluation.calibration import apply_temperature, softmax
+
+    probs = apply_temperature(logits, temperature)
+    raw = softmax(logits)
+    out = val_t[["image_id", "lesion_id", "dx", "fold"]].reset_index(drop=True).copy()
+    for i, c in enumerate(CLASSES):
+        out[c] = probs[:, i]
+    out["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
+    for i, c in enumerate(CLASSES):
+        out[f"raw_{c}"] = raw[:, i]
+    out.to_csv(path, index=False, float_format="%.8g")

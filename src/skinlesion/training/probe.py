@@ -1,0 +1,278 @@
+"""The CPU path that trains in minutes: frozen pretrained backbone, linear head per fold.
+
+Each image's embedding (the backbone's pooled features, optionally averaged over flips) is
+computed once and cached on disk, keyed by backbone, weights, size and the image cache it was
+computed from. A multinomial linear head is then fitted per fold on the embeddings with the same
+folds and class weighting as fine-tuning, its L2 strength chosen on the fold's validation loss.
+The head is written into the backbone's own classifier, so the checkpoint is an ordinary model
+and ``predict``/``evaluate`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from skinlesion.core.config import Config, config_to_dict
+from skinlesion.core.labels import CLASSES
+from skinlesion.core.runtime import Runtime
+from skinlesion.data.cache import default_cache_dir
+from skinlesion.data.sampling import sample_weights
+from skinlesion.inference.engine import prepare
+from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.models.factory import build_model
+from skinlesion.training.losses import build_loss
+
+log = logging.getLogger(__name__)
+
+L2_GRID: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def embedding_key(backbone: str, weights_id: str, image_cache: Path, flips: bool) -> str:
+    text = f"v1|{backbone}|{weights_id}|{image_cache.resolve()}|{flips}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    runtime: Runtime,
+    batch_size: int = 64,
+    flips: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pooled pre-logit features (N, D) for every cached image, averaged over h/v flips."""
+    model.eval()
+    out = []
+    n = len(images)
+    for start in tqdm(range(0, n, batch_size), desc="embedding", disable=not progress):
+        rows = np.arange(start, min(start + batch_size, n))
+        batch = (
+            images[rows]
+            if isinstance(images, torch.Tensor)
+            else torch.from_numpy(np.ascontiguousarray(images[rows]))
+        )
+        x = prepare(batch.to(runtime.device), mean, std, runtime)
+        views = [x, x.flip(-1), x.flip(-2)] if flips else [x]
+        with runtime.autocast():
+            feats = [model.forward_head(model.forward_features(v), pre_logits=True) for v in views]
+        out.append(torch.stack(feats).float().mean(0).cpu())
+    return torch.cat(out).numpy()
+
+
+def cached_embeddings(
+    model: nn.Module,
+    cfg: Config,
+    images: np.ndarray,
+    cache_root: Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    runtime: Runtime,
+    flips: bool,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings from disk if this backbone, weights, size and data were embedded before."""
+    weights_id = cfg.model.weights or ("imagenet" if cfg.model.pretrained else "random")
+    key = embedding_key(cfg.model.backbone, weights_id, cache_root, flips)
+    folder = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    path = folder / "embeddings" / f"{key}.npy"
+    if path.is_file():
+        emb = np.load(path)
+        if len(emb) == len(images):
+            log.info("embeddings from %s", path)
+            return emb
+    t0 = time.perf_counter()
+    emb = compute_embeddings(model, images, mean, std, runtime, flips=flips, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, emb)
+    tmp.replace(path)
+    log.info("embedded %d images in %.0fs -> %s", len(emb), time.perf_counter() - t0, path)
+    return emb
+
+
+def fit_linear_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    sample_weight: np.ndarray,
+    l2: float,
+    criterion: nn.Module,
+    n_classes: int,
+    max_iter: int = 200,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted multinomial head on standardised features with L-BFGS; returns (W, b) in the
+    original feature space, so it drops straight into the model's classifier.
+
+    ``criterion`` is the run's loss built with ``reduction="none"`` (one value per sample).
+    """
+    xt = torch.from_numpy(x).double()
+    mu, sd = xt.mean(0), xt.std(0).clamp(min=1e-6)
+    z = (xt - mu) / sd
+    yt = torch.from_numpy(y).long()
+    wt = torch.from_numpy(sample_weight).double()
+    wt = wt / wt.mean()
+    w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
+    per_sample = criterion.to(torch.float64)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (per_sample(z @ w.T + b, yt) * wt).mean() + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_orig = (w / sd).detach()
+    b_orig = (b - (w * (mu / sd)).sum(1)).detach()
+    return w_orig.numpy(), b_orig.numpy()
+
+
+def probe_fold(
+    cfg: Config, data: Any, emb: np.ndarray, fold: int, run_dir: Path, backbone: nn.Module
+) -> dict[str, Any]:
+    """Fit the head of one fold over the L2 grid; keep the lowest validation loss."""
+    from skinlesion.evaluation.calibration import fit_temperature
+    from skinlesion.training.outputs import (
+        model_kwargs,
+        val_figures,
+        write_metrics_rows,
+        write_val_predictions,
+    )
+
+    fold_dir = run_dir / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    table = data.table
+    tr, va = table[table["fold"] != fold], table[table["fold"] == fold]
+    x_tr, x_va = emb[tr["row"].to_numpy()], emb[va["row"].to_numpy()]
+    y_tr, y_va = tr["label"].to_numpy(), va["label"].to_numpy()
+    # The weighted sampler's weights, applied to the loss instead of to drawing.
+    weights = (
+        sample_weights(y_tr, len(CLASSES), cfg.sampler.power)
+        if cfg.sampler.name == "weighted"
+        else np.ones(len(y_tr))
+    )
+    criterion = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha)
+    per_sample = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha, reduction="none")
+    rows, best = [], None
+    for i, l2 in enumerate(L2_GRID, 1):
+        t0 = time.perf_counter()
+        w, b = fit_linear_head(x_tr, y_tr, weights, l2, per_sample, len(CLASSES))
+        logits_tr = x_tr @ w.T + b
+        logits = (x_va @ w.T + b).astype(np.float32)
+        figs = val_figures(criterion, logits, y_va)
+        train_loss = float(
+            criterion(torch.from_numpy(logits_tr).float(), torch.from_numpy(y_tr).long())
+        )
+        rows.append(
+            {
+                "epoch": i,
+                "train_loss": train_loss,
+                **figs,
+                "lr": l2,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        if best is None or figs["val_loss"] < best[0]["val_loss"]:
+            best = (figs, i, l2, w, b, logits)
+        log.info(
+            "fold %d probe l2=%g: val_loss %.4f bal_acc %.3f",
+            fold,
+            l2,
+            figs["val_loss"],
+            figs["val_balanced_accuracy"],
+        )
+    assert best is not None
+    figs, epoch, l2, w, b, logits = best
+    write_metrics_rows(fold_dir / "metrics.csv", rows)
+    classifier = backbone.get_classifier()
+    with torch.no_grad():
+        classifier.weight.copy_(torch.from_numpy(w).float())
+        classifier.bias.copy_(torch.from_numpy(b).float())
+    temperature = fit_temperature(logits.astype(np.float64), y_va) if cfg.eval.calibrate else 1.0
+    ckpt = make_checkpoint(
+        backbone,
+        cfg.model.backbone,
+        data.spec,
+        fold,
+        epoch,
+        figs,
+        config_to_dict(cfg),
+        temperature,
+        model_kwargs(cfg),
+        extra={"probe_l2": l2},
+    )
+    atomic_torch_save(ckpt, fold_dir / "best.pt")
+    write_val_predictions(
+        va, logits.astype(np.float64), temperature, fold_dir / "val_predictions.csv"
+    )
+    summary = {
+        "fold": fold,
+        "best_epoch": epoch,
+        "probe_l2": l2,
+        "metrics": figs,
+        "temperature": temperature,
+        "n_train": len(tr),
+        "n_val": len(va),
+    }
+    (fold_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_linear_probe(
+    cfg: Config,
+    data: Any,
+    run_dir: Path,
+    runtime: Runtime,
+    folds: list[int],
+    cache_root: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> None:
+    """Embed every image once, then fit and save one linear head per fold."""
+    from skinlesion.training.outputs import model_kwargs
+
+    backbone = build_model(
+        cfg.model.backbone,
+        len(CLASSES),
+        cfg.model.pretrained,
+        cfg.model.weights,
+        **model_kwargs(cfg),
+    ).to(runtime.device)
+    if runtime.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    if not cfg.model.pretrained and cfg.model.weights is None:
+        log.warning("linear probe on a randomly initialised backbone: expect chance level")
+    emb = cached_embeddings(
+        backbone,
+        cfg,
+        data.images,
+        cache_root,
+        data.spec.mean,
+        data.spec.std,
+        runtime,
+        cfg.train.probe_flips,
+        progress,
+    )
+    # Checkpoints hold plain contiguous CPU tensors.
+    backbone = backbone.cpu().to(memory_format=torch.contiguous_format)
+    for fold in folds:
+        if resume and (run_dir / f"fold_{fold}" / "summary.json").is_file():
+            log.info("fold %d already complete, skipping", fold)
+            continue
+        probe_fold(cfg, data, emb, fold, run_dir, backbone)

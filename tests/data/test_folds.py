@@ -1,0 +1,262 @@
+"""Folds: stratified by diagnosis, never splitting a lesion, deterministic, saved as data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import requires_ham
+
+from skinlesion.cli import main
+from skinlesion.core.labels import CLASSES
+from skinlesion.data.folds import (
+    FOLD_COLUMNS,
+    align_folds,
+    check_folds,
+    fold_balance,
+    make_folds,
+    read_folds,
+    save_folds,
+)
+from skinlesion.data.metadata import DataError, find_metadata, read_metadata
+
+# Lesions per class, imbalanced like HAM10000 but with >= 5 lesions in every class.
+LESIONS_PER_CLASS = {"akiec": 10, "bcc": 14, "bkl": 26, "df": 6, "mel": 27, "nv": 150, "vasc": 7}
+
+
+@pytest.fixture(scope="module")
+def meta() -> pd.DataFrame:
+    """About 600 images; each lesion has 1-4 images; rows in no particular order."""
+    rng = np.random.default_rng(0)
+    rows = []
+    lesion = 0
+    for dx, n in LESIONS_PER_CLASS.items():
+        for _ in range(n):
+            for _ in range(rng.integers(1, 5)):
+                rows.append((f"HAM_{lesion:07d}", f"ISIC_{rng.integers(10**7):07d}", dx))
+            lesion += 1
+    df = pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx"])
+    df = df.drop_duplicates("image_id")
+    return df.sample(frac=1, random_state=1).reset_index(drop=True)
+
+
+def test_synthetic_metadata_shape(meta: pd.DataFrame) -> None:
+    assert 500 <= len(meta) <= 700
+    assert meta.groupby("lesion_id").size().max() > 1
+
+
+def test_every_image_in_exactly_one_fold(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta, n_folds=5, seed=42)
+    assert list(folds.columns) == list(FOLD_COLUMNS)
+    assert len(folds) == len(meta)
+    assert sorted(folds["image_id"]) == sorted(meta["image_id"])
+    assert not folds["image_id"].duplicated().any()
+    assert set(folds["fold"]) == set(range(5))
+    # Each fold gets roughly a fifth of the images.
+    sizes = folds["fold"].value_counts()
+    assert sizes.min() >= 0.15 * len(meta) and sizes.max() <= 0.25 * len(meta)
+    # Every class has a member in every fold (each class has >= 5 lesions).
+    assert (folds.groupby("dx")["fold"].nunique() == 5).all()
+
+
+def test_no_lesion_in_two_folds(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta, n_folds=5, seed=42)
+    assert folds.groupby("lesion_id")["fold"].nunique().max() == 1
+    check_folds(folds)
+    # Labels are carried over unchanged.
+    merged = folds.merge(meta, on="image_id", suffixes=("", "_meta"))
+    assert (merged["dx"] == merged["dx_meta"]).all()
+    assert (merged["lesion_id"] == merged["lesion_id_meta"]).all()
+
+
+def test_check_folds_catches_a_leak() -> None:
+    leaking = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c", "d"],
+            "lesion_id": ["L1", "L1", "L2", "L3"],
+            "dx": ["nv", "nv", "mel", "bcc"],
+            "fold": [0, 1, 0, 1],
+        }
+    )
+    with pytest.raises(DataError, match=r"lesion L1 is in folds \[0, 1\]"):
+        check_folds(leaking)
+
+
+def test_check_folds_catches_missing_fold_and_duplicates() -> None:
+    bad = pd.DataFrame(
+        {
+            "image_id": ["a", "a", "c"],
+            "lesion_id": ["L1", "L1", "L2"],
+            "dx": ["nv", "nv", "mel"],
+            "fold": [0, 0, -1],
+        }
+    )
+    with pytest.raises(DataError) as info:
+        check_folds(bad)
+    assert "1 image(s) without a fold" in info.value.problems
+    assert "duplicate image_id rows" in info.value.problems
+
+
+def test_image_level_folds_leak(meta: pd.DataFrame) -> None:
+    # The ungrouped variant exists only for the leakage audit; it does split lesions.
+    folds = make_folds(meta, n_folds=5, seed=42, grouped=False)
+    assert sorted(folds["image_id"]) == sorted(meta["image_id"])
+    with pytest.raises(DataError, match="leak"):
+        check_folds(folds)
+
+
+def test_same_seed_same_folds_other_seed_different(meta: pd.DataFrame) -> None:
+    a = make_folds(meta, n_folds=5, seed=42)
+    b = make_folds(meta, n_folds=5, seed=42)
+    c = make_folds(meta, n_folds=5, seed=7)
+    pd.testing.assert_frame_equal(a, b)
+    assert (a["fold"] != c["fold"]).mean() > 0.3
+
+
+def test_independent_of_row_order(meta: pd.DataFrame) -> None:
+    a = make_folds(meta, n_folds=5, seed=42)
+    shuffled = meta.sample(frac=1, random_state=123)
+    b = make_folds(shuffled, n_folds=5, seed=42)
+    reversed_ = make_folds(meta.iloc[::-1], n_folds=5, seed=42)
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, reversed_)
+
+
+def test_too_few_folds(meta: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="n_folds"):
+        make_folds(meta, n_folds=1)
+
+
+def test_fold_balance_known_values() -> None:
+    folds = pd.DataFrame(
+        {
+            "image_id": list("abcdefgh"),
+            "lesion_id": list("abcdefgh"),
+            "dx": ["nv", "nv", "nv", "mel", "nv", "mel", "mel", "mel"],
+            "fold": [0, 0, 0, 0, 1, 1, 1, 1],
+        }
+    )
+    bal = fold_balance(folds)
+    # Overall 50% nv; fold 0 is 75% nv, fold 1 is 25% nv.
+    assert bal.loc[0, "nv"] == pytest.approx(25.0)
+    assert bal.loc[1, "nv"] == pytest.approx(-25.0)
+    assert bal.loc[0, "mel"] == pytest.approx(-25.0)
+
+
+def test_save_read_round_trip(meta: pd.DataFrame, tmp_path: Path) -> None:
+    folds = make_folds(meta, n_folds=5, seed=42)
+    path = tmp_path / "sub" / "folds.csv"
+    save_folds(folds, path)
+    assert path.read_text().splitlines()[0] == "image_id,lesion_id,dx,fold"
+    again = read_folds(path)
+    pd.testing.assert_frame_equal(again, folds)
+
+
+def test_read_folds_missing_column(tmp_path: Path) -> None:
+    path = tmp_path / "folds.csv"
+    path.write_text("image_id,lesion_id,fold\na,L1,0\n")
+    with pytest.raises(DataError, match=r"missing \['dx'\]") as info:
+        read_folds(path)
+    assert "found ['image_id', 'lesion_id', 'fold']" in str(info.value)
+
+
+def test_read_folds_non_integer_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "folds.csv"
+    path.write_text(
+        "image_id,lesion_id,dx,fold\na,L1,nv,0\nb,L2,nv,one\nc,L3,mel,2\nd,L4,nv,1.5\ne,L5,nv,\n"
+    )
+    with pytest.raises(DataError) as info:
+        read_folds(path)
+    assert info.value.problems == [
+        "line 3: fold 'one' is not an integer",
+        "line 5: fold '1.5' is not an integer",
+        "line 6: fold '' is not an integer",
+    ]
+
+
+@pytest.mark.parametrize("value", ["--1", "1-", "²", " "])
+def test_read_folds_odd_integers_are_data_errors(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "folds.csv"
+    path.write_text(f"image_id,lesion_id,dx,fold\na,L1,nv,0\nb,L2,nv,{value}\n")
+    with pytest.raises(DataError, match="line 3"):
+        read_folds(path)
+
+
+def test_align_folds(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta, n_folds=5, seed=42)
+    part = meta.iloc[:50]
+    aligned = align_folds(part, folds, "folds.csv")
+    assert aligned["image_id"].tolist() == part["image_id"].tolist()
+    expected = folds.set_index("image_id").loc[part["image_id"], "fold"].to_numpy()
+    assert np.array_equal(aligned["fold"].to_numpy(), expected)
+
+
+def test_align_folds_images_without_fold(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta, n_folds=5, seed=42)
+    extra = pd.DataFrame(
+        {"lesion_id": ["HAM_X1", "HAM_X2"], "image_id": ["ISIC_X1", "ISIC_X2"], "dx": ["nv", "nv"]}
+    )
+    with pytest.raises(DataError, match="images without a fold") as info:
+        align_folds(pd.concat([meta, extra], ignore_index=True), folds, "folds.csv")
+    assert info.value.problems == ["image ISIC_X1", "image ISIC_X2"]
+
+
+def test_align_folds_lesion_mismatch(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta, n_folds=5, seed=42)
+    changed = meta.copy()
+    changed.loc[0, "lesion_id"] = "HAM_OTHER"
+    with pytest.raises(DataError, match="lesion ids differ") as info:
+        align_folds(changed, folds, "folds.csv")
+    assert info.value.problems == [f"image {meta.loc[0, 'image_id']}"]
+
+
+def test_align_folds_duplicate_rows_in_folds_file(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta, n_folds=5, seed=42)
+    doubled = pd.concat([folds, folds.iloc[[3]].assign(fold=(folds["fold"].iloc[3] + 1) % 5)])
+    with pytest.raises(DataError, match="several fold rows") as info:
+        align_folds(meta, doubled, "folds.csv")
+    assert info.value.problems == [f"image {folds['image_id'].iloc[3]}"]
+
+
+def test_cli_split(meta: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metadata = tmp_path / "meta.csv"
+    meta.to_csv(metadata, index=False)
+    out = tmp_path / "out" / "folds.csv"
+    args = ["split", "--metadata", str(metadata), "--folds", "5", "--seed", "42"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == "image_id,lesion_id,dx,fold"
+    written = read_folds(out)
+    pd.testing.assert_frame_equal(written, make_folds(meta, 5, 42))
+    assert f"{len(meta)} images" in capsys.readouterr().out
+
+
+def test_cli_split_bad_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metadata = tmp_path / "meta.csv"
+    metadata.write_text("lesion_id,image_id,dx\nL1,a,cancer\n")
+    out = tmp_path / "folds.csv"
+    assert main(["split", "--metadata", str(metadata), "--out", str(out)]) == 2
+    assert "unknown dx 'cancer'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# -- the real HAM10000 metadata (skipped where ../shared is absent) ------------------------------
+
+
+@requires_ham
+def test_real_folds(ham_dir: Path, tmp_path: Path) -> None:
+    df = read_metadata(find_metadata(ham_dir))
+    folds = make_folds(df, n_folds=5, seed=42)
+    assert len(folds) == len(df) == 10015
+    assert sorted(folds["image_id"]) == sorted(df["image_id"])
+    assert not folds["image_id"].duplicated().any()
+    assert folds.groupby("lesion_id")["fold"].nunique().max() == 1
+    check_folds(folds)
+    balance = fold_balance(folds)
+    assert list(balance.columns) == sorted(CLASSES)
+    assert balance.abs().to_numpy().max() <= 1.5
+    # The CLI with seed 42 writes exactly the same folds again.
+    out = tmp_path / "folds.csv"
+    assert main(["split", "--metadata", str(find_metadata(ham_dir)), "--out", str(out)]) == 0
+    pd.testing.assert_frame_equal(read_folds(out), folds)

@@ -1,0 +1,311 @@
+"""External validation through ``skinlesion evaluate`` on a labelled set the run never saw."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    log_loss,
+    recall_score,
+    roc_auc_score,
+)
+
+from skinlesion.cli import main
+from skinlesion.core.labels import CLASSES
+from skinlesion.data.synthetic import make_synthetic_ham10000
+from skinlesion.evaluation.metrics import LOG_LOSS_EPS
+
+TOL = 1e-6
+ISIC_DIR = Path(__file__).parents[3] / "shared" / "data" / "isic2017"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-fold linear probe on a pretrained lite0 at 32 px (seconds on a CPU)."""
+    tmp = tmp_path_factory.mktemp("evaluate_run")
+    make_synthetic_ham10000(tmp / "data", lesions_per_class=5)
+    overrides = {
+        "data.root": tmp / "data",
+        "data.image_size": 32,
+        "data.cache_dir": tmp / "cache",
+        "cv.n_folds": 2,
+        "model.backbone": "tf_efficientnet_lite0",
+        "model.pretrained": "true",
+        "train.scheme": "linear_probe",
+        "train.probe_flips": "false",
+        "train.num_threads": 2,
+        "eval.n_boot": 50,
+        "output_dir": tmp / "run",
+    }
+    args = [f"{k}={v}" for k, v in overrides.items()]
+    assert main(["train", "--no-progress", *args]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """Images of another draw of the synthetic generator, flat in one folder, some as PNG."""
+    tmp = tmp_path_factory.mktemp("external")
+    meta = make_synthetic_ham10000(tmp / "raw", lesions_per_class=2, seed=1)
+    images = tmp / "images"
+    images.mkdir()
+    for i, image_id in enumerate(meta["image_id"]):
+        src = next((tmp / "raw").glob(f"HAM10000_images_part_*/{image_id}.jpg"))
+        if i % 4 == 1:
+            Image.open(src).save(images / f"{image_id}.png")
+        else:
+            shutil.copy(src, images / f"{image_id}.jpg")
+    return images, meta
+
+
+def evaluate(run: Path, labels: Path, images: Path, out: Path, *extra: str) -> int:
+    args = ["evaluate", "--model", str(run), "--labels", str(labels), "--images", str(images)]
+    return main([*args, "--output", str(out), "--n-boot", "50", "--no-progress", *extra])
+
+
+def write_labels(df: pd.DataFrame, path: Path) -> Path:
+    df.to_csv(path, index=False)
+    return path
+
+
+def read_predictions(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "predictions.csv", dtype={"image_id": str}, keep_default_na=False)
+
+
+def check_against_sklearn(preds: pd.DataFrame, metrics: dict[str, Any]) -> None:
+    """Every headline figure of ``metrics.json`` recomputed from ``predictions.csv``."""
+    y = preds["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    probs = preds[list(CLASSES)].to_numpy(np.float64)
+    pred = probs.argmax(1)
+    present = sorted(set(y.tolist()))
+    p = metrics["point"]
+    assert p["n"] == len(preds)
+    assert p["classes_present"] == [CLASSES[c] for c in present]
+    assert p["classes_absent"] == [c for i, c in enumerate(CLASSES) if i not in present]
+    assert p["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=TOL)
+    assert p["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=TOL)
+    macro_f1 = f1_score(y, pred, labels=present, average="macro", zero_division=0)
+    assert p["macro_f1"] == pytest.approx(macro_f1, abs=TOL)
+    # The project clips p(true class) at 1e-15, sklearn at machine epsilon: they differ only
+    # where a confident mistake drives p(true class) below 1e-15 (seen on ISIC 2017).
+    clipped = np.clip(probs, LOG_LOSS_EPS, 1.0)
+    labels = list(range(len(CLASSES)))
+    assert p["log_loss"] == pytest.approx(log_loss(y, clipped, labels=labels), abs=TOL)
+    aurocs = [roc_auc_score(y == c, probs[:, c]) for c in present]
+    assert p["macro_auroc"] == pytest.approx(np.mean(aurocs), abs=TOL)
+    recalls = recall_score(y, pred, labels=present, average=None, zero_division=0)
+    for c, auroc, recall in zip(present, aurocs, recalls, strict=True):
+        entry = p["per_class"][CLASSES[c]]
+        assert entry["auroc"] == pytest.approx(auroc, abs=TOL)
+        assert entry["recall"] == pytest.approx(recall, abs=TOL)
+        assert entry["support"] == int((y == c).sum()) and entry["absent"] is False
+
+
+def test_predictions_and_metrics(
+    run: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    images, meta = external
+    labels = write_labels(meta[["image_id", "lesion_id", "dx"]], tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    assert evaluate(run, labels, images, out) == 0
+    preds = read_predictions(out)
+    assert list(preds.columns) == ["image_id", "dx", *CLASSES, "prediction"]
+    assert preds["image_id"].tolist() == meta["image_id"].tolist()
+    assert preds["dx"].tolist() == meta["dx"].tolist()
+    probs = preds[list(CLASSES)].to_numpy(np.float64)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    assert preds["prediction"].tolist() == [CLASSES[i] for i in probs.argmax(1)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    check_against_sklearn(preds, metrics)
+    assert metrics["bootstrap_unit"] == "lesion" and metrics["n_boot"] == 50
+    # The model as shipped: threshold and confidence reference come from the OOF report.
+    oof = json.loads((run / "oof_metrics.json").read_text())
+    assert metrics["mel_threshold"] == oof["mel_threshold"]
+    assert metrics["point"]["mel"]["threshold"] == oof["mel_threshold"]
+    domain = metrics["domain"]
+    assert domain["confidence_threshold"] == oof["domain"]["confidence_threshold"]
+    assert domain["reference"] == {
+        k: oof["domain"][k] for k in ("mean_max_probability", "share_below_threshold")
+    }
+    conf = probs.max(1)
+    assert domain["mean_max_probability"] == pytest.approx(conf.mean(), abs=TOL)
+    assert domain["share_below_threshold"] == pytest.approx(
+        (conf < domain["confidence_threshold"]).mean()
+    )
+    assert (out / "report.md").read_text().startswith("# External evaluation:")
+    assert (out / "confusion_matrix.png").is_file() and (out / "roc_curves.png").is_file()
+    # ``evaluate`` and ``predict`` share one inference path.
+    picks = [images / f"{i}.png" for i in meta["image_id"][1:9:4]]
+    picks += [images / f"{meta['image_id'][0]}.jpg"]
+    csv = tmp_path / "predict.csv"
+    args = ["predict", "--model", str(run), *map(str, picks), "--output", str(csv)]
+    assert main([*args, "--no-progress"]) == 0
+    direct = pd.read_csv(csv)
+    by_id = preds.set_index("image_id")
+    for row in direct.itertuples():
+        expected = by_id.loc[Path(row.image).stem, list(CLASSES)].to_numpy(np.float64)
+        got = np.array([getattr(row, c) for c in CLASSES])
+        np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+def test_two_class_set_reports_the_rest_absent(
+    run: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    images, meta = external
+    subset = meta.loc[meta["dx"].isin(["nv", "mel"]), ["image_id", "dx"]]
+    labels = write_labels(subset, tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    assert evaluate(run, labels, images, out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    p = metrics["point"]
+    assert p["classes_present"] == ["mel", "nv"]
+    assert p["classes_absent"] == ["akiec", "bcc", "bkl", "df", "vasc"]
+    for c in p["classes_absent"]:
+        assert p["per_class"][c] == {
+            "precision": None,
+            "recall": None,
+            "f1": None,
+            "auroc": None,
+            "support": 0,
+            "absent": True,
+        }
+        assert metrics["ci95"]["per_class"][c] == {"recall": None, "f1": None, "auroc": None}
+    check_against_sklearn(read_predictions(out), metrics)
+    assert metrics["bootstrap_unit"] == "image"  # no lesion_id column
+    assert "| vasc | 0 | absent | absent | absent | absent |" in (out / "report.md").read_text()
+
+
+def test_label_map_yaml_and_csv(
+    run: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    images, meta = external
+    direct = meta.loc[meta["dx"].isin(["nv", "mel"]), ["image_id", "dx"]]
+    assert evaluate(run, write_labels(direct, tmp_path / "direct.csv"), images, tmp_path / "d") == 0
+
+    vocab = meta[["image_id", "dx"]].copy()
+    nevi = vocab.index[vocab["dx"] == "nv"]
+    vocab.loc[nevi[::2], "dx"] = "common nevus"
+    vocab.loc[nevi[1::2], "dx"] = "atypical nevus"
+    vocab.loc[vocab["dx"] == "mel", "dx"] = "melanoma"
+    vocab.loc[~vocab["dx"].isin(["common nevus", "atypical nevus", "melanoma"]), "dx"] = "other"
+    labels = write_labels(vocab, tmp_path / "vocab.csv")
+    yaml_map = tmp_path / "map.yaml"
+    yaml_map.write_text(
+        "common nevus: nv\natypical nevus: nv\nmelanoma: mel\nother: drop\n", encoding="utf-8"
+    )
+    csv_map = tmp_path / "map.csv"
+    csv_map.write_text(
+        "from,to\ncommon nevus,nv\natypical nevus,nv\nmelanoma,mel\nother,drop\n", encoding="utf-8"
+    )
+    for name, mapping in (("yaml", yaml_map), ("csv", csv_map)):
+        out = tmp_path / name
+        assert evaluate(run, labels, images, out, "--label-map", str(mapping)) == 0
+        expected = (tmp_path / "d" / "predictions.csv").read_bytes()
+        assert (out / "predictions.csv").read_bytes() == expected, name
+        metrics = json.loads((out / "metrics.json").read_text())
+        reference = json.loads((tmp_path / "d/metrics.json").read_text())
+        assert metrics["point"] == reference["point"] and metrics["ci95"] == reference["ci95"]
+
+
+def test_unknown_labels_fail_naming_the_line(
+    run: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    images, meta = external
+    df = meta[["image_id", "dx"]].head(6).copy()
+    df["split"] = ["train", "train", "test", "train", "test", "test"]
+    df.loc[3, "dx"] = "melanoma"  # file line 5 (header is line 1)
+    df.loc[5, "dx"] = "common nevus"  # file line 7
+    labels = write_labels(df, tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    assert evaluate(run, labels, images, out) == 2
+    err = capsys.readouterr().err
+    assert "line 5" in err and "unknown dx 'melanoma'" in err
+    assert "line 7" in err and "unknown dx 'common nevus'" in err
+    assert "--label-map" in err and "2 problem(s)" in err
+    assert not out.exists()
+    # Line numbers refer to the file, also when --where drops rows before them.
+    assert evaluate(run, labels, images, out, "--where", "split=test") == 2
+    err = capsys.readouterr().err
+    assert "line 7" in err and "common nevus" in err and "melanoma" not in err
+    # A map whose target is not a class code is no escape.
+    bad_map = tmp_path / "map.yaml"
+    bad_map.write_text("melanoma: MEL\ncommon nevus: nv\n")
+    assert evaluate(run, labels, images, out, "--label-map", str(bad_map)) == 2
+    assert "line 5" in (err := capsys.readouterr().err) and "'MEL'" in err
+    assert not out.exists()
+
+
+def test_missing_and_corrupt_images_listed_together(
+    run: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    images, meta = external
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    df = meta[["image_id", "dx"]].head(5).copy()
+    df.loc[len(df)] = ["ISIC_missing", "nv"]  # line 7
+    (folder / "ISIC_corrupt.jpg").write_text("not a jpeg")
+    df.loc[len(df)] = ["ISIC_corrupt", "mel"]  # line 8
+    labels = write_labels(df, tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    assert evaluate(run, labels, folder, out) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err
+    assert "line 7: no image ISIC_missing" in err
+    assert "line 8" in err and "ISIC_corrupt.jpg" in err and "not a readable image" in err
+    assert not out.exists()
+
+
+def test_where_filter_and_single_checkpoint(
+    run: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    images, meta = external
+    df = meta[["image_id", "lesion_id", "dx"]].copy()
+    df["split"] = np.where(np.arange(len(df)) % 3 == 0, "test", "train")
+    labels = write_labels(df, tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    ckpt = run / "fold_1" / "best.pt"
+    assert evaluate(ckpt, labels, images, out, "--where", "split=test") == 0
+    preds = read_predictions(out)
+    assert preds["image_id"].tolist() == df.loc[df["split"] == "test", "image_id"].tolist()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["filter"] == {"split": "test"} and metrics["point"]["n"] == len(preds)
+    check_against_sklearn(preds, metrics)
+    oof = json.loads((run / "oof_metrics.json").read_text())
+    assert metrics["mel_threshold"] == oof["mel_threshold"]  # found from fold_1/best.pt
+    assert evaluate(run, labels, images, tmp_path / "o2", "--where", "site=vienna") == 2
+    assert "site" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ISIC_DIR / "labels.csv").is_file(), reason=f"no ISIC 2017 at {ISIC_DIR}")
+def test_isic2017_test_subset(run: Path, tmp_path: Path) -> None:
+    """Real dermoscopy from another archive: three classes present, four absent."""
+    table = pd.read_csv(ISIC_DIR / "labels.csv", dtype=str, keep_default_na=False)
+    test = table[table["split"] == "test"].sort_values("image_id")
+    picked = pd.concat([test[test["dx"] == dx].head(n) for dx, n in (("nv", 50), ("mel", 25))])
+    picked = pd.concat([picked, test[test["dx"] == "bkl"].head(25)])
+    others = table[table["split"] != "test"].head(10)  # filtered out by --where
+    subset = pd.concat([others, picked])
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id in subset["image_id"]:
+        shutil.copy(ISIC_DIR / "images" / f"{image_id}.jpg", images)
+    labels = write_labels(subset, tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    assert evaluate(run, labels, images, out, "--where", "split=test") == 0
+    preds = read_predictions(out)
+    assert sorted(preds["image_id"]) == sorted(picked["image_id"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["point"]["classes_present"] == ["bkl", "mel", "nv"]
+    assert metrics["point"]["classes_absent"] == ["akiec", "bcc", "df", "vasc"]
+    check_against_sklearn(preds, metrics)

@@ -1,0 +1,349 @@
+"""Out-of-fold reports: every figure must be recomputable from ``oof_predictions.csv``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from skinlesion.cli import main
+from skinlesion.core.labels import CLASSES
+from skinlesion.data.synthetic import make_synthetic_ham10000
+from skinlesion.evaluation.metrics import LOG_LOSS_EPS, evaluate_predictions
+from skinlesion.evaluation.report import render_markdown
+
+TOL = 1e-6
+
+
+def probe_overrides(root: Path, out: Path, cache: Path, **extra: str) -> list[str]:
+    """A linear probe on a pretrained lite0 at 32 px: seconds on a CPU, good predictions."""
+    base = {
+        "data.root": str(root),
+        "data.image_size": "32",
+        "data.cache_dir": str(cache),
+        "cv.n_folds": "2",
+        "model.backbone": "tf_efficientnet_lite0",
+        "model.pretrained": "true",
+        "train.scheme": "linear_probe",
+        "train.probe_flips": "false",
+        "train.num_threads": "2",
+        "output_dir": str(out),
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished two-fold run; the report keeps the default ``eval.n_boot`` (1000) so that
+    ``skinlesion report RUN`` with its defaults must reproduce it."""
+    tmp = tmp_path_factory.mktemp("report")
+    make_synthetic_ham10000(tmp / "data", lesions_per_class=5)
+    out = tmp / "run"
+    args = probe_overrides(tmp / "data", out, tmp / "cache")
+    assert main(["train", "--no-progress", *args]) == 0
+    return out
+
+
+def read_oof(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "oof_predictions.csv", dtype={"image_id": str, "lesion_id": str})
+
+
+def labels_and_probs(df: pd.DataFrame, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    y = df["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    return y, df[[f"{prefix}{c}" for c in CLASSES]].to_numpy(np.float64)
+
+
+def clip(probs: np.ndarray) -> np.ndarray:
+    """The project clips p(true class) at 1e-15 for log loss, sklearn at machine epsilon; the two
+    differ only below 1e-15 (a confident mistake), so sklearn gets the clipped values."""
+    return np.clip(probs, LOG_LOSS_EPS, 1.0)
+
+
+def ece(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Plain-loop ECE over equal-width (lo, hi] top-class confidence bins."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        in_bin = (conf > lo) & (conf <= hi) if b else conf <= hi
+        if in_bin.any():
+            total += abs((pred[in_bin] == y[in_bin]).mean() - conf[in_bin].mean()) * in_bin.sum()
+    return total / len(y)
+
+
+def sklearn_figures(y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """The report's point metrics, recomputed independently (macro over present classes)."""
+    pred = probs.argmax(1)
+    present = sorted(set(y.tolist()))
+    auroc = {c: roc_auc_score(y == c, probs[:, c]) for c in present}
+    onehot = np.eye(len(CLASSES))[y]
+    return {
+        "accuracy": accuracy_score(y, pred),
+        "balanced_accuracy": balanced_accuracy_score(y, pred),
+        "macro_f1": f1_score(y, pred, labels=present, average="macro", zero_division=0),
+        "macro_auroc": float(np.mean(list(auroc.values()))),
+        "log_loss": log_loss(y, clip(probs), labels=list(range(len(CLASSES)))),
+        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+        "ece": ece(y, probs),
+        "auroc": auroc,
+        "precision": precision_score(y, pred, labels=present, average=None, zero_division=0),
+        "recall": recall_score(y, pred, labels=present, average=None, zero_division=0),
+        "present": present,
+    }
+
+
+def test_oof_predictions_cover_each_image_once(run: Path) -> None:
+    oof = read_oof(run)
+    folds = pd.read_csv(run / "folds.csv", dtype=str)
+    assert [c for c in oof.columns if c in CLASSES] == list(CLASSES)
+    assert {"image_id", "lesion_id", "dx", "fold"} <= set(oof.columns)
+    assert not oof["image_id"].duplicated().any()
+    assert sorted(oof["image_id"]) == sorted(folds["image_id"])
+    merged = oof.merge(folds, on="image_id", suffixes=("", "_folds"), validate="one_to_one")
+    assert (merged["fold"].astype(str) == merged["fold_folds"]).all()
+    assert (merged["dx"] == merged["dx_folds"]).all()
+    assert (merged["lesion_id"] == merged["lesion_id_folds"]).all()
+    probs = oof[list(CLASSES)].to_numpy(np.float64)
+    assert (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    # The fold files are the source: the OOF table is their concatenation.
+    parts = pd.concat(
+        [pd.read_csv(p, dtype={"image_id": str}) for p in sorted(run.glob("fold_*/val_*.csv"))]
+    )
+    for fold, part in parts.groupby("fold"):
+        assert set(part["image_id"]) == set(oof.loc[oof["fold"] == fold, "image_id"])
+
+
+def test_oof_metrics_match_sklearn(run: Path) -> None:
+    result = json.loads((run / "oof_metrics.json").read_text())
+    y, probs = labels_and_probs(read_oof(run))
+    ref = sklearn_figures(y, probs)
+    p = result["point"]
+    assert p["n"] == result["n"] == len(y)
+    assert p["classes_present"] == [CLASSES[c] for c in ref["present"]]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "log_loss", "brier"):
+        assert p[key] == pytest.approx(ref[key], abs=TOL), key
+    assert p["ece"] == pytest.approx(ref["ece"], abs=TOL)
+    for i, c in enumerate(ref["present"]):
+        entry = p["per_class"][CLASSES[c]]
+        assert entry["auroc"] == pytest.approx(ref["auroc"][c], abs=TOL), CLASSES[c]
+        assert entry["precision"] == pytest.approx(ref["precision"][i], abs=TOL)
+        assert entry["recall"] == pytest.approx(ref["recall"][i], abs=TOL)
+        assert entry["support"] == int((y == c).sum())
+    labels = list(range(len(CLASSES)))
+    assert p["confusion_matrix"] == confusion_matrix(y, probs.argmax(1), labels=labels).tolist()
+    assert result["folds"] == [0, 1]
+    assert result["bootstrap_unit"] == "lesion" and result["n_boot"] == 1000
+    lo, hi = result["ci95"]["balanced_accuracy"]
+    assert lo <= p["balanced_accuracy"] <= hi
+
+
+def test_melanoma_threshold_and_domain_follow_their_rules(run: Path) -> None:
+    result = json.loads((run / "oof_metrics.json").read_text())
+    y, probs = labels_and_probs(read_oof(run))
+    mel = CLASSES.index("mel")
+    t = result["mel_threshold"]
+    negatives = probs[y != mel, mel]
+    assert (negatives < t).mean() >= 0.95
+    # The smallest such threshold: any lower observed score misses the target.
+    lower = np.unique(probs[:, mel])
+    lower = lower[lower < t]
+    if len(lower):
+        assert (negatives < lower[-1]).mean() < 0.95
+    flagged = probs[:, mel] >= t
+    mel_point = result["point"]["mel"]
+    assert mel_point["threshold"] == t
+    assert mel_point["sensitivity_at_threshold"] == pytest.approx(flagged[y == mel].mean())
+    assert mel_point["specificity_at_threshold"] == pytest.approx((~flagged[y != mel]).mean())
+    conf = probs.max(1)
+    domain = result["domain"]
+    assert domain["confidence_threshold"] == pytest.approx(np.quantile(conf, 0.1), abs=TOL)
+    assert domain["mean_max_probability"] == pytest.approx(conf.mean(), abs=TOL)
+    assert domain["share_below_threshold"] == pytest.approx(
+        (conf < domain["confidence_threshold"]).mean()
+    )
+
+
+def test_temperature_scaling_does_not_hurt_calibration(run: Path) -> None:
+    result = json.loads((run / "oof_metrics.json").read_text())
+    oof = read_oof(run)
+    y, after = labels_and_probs(oof)
+    _, before = labels_and_probs(oof, "raw_")
+    cal = result["calibration"]
+    labels = list(range(len(CLASSES)))
+    for when, probs in (("before", before), ("after", after)):
+        expected = log_loss(y, clip(probs), labels=labels)
+        assert cal[when]["log_loss"] == pytest.approx(expected, abs=TOL), when
+    assert cal["before"]["ece"] == pytest.approx(ece(y, before), abs=TOL)
+    assert cal["after"] == {k: result["point"][k] for k in ("ece", "log_loss", "brier")}
+    assert cal["before"]["ece"] >= cal["after"]["ece"] - 1e-9
+    assert cal["after"]["log_loss"] <= cal["before"]["log_loss"] + 1e-9
+    # Each fold's temperature was fitted on that fold: its calibrated predictions must be the
+    # raw ones with logits divided by T (same argmax, T from the checkpoint summary).
+    for fold, part in oof.groupby("fold"):
+        t = json.loads((run / f"fold_{fold}" / "summary.json").read_text())["temperature"]
+        logp = np.log(part[[f"raw_{c}" for c in CLASSES]].to_numpy(np.float64))
+        z = logp / t
+        expected = np.exp(z - z.max(1, keepdims=True))
+        expected /= expected.sum(1, keepdims=True)
+        np.testing.assert_allclose(part[list(CLASSES)].to_numpy(), expected, atol=1e-5)
+
+
+def test_plots_and_headline_table(run: Path) -> None:
+    result = json.loads((run / "oof_metrics.json").read_text())
+    for name in ("confusion_matrix.png", "reliability.png", "roc_curves.png"):
+        path = run / "plots" / name
+        assert name in result["plots"]
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            image.verify()
+    md = (run / "report.md").read_text()
+    p, ci = result["point"], result["ci95"]
+    bal = p["balanced_accuracy"] * 100
+    lo, hi = (v * 100 for v in ci["balanced_accuracy"])
+    assert f"| balanced accuracy (%) | {bal:.1f} [{lo:.1f}, {hi:.1f}] |" in md
+    f1_lo, f1_hi = ci["macro_f1"]
+    assert f"| macro F1 | {p['macro_f1']:.3f} [{f1_lo:.3f}, {f1_hi:.3f}] |" in md
+    for label in ("accuracy (%)", "macro AUROC", "log loss", "melanoma sensitivity, argmax (%)"):
+        assert re.search(rf"\| {re.escape(label)} \| [0-9.]+ \[[0-9.]+, [0-9.]+\] \|", md), label
+    assert "| calibration | before | after temperature scaling |" in md
+    assert f"p(mel) >= {result['mel_threshold']:.4f}" in md
+
+
+def test_cli_report_regenerates_identically(run: Path) -> None:
+    saved = {n: (run / n).read_bytes() for n in ("report.md", "oof_metrics.json")}
+    saved_oof = (run / "oof_predictions.csv").read_bytes()
+    (run / "report.md").unlink()
+    (run / "oof_metrics.json").unlink()
+    (run / "oof_predictions.csv").unlink()
+    shutil.rmtree(run / "plots")
+    assert main(["report", str(run)]) == 0
+    for name, content in saved.items():
+        assert (run / name).read_bytes() == content, name
+    assert (run / "oof_predictions.csv").read_bytes() == saved_oof
+    assert (run / "plots" / "roc_curves.png").is_file()
+
+
+def test_cli_report_without_predictions_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "val_predictions.csv" in capsys.readouterr().err
+
+
+def _hand_result() -> dict[str, Any]:
+    point = {
+        "n": 4,
+        "classes_present": ["mel", "nv"],
+        "classes_absent": ["akiec", "bcc", "bkl", "df", "vasc"],
+        "accuracy": 0.75,
+        "balanced_accuracy": 0.75,
+        "macro_f1": 0.7333333,
+        "macro_auroc": 0.875,
+        "ece": 0.125,
+        "brier": 0.25,
+        "log_loss": 0.5,
+        "per_class": {
+            c: {
+                "precision": None,
+                "recall": None,
+                "f1": None,
+                "auroc": None,
+                "support": 0,
+                "absent": True,
+            }
+            for c in CLASSES
+        },
+        "mel": {
+            "sensitivity_argmax": 0.5,
+            "specificity_argmax": 1.0,
+            "sensitivity_at_threshold": None,
+            "specificity_at_threshold": None,
+            "threshold": None,
+        },
+    }
+    point["per_class"]["mel"] = {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": 2 / 3,
+        "auroc": 0.875,
+        "support": 2,
+        "absent": False,
+    }
+    point["per_class"]["nv"] = {
+        "precision": 2 / 3,
+        "recall": 1.0,
+        "f1": 0.8,
+        "auroc": 0.875,
+        "support": 2,
+        "absent": False,
+    }
+    return {
+        "point": point,
+        "ci95": {"balanced_accuracy": [0.5, 1.0], "mel": {"sensitivity_argmax": [0.0, 1.0]}},
+        "n_boot": 200,
+        "bootstrap_unit": "lesion",
+        "mel_threshold": None,
+        "domain": {
+            "mean_max_probability": 0.8,
+            "share_below_threshold": 0.25,
+            "confidence_threshold": 0.6,
+            "reference": {"mean_max_probability": 0.9, "share_below_threshold": 0.1},
+        },
+    }
+
+
+def test_render_markdown_with_absent_classes() -> None:
+    md = render_markdown(_hand_result(), "External evaluation: x.csv")
+    lines = md.splitlines()
+    assert lines[0] == "# External evaluation: x.csv"
+    assert "n = 4 images; classes present: mel, nv; absent: akiec, bcc, bkl, df, vasc" in md
+    assert "bootstrap over lesions (200 resamples)" in md
+    assert "| balanced accuracy (%) | 75.0 [50.0, 100.0] |" in lines
+    assert "| macro F1 | 0.733 |" in lines  # no interval given: none printed
+    assert "| melanoma sensitivity, argmax (%) | 50.0 [0.0, 100.0] |" in lines
+    assert "| melanoma sensitivity at threshold (%) | absent |" in lines
+    for c in ("akiec", "bcc", "bkl", "df", "vasc"):
+        assert f"| {c} | 0 | absent | absent | absent | absent |" in lines
+    assert "| mel | 2 | 1.000 | 0.500 | 0.667 | 0.875 |" in lines
+    assert "| nv | 2 | 0.667 | 1.000 | 0.800 | 0.875 |" in lines
+    assert "Melanoma threshold" not in md and "| calibration |" not in md
+    assert "25.0% of images below confidence 0.600" in md
+    assert "Out-of-fold reference: 0.900 and 10.0%." in md
+    assert md.endswith("\n")
+
+
+def test_render_markdown_from_computed_metrics() -> None:
+    """The renderer accepts what ``evaluate_predictions`` returns, absent classes included."""
+    rng = np.random.default_rng(0)
+    mel, nv = CLASSES.index("mel"), CLASSES.index("nv")
+    y = np.array([mel] * 10 + [nv] * 30)
+    probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(y))
+    probs[np.arange(len(y)), y] += 2.0
+    probs /= probs.sum(1, keepdims=True)
+    result = evaluate_predictions(y, probs, mel_threshold=0.3, n_boot=50)
+    result["mel_threshold"] = 0.3
+    md = render_markdown(result, "t")
+    assert "absent: akiec, bcc, bkl, df, vasc" in md
+    assert "| vasc | 0 | absent | absent | absent | absent |" in md
+    assert "| mel | 10 |" in md and "| nv | 30 |" in md
+    assert "Melanoma threshold p(mel) >= 0.3000" in md
+    assert "absent" not in md.split("| class |")[0].split("| metric |")[1]

@@ -1,0 +1,171 @@
+"""Linear probe and freeze_stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from skinlesion.cli import main
+from skinlesion.core.config import load_config
+from skinlesion.core.labels import CLASSES
+from skinlesion.data.synthetic import make_synthetic_ham10000
+from skinlesion.models.checkpoint import load_checkpoint
+from skinlesion.models.factory import build_model
+from skinlesion.models.freezing import freeze_stages
+from skinlesion.training import probe
+from skinlesion.training.losses import build_loss
+
+
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("syn")
+    make_synthetic_ham10000(root, lesions_per_class=6)
+    return root
+
+
+def probe_args(root: Path, out: Path, cache: Path, **extra: str) -> list[str]:
+    base = {
+        "data.root": root,
+        "data.image_size": 48,
+        "data.cache_dir": cache,
+        "cv.n_folds": 3,
+        "model.backbone": "tf_efficientnet_lite0",
+        "model.pretrained": "true",
+        "train.scheme": "linear_probe",
+        "eval.n_boot": 20,
+        "train.num_threads": 2,
+        "output_dir": out,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_probe_run_is_an_ordinary_run(syn_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "probe"
+    assert main(["train", "--no-progress", *probe_args(syn_root, out, tmp_path / "c")]) == 0
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    assert len(oof) == len(pd.read_csv(syn_root / "HAM10000_metadata.csv"))
+    # Colour blobs are easy for ImageNet features: far above chance (1/7).
+    y = oof["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    acc = (oof[list(CLASSES)].to_numpy().argmax(1) == y).mean()
+    assert acc > 0.6
+    for fold in range(3):
+        metrics = pd.read_csv(out / f"fold_{fold}" / "metrics.csv")
+        ckpt = load_checkpoint(out / f"fold_{fold}" / "best.pt")
+        assert ckpt["epoch"] == int(metrics.loc[metrics["val_loss"].idxmin(), "epoch"])
+        assert ckpt["probe_l2"] in probe.L2_GRID
+    # predict with tta=3 (identity + flips) reproduces the flip-averaged OOF probabilities.
+    ckpt_path = out / "fold_0" / "best.pt"
+    fold0 = oof[oof["fold"] == 0].head(4)
+    paths = [str(next(syn_root.rglob(f"{i}.jpg"))) for i in fold0["image_id"]]
+    csv = tmp_path / "p.csv"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(ckpt_path),
+                *paths,
+                "--tta",
+                "3",
+                "--output",
+                str(csv),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    pred = pd.read_csv(csv)
+    np.testing.assert_allclose(
+        pred[list(CLASSES)].to_numpy(), fold0[list(CLASSES)].to_numpy(), atol=2e-3
+    )
+
+
+def test_embedding_cache_reused_and_invalidated(
+    syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = probe.compute_embeddings
+
+    def counting(*a: object, **k: object) -> np.ndarray:
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(probe, "compute_embeddings", counting)
+    cache = tmp_path / "c"
+    run = lambda name, **kw: main(  # noqa: E731
+        ["train", "--no-progress", *probe_args(syn_root, tmp_path / name, cache, **kw)]
+    )
+    assert run("a") == 0 and calls["n"] == 1
+    assert run("b") == 0 and calls["n"] == 1  # same backbone, size and data: from disk
+    assert run("c", **{"model.backbone": "tf_efficientnet_lite1"}) == 0 and calls["n"] == 2
+    assert run("d", **{"data.image_size": 40}) == 0 and calls["n"] == 3
+    # Changed data (one image rewritten) -> new image cache -> new embeddings.
+    other = tmp_path / "syn_changed"
+    make_synthetic_ham10000(other, lesions_per_class=6)
+    first = sorted(other.rglob("*.jpg"))[0]
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(first)
+    assert (
+        main(["train", "--no-progress", *probe_args(other, tmp_path / "e", cache)]) == 0
+        and calls["n"] == 4
+    )
+
+
+def test_fit_linear_head_separable() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (7, 16))
+    y = rng.integers(0, 7, 700)
+    x = centres[y] + rng.normal(0, 1, (700, 16))
+    w, b = probe.fit_linear_head(x, y, np.ones(700), 1e-3, build_loss("focal", reduction="none"), 7)
+    assert ((x @ w.T + b).argmax(1) == y).mean() > 0.95
+
+
+def test_freeze_stages_freezes_stem_and_first_stages() -> None:
+    model = build_model("tf_efficientnet_lite0", 7, pretrained=False)
+    frozen = freeze_stages(model, 3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(
+        n.startswith(("conv_stem", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."))
+        for n in trainable
+    )
+    assert any(n.startswith("blocks.3.") for n in trainable) and "classifier.weight" in trainable
+    assert frozen
+    with pytest.raises(ValueError, match="freeze_stages"):
+        freeze_stages(build_model("tf_efficientnet_lite0", 7, pretrained=False), 50)
+
+
+def test_freeze_stages_training_keeps_frozen_weights(syn_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    args = probe_args(
+        syn_root,
+        out,
+        tmp_path / "c",
+        **{
+            "train.scheme": "finetune",
+            "train.freeze_stages": 4,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.steps_per_epoch": 3,
+            "cv.folds_to_run": "[0]",
+            "data.image_size": 32,
+        },
+    )
+    assert main(["train", "--no-progress", *args]) == 0
+    ckpt = load_checkpoint(out / "fold_0" / "best.pt")
+    ref = build_model("tf_efficientnet_lite0", 7, pretrained=True).state_dict()
+    for key in ("conv_stem.weight", "blocks.1.0.conv_pw.weight", "bn1.running_mean"):
+        torch.testing.assert_close(ckpt["state_dict"][key], ref[key])
+    assert not torch.equal(
+        ckpt["state_dict"]["blocks.6.0.conv_pw.weight"], ref["blocks.6.0.conv_pw.weight"]
+    )
+
+
+def test_probe_refuses_torchrun_config_combination() -> None:
+    cfg = load_config(None, ["train.scheme=linear_probe"])
+    assert cfg.train.scheme == "linear_probe"
