@@ -1,6 +1,31 @@
-"""skinlesion: leakage-free training, evaluation and serving of dermoscopic lesion classifiers."""
+"""skinlesion: leakage-free training, evaluation and serving of dermoscopic lesion classifiers.
+
+Example::
+
+    import skinlesion
+    model = skinlesion.load_model()          # the default packaged model, offline
+    table = model.predict(["lesion.jpg"])    # probabilities, prediction, melanoma flag
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from skinlesion.core.labels import CLASSES
 
-__all__ = ["CLASSES"]
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from skinlesion.inference.packaged import LoadedModel
+
+__all__ = ["CLASSES", "load_model"]
 __version__ = "0.1.0"
+
+
+def load_model(name: str | Path | None = None, device: str = "auto") -> LoadedModel:
+    """A packaged model by name (``None``: the default one), a packaged folder, a run folder or a
+    checkpoint, loaded for prediction. Imports torch only when called."""
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.inference.packaged import resolve_model
+
+    return resolve_model(name, resolve_runtime(device))

@@ -55,10 +55,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.predict import load_ensemble, predict_sources
+    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.predict import predict_sources
 
     runtime = resolve_runtime(args.device)
-    members = load_ensemble(args.model, runtime)
+    members = resolve_model(args.model, runtime).members
     classes = list(members[0].spec.class_names)
     probs, errors = predict_sources(
         args.images,
@@ -108,6 +109,41 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"{p['balanced_accuracy']:.3f}, macro AUROC {p['macro_auroc'] or float('nan'):.3f}; "
         f"details in {args.output}/metrics.json and report.md"
     )
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from skinlesion.inference.packaged import list_packaged
+
+    rows = list_packaged()
+    if not rows:
+        print("no packaged models")
+        return 0
+    print(f"{'name':28} {'backbone':24} {'input':>5} {'MB':>5} {'OOF bal.acc':>11}")
+    for r in rows:
+        bacc = r["oof_balanced_accuracy"]
+        mark = " (default)" if r["default"] else ""
+        print(
+            f"{r['name']:28} {r['backbone']:24} {r['input_size']:>5} {r['size_mb']:>5} "
+            f"{'n/a' if bacc is None else f'{bacc:.3f}':>11}{mark}"
+        )
+    return 0
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from skinlesion.training.package import package_run
+
+    external = dict(_key_value(x) for x in args.external)
+    out = package_run(
+        args.run_dir,
+        args.name,
+        out_root=args.out_root,
+        external=external,
+        hardware=args.hardware,
+        make_default=args.default,
+        folds=[int(f) for f in args.folds.split(",")] if args.folds else None,
+    )
+    print(f"packaged model: {out}")
     return 0
 
 
@@ -165,6 +201,12 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+_MODEL_HELP = (
+    "packaged model name (see `skinlesion models`), run folder (fold ensemble) or checkpoint; "
+    "default: the default packaged model"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="skinlesion",
@@ -196,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("predict", help="class probabilities for images")
-    r.add_argument("--model", required=True, help="run folder (fold ensemble) or checkpoint")
+    r.add_argument("--model", default=None, help=_MODEL_HELP)
     r.add_argument("images", nargs="+")
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
     r.add_argument(
@@ -208,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_predict)
 
     e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
-    e.add_argument("--model", required=True, help="run folder (fold ensemble) or checkpoint")
+    e.add_argument("--model", default=None, help=_MODEL_HELP)
     e.add_argument("--labels", required=True, help="CSV with image_id and dx")
     e.add_argument("--images", required=True, help="folder with <image_id>.<jpg|png|...>")
     e.add_argument("--output", required=True)
@@ -228,6 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
+
+    mo = sub.add_parser("models", help="list the packaged trained models")
+    mo.set_defaults(func=_cmd_models)
+
+    pk = sub.add_parser("package", help="package a run as a model inside skinlesion")
+    pk.add_argument("run_dir")
+    pk.add_argument("--name", required=True)
+    pk.add_argument("--out-root", default=None, help="default: the package's zoo folder")
+    pk.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="NAME=EVAL_DIR",
+        help="an `evaluate` output folder whose metrics go into the card; repeatable",
+    )
+    pk.add_argument("--hardware", default="", help="what trained it, for the card")
+    pk.add_argument("--default", action="store_true", help="make it the default model")
+    pk.add_argument("--folds", default=None, help="comma-separated folds to package (default all)")
+    pk.set_defaults(func=_cmd_package)
 
     rp = sub.add_parser("report", help="regenerate a run's out-of-fold report")
     rp.add_argument("run_dir")

@@ -22,7 +22,8 @@ from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.metadata import IMAGE_EXTENSIONS, DataError, check_image, read_table
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
-from skinlesion.inference.predict import load_ensemble, predict_sources
+from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.predict import predict_sources
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,8 @@ def load_labels(
     return df.reset_index(drop=True)
 
 
-def _oof_reference(model: Path) -> dict[str, Any] | None:
-    ref = model / "oof_metrics.json" if model.is_dir() else model.parent.parent / "oof_metrics.json"
-    return json.loads(ref.read_text()) if ref.is_file() else None
-
-
 def evaluate_external(
-    model: str | Path,
+    model: str | Path | None,
     labels_csv: str | Path,
     images_dir: str | Path,
     output: str | Path,
@@ -130,11 +126,12 @@ def evaluate_external(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report."""
-    model, output = Path(model), Path(output)
+    output = Path(output)
     mapping = read_label_map(Path(label_map)) if label_map else None
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where)
     runtime = resolve_runtime(device)
-    members = load_ensemble(model, runtime)
+    loaded = resolve_model(model, runtime)
+    members = loaded.members
     tta = members[0].tta if tta is None else tta
     probs, errors = predict_sources(
         labels["path"].tolist(), members, runtime, tta=tta, batch_size=batch_size, progress=progress
@@ -151,7 +148,7 @@ def evaluate_external(
     preds = pd.read_csv(pred_path, dtype={"image_id": str})  # figures from the file
     y = preds["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     p = preds[list(CLASSES)].to_numpy(dtype=np.float64)
-    reference = _oof_reference(model)
+    reference = loaded.reference
     threshold = reference.get("mel_threshold") if reference else None
     groups = labels["lesion_id"].to_numpy() if "lesion_id" in labels.columns else None
     metrics = evaluate_predictions(y, p, groups=groups, mel_threshold=threshold, n_boot=n_boot)
@@ -164,7 +161,7 @@ def evaluate_external(
     result = {
         "source": str(labels_csv),
         "filter": where or {},
-        "model": str(model),
+        "model": str(loaded.source),
         "tta": tta,
         "mel_threshold": threshold,
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"

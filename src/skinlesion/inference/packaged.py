@@ -1,0 +1,288 @@
+"""Trained models shipped inside the package (``skinlesion/zoo/NAME/``), and the one resolver that
+turns what a user names (nothing, a packaged name, a packaged folder, a run folder, a checkpoint)
+into a loaded fold ensemble with its out-of-fold reference.
+
+A packaged model is a folder::
+
+    model.safetensors   the members' weights (``fold{K}.`` key prefixes), no pickle
+    model.json          backbone, preprocessing spec, class names, TTA views, per-member fold and
+                        temperature, the out-of-fold reference (melanoma threshold, confidence
+                        indicators) and the weights' SHA-256
+    card.json, MODEL_CARD.md, LICENSE
+
+Example::
+
+    model = resolve_model(None)          # the default packaged model
+    probs, errors = model.predict_proba(["lesion.jpg"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from skinlesion.core.runtime import Runtime, resolve_runtime
+from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.inference.predict import Member, backbone_id, load_ensemble, predict_sources
+from skinlesion.models.checkpoint import CheckpointError
+from skinlesion.models.factory import build_model
+
+PACKAGED_FORMAT = "skinlesion-packaged-model"
+PACKAGED_VERSION = 1
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+DEFAULT_FILE = "default.txt"
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+
+def zoo_dir() -> Path:
+    """The folder of packaged models inside the installed package."""
+    return Path(str(resources.files("skinlesion") / "zoo"))
+
+
+@dataclass
+class LoadedModel:
+    """A fold ensemble ready to predict, with what it needs to be read honestly."""
+
+    name: str
+    source: Path
+    members: list[Member]
+    reference: dict[str, Any] | None = None  # out-of-fold figures: mel_threshold, domain
+    card: dict[str, Any] | None = None
+    version: str = ""
+    runtime: Runtime | None = field(default=None, repr=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.members[0].spec.class_names)
+
+    @property
+    def tta(self) -> int:
+        return self.members[0].tta
+
+    @property
+    def mel_threshold(self) -> float | None:
+        return (self.reference or {}).get("mel_threshold")
+
+    def predict_proba(
+        self,
+        images: Sequence[ImageInput],
+        tta: int | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Calibrated probabilities (N, C), NaN rows for images that failed, and their errors."""
+        runtime = self.runtime or resolve_runtime("auto")
+        sources = [_as_source(x) for x in images]
+        return predict_sources(sources, self.members, runtime, tta, batch_size, progress)
+
+    def predict(self, images: Sequence[ImageInput], tta: int | None = None) -> Any:
+        """A table (pandas) with one row per image: class probabilities, prediction, melanoma
+        decision at the out-of-fold operating threshold, and the error of a failed image."""
+        import pandas as pd
+
+        probs, errors = self.predict_proba(images, tta)
+        df = pd.DataFrame(probs, columns=self.class_names)
+        df.insert(0, "image", [_name(x, i) for i, x in enumerate(images)])
+        df["prediction"] = [
+            "" if i in errors else self.class_names[int(r.argmax())] for i, r in enumerate(probs)
+        ]
+        if self.mel_threshold is not None and "mel" in self.class_names:
+            p_mel = df["mel"].to_numpy()
+            df["melanoma_flag"] = [
+                None if i in errors else bool(p_mel[i] >= self.mel_threshold)
+                for i in range(len(df))
+            ]
+        df["error"] = [errors.get(i, "") for i in range(len(df))]
+        return df
+
+
+def _as_source(x: ImageInput) -> str | Path | bytes | Image.Image:
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or x.ndim not in (2, 3):
+            raise TypeError(
+                f"an image array must be uint8 (H, W) or (H, W, 3), got {x.dtype} {x.shape}"
+            )
+        return Image.fromarray(x)
+    return x
+
+
+def _name(x: ImageInput, i: int) -> str:
+    return str(x) if isinstance(x, str | Path) else f"<image {i}>"
+
+
+def list_packaged(root: Path | None = None) -> list[dict[str, Any]]:
+    """One row per packaged model: name, backbone, input size, size on disk, OOF figures."""
+    root = root or zoo_dir()
+    default = default_name(root)
+    rows = []
+    for d in sorted(p for p in root.glob("*") if (p / MODEL_FILE).is_file()):
+        meta = json.loads((d / MODEL_FILE).read_text())
+        card = _read_json(d / CARD_FILE) or {}
+        oof = (card.get("metrics") or {}).get("out_of_fold") or {}
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        rows.append(
+            {
+                "name": d.name,
+                "default": d.name == default,
+                "backbone": meta["backbone"],
+                "input_size": meta["preprocessing"]["size"],
+                "members": len(meta["members"]),
+                "tta": meta["tta"],
+                "size_mb": round(size / 1e6, 1),
+                "oof_balanced_accuracy": oof.get("balanced_accuracy"),
+                "version": meta.get("version", ""),
+            }
+        )
+    return rows
+
+
+def default_name(root: Path | None = None) -> str | None:
+    path = (root or zoo_dir()) / DEFAULT_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_packaged_meta(folder: Path) -> dict[str, Any]:
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; not a packaged model folder")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if meta.get("format") != PACKAGED_FORMAT:
+        raise CheckpointError(f"{path}: not a skinlesion packaged model")
+    if int(meta.get("format_version", 0)) > PACKAGED_VERSION:
+        raise CheckpointError(
+            f"{path}: format {meta['format_version']} is newer than this skinlesion "
+            f"understands ({PACKAGED_VERSION}); upgrade skinlesion"
+        )
+    return meta
+
+
+def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing")
+    expected = meta.get("weights_sha256")
+    if expected and sha256_file(path) != expected:
+        raise CheckpointError(
+            f"{path}: weights file is corrupt or truncated (SHA-256 differs from {MODEL_FILE})"
+        )
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedModel:
+    """Load a packaged model folder onto the runtime's device."""
+    folder = Path(folder)
+    runtime = runtime or resolve_runtime("auto")
+    meta = read_packaged_meta(folder)
+    tensors = _read_weights(folder, meta)
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    members = []
+    for m in meta["members"]:
+        prefix = m["prefix"]
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        model = build_model(
+            meta["backbone"], len(spec.class_names), False, **meta.get("model_kwargs", {})
+        )
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{folder / WEIGHTS_FILE}: weights of member '{prefix}' do not fit "
+                f"{meta['backbone']} ({str(err).splitlines()[0]})"
+            ) from err
+        model = model.eval().to(runtime.device)
+        if runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        members.append(
+            Member(
+                model=model,
+                spec=spec,
+                temperature=float(m["temperature"]),
+                fold=int(m["fold"]),
+                path=folder / WEIGHTS_FILE,
+                tta=int(meta["tta"]),
+                backbone_id=backbone_id(model),
+            )
+        )
+    return LoadedModel(
+        name=meta["name"],
+        source=folder,
+        members=members,
+        reference=meta.get("reference"),
+        card=_read_json(folder / CARD_FILE),
+        version=str(meta.get("version", "")),
+        runtime=runtime,
+    )
+
+
+def run_reference(path: Path) -> dict[str, Any] | None:
+    """The out-of-fold figures of the run a run folder or a ``fold_K/best.pt`` belongs to."""
+    run = path if path.is_dir() else path.parent.parent
+    ref = run / "oof_metrics.json"
+    return json.loads(ref.read_text()) if ref.is_file() else None
+
+
+def resolve_model(model: str | Path | None, runtime: Runtime | None = None) -> LoadedModel:
+    """``None``: the default packaged model; a packaged name; a packaged folder; a run folder or
+    a checkpoint file."""
+    runtime = runtime or resolve_runtime("auto")
+    root = zoo_dir()
+    if model is None:
+        name = default_name(root)
+        if name is None:
+            raise CheckpointError(
+                f"no default packaged model in {root}; pass --model RUN_DIR or a checkpoint"
+            )
+        return load_packaged(root / name, runtime)
+    text = str(model)
+    if (root / text / MODEL_FILE).is_file() and not Path(text).exists():
+        return load_packaged(root / text, runtime)
+    path = Path(text)
+    if (path / MODEL_FILE).is_file():
+        return load_packaged(path, runtime)
+    if not path.exists():
+        known = [r["name"] for r in list_packaged(root)]
+        raise CheckpointError(
+            f"{text}: no such packaged model, run folder or checkpoint "
+            f"(packaged models: {', '.join(known) or 'none'})"
+        )
+    members = load_ensemble(path, runtime)
+    return LoadedModel(
+        name=path.name,
+        source=path,
+        members=members,
+        reference=run_reference(path),
+        runtime=runtime,
+    )

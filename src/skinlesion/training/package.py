@@ -1,0 +1,285 @@
+"""Package a finished run as a model that ships inside skinlesion: safetensors weights, the spec
+that travels with them, and a model card whose figures come from the run's saved predictions.
+
+Example::
+
+    package_run("runs/ham10000_cpu", "ham10000-lite0-cpu",
+                external={"isic2017_test": "runs/ham10000_cpu/isic2017"})
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from skinlesion.evaluation.report import write_oof_report
+from skinlesion.inference.packaged import (
+    CARD_FILE,
+    DEFAULT_FILE,
+    MODEL_FILE,
+    PACKAGED_FORMAT,
+    PACKAGED_VERSION,
+    WEIGHTS_FILE,
+    sha256_file,
+    zoo_dir,
+)
+from skinlesion.inference.predict import checkpoint_paths
+from skinlesion.models.checkpoint import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
+WEIGHTS_LICENSE = "CC-BY-NC-SA-4.0"
+
+INTENDED_USE = (
+    "Research and education: studying dermoscopic image classification, domain shift and "
+    "calibration. Not a medical device and not for diagnosis, triage or any clinical decision."
+)
+KNOWN_LIMITS = [
+    "Trained on HAM10000 only (two sites, Vienna and Queensland, mostly fair skin): skin types "
+    "IV-VI, acral and mucosal sites, and non-pigmented lesions are under-represented.",
+    "Domain shift: other sites, dermatoscopes and framings lower accuracy and calibration; the "
+    "ISIC 2017 figures below show by how much on one external set. Check the domain indicators "
+    "(`skinlesion evaluate`) before trusting the probabilities on new data.",
+    "Seven HAM10000 diagnoses only: any other lesion is forced into one of them.",
+    "The melanoma operating threshold was fixed at 95% out-of-fold specificity on HAM10000; its "
+    "sensitivity and specificity elsewhere differ.",
+]
+
+LICENSE_TEXT = """\
+The trained weights in this folder are licensed under the Creative Commons
+Attribution-NonCommercial-ShareAlike 4.0 International licence (CC BY-NC-SA 4.0),
+https://creativecommons.org/licenses/by-nc-sa/4.0/ , inherited from their training data:
+
+  HAM10000: Tschandl P., Rosendahl C., Kittler H. "The HAM10000 dataset, a large collection of
+  multi-source dermatoscopic images of common pigmented skin lesions". Sci. Data 5, 180161
+  (2018), doi:10.1038/sdata.2018.161. Harvard Dataverse, doi:10.7910/DVN/DBW86T.
+
+The ImageNet initialisation comes from the EfficientNet-Lite weights (Apache-2.0).
+The skinlesion source code is licensed separately under Apache-2.0.
+"""
+
+
+def _load_members(run_dir: Path, folds: list[int] | None) -> list[dict[str, Any]]:
+    ckpts = [load_checkpoint(p) for p in checkpoint_paths(run_dir)]
+    if folds is not None:
+        have = [c["fold"] for c in ckpts]
+        missing = sorted(set(folds) - set(have))
+        if missing:
+            raise CheckpointError(f"{run_dir}: no checkpoint for folds {missing} (has {have})")
+        ckpts = [c for c in ckpts if c["fold"] in folds]
+    first = ckpts[0]
+    for key in ("backbone", "preprocessing", "model_kwargs", "class_names"):
+        odd = [c["fold"] for c in ckpts if c.get(key) != first.get(key)]
+        if odd:
+            raise CheckpointError(
+                f"{run_dir}: fold models {odd} differ from fold "
+                f"{first['fold']} in {key}; cannot package them together"
+            )
+    folds = [c["fold"] for c in ckpts]
+    if len(set(folds)) != len(folds):
+        raise CheckpointError(f"{run_dir}: several checkpoints claim the same fold: {folds}")
+    return ckpts
+
+
+def _read_metrics(eval_dir: Path) -> dict[str, Any]:
+    path = eval_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no `skinlesion evaluate` output here")
+    return json.loads(path.read_text())
+
+
+def _tta(ckpt: dict[str, Any]) -> int:
+    if "tta" in ckpt:
+        return int(ckpt["tta"])
+    return int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
+
+
+def _figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The card's headline figures, with their 95% intervals, from a metrics result."""
+    point, ci = result["point"], result["ci95"]
+    mel = point["per_class"].get("mel") or {}
+    mel_ci = (ci.get("per_class") or {}).get("mel") or {}
+    out = {
+        "n": point["n"],
+        "classes_present": point["classes_present"],
+        "bootstrap_unit": result.get("bootstrap_unit"),
+    }
+    for key in ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy", "ece", "log_loss"):
+        out[key] = point[key]
+        out[f"{key}_ci95"] = ci.get(key)
+    out["melanoma_auroc"] = mel.get("auroc")
+    out["melanoma_auroc_ci95"] = mel_ci.get("auroc")
+    out["melanoma_sensitivity_at_threshold"] = point["mel"]["sensitivity_at_threshold"]
+    out["melanoma_specificity_at_threshold"] = point["mel"]["specificity_at_threshold"]
+    return out
+
+
+def build_card(
+    name: str,
+    ckpts: list[dict[str, Any]],
+    oof: dict[str, Any],
+    external: dict[str, dict[str, Any]],
+    hardware: str,
+) -> dict[str, Any]:
+    cfg = ckpts[0].get("config") or {}
+    return {
+        "name": name,
+        "date": date.today().isoformat(),
+        "intended_use": INTENDED_USE,
+        "training_data": "HAM10000 (10,015 dermoscopic images, 7,470 lesions, 7 diagnoses); "
+        "lesion-grouped stratified folds.",
+        "weights_license": WEIGHTS_LICENSE,
+        "backbone": ckpts[0]["backbone"],
+        "input": ckpts[0]["preprocessing"],
+        "members": [{"fold": c["fold"], "epoch": c["epoch"]} for c in ckpts],
+        "tta_views": _tta(ckpts[0]),
+        "hardware": hardware,
+        "recipe": cfg,
+        "metrics": {
+            "out_of_fold": _figures(oof),
+            **{k: _figures(v) for k, v in external.items()},
+        },
+        "calibration": oof.get("calibration"),
+        "melanoma_threshold": oof["mel_threshold"],
+        "melanoma_threshold_rule": oof.get("mel_threshold_rule"),
+        "known_limits": KNOWN_LIMITS,
+    }
+
+
+def _fmt(value: Any, ci: Any = None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.3f}"
+    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """The Markdown model card."""
+    sets = card["metrics"]
+    rows = [
+        ("balanced accuracy", "balanced_accuracy"),
+        ("macro AUROC", "macro_auroc"),
+        ("macro F1", "macro_f1"),
+        ("melanoma AUROC", "melanoma_auroc"),
+        ("ECE", "ece"),
+    ]
+    head = "| metric | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets) + "\n"
+    body = "".join(
+        f"| {label} | "
+        + " | ".join(_fmt(s.get(key), s.get(f"{key}_ci95")) for s in sets.values())
+        + " |\n"
+        for label, key in rows
+    )
+    sizes = " | ".join(f"{s['n']} images" for s in sets.values())
+    calib = card.get("calibration") or {}
+    before, after = calib.get("before", {}), calib.get("after", {})
+    spec = card["input"]
+    limits = "".join(f"- {x}\n" for x in card["known_limits"])
+    return f"""# Model card: {card["name"]}
+
+**Intended use.** {card["intended_use"]}
+
+**Weights licence.** CC BY-NC-SA 4.0 (see `LICENSE`), inherited from HAM10000; the skinlesion
+code is Apache-2.0.
+
+**Model.** {card["backbone"]}, ImageNet-initialised, fine-tuned; input {spec["size"]}x{spec["size"]}
+({spec["interpolation"]}), Shades-of-Gray colour constancy: {spec["colour_constancy"]};
+{len(card["members"])} member(s) (folds {[m["fold"] for m in card["members"]]}); TTA over
+{card["tta_views"]} dihedral views; temperature-scaled probabilities.
+
+**Training data.** {card["training_data"]} Trained on {card["hardware"]}.
+
+**Metrics** (95% lesion-level bootstrap intervals where lesions are known; sizes: {sizes}):
+
+{head}{body}
+Melanoma operating threshold: p(mel) >= {card["melanoma_threshold"]:.4f}
+({card["melanoma_threshold_rule"]}).
+
+**Calibration** (out of fold): ECE {_fmt(before.get("ece"))} before and {_fmt(after.get("ece"))}
+after temperature scaling; log loss {_fmt(before.get("log_loss"))} -> {_fmt(after.get("log_loss"))}.
+
+**Known limits.**
+{limits}
+**Recipe.** The resolved configuration is in `card.json` (`recipe`).
+"""
+
+
+def write_weights(ckpts: list[dict[str, Any]], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"fold{c['fold']}.{k}": v.detach().cpu().contiguous().clone()
+        for c in ckpts
+        for k, v in c["state_dict"].items()
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": PACKAGED_FORMAT})
+    size = tmp.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        tmp.unlink()
+        raise CheckpointError(
+            f"{path}: {size / 2**20:.1f} MiB of weights is over the "
+            f"{MAX_WEIGHTS_BYTES / 2**20:.0f} MiB a packaged model may hold; package fewer folds "
+            f"(--folds) or a smaller backbone"
+        )
+    os.replace(tmp, path)
+
+
+def package_run(
+    run_dir: str | Path,
+    name: str,
+    out_root: str | Path | None = None,
+    external: dict[str, str | Path] | None = None,
+    hardware: str = "",
+    make_default: bool = False,
+    version: str = "1",
+    folds: list[int] | None = None,
+) -> Path:
+    """Write ``out_root/name/`` (default: the package's zoo) from a finished run folder.
+
+    ``folds`` packages only those fold models (default: all); the card's out-of-fold figures
+    always cover every fold the run predicted."""
+    run_dir = Path(run_dir)
+    if not name or any(ch in name for ch in "/\\") or name.startswith("."):
+        raise CheckpointError(f"package name '{name}' must be a plain folder name")
+    root = Path(out_root) if out_root else zoo_dir()
+    ckpts = _load_members(run_dir, folds)
+    n_boot = int((ckpts[0].get("config") or {}).get("eval", {}).get("n_boot", 1000))
+    oof = write_oof_report(run_dir, n_boot=n_boot)  # recomputed from oof_predictions
+    ext = {
+        k: json.loads((Path(v) / "metrics.json").read_text()) for k, v in (external or {}).items()
+    }
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(ckpts, out / WEIGHTS_FILE)
+    meta = {
+        "format": PACKAGED_FORMAT,
+        "format_version": PACKAGED_VERSION,
+        "name": name,
+        "version": version,
+        "backbone": ckpts[0]["backbone"],
+        "model_kwargs": ckpts[0].get("model_kwargs", {}),
+        "preprocessing": ckpts[0]["preprocessing"],
+        "class_names": ckpts[0]["class_names"],
+        "tta": _tta(ckpts[0]),
+        "members": [
+            {"fold": c["fold"], "prefix": f"fold{c['fold']}.", "temperature": c["temperature"]}
+            for c in ckpts
+        ],
+        "reference": {"mel_threshold": oof["mel_threshold"], "domain": oof["domain"]},
+        "weights_sha256": sha256_file(out / WEIGHTS_FILE),
+    }
+    (out / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    card = build_card(name, ckpts, oof, ext, hardware or "unspecified hardware")
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2, allow_nan=False))
+    (out / "MODEL_CARD.md").write_text(render_card(card))
+    (out / "LICENSE").write_text(LICENSE_TEXT)
+    if make_default:
+        (root / DEFAULT_FILE).write_text(name + "\n")
+    log.info("packaged %s into %s", run_dir, out)
+    return out

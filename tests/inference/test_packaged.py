@@ -1,0 +1,223 @@
+"""Packaged models: packaging a run, loading it back without pickle, the card's figures, the
+default model, and the errors for corrupt or missing weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import skinlesion
+from skinlesion.cli import main
+from skinlesion.core.labels import CLASSES
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.data.synthetic import make_synthetic_ham10000
+from skinlesion.evaluation.metrics import evaluate_predictions, melanoma_threshold_for_specificity
+from skinlesion.inference import packaged
+from skinlesion.inference.packaged import load_packaged, resolve_model
+from skinlesion.models.checkpoint import CheckpointError
+from skinlesion.training.package import package_run
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("pkg")
+    make_synthetic_ham10000(base / "syn", lesions_per_class=4)
+    out = base / "run"
+    overrides = {
+        "data.root": base / "syn",
+        "data.image_size": 32,
+        "data.cache_dir": base / "cache",
+        "cv.n_folds": 2,
+        "model.backbone": "tf_efficientnet_lite0",
+        "model.pretrained": "false",
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "train.steps_per_epoch": 2,
+        "train.patience": "null",
+        "eval.tta": 2,
+        "eval.n_boot": 30,
+        "output_dir": out,
+    }
+    args = [f"{k}={v}" for k, v in overrides.items()]
+    assert main(["train", "--no-progress", *args]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("zoo")
+    # Two Lite0 members (27 MiB) are over the limit: package one.
+    with pytest.raises(CheckpointError, match="over the 25 MiB"):
+        package_run(tiny_run, "tiny", out_root=root)
+    assert not (root / "tiny" / "model.safetensors").exists()
+    package_run(tiny_run, "tiny", out_root=root, hardware="test CPU", make_default=True, folds=[1])
+    return root
+
+
+def _images(tiny_run: Path, n: int = 6) -> list[str]:
+    return sorted(str(p) for p in (tiny_run.parent / "syn").rglob("*.jpg"))[:n]
+
+
+def test_package_writes_safe_formats_only(zoo: Path) -> None:
+    folder = zoo / "tiny"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["LICENSE", "MODEL_CARD.md", "card.json", "model.json", "model.safetensors"]
+    assert (zoo / "default.txt").read_text().strip() == "tiny"
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
+    assert "CC BY-NC-SA 4.0" in (folder / "LICENSE").read_text()
+    card_md = (folder / "MODEL_CARD.md").read_text()
+    assert "Not a medical device" in card_md and "Known limits" in card_md
+    meta = json.loads((folder / "model.json").read_text())
+    assert [m["fold"] for m in meta["members"]] == [1]
+    assert meta["tta"] == 2
+
+
+def test_packaged_predictions_equal_the_run_folders(tiny_run: Path, zoo: Path) -> None:
+    runtime = resolve_runtime("cpu")
+    from_run = resolve_model(tiny_run / "fold_1" / "best.pt", runtime)
+    from_zoo = load_packaged(zoo / "tiny", runtime)
+    imgs = _images(tiny_run)
+    a, err_a = from_run.predict_proba(imgs)
+    b, err_b = from_zoo.predict_proba(imgs)
+    assert not err_a and not err_b
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(b.sum(1), 1.0, atol=1e-6)
+    assert from_zoo.tta == from_run.tta == 2
+    assert from_zoo.mel_threshold == from_run.mel_threshold
+
+
+def test_card_figures_equal_those_recomputed_from_saved_predictions(tiny_run: Path, zoo: Path):
+    card = json.loads((zoo / "tiny" / "card.json").read_text())
+    oof = pd.read_csv(tiny_run / "oof_predictions.csv", dtype={"image_id": str, "lesion_id": str})
+    y = oof["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    p = oof[list(CLASSES)].to_numpy(dtype=np.float64)
+    thr = melanoma_threshold_for_specificity(y, p, 0.95)
+    res = evaluate_predictions(
+        y, p, groups=oof["lesion_id"].to_numpy(), mel_threshold=thr, n_boot=30
+    )
+    fig = card["metrics"]["out_of_fold"]
+    assert fig["n"] == len(oof)
+    assert fig["balanced_accuracy"] == pytest.approx(res["point"]["balanced_accuracy"], abs=1e-12)
+    assert fig["balanced_accuracy_ci95"] == pytest.approx(res["ci95"]["balanced_accuracy"])
+    assert fig["melanoma_auroc"] == pytest.approx(res["point"]["per_class"]["mel"]["auroc"])
+    assert card["melanoma_threshold"] == pytest.approx(thr)
+
+
+def test_python_api_takes_paths_pil_images_and_arrays(tiny_run: Path, zoo: Path) -> None:
+    model = skinlesion.load_model(zoo / "tiny", device="cpu")
+    path = _images(tiny_run, 1)[0]
+    pil = Image.open(path).convert("RGB")
+    table = model.predict([path, pil, np.asarray(pil), b"not an image"])
+    assert list(table.columns[:1]) == ["image"] and "melanoma_flag" in table.columns
+    probs = table[model.class_names].to_numpy()
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
+    np.testing.assert_allclose(probs[0], probs[2], atol=1e-6)
+    assert np.isnan(probs[3]).all() and table["prediction"][3] == "" and table["error"][3]
+
+
+def test_default_model_and_names(monkeypatch: pytest.MonkeyPatch, zoo: Path) -> None:
+    monkeypatch.setattr(packaged, "zoo_dir", lambda: zoo)
+    assert resolve_model(None, resolve_runtime("cpu")).name == "tiny"
+    assert resolve_model("tiny", resolve_runtime("cpu")).source == zoo / "tiny"
+    with pytest.raises(CheckpointError, match="packaged models: tiny"):
+        resolve_model("tinny")
+    rows = packaged.list_packaged()
+    assert rows[0]["name"] == "tiny" and rows[0]["default"] and rows[0]["size_mb"] > 0
+
+
+def test_cli_models_and_predict_without_model(
+    monkeypatch: pytest.MonkeyPatch, zoo: Path, tiny_run: Path, tmp_path: Path, capsys
+) -> None:
+    monkeypatch.setattr(packaged, "zoo_dir", lambda: zoo)
+    assert main(["models"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--no-progress", *_images(tiny_run, 2), "--output", str(out)]) == 0
+    df = pd.read_csv(out)
+    np.testing.assert_allclose(df[list(CLASSES)].sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "missing"])
+def test_corrupt_or_missing_weights_name_the_file(zoo: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(zoo / "tiny", folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        weights.write_bytes(data[:-100] + bytes(b ^ 0xFF for b in data[-100:]))
+    else:
+        weights.unlink()
+    with pytest.raises(CheckpointError, match=str(weights)):
+        load_packaged(folder)
+
+
+def _shipped() -> Path | None:
+    name = packaged.default_name()
+    return packaged.zoo_dir() / name if name else None
+
+
+@pytest.mark.skipif(_shipped() is None, reason="no packaged model in this checkout")
+def test_shipped_default_model_predicts_from_outside_the_repo(tmp_path: Path) -> None:
+    folder = _shipped()
+    assert folder is not None
+    assert not any(p.suffix in (".pt", ".pth", ".pkl") for p in folder.iterdir())
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
+    rng = np.random.default_rng(0)
+    img = tmp_path / "lesion.png"
+    Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(img)
+    code = "import importlib.resources as r; print(r.files('skinlesion') / 'zoo')"
+    where = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert Path(where.stdout.strip()) == folder.parent
+    run = subprocess.run(
+        [sys.executable, "-m", "skinlesion", "predict", "--no-progress", str(img)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    df = pd.read_csv(__import__("io").StringIO(run.stdout))
+    assert list(df.columns[1:8]) == list(CLASSES)
+    assert df[list(CLASSES)].sum(axis=1).iloc[0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.skipif(_shipped() is None, reason="no packaged model in this checkout")
+def test_wheel_contains_the_packaged_models(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("skinlesion-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    folder = _shipped()
+    assert folder is not None
+    for f in folder.iterdir():
+        assert f"skinlesion/zoo/{folder.name}/{f.name}" in names
+    assert "skinlesion/zoo/default.txt" in names
