@@ -29,15 +29,20 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
-# The quick recipe on HAM10000 (from HAM10000_DIR, else downloaded to data/ham10000), then
-# predictions for a few of its images.
+# The packaged model's predictions for a few HAM10000 images (from HAM10000_DIR, else downloaded
+# to data/ham10000), then the quick recipe trained and predicting on the same images.
 demo: install
 	@set -e; root="$(HAM10000_DIR)"; \
 	if [ ! -e "$$root/HAM10000_metadata.csv" ] && [ ! -e "$$root/HAM10000_metadata.tab" ]; then \
 	  root=data/ham10000; $(VENV)/bin/skinlesion download --dest $$root; fi; \
-	rm -rf $(DEMO_DIR); \
-	$(VENV)/bin/skinlesion train --config configs/quick.yaml data.root=$$root output_dir=$(DEMO_DIR); \
+	rm -rf $(DEMO_DIR); mkdir -p $(DEMO_DIR); \
 	imgs=$$(find $$root -name '*.jpg' | sort | head -n 5); \
+	echo "== the packaged model (no training needed) =="; \
+	$(VENV)/bin/skinlesion models; \
+	$(VENV)/bin/skinlesion predict --no-progress $$imgs --output $(DEMO_DIR)/packaged_predictions.csv; \
+	cat $(DEMO_DIR)/packaged_predictions.csv; \
+	echo; echo "== the quick recipe: train 2 folds on 1,000 images, then predict =="; \
+	$(VENV)/bin/skinlesion train --config configs/quick.yaml data.root=$$root output_dir=$(DEMO_DIR); \
 	$(VENV)/bin/skinlesion predict --model $(DEMO_DIR) $$imgs --output $(DEMO_DIR)/demo_predictions.csv; \
 	echo; echo "run folder:   $(DEMO_DIR) (report: $(DEMO_DIR)/report.md)"; \
 	echo "predictions:  $(DEMO_DIR)/demo_predictions.csv"

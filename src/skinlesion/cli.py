@@ -142,8 +142,17 @@ def _cmd_package(args: argparse.Namespace) -> int:
         hardware=args.hardware,
         make_default=args.default,
         folds=[int(f) for f in args.folds.split(",")] if args.folds else None,
+        final=args.final,
     )
     print(f"packaged model: {out}")
+    return 0
+
+
+def _cmd_fit_final(args: argparse.Namespace) -> int:
+    from skinlesion.training.final import fit_final
+
+    path = fit_final(args.run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"final model: {path}")
     return 0
 
 
@@ -288,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--hardware", default="", help="what trained it, for the card")
     pk.add_argument("--default", action="store_true", help="make it the default model")
     pk.add_argument("--folds", default=None, help="comma-separated folds to package (default all)")
+    pk.add_argument("--final", action="store_true", help="package RUN/final/best.pt (fit-final)")
     pk.set_defaults(func=_cmd_package)
+
+    ff = sub.add_parser("fit-final", help="train the run's recipe on all images (final model)")
+    ff.add_argument("run_dir")
+    ff.add_argument("--resume", action="store_true")
+    ff.add_argument("--no-progress", action="store_true")
+    ff.set_defaults(func=_cmd_fit_final)
 
     rp = sub.add_parser("report", help="regenerate a run's out-of-fold report")
     rp.add_argument("run_dir")

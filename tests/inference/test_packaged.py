@@ -221,3 +221,35 @@ def test_wheel_contains_the_packaged_models(tmp_path: Path) -> None:
     for f in folder.iterdir():
         assert f"skinlesion/zoo/{folder.name}/{f.name}" in names
     assert "skinlesion/zoo/default.txt" in names
+
+
+def test_fit_final_trains_on_all_images_and_packages(tiny_run: Path, tmp_path: Path) -> None:
+    from skinlesion.models.checkpoint import load_checkpoint
+    from skinlesion.training.final import fit_final, fold_choices
+
+    choice = fold_choices(tiny_run)
+    summaries = [json.loads(p.read_text()) for p in sorted(tiny_run.glob("fold_*/summary.json"))]
+    assert choice["temperature"] == pytest.approx(np.mean([s["temperature"] for s in summaries]))
+    assert choice["epochs"] == round(float(np.median([s["best_epoch"] for s in summaries])))
+    path = fit_final(tiny_run, progress=False)
+    ckpt = load_checkpoint(path)
+    assert ckpt["fold"] == -1 and ckpt["epoch"] == choice["epochs"]
+    assert ckpt["temperature"] == pytest.approx(choice["temperature"])
+    assert ckpt["final_fit"]["n_train"] == len(pd.read_csv(tiny_run / "folds.csv"))
+    with pytest.raises(FileExistsError):
+        fit_final(tiny_run, progress=False)
+    again = load_checkpoint(fit_final(tiny_run, resume=True, progress=False))
+    for k, v in ckpt["state_dict"].items():
+        assert torch_equal(v, again["state_dict"][k]), k
+    out = package_run(tiny_run, "final", out_root=tmp_path, final=True)
+    meta = json.loads((out / "model.json").read_text())
+    assert [m["prefix"] for m in meta["members"]] == ["final."]
+    probs, errors = load_packaged(out, resolve_runtime("cpu")).predict_proba(_images(tiny_run, 2))
+    assert not errors
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -712,6 +712,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             max_images=args.max_images,
             decode_workers=args.decode_workers,
         )
+    if args.model:
+        from skinlesion.benchmark.model_predict import bench_model_predict
+
+        return bench_model_predict(
+            args.model,
+            batch_sizes=(1, args.batch_size or 32),
+            steps=args.steps or 10,
+            warmup=2 if args.warmup is None else args.warmup,
+            device=args.device,
+            tta=args.tta,
+            seed=args.seed,
+            hardware=hardware_info(),
+        )
     return bench_predict(
         args.backbone,
         args.image_size,
@@ -783,6 +796,15 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--decode-workers", type=int, default=None, help="loader: decoding threads")
     b.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
+    b.add_argument(
+        "--model",
+        default=None,
+        help="predict: time a trained model end to end (members, temperatures, its TTA): "
+        "'default', a packaged name, a run folder or a checkpoint; --backbone is then ignored",
+    )
+    b.add_argument(
+        "--tta", type=int, default=None, help="predict --model: views (default: its own)"
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -26,7 +33,9 @@ class DataConfig(_Strict):
     """Folder with the HAM10000 release (metadata CSV/TAB and image folders)."""
     metadata: str | None = None
     """Metadata file; default: found in ``root``."""
-    image_size: int = Field(300, ge=16, le=1024)
+    image_size: int | tuple[int, int] = 300
+    """Input size: ``S`` for S x S, or ``[H, W]`` (HAM10000 is 4:3, e.g. ``[192, 256]``), so a
+    lesion need not be squashed. Non-square inputs use the 4 TTA views that keep the shape."""
     max_images: int | None = Field(None, ge=10)
     """Lesion-grouped stratified subset for quick runs; ``None`` = all images."""
     cache_dir: str | None = None
@@ -34,6 +43,19 @@ class DataConfig(_Strict):
     colour_constancy: bool = False
     """Shades-of-Gray colour constancy (p=6) applied when images are cached and at inference."""
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        for side in (v,) if isinstance(v, int) else v:
+            if not 16 <= side <= 1024:
+                raise ValueError(f"each side must be in 16..1024 pixels, got {side}")
+        return v
 
 
 class CVConfig(_Strict):
@@ -139,6 +161,16 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     output_dir: str = "runs/default"
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _tta_fits_shape(self) -> Config:
+        size = self.data.image_size
+        if not isinstance(size, int) and size[0] != size[1] and self.eval.tta > 4:
+            raise ValueError(
+                f"eval.tta={self.eval.tta}, but a non-square data.image_size {list(size)} has only "
+                f"4 views that keep its shape (identity, flips, rot180); use eval.tta <= 4"
+            )
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

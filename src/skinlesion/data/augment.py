@@ -311,10 +311,26 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 def tta_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     """The first `n` of the 8 dihedral views of a (..., H, W) batch, in the order identity,
     hflip, vflip, rot90, rot180, rot270, transpose, anti-transpose (rot90 as `torch.rot90`,
-    counter-clockwise). Views 3, 5, 6 and 7 swap H and W of non-square inputs."""
+    counter-clockwise).
+
+    A non-square batch gets the 4 views that keep its shape instead: identity, hflip, vflip,
+    rot180, so the model sees the aspect it was trained on."""
     if not 1 <= n <= 8:
         raise ValueError(f"tta_views needs n in 1..8 (the 8 dihedral transforms), got {n}")
     h, w = -2, -1
+    if x.shape[h] != x.shape[w]:
+        if n > 4:
+            raise ValueError(
+                f"tta_views: a non-square batch {tuple(x.shape[-2:])} has 4 shape-keeping views, "
+                f"asked for {n}"
+            )
+        keep = (
+            lambda t: t,
+            lambda t: t.flip(w),
+            lambda t: t.flip(h),
+            lambda t: t.rot90(2, (h, w)),
+        )
+        return [view(x) for view in keep[:n]]
     views = (
         lambda t: t,
         lambda t: t.flip(w),

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from skinlesion.data.metadata import DataError
-from skinlesion.data.preprocess import ImageDecodeError, prepare_image
+from skinlesion.data.preprocess import ImageDecodeError, Size, prepare_image, size_hw, size_label
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ class ImageCache:
     images: np.ndarray  # np.memmap, read-only
 
     @property
-    def size(self) -> int:
-        return int(self.images.shape[1])
+    def size(self) -> Size:
+        h, w = int(self.images.shape[1]), int(self.images.shape[2])
+        return h if h == w else (h, w)
 
     def rows(self, image_ids: Sequence[str]) -> np.ndarray:
         """Row numbers of the given image ids."""
@@ -63,32 +64,34 @@ def default_cache_dir() -> Path:
 def cache_key(
     ids: Sequence[str],
     paths: Sequence[str | Path],
-    size: int,
+    size: Size,
     interpolation: str,
     colour_constancy: bool,
 ) -> str:
     h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}|{size}|{interpolation}|{colour_constancy}".encode())
+    h.update(f"v{CACHE_VERSION}|{size_label(size)}|{interpolation}|{colour_constancy}".encode())
     for image_id, path in zip(ids, paths, strict=True):
         st = os.stat(path)
         h.update(f"|{image_id}|{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
 
 
-def _open(root: Path, n: int, size: int, mode: str) -> np.memmap:
-    return np.memmap(root / "images.u8", dtype=np.uint8, mode=mode, shape=(n, size, size, 3))
+def _open(root: Path, n: int, size: Size, mode: str) -> np.memmap:
+    h, w = size_hw(size)
+    return np.memmap(root / "images.u8", dtype=np.uint8, mode=mode, shape=(n, h, w, 3))
 
 
 def load_cache(root: Path) -> ImageCache:
     meta = json.loads((root / "index.json").read_text())
-    images = _open(root, len(meta["ids"]), meta["size"], "r")
+    size = meta["size"]
+    images = _open(root, len(meta["ids"]), tuple(size) if isinstance(size, list) else size, "r")
     return ImageCache(root=root, ids=list(meta["ids"]), images=images)
 
 
 def build_cache(
     ids: Sequence[str],
     paths: Sequence[str | Path],
-    size: int,
+    size: Size,
     cache_dir: Path | None = None,
     interpolation: str = "bicubic",
     colour_constancy: bool = False,
@@ -128,7 +131,7 @@ def build_cache(
     workers = workers or min(8, os.cpu_count() or 1)
     with (
         ThreadPoolExecutor(workers) as pool,
-        tqdm(total=n, initial=n - len(todo), desc=f"caching {size}px", disable=not progress) as bar,
+        tqdm(total=n, initial=n - len(todo), desc=f"caching {size_label(size)}px", disable=not progress) as bar,
     ):
         for count, (i, arr, err) in enumerate(pool.map(work, todo), 1):
             if err:

@@ -18,6 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skinlesion.core.labels import CLASSES
 
+Size = int | tuple[int, int]
+"""An input size: ``S`` (square) or ``(H, W)``."""
+
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -29,12 +32,16 @@ class ImageDecodeError(ValueError):
 class PreprocessSpec:
     """Input size, normalisation, interpolation, colour constancy and class names of a model."""
 
-    size: int
+    size: Size
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     colour_constancy: bool = False
     class_names: tuple[str, ...] = field(default=CLASSES)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return size_hw(self.size)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -43,13 +50,34 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
         return cls(
-            size=int(d["size"]),
+            size=size_from_plain(d["size"]),
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
             interpolation=str(d.get("interpolation", "bicubic")),
             colour_constancy=bool(d.get("colour_constancy", False)),
             class_names=tuple(d.get("class_names", CLASSES)),
         )
+
+
+def size_hw(size: Size) -> tuple[int, int]:
+    """``(H, W)`` of a size given as ``S`` or ``(H, W)``."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def size_label(size: Size) -> str:
+    """``"192"`` for a square size, ``"150x200"`` (H x W) otherwise."""
+    h, w = size_hw(size)
+    return str(h) if h == w and isinstance(size, int) else f"{h}x{w}"
+
+
+def size_from_plain(value: Any) -> Size:
+    if isinstance(value, list | tuple):
+        h, w = (int(v) for v in value)
+        return (h, w)
+    return int(value)
 
 
 def decode_image(source: str | Path | bytes | Image.Image) -> Image.Image:
@@ -87,11 +115,11 @@ def decode_image(source: str | Path | bytes | Image.Image) -> Image.Image:
 
 def prepare_image(
     source: str | Path | bytes | Image.Image,
-    size: int,
+    size: Size,
     interpolation: str = "bicubic",
     colour_constancy: bool = False,
 ) -> np.ndarray:
-    """Decode and resize to a square ``size`` x ``size`` uint8 (H, W, 3) array.
+    """Decode and resize to a ``size`` (``S`` or ``(H, W)``) uint8 (H, W, 3) array.
 
     The whole field of view is kept (no crop): a lesion near the border must not be cut off.
     """
@@ -100,8 +128,9 @@ def prepare_image(
         from skinlesion.data.colour import shades_of_gray
 
         img = Image.fromarray(shades_of_gray(np.asarray(img)))
-    if img.size != (size, size):
-        img = img.resize((size, size), _RESAMPLE[interpolation], reducing_gap=3.0)
+    h, w = size_hw(size)
+    if img.size != (w, h):
+        img = img.resize((w, h), _RESAMPLE[interpolation], reducing_gap=3.0)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 

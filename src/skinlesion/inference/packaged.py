@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from skinlesion.core.runtime import Runtime, resolve_runtime
-from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
 from skinlesion.inference.predict import Member, backbone_id, load_ensemble, predict_sources
 from skinlesion.models.checkpoint import CheckpointError
 from skinlesion.models.factory import build_model
@@ -137,7 +137,7 @@ def list_packaged(root: Path | None = None) -> list[dict[str, Any]]:
                 "name": d.name,
                 "default": d.name == default,
                 "backbone": meta["backbone"],
-                "input_size": meta["preprocessing"]["size"],
+                "input_size": size_label(size_from_plain(meta["preprocessing"]["size"])),
                 "members": len(meta["members"]),
                 "tta": meta["tta"],
                 "size_mb": round(size / 1e6, 1),

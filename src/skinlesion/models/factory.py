@@ -228,7 +228,7 @@ def build_model(
 
 def default_spec(
     name: str,
-    size: int,
+    size: int | tuple[int, int],
     interpolation: str | None = None,
     colour_constancy: bool = False,
     class_names: tuple[str, ...] | None = None,

@@ -64,7 +64,9 @@ The skinlesion source code is licensed separately under Apache-2.0.
 """
 
 
-def _load_members(run_dir: Path, folds: list[int] | None) -> list[dict[str, Any]]:
+def _load_members(run_dir: Path, folds: list[int] | None, final: bool) -> list[dict[str, Any]]:
+    if final:
+        return [load_checkpoint(run_dir / "final" / "best.pt")]
     ckpts = [load_checkpoint(p) for p in checkpoint_paths(run_dir)]
     if folds is not None:
         have = [c["fold"] for c in ckpts]
@@ -84,6 +86,10 @@ def _load_members(run_dir: Path, folds: list[int] | None) -> list[dict[str, Any]
     if len(set(folds)) != len(folds):
         raise CheckpointError(f"{run_dir}: several checkpoints claim the same fold: {folds}")
     return ckpts
+
+
+def _prefix(ckpt: dict[str, Any]) -> str:
+    return "final." if ckpt["fold"] < 0 else f"fold{ckpt['fold']}."
 
 
 def _read_metrics(eval_dir: Path) -> dict[str, Any]:
@@ -151,6 +157,11 @@ def build_card(
     }
 
 
+def _hw(size: Any) -> str:
+    h, w = (size, size) if isinstance(size, int) else size
+    return f"{h}x{w}"
+
+
 def _fmt(value: Any, ci: Any = None) -> str:
     if value is None:
         return "n/a"
@@ -187,7 +198,7 @@ def render_card(card: dict[str, Any]) -> str:
 **Weights licence.** CC BY-NC-SA 4.0 (see `LICENSE`), inherited from HAM10000; the skinlesion
 code is Apache-2.0.
 
-**Model.** {card["backbone"]}, ImageNet-initialised, fine-tuned; input {spec["size"]}x{spec["size"]}
+**Model.** {card["backbone"]}, ImageNet-initialised, fine-tuned; input {_hw(spec["size"])} (H x W)
 ({spec["interpolation"]}), Shades-of-Gray colour constancy: {spec["colour_constancy"]};
 {len(card["members"])} member(s) (folds {[m["fold"] for m in card["members"]]}); TTA over
 {card["tta_views"]} dihedral views; temperature-scaled probabilities.
@@ -213,7 +224,7 @@ def write_weights(ckpts: list[dict[str, Any]], path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {
-        f"fold{c['fold']}.{k}": v.detach().cpu().contiguous().clone()
+        f"{_prefix(c)}{k}": v.detach().cpu().contiguous().clone()
         for c in ckpts
         for k, v in c["state_dict"].items()
     }
@@ -239,16 +250,18 @@ def package_run(
     make_default: bool = False,
     version: str = "1",
     folds: list[int] | None = None,
+    final: bool = False,
 ) -> Path:
     """Write ``out_root/name/`` (default: the package's zoo) from a finished run folder.
 
     ``folds`` packages only those fold models (default: all); the card's out-of-fold figures
-    always cover every fold the run predicted."""
+    always cover every fold the run predicted. ``final`` packages ``run_dir/final/best.pt`` (see
+    ``skinlesion fit-final``) instead of the fold models."""
     run_dir = Path(run_dir)
     if not name or any(ch in name for ch in "/\\") or name.startswith("."):
         raise CheckpointError(f"package name '{name}' must be a plain folder name")
     root = Path(out_root) if out_root else zoo_dir()
-    ckpts = _load_members(run_dir, folds)
+    ckpts = _load_members(run_dir, folds, final)
     n_boot = int((ckpts[0].get("config") or {}).get("eval", {}).get("n_boot", 1000))
     oof = write_oof_report(run_dir, n_boot=n_boot)  # recomputed from oof_predictions
     ext = {
@@ -268,7 +281,7 @@ def package_run(
         "class_names": ckpts[0]["class_names"],
         "tta": _tta(ckpts[0]),
         "members": [
-            {"fold": c["fold"], "prefix": f"fold{c['fold']}.", "temperature": c["temperature"]}
+            {"fold": c["fold"], "prefix": _prefix(c), "temperature": c["temperature"]}
             for c in ckpts
         ],
         "reference": {"mel_threshold": oof["mel_threshold"], "domain": oof["domain"]},

@@ -1,0 +1,97 @@
+"""The final model: the run's recipe trained on every image, for as many epochs as its folds
+chose, calibrated with the folds' temperature.
+
+Cross-validation estimates how good the recipe is; the model to ship sees all the data. Nothing
+is left to validate it on, so its epoch count is the median of the folds' best epochs and its
+temperature the mean of theirs; the run's out-of-fold figures stay the honest estimate of it.
+
+    run_dir/final/best.pt   (fold -1; ``final_fit`` says how it was made)
+    run_dir/final/last.pt   training state for --resume
+    run_dir/final/summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from skinlesion.core.config import config_to_dict, load_config
+from skinlesion.core.runtime import init_distributed, resolve_runtime
+from skinlesion.models.checkpoint import CheckpointError, atomic_torch_save, make_checkpoint
+from skinlesion.training.cv import build_trainer, load_run_data, train_epoch
+from skinlesion.training.outputs import model_kwargs
+
+log = logging.getLogger(__name__)
+
+FINAL_FOLD = -1
+
+
+def fold_choices(run_dir: Path) -> dict[str, Any]:
+    """Epoch count and temperature for the final fit, from the folds' summaries."""
+    summaries = [json.loads(p.read_text()) for p in sorted(run_dir.glob("fold_*/summary.json"))]
+    if not summaries:
+        raise CheckpointError(
+            f"{run_dir}: no finished fold (fold_*/summary.json); train folds first"
+        )
+    epochs = [int(s["best_epoch"]) for s in summaries]
+    temps = [float(s["temperature"]) for s in summaries]
+    return {
+        "folds": [int(s["fold"]) for s in summaries],
+        "fold_best_epochs": epochs,
+        "epochs": max(1, round(statistics.median(epochs))),
+        "temperature": statistics.fmean(temps),
+        "fold_temperatures": temps,
+    }
+
+
+def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``run_dir/final/best.pt`` on all images; returns its path."""
+    run_dir = Path(run_dir)
+    choice = fold_choices(run_dir)
+    cfg = load_config(run_dir / "config.yaml", [f"train.epochs={choice['epochs']}"])
+    runtime = resolve_runtime(
+        cfg.train.device, cfg.train.amp, cfg.train.channels_last, init_distributed()
+    )
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    out = run_dir / "final"
+    if (out / "best.pt").is_file() and not resume:
+        raise FileExistsError(f"{out / 'best.pt'} exists; pass --resume or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_run_data(cfg, None, progress=progress)
+    table = data.table
+    tr = build_trainer(cfg, cfg.cv.n_folds, len(table), runtime)  # a seed no fold used
+    if resume and (out / "last.pt").is_file():
+        tr.restore(out / "last.pt")
+        log.info("final fit: resuming after epoch %d", tr.state["epoch"])
+    for epoch in range(tr.state["epoch"] + 1, choice["epochs"] + 1):
+        loss = train_epoch(cfg, data, tr, table, runtime, progress)
+        tr.state["epoch"] = epoch
+        atomic_torch_save(tr.snapshot(), out / "last.pt")
+        log.info("final fit epoch %d/%d: train_loss %.4f", epoch, choice["epochs"], loss)
+    ckpt = make_checkpoint(
+        tr.model,
+        cfg.model.backbone,
+        data.spec,
+        FINAL_FOLD,
+        choice["epochs"],
+        {},
+        config_to_dict(cfg),
+        choice["temperature"],
+        model_kwargs(cfg),
+        extra={"final_fit": {**choice, "n_train": len(table)}, "tta": cfg.eval.tta},
+    )
+    atomic_torch_save(ckpt, out / "best.pt")
+    (out / "summary.json").write_text(json.dumps({**choice, "n_train": len(table)}, indent=2))
+    log.info(
+        "final model: %s (%d epochs, temperature %.3f)",
+        out / "best.pt",
+        choice["epochs"],
+        choice["temperature"],
+    )
+    return out / "best.pt"
