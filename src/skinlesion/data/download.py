@@ -28,6 +28,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from skinlesion.core.errors import DownloadError
+
 log = logging.getLogger(__name__)
 
 DATAVERSE_SERVER = "https://dataverse.harvard.edu"
@@ -42,10 +44,6 @@ USER_AGENT = "skinlesion-download/0.1 (python-urllib)"
 _HASH_NAMES = {"MD5": "md5", "SHA-1": "sha1", "SHA-256": "sha256", "SHA-512": "sha512"}
 # Statuses worth retrying besides 5xx: the server asks us to come back later.
 _RETRY_STATUSES = {408, 425, 429}
-
-
-class DownloadError(RuntimeError):
-    """A download or extraction failed; the message names the file, URL, and expected vs got."""
 
 
 @dataclass(frozen=True)
