@@ -23,6 +23,14 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std (RGB, on [0, 1] pixels): one object, so they cannot be swapped."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
 class PreprocessSpec:
     """Input size, normalisation, interpolation, colour constancy and class names of a model."""
 
@@ -32,6 +40,10 @@ class PreprocessSpec:
     interpolation: str = "bicubic"
     colour_constancy: bool = False
     class_names: tuple[str, ...] = field(default=CLASSES)
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(tuple(self.mean), tuple(self.std))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -151,26 +151,12 @@ def ensemble_probs(
     for (spec, _), group in groups.items():
         arr, first = images[spec], group[0].model
         rows = np.arange(len(arr))
+        kw = {"batch_size": batch_size, "runtime": runtime, "norm": spec.normalization, "tta": tta}
         if len(group) == 1:
-            per_member = [
-                predict_logits(first, arr, rows, batch_size, runtime, spec.mean, spec.std, tta=tta)
-            ]
+            per_member = [predict_logits(first, arr, rows, **kw)]
         else:
-            feats = torch.from_numpy(
-                predict_logits(
-                    first,
-                    arr,
-                    rows,
-                    batch_size,
-                    runtime,
-                    spec.mean,
-                    spec.std,
-                    tta=tta,
-                    forward=lambda v, f=first: f.forward_head(
-                        f.forward_features(v), pre_logits=True
-                    ),
-                )
-            )
+            features = lambda v, f=first: f.forward_head(f.forward_features(v), pre_logits=True)  # noqa: E731
+            feats = torch.from_numpy(predict_logits(first, arr, rows, forward=features, **kw))
             per_member = [_linear(feats, m.model.get_classifier()) for m in group]
         for m, logits in zip(group, per_member, strict=True):
             # Views are averaged in logit space, as when the temperature was fitted.
