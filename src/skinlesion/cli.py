@@ -1,4 +1,9 @@
-"""Command line: each sub-command parses its arguments and calls one library function."""
+"""Command line: each sub-command parses its arguments and calls one library function.
+
+Imports of the library happen inside the handlers, so ``--help`` and a config error answer in
+about a second. A :class:`~skinlesion.core.errors.SkinlesionError` (the user's fault) is printed
+as one line and exits with 2; anything else is a bug and keeps its traceback (exit 1).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("skinlesion")
 
@@ -26,9 +32,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    from skinlesion.core.paths import check_writable_file
     from skinlesion.data.folds import check_folds, fold_balance, make_folds, save_folds
     from skinlesion.data.metadata import read_metadata
 
+    check_writable_file(args.out, "--out")
     df = read_metadata(Path(args.metadata))
     folds = make_folds(df, args.folds, args.seed)
     check_folds(folds)
@@ -41,27 +49,38 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _load_checked_config(args: argparse.Namespace) -> Any:
+    """The config with every name checked, before the heavy imports of training."""
     from skinlesion.core.config import load_config
-    from skinlesion.training.cv import run_cv
 
     cfg = load_config(args.config, args.overrides)
+    from skinlesion.training.checks import check_config
+
+    check_config(cfg)
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load_checked_config(args)
+    from skinlesion.training.cv import run_cv
+
     run_dir = run_cv(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run folder: {run_dir}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import pandas as pd
+    if args.output:
+        from skinlesion.core.paths import check_writable_file
 
+        check_writable_file(args.output, "--output")
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.packaged import resolve_model
-    from skinlesion.inference.predict import predict_sources
+    from skinlesion.inference.predict import predict_table
 
     runtime = resolve_runtime(args.device)
     members = resolve_model(args.model, runtime).members
-    classes = list(members[0].spec.class_names)
-    probs, errors = predict_sources(
+    df, errors = predict_table(
         args.images,
         members,
         runtime,
@@ -69,12 +88,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    df = pd.DataFrame(probs, columns=classes)
-    df.insert(0, "image", [str(p) for p in args.images])
-    df["prediction"] = [
-        classes[int(r.argmax())] if i not in errors else "" for i, r in enumerate(probs)
-    ]
-    df["error"] = [errors.get(i, "") for i in range(len(df))]
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.output, index=False, float_format="%.6f")
@@ -109,7 +122,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"{p['balanced_accuracy']:.3f}, macro AUROC {p['macro_auroc'] or float('nan'):.3f}; "
         f"details in {args.output}/metrics.json and report.md"
     )
-    return 0
+    failed = result.get("failed_images") or []
+    for msg in failed:
+        print(f"error: {msg}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -168,10 +184,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from skinlesion.core.config import load_config
+    cfg = _load_checked_config(args)
     from skinlesion.training.leakage import audit_leakage
 
-    cfg = load_config(args.config, args.overrides)
     result = audit_leakage(
         cfg, resume=args.resume, n_boot=args.n_boot, progress=not args.no_progress
     )
@@ -196,49 +211,74 @@ def _run_n_boot(run_dir: str, given: int | None) -> int:
     """``--n-boot`` if given, else the run's own ``eval.n_boot`` (so a report reproduces)."""
     if given is not None:
         return given
-    import yaml
+    from skinlesion.core.run_folder import RunFolder, saved_eval_settings
 
-    saved = Path(run_dir) / "config.yaml"
-    cfg = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
-    return int((cfg or {}).get("eval", {}).get("n_boot", 1000))
+    run = RunFolder(Path(run_dir))
+    return saved_eval_settings(run.read_config_tree(), str(run.config)).n_boot
 
 
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise ValueError(f"'{text}' is not COLUMN=VALUE")
+        from skinlesion.core.errors import ConfigError
+
+        raise ConfigError(f"--where '{text}' is not COLUMN=VALUE")
     return key, value
 
 
-_MODEL_HELP = (
-    "packaged model name (see `skinlesion models`), run folder (fold ensemble) or checkpoint; "
-    "default: the default packaged model"
-)
+def _int_at_least(low: int, high: int | None = None) -> Any:
+    """An argparse type: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="skinlesion",
-        description="Train, evaluate and serve leakage-free classifiers of dermoscopic images.",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Options may sit between positional arguments (``train a=1 --resume b=2``)."""
 
+    _intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        # The sub-command's parser is called through parse_known_args; route it through the
+        # intermixed parse once (which itself calls parse_known_args, hence the flag).
+        has_sub = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
+        if has_sub or self._intermixed:
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("download", help="fetch HAM10000 from Harvard Dataverse")
     d.add_argument("--dest", required=True)
     d.add_argument("--doi", default="doi:10.7910/DVN/DBW86T")
     d.add_argument("--server", default="https://dataverse.harvard.edu")
-    d.add_argument("--retries", type=int, default=5)
+    d.add_argument("--retries", type=_int_at_least(0), default=5)
     d.add_argument("--no-extract", action="store_true")
     d.set_defaults(func=_cmd_download)
 
     s = sub.add_parser("split", help="lesion-grouped stratified folds -> folds.csv")
     s.add_argument("--metadata", required=True)
-    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--folds", type=_int_at_least(2), default=5)
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_split)
 
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="cross-validated training from a config")
     t.add_argument("--config", default=None)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -246,40 +286,49 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=3")
     t.set_defaults(func=_cmd_train)
 
-    r = sub.add_parser("predict", help="class probabilities for images")
-    r.add_argument("--model", default=None, help=_MODEL_HELP)
-    r.add_argument("images", nargs="+")
-    r.add_argument("--output", default=None, help="CSV path (default: stdout)")
-    r.add_argument(
-        "--tta", type=int, default=None, help="test-time views, 1..8 (default: the run's eval.tta)"
-    )
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--no-progress", action="store_true")
-    r.set_defaults(func=_cmd_predict)
+    a = sub.add_parser("audit-leakage", help="metric inflation of image-level vs lesion folds")
+    a.add_argument("--config", default=None)
+    a.add_argument("--resume", action="store_true")
+    a.add_argument("--n-boot", type=_int_at_least(0), default=None)
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("overrides", nargs="*", help="key=value")
+    a.set_defaults(func=_cmd_audit)
 
-    e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
-    e.add_argument("--model", default=None, help=_MODEL_HELP)
-    e.add_argument("--labels", required=True, help="CSV with image_id and dx")
-    e.add_argument("--images", required=True, help="folder with <image_id>.<jpg|png|...>")
-    e.add_argument("--output", required=True)
-    e.add_argument("--label-map", default=None, help="YAML or CSV (from,to) label mapping")
-    e.add_argument(
-        "--where",
-        action="append",
-        default=[],
-        metavar="COLUMN=VALUE",
-        help="keep only rows with this value (e.g. split=test); repeatable",
+    m = sub.add_parser("merge", help="join runs of different folds into one run folder")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument(
+        "--n-boot", type=_int_at_least(0), default=None, help="default: the runs' eval.n_boot"
     )
-    e.add_argument(
-        "--tta", type=int, default=None, help="test-time views, 1..8 (default: the run's eval.tta)"
-    )
-    e.add_argument("--n-boot", type=int, default=1000)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(func=_cmd_evaluate)
+    m.set_defaults(func=_cmd_merge)
 
+    rp = sub.add_parser("report", help="regenerate a run's out-of-fold report")
+    rp.add_argument("run_dir")
+    rp.add_argument(
+        "--n-boot", type=_int_at_least(0), default=None, help="default: the run's eval.n_boot"
+    )
+    rp.set_defaults(func=_cmd_report)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="packaged model name (see `skinlesion models`), packaged folder, run folder (fold "
+        "ensemble) or checkpoint; default: the default packaged model",
+    )
+    p.add_argument(
+        "--tta",
+        type=_int_at_least(1, 8),
+        default=None,
+        help="test-time views, 1..8 (default: the run's eval.tta)",
+    )
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     mo = sub.add_parser("models", help="list the packaged trained models")
     mo.set_defaults(func=_cmd_models)
 
@@ -306,52 +355,47 @@ def build_parser() -> argparse.ArgumentParser:
     ff.add_argument("--no-progress", action="store_true")
     ff.set_defaults(func=_cmd_fit_final)
 
-    rp = sub.add_parser("report", help="regenerate a run's out-of-fold report")
-    rp.add_argument("run_dir")
-    rp.add_argument("--n-boot", type=int, default=None, help="default: the run's eval.n_boot")
-    rp.set_defaults(func=_cmd_report)
 
-    a = sub.add_parser("audit-leakage", help="metric inflation of image-level vs lesion folds")
-    a.add_argument("--config", default=None)
-    a.add_argument("--resume", action="store_true")
-    a.add_argument("--n-boot", type=int, default=None)
-    a.add_argument("--no-progress", action="store_true")
-    a.add_argument("overrides", nargs="*", help="key=value")
-    a.set_defaults(func=_cmd_audit)
+def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("predict", help="class probabilities for images")
+    _add_inference_options(r)
+    r.add_argument("images", nargs="+")
+    r.add_argument("--output", default=None, help="CSV path (default: stdout)")
+    r.set_defaults(func=_cmd_predict)
 
-    m = sub.add_parser("merge", help="join runs of different folds into one run folder")
-    m.add_argument("runs", nargs="+")
-    m.add_argument("--out", required=True)
-    m.add_argument("--n-boot", type=int, default=None, help="default: the runs' eval.n_boot")
-    m.set_defaults(func=_cmd_merge)
+    e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
+    _add_inference_options(e)
+    e.add_argument("--labels", required=True, help="CSV with image_id and dx")
+    e.add_argument("--images", required=True, help="folder with <image_id>.<jpg|png|...>")
+    e.add_argument("--output", required=True)
+    e.add_argument("--label-map", default=None, help="YAML or CSV (from,to) label mapping")
+    e.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="keep only rows with this value (e.g. split=test); repeatable",
+    )
+    e.add_argument("--n-boot", type=_int_at_least(0), default=1000)
+    e.set_defaults(func=_cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="skinlesion",
+        description="Train, evaluate and serve leakage-free classifiers of dermoscopic images.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_inference_commands(sub)
+    _add_model_commands(sub)
 
     from skinlesion.benchmark.runner import add_benchmark_parser
 
     add_benchmark_parser(sub)
-
     return p
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input (files, config, data): printed as one message, no traceback."""
-    from skinlesion.core.config import ConfigError
-    from skinlesion.data.download import DownloadError
-    from skinlesion.data.metadata import DataError
-    from skinlesion.data.preprocess import ImageDecodeError
-    from skinlesion.models.checkpoint import CheckpointError
-    from skinlesion.models.factory import WeightsUnavailableError
-
-    return (
-        ConfigError,
-        DataError,
-        DownloadError,
-        CheckpointError,
-        WeightsUnavailableError,
-        ImageDecodeError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -360,9 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    from skinlesion.core.errors import SkinlesionError
+
     try:
         return args.func(args)
-    except user_errors() as err:
+    except SkinlesionError as err:
+        log.debug("user error", exc_info=True)
         print(f"skinlesion {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -99,7 +99,7 @@ def test_palette_transparency_composited_on_white() -> None:
 
 
 def test_sixteen_bit_image(tmp_path: Path) -> None:
-    ramp = np.tile(np.linspace(0, 60000, 40).astype(np.uint16), (30, 1))
+    ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (30, 1))
     path = tmp_path / "i16.png"
     Image.fromarray(ramp).save(path)
     with Image.open(path) as stored:
@@ -107,7 +107,7 @@ def test_sixteen_bit_image(tmp_path: Path) -> None:
     out = prepare_image(path, S)
     _check(out)
     assert np.array_equal(out[..., 0], out[..., 2])
-    # Scaled to the full 8-bit range, monotone left to right.
+    # A full-range 16-bit ramp fills the 8-bit range (scaled by bit depth), monotone left to right.
     assert out[0, 0, 0] < 20 and out[0, -1, 0] > 235
     assert (np.diff(out[S // 2, :, 0].astype(int)) >= 0).all()
 

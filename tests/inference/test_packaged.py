@@ -16,13 +16,13 @@ from PIL import Image
 
 import skinlesion
 from skinlesion.cli import main
+from skinlesion.core.errors import CheckpointError
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.synthetic import make_synthetic_ham10000
 from skinlesion.evaluation.metrics import evaluate_predictions, melanoma_threshold_for_specificity
 from skinlesion.inference import packaged
 from skinlesion.inference.packaged import load_packaged, resolve_model
-from skinlesion.models.checkpoint import CheckpointError
 from skinlesion.training.package import package_run
 
 REPO = Path(__file__).parents[2]

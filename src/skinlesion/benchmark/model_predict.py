@@ -16,6 +16,29 @@ from typing import Any
 import numpy as np
 
 
+def _time_batch(
+    loaded: Any, spec: Any, batch: np.ndarray, runtime: Any, views: int, steps: int, warmup: int
+) -> dict[str, float]:
+    """Median / p95 / mean latency and images/s of one batch size."""
+    from skinlesion.inference.predict import ensemble_probs
+
+    b = len(batch)
+    for _ in range(warmup):
+        ensemble_probs(loaded.members, {spec: batch}, runtime, views, b)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        ensemble_probs(loaded.members, {spec: batch}, runtime, views, b)
+        times.append(time.perf_counter() - t0)
+    return {
+        "batch_size": b,
+        "median_ms": 1000.0 * statistics.median(times),
+        "p95_ms": 1000.0 * float(np.percentile(times, 95)),
+        "mean_ms": 1000.0 * statistics.fmean(times),
+        "images_per_s": b * steps / sum(times),
+    }
+
+
 def bench_model_predict(
     model: str | None,
     batch_sizes: Sequence[int] = (1, 32),
@@ -33,7 +56,6 @@ def bench_model_predict(
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.data.preprocess import size_label
     from skinlesion.inference.packaged import resolve_model
-    from skinlesion.inference.predict import ensemble_probs
 
     if not batch_sizes or min(batch_sizes) < 1 or steps < 1 or warmup < 0:
         raise ValueError(
@@ -46,25 +68,9 @@ def bench_model_predict(
     h, w = spec.hw
     rng = np.random.default_rng(seed)
     source = rng.integers(0, 256, (max(batch_sizes), h, w, 3), dtype=np.uint8)
-    results = []
-    for b in batch_sizes:
-        batch = {spec: source[:b]}
-        for _ in range(warmup):
-            ensemble_probs(loaded.members, batch, runtime, views, b)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            ensemble_probs(loaded.members, batch, runtime, views, b)
-            times.append(time.perf_counter() - t0)
-        results.append(
-            {
-                "batch_size": b,
-                "median_ms": 1000.0 * statistics.median(times),
-                "p95_ms": 1000.0 * float(np.percentile(times, 95)),
-                "mean_ms": 1000.0 * statistics.fmean(times),
-                "images_per_s": b * steps / sum(times),
-            }
-        )
+    results = [
+        _time_batch(loaded, spec, source[:b], runtime, views, steps, warmup) for b in batch_sizes
+    ]
     hw = hardware or {}
     single = next((r for r in results if r["batch_size"] == 1), None)
     backbone = loaded.members[0].model.__class__.__name__

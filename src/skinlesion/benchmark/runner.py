@@ -25,14 +25,13 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from skinlesion.core.runtime import Runtime
+    from skinlesion.data.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,44 +58,12 @@ WEIGHTS_NOTE = "random weights (pretrained=False): weights do not change speed"
 # --- shared helpers ------------------------------------------------------------------------------
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def hardware_info() -> dict[str, Any]:
-    """CPU model, core count, torch threads and GPU (if any) of this machine."""
-    import torch
+    """CPU, cores, threads, load and GPU of this machine: the run record's own
+    :func:`~skinlesion.core.runtime.environment_info`, so both describe a machine alike."""
+    from skinlesion.core.runtime import environment_info
 
-    gpu = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(torch.cuda.current_device())
-        gpu = {
-            "name": p.name,
-            "memory_gb": round(p.total_memory / 1e9, 1),
-            "multiprocessors": p.multi_processor_count,
-            "cuda": torch.version.cuda,
-        }
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # Taken as a benchmark starts: other work on the machine skews CPU timings, and a load
-        # near the core count means the numbers are low.
-        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
+    return environment_info()
 
 
 def _sync(device: torch.device) -> None:
@@ -156,15 +124,99 @@ def _build(backbone: str, runtime: Runtime, compile: bool = False) -> tuple[nn.M
     """(model, the module to call): the second is compiled when asked."""
     import torch
 
-    from skinlesion.models.factory import build_model
+    from skinlesion.models.factory import build_placed_model
 
-    model = build_model(backbone, N_CLASSES, pretrained=False).to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_placed_model(runtime, backbone, N_CLASSES, pretrained=False)
     return model, (torch.compile(model) if compile else model)
 
 
 # --- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _TrainBench:
+    """The two timed loops of :func:`bench_train`, sharing model, optimiser and precision."""
+
+    model_steps: Callable[[int], None]
+    epoch: Callable[[int], None]
+
+
+def _train_loops(
+    backbone: str,
+    image_size: int,
+    batch_size: int,
+    runtime: Runtime,
+    compile: bool,
+    images: int,
+    seed: int,
+) -> tuple[_TrainBench, dict[str, Any]]:
+    """(a) model only: a normalised float batch already on the device; (b) end to end: the real
+    training step path over a uint8 image source. Also what was used, for the result."""
+    import torch
+
+    from skinlesion.data.augment import AugmentConfig
+    from skinlesion.data.sampling import draw_indices
+    from skinlesion.models.factory import default_spec
+    from skinlesion.training.engine import train_one_epoch, train_step
+    from skinlesion.training.losses import build_loss
+
+    dev = runtime.device
+    spec = default_spec(backbone, image_size)
+    model, step_model = _build(backbone, runtime, compile)
+    criterion = build_loss("focal")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cuda") if runtime.needs_scaler else None
+    x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    if runtime.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(N_CLASSES, (batch_size,), device=dev)
+
+    def model_steps(n: int) -> None:
+        model.train()
+        for _ in range(n):
+            train_step(step_model, x, y, criterion, optimizer, runtime, scaler)
+
+    source, labels = _image_source(images, image_size, dev, seed)
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)
+
+    def epoch(n: int) -> None:
+        order = draw_indices("weighted", labels, N_CLASSES, n * batch_size, gen)
+        train_one_epoch(
+            step_model,
+            images=source,
+            labels=labels_t,
+            order=order,
+            batch_size=batch_size,
+            criterion=criterion,
+            optimizer=optimizer,
+            runtime=runtime,
+            norm=spec.normalization,
+            augment=AugmentConfig(),
+            generator=aug_gen,
+            scaler=scaler,
+            progress=False,
+        )
+
+    return _TrainBench(model_steps, epoch), {"grad_scaler": scaler is not None}
+
+
+def _alternate(
+    bench: _TrainBench, steps: int, rounds: int, dev: torch.device
+) -> tuple[float, float]:
+    """Seconds of (model only, end to end), timed in alternating rounds, in A-B, B-A order, so
+    that a drift of speed during the run (machine load, clocks, a long warm-up) touches both
+    alike and the ratio stays fair."""
+    model_only_s = end_to_end_s = 0.0
+    for r, chunk in enumerate(_chunks(steps, rounds)):
+        first_model = r % 2 == 0
+        if first_model:
+            model_only_s += _timed(lambda c=chunk: bench.model_steps(c), dev)
+        end_to_end_s += _timed(lambda c=chunk: bench.epoch(c), dev)
+        if not first_model:
+            model_only_s += _timed(lambda c=chunk: bench.model_steps(c), dev)
+    return model_only_s, end_to_end_s
 
 
 def bench_train(
@@ -185,8 +237,8 @@ def bench_train(
 
     *Model only*: forward, focal loss, backward and AdamW step on one random float batch already
     on the device, repeated: the bound that no data pipeline can beat. *End to end*:
-    :func:`~skinlesion.engine.train_one_epoch` over ``steps`` batches of a uint8 source of
-    ``images`` random images (a tensor on the GPU on CUDA, a NumPy array on the CPU, as
+    :func:`~skinlesion.training.engine.train_one_epoch` over ``steps`` batches of a uint8 source
+    of ``images`` random images (a tensor on the GPU on CUDA, a NumPy array on the CPU, as
     :func:`~skinlesion.training.cv.run_cv` holds the cache), rows drawn by the weighted sampler,
     default augmentation. Both use the same model, optimiser, precision and layout; ``warmup``
     steps of each run first and are not timed, then the ``steps`` timed steps of each are taken
@@ -195,80 +247,23 @@ def bench_train(
     import torch
 
     from skinlesion.core.runtime import resolve_runtime, seed_everything
-    from skinlesion.data.augment import AugmentConfig
-    from skinlesion.data.sampling import draw_indices
-    from skinlesion.models.factory import default_spec
-    from skinlesion.training.engine import train_one_epoch, train_step
-    from skinlesion.training.losses import build_loss
 
-    if batch_size < 2:
+    if batch_size < 2 or steps < 1 or warmup < 0:
         raise ValueError(
-            f"batch_size must be >= 2 (BatchNorm trains on 2+ samples), got {batch_size}"
+            f"need batch_size >= 2 (BatchNorm trains on 2+ samples), steps >= 1 and "
+            f"warmup >= 0; got {batch_size}, {steps} and {warmup}"
         )
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
     runtime = resolve_runtime(device, amp, channels_last)
     dev = runtime.device
     hw = hardware_info()
     seed_everything(seed)
-    spec = default_spec(backbone, image_size)
-    model, step_model = _build(backbone, runtime, compile)
-    criterion = build_loss("focal")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
-    scaler = torch.amp.GradScaler("cuda") if runtime.needs_scaler else None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-
-    # (a) model only: a normalised float batch already on the device.
-    x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
-    if runtime.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(N_CLASSES, (batch_size,), device=dev)
-
-    def model_steps(n: int) -> None:
-        model.train()
-        for _ in range(n):
-            train_step(step_model, x, y, criterion, optimizer, runtime, scaler)
-
-    # (b) end to end: the real training step path over a uint8 image source.
-    source, labels = _image_source(images, image_size, dev, seed)
-    labels_t = torch.as_tensor(labels, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed + 1)
-
-    def epoch(n: int) -> None:
-        order = draw_indices("weighted", labels, N_CLASSES, n * batch_size, gen)
-        train_one_epoch(
-            step_model,
-            source,
-            labels_t,
-            order,
-            batch_size,
-            criterion,
-            optimizer,
-            runtime,
-            spec.mean,
-            spec.std,
-            AugmentConfig(),
-            aug_gen,
-            scaler,
-            progress=False,
-        )
-
+    bench, used = _train_loops(backbone, image_size, batch_size, runtime, compile, images, seed)
     if warmup:
-        model_steps(warmup)
-        epoch(warmup)
-    # Alternate the two in rounds, in A-B, B-A order, so that a drift of speed during the run
-    # (machine load, clocks, a long warm-up) touches both alike and the ratio stays fair.
-    model_only_s = end_to_end_s = 0.0
-    for r, chunk in enumerate(_chunks(steps, rounds)):
-        first_model = r % 2 == 0
-        if first_model:
-            model_only_s += _timed(lambda c=chunk: model_steps(c), dev)
-        end_to_end_s += _timed(lambda c=chunk: epoch(c), dev)
-        if not first_model:
-            model_only_s += _timed(lambda c=chunk: model_steps(c), dev)
-
+        bench.model_steps(warmup)
+        bench.epoch(warmup)
+    model_only_s, end_to_end_s = _alternate(bench, steps, rounds, dev)
     n = steps * batch_size
     result: dict[str, Any] = {
         "benchmark": "train",
@@ -280,18 +275,10 @@ def bench_train(
         "rounds": len(_chunks(steps, rounds)),
         "source_images": images,
         "source": "torch tensor on the GPU" if dev.type == "cuda" else "numpy array",
-        "device": str(dev),
-        "device_name": hw["gpu"]["name"] if dev.type == "cuda" else hw["cpu"],
-        "torch": torch.__version__,
-        "amp_dtype": _dtype_name(runtime.amp_dtype),
-        "grad_scaler": scaler is not None,
-        "channels_last": runtime.channels_last,
+        **_device_fields(runtime, hw),
+        **used,
         "compile": compile,
-        "loss": "focal",
-        "optimizer": "AdamW",
-        "sampler": "weighted",
-        "augment": "AugmentConfig() defaults",
-        "weights": WEIGHTS_NOTE,
+        **_TRAIN_RECIPE,
         "model_only": _rate(n, model_only_s, steps),
         "end_to_end": _rate(n, end_to_end_s, steps),
         "hardware": hw,
@@ -300,6 +287,28 @@ def bench_train(
     if dev.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
     return result
+
+
+_TRAIN_RECIPE: dict[str, str] = {
+    "loss": "focal",
+    "optimizer": "AdamW",
+    "sampler": "weighted",
+    "augment": "AugmentConfig() defaults",
+    "weights": WEIGHTS_NOTE,
+}
+
+
+def _device_fields(runtime: Runtime, hw: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    cuda = runtime.device.type == "cuda"
+    return {
+        "device": str(runtime.device),
+        "device_name": hw["gpu"]["name"] if cuda and hw.get("gpu") else hw["cpu"],
+        "torch": torch.__version__,
+        "amp_dtype": _dtype_name(runtime.amp_dtype),
+        "channels_last": runtime.channels_last,
+    }
 
 
 # --- data loading --------------------------------------------------------------------------------
@@ -360,8 +369,6 @@ def bench_loader(
 
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.data.cache import build_cache, cache_key
-    from skinlesion.data.preprocess import prepare_image
-    from skinlesion.inference.engine import gather
 
     if batch_size < 1 or batches < 1:
         raise ValueError(f"need batch_size >= 1 and batches >= 1, got {batch_size}, {batches}")
@@ -381,51 +388,86 @@ def bench_loader(
         t0 = time.perf_counter()
         cache = build_cache(ids, paths, image_size, cdir, interpolation, progress=False)
         build_s = time.perf_counter() - t0
-
         with Image.open(paths[0]) as im:
             source_size = list(im.size)
-        gen = torch.Generator().manual_seed(seed)
-        # The same rows for both pipelines; the first draw is a warm-up, not timed.
-        draws = [torch.randint(len(ids), (batch_size,), generator=gen) for _ in range(batches + 1)]
-
-        def read_cache(rows: torch.Tensor) -> torch.Tensor:
-            return gather(cache.images, rows, runtime.device)
-
-        with ThreadPoolExecutor(workers) as pool:
-
-            def read_jpeg(rows: torch.Tensor) -> torch.Tensor:
-                work = [(paths[i], image_size, interpolation) for i in rows.tolist()]
-                return torch.from_numpy(np.stack(list(pool.map(lambda a: prepare_image(*a), work))))
-
-            times = _time_pipelines(
-                {"cache": read_cache, "decode": read_jpeg}, draws, runtime, seed
-            )
-        cache_t, decode_t = times["cache"], times["decode"]
-
-    n = batches * batch_size
+        spec = _LoaderSpec(image_size, interpolation, batch_size, batches, workers, seed)
+        cache_t, decode_t = _time_loaders(cache.images, paths, spec, runtime)
     result: dict[str, Any] = {
         "benchmark": "loader",
         "source": what,
         "source_image_size": source_size,
         "n_images": len(ids),
-        "image_size": image_size,
         "interpolation": interpolation,
-        "batch_size": batch_size,
-        "batches": batches,
-        "augment": "AugmentConfig() defaults, on CPU",
-        "decode_workers": workers,
-        "torch_threads": torch.get_num_threads(),
+        **_loader_figures(spec, torch.get_num_threads(), cache_t, decode_t),
         "cache_build_s": build_s,
         "cache_build_images_per_s": len(ids) / build_s if not reused else None,
         "cache_reused": reused,
-        "cache": _loader_rate(n, batches, *cache_t),
-        "decode": _loader_rate(n, batches, *decode_t),
         "hardware": hw,
     }
     result["ratio"] = result["cache"]["images_per_s"] / result["decode"]["images_per_s"]
     # Where the pixels come from alone (augmentation left out): what the cache itself saves.
     result["read_ratio"] = decode_t[0] / cache_t[0] if cache_t[0] > 0 else None
     return result
+
+
+def _loader_figures(
+    spec: _LoaderSpec,
+    threads: int,
+    cache_t: tuple[float, float],
+    decode_t: tuple[float, float],
+) -> dict[str, Any]:
+    n = spec.batches * spec.batch_size
+    return {
+        "image_size": spec.image_size,
+        "batch_size": spec.batch_size,
+        "batches": spec.batches,
+        "augment": "AugmentConfig() defaults, on CPU",
+        "decode_workers": spec.workers,
+        "torch_threads": threads,
+        "cache": _loader_rate(n, spec.batches, *cache_t),
+        "decode": _loader_rate(n, spec.batches, *decode_t),
+    }
+
+
+@dataclass(frozen=True)
+class _LoaderSpec:
+    image_size: int
+    interpolation: str
+    batch_size: int
+    batches: int
+    workers: int
+    seed: int
+
+
+def _time_loaders(
+    cache_images: np.ndarray, paths: Sequence[str], spec: _LoaderSpec, runtime: Runtime
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(read, prepare) seconds of the cache rows and of decoding each JPEG, on the same rows."""
+    import torch
+
+    from skinlesion.data.preprocess import prepare_image
+    from skinlesion.inference.engine import gather
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    # The same rows for both pipelines; the first draw is a warm-up, not timed.
+    draws = [
+        torch.randint(len(paths), (spec.batch_size,), generator=gen)
+        for _ in range(spec.batches + 1)
+    ]
+
+    def read_cache(rows: torch.Tensor) -> torch.Tensor:
+        return gather(cache_images, rows, runtime.device)
+
+    with ThreadPoolExecutor(spec.workers) as pool:
+
+        def read_jpeg(rows: torch.Tensor) -> torch.Tensor:
+            work = [(paths[i], spec.image_size, spec.interpolation) for i in rows.tolist()]
+            return torch.from_numpy(np.stack(list(pool.map(lambda a: prepare_image(*a), work))))
+
+        times = _time_pipelines(
+            {"cache": read_cache, "decode": read_jpeg}, draws, runtime, spec.seed
+        )
+    return times["cache"], times["decode"]
 
 
 def _time_pipelines(
@@ -443,9 +485,11 @@ def _time_pipelines(
     import torch
 
     from skinlesion.data.augment import AugmentConfig
+    from skinlesion.data.preprocess import Normalization
     from skinlesion.inference.engine import prepare
 
     aug = AugmentConfig()
+    norm = Normalization(IMAGENET_MEAN, IMAGENET_STD)
     gens = {name: torch.Generator().manual_seed(seed + 1) for name in readers}
     totals = {name: [0.0, 0.0] for name in readers}
     for b, rows in enumerate(draws):
@@ -454,7 +498,7 @@ def _time_pipelines(
             t0 = time.perf_counter()
             u8 = read(rows)
             t1 = time.perf_counter()
-            prepare(u8, IMAGENET_MEAN, IMAGENET_STD, runtime, aug, gens[name])
+            prepare(u8, norm, runtime, aug, gens[name])
             t2 = time.perf_counter()
             if b > 0:
                 totals[name][0] += t1 - t0
@@ -493,10 +537,8 @@ def bench_predict(
     Inputs are prepared uint8 images in a NumPy array, as ``inference.predict_sources`` hands
     them over, so each call includes the host-to-device copy; JPEG decoding is not included.
     """
-    import torch
 
     from skinlesion.core.runtime import resolve_runtime, seed_everything
-    from skinlesion.inference.engine import predict_logits
     from skinlesion.models.factory import default_spec
 
     if not batch_sizes or min(batch_sizes) < 1 or steps < 1 or warmup < 0:
@@ -511,25 +553,7 @@ def bench_predict(
     rng = np.random.default_rng(seed)
     source = rng.integers(0, 256, (max(batch_sizes), image_size, image_size, 3), dtype=np.uint8)
 
-    rows_out = []
-    for b in batch_sizes:
-        rows = np.arange(b)
-
-        def call(rows: np.ndarray = rows, b: int = b) -> None:
-            predict_logits(model, source, rows, b, runtime, spec.mean, spec.std)
-
-        for _ in range(warmup):
-            call()
-        times = [_timed(call, runtime.device) for _ in range(steps)]
-        rows_out.append(
-            {
-                "batch_size": b,
-                "median_ms": 1000.0 * statistics.median(times),
-                "p95_ms": 1000.0 * float(np.percentile(times, 95)),
-                "mean_ms": 1000.0 * statistics.fmean(times),
-                "images_per_s": b * steps / sum(times),
-            }
-        )
+    rows_out = [_time_predict(model, source, b, steps, warmup, runtime, spec) for b in batch_sizes]
     single = next((r for r in rows_out if r["batch_size"] == 1), None)
     return {
         "benchmark": "predict",
@@ -537,11 +561,7 @@ def bench_predict(
         "image_size": image_size,
         "steps": steps,
         "warmup": warmup,
-        "device": str(runtime.device),
-        "device_name": hw["gpu"]["name"] if runtime.device.type == "cuda" else hw["cpu"],
-        "torch": torch.__version__,
-        "amp_dtype": _dtype_name(runtime.amp_dtype),
-        "channels_last": runtime.channels_last,
+        **_device_fields(runtime, hw),
         "tta": 1,
         "weights": WEIGHTS_NOTE,
         "results": rows_out,
@@ -549,6 +569,34 @@ def bench_predict(
         "latency_p95_ms": single["p95_ms"] if single else None,
         "max_images_per_s": max(r["images_per_s"] for r in rows_out),
         "hardware": hw,
+    }
+
+
+def _time_predict(
+    model: nn.Module,
+    source: np.ndarray,
+    b: int,
+    steps: int,
+    warmup: int,
+    runtime: Runtime,
+    spec: PreprocessSpec,
+) -> dict[str, float]:
+    from skinlesion.inference.engine import predict_logits
+
+    rows = np.arange(b)
+
+    def call() -> None:
+        predict_logits(model, source, rows, batch_size=b, runtime=runtime, norm=spec.normalization)
+
+    for _ in range(warmup):
+        call()
+    times = [_timed(call, runtime.device) for _ in range(steps)]
+    return {
+        "batch_size": b,
+        "median_ms": 1000.0 * statistics.median(times),
+        "p95_ms": 1000.0 * float(np.percentile(times, 95)),
+        "mean_ms": 1000.0 * statistics.fmean(times),
+        "images_per_s": b * steps / sum(times),
     }
 
 

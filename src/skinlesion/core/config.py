@@ -6,6 +6,8 @@ the key (``train.lr``), so a typo can never silently fall back to a default.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,13 +17,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the schema."""
+from skinlesion.core.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -122,25 +123,49 @@ class SamplerConfig(_Strict):
     """Weight of an image = (1 / class frequency) ** power; 1 draws classes uniformly."""
 
 
-class AugmentSettings(_Strict):
+class AugmentConfig(_Strict):
+    """Random augmentation magnitudes (the ``augment`` section, and what
+    :func:`skinlesion.data.augment.augment_batch` takes); every parameter is drawn
+    independently per sample."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
     hflip: float = Field(0.5, ge=0, le=1)
+    """Probability of a horizontal flip."""
     vflip: float = Field(0.5, ge=0, le=1)
     rotation: float = Field(180.0, ge=0, le=180)
+    """Max |degrees|, uniform in [-rotation, rotation]; dermoscopy has no canonical orientation."""
     scale: tuple[float, float] = (0.9, 1.1)
+    """Zoom factor range (>1 zooms in), in the same affine pass."""
     brightness: float = Field(0.3, ge=0)
+    """ColorJitter semantics: factor uniform in [1-b, 1+b]."""
     contrast: float = Field(0.3, ge=0)
     saturation: float = Field(0.3, ge=0)
     hue: float = Field(0.1, ge=0, le=0.5)
+    """Shift in [-h, h] of a full turn."""
     p_colour: float = Field(1.0, ge=0, le=1)
+    """Probability that the colour jitter is applied to a sample."""
     aspect: tuple[float, float] = (1.0, 1.0)
-    """Width/height stretch factor range, log-uniform; (1, 1) is off."""
+    """Width/height stretch factor range, log-uniform; (1, 1) is off. Other sites' images come
+    squashed to a square or at other aspects."""
     vignette: float = Field(0.0, ge=0, le=1)
-    """Probability of a dark circular field of view around the image."""
+    """Probability of a dark circular field of view (a contact dermatoscope's vignette), its
+    radius uniform between the shorter half-side and the half-diagonal."""
 
     @field_validator("scale", "aspect", mode="before")
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("scale", "aspect")
+    @classmethod
+    def _ordered_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1]:
+            raise ValueError(f"{info.field_name} must satisfy 0 < lo <= hi, got {v}")
+        return v
+
+
+AugmentSettings = AugmentConfig  # the name of the section before it was the one definition
 
 
 class EvalConfig(_Strict):
@@ -157,7 +182,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     loss: LossConfig = LossConfig()
     sampler: SamplerConfig = SamplerConfig()
-    augment: AugmentSettings = AugmentSettings()
+    augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
     output_dir: str = "runs/default"
     seed: int = 42
@@ -171,6 +196,29 @@ class Config(_Strict):
                 f"4 views that keep its shape (identity, flips, rot180); use eval.tta <= 4"
             )
         return self
+
+
+def check_name(key: str, value: str, known: Iterable[str], what: str = "name") -> None:
+    """Raise :class:`ConfigError` naming ``key`` and the close matches if ``value`` is unknown.
+
+    >>> check_name("loss.name", "focall", ["focal", "ce"], "loss")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    skinlesion.core.errors.ConfigError: loss.name: unknown loss 'focall'; did you mean focal? ...
+    """
+    names = sorted(known)
+    if value in names:
+        return
+    raise ConfigError(f"{key}: unknown {what} '{value}'; " + close_matches(value, names))
+
+
+def close_matches(value: str, known: Sequence[str], listed: int = 12) -> str:
+    """``did you mean A, B? (known: ...)``: the close matches first, then the known names."""
+    close = difflib.get_close_matches(value, known, n=5, cutoff=0.6)
+    shown = ", ".join(known[:listed]) + (
+        f", ... ({len(known)} in all)" if len(known) > listed else ""
+    )
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"{hint}(known: {shown})"
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -258,8 +306,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif e["type"] == "literal_error" and isinstance(e.get("input"), str):
+            expected = [x.strip(" '") for x in e["ctx"]["expected"].replace(" or ", ",").split(",")]
+            choices = sorted(x for x in expected if x)
+            lines.append(
+                f"  {key}: unknown value '{e['input']}'; {close_matches(e['input'], choices)}"
+            )
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    if len(lines) == 2:  # one fault: one line
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """The HAM10000 diagnostic classes, in the order every model output uses."""
 
+from collections.abc import Sequence
+
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 CLASS_DESCRIPTIONS: dict[str, str] = {
@@ -11,3 +13,8 @@ CLASS_DESCRIPTIONS: dict[str, str] = {
     "nv": "melanocytic nevus",
     "vasc": "vascular lesion",
 }
+
+
+def class_index(classes: Sequence[str] = CLASSES) -> dict[str, int]:
+    """``{class name: output index}``, e.g. ``class_index()["mel"] == 4``."""
+    return {c: i for i, c in enumerate(classes)}

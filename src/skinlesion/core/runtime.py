@@ -144,13 +144,44 @@ def git_commit(path: Path | None = None) -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _gpu() -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "name": p.name,
+        "memory_gb": round(p.total_memory / 1e9, 1),
+        "multiprocessors": p.multi_processor_count,
+        "cuda": torch.version.cuda,
+    }
+
+
 def environment_info(runtime: Runtime | None = None) -> dict[str, Any]:
-    """Package versions, git commit and hardware, for the run folder."""
+    """Package versions, git commit and hardware, for the run folder and benchmark results."""
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Other work on the machine skews CPU timings; a load near the core count means the
+        # numbers are low.
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "gpu": _gpu(),
         "packages": {
             p: _version(p)
             for p in (

@@ -14,10 +14,12 @@ Example::
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from skinlesion.core.config import AugmentConfig  # the one definition, also the config section
+
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -35,45 +37,6 @@ _HFLIP, _VFLIP, _ANGLE, _SCALE, _P_COLOUR, _BRIGHT, _CONTRAST, _SAT, _HUE = rang
 # so configs without them keep their random stream.
 _N_EXTRA = 5
 _X_ASPECT, _X_P_VIGNETTE, _X_RADIUS, _X_SOFT, _X_DARK = range(_N_EXTRA)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Random augmentation magnitudes; every parameter is drawn independently per sample."""
-
-    hflip: float = 0.5  # probability
-    vflip: float = 0.5
-    # Max |degrees|, uniform in [-rotation, rotation]; dermoscopy has no canonical orientation.
-    rotation: float = 180.0
-    scale: tuple[float, float] = (0.9, 1.1)  # zoom factor range (>1 zooms in), same affine pass
-    brightness: float = 0.3  # ColorJitter semantics: factor uniform in [1-b, 1+b]
-    contrast: float = 0.3
-    saturation: float = 0.3
-    hue: float = 0.1  # shift in [-h, h] of a full turn
-    p_colour: float = 1.0  # probability the colour jitter is applied to a sample
-    # Anisotropic stretch: width/height ratio factor, log-uniform in [lo, hi]. Other sites' images
-    # come squashed to a square or at other aspects; (1, 1) is off.
-    aspect: tuple[float, float] = (1.0, 1.0)
-    # Probability of a dark circular field of view (the vignette of a contact dermatoscope), with
-    # its radius uniform between the shorter half-side and the half-diagonal.
-    vignette: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("hflip", "vflip", "p_colour", "vignette"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"AugmentConfig.{name} is a probability in [0, 1], got {value}")
-        for name in ("rotation", "brightness", "contrast", "saturation", "hue"):
-            if getattr(self, name) < 0.0:
-                raise ValueError(f"AugmentConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.hue > 0.5:
-            raise ValueError(f"AugmentConfig.hue must be <= 0.5 (half a turn), got {self.hue}")
-        lo, hi = self.scale
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"AugmentConfig.scale must satisfy 0 < lo <= hi, got {self.scale}")
-        a_lo, a_hi = self.aspect
-        if not 0.0 < a_lo <= a_hi:
-            raise ValueError(f"AugmentConfig.aspect must satisfy 0 < lo <= hi, got {self.aspect}")
 
 
 def to_float(

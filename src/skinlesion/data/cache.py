@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +117,8 @@ def build_cache(
     mode = "r+" if (partial / "images.u8").is_file() and done_path.is_file() else "w+"
     images = _open(partial, n, size, mode)
     done = np.load(done_path) if mode == "r+" else np.zeros(n, dtype=bool)
-    todo = np.flatnonzero(~done)
     if mode == "r+":
-        log.info("resuming cache build %s: %d of %d images left", key, len(todo), n)
+        log.info("resuming cache build %s: %d of %d images left", key, int((~done).sum()), n)
 
     def work(i: int) -> tuple[int, np.ndarray | None, str | None]:
         try:
@@ -127,24 +126,8 @@ def build_cache(
         except ImageDecodeError as err:
             return i, None, f"row {i} (image {ids[i]}): {err}"
 
-    problems: list[str] = []
     workers = workers or min(8, os.cpu_count() or 1)
-    with (
-        ThreadPoolExecutor(workers) as pool,
-        tqdm(total=n, initial=n - len(todo), desc=f"caching {size_label(size)}px", disable=not progress) as bar,
-    ):
-        for count, (i, arr, err) in enumerate(pool.map(work, todo), 1):
-            if err:
-                problems.append(err)
-            else:
-                images[i] = arr
-                done[i] = True
-            bar.update()
-            if count % _FLUSH_EVERY == 0:
-                images.flush()
-                _save_atomic_npy(done_path, done)
-    images.flush()
-    _save_atomic_npy(done_path, done)
+    problems = _fill(images, done, done_path, work, workers, f"caching {size_label(size)}px", progress)
     del images
     if problems:
         raise DataError("images that cannot be decoded", problems)
@@ -163,6 +146,38 @@ def build_cache(
     else:
         partial.rename(final)
     return load_cache(final)
+
+
+def _fill(
+    images: np.memmap,
+    done: np.ndarray,
+    done_path: Path,
+    work: Callable[[int], tuple[int, np.ndarray | None, str | None]],
+    workers: int,
+    desc: str,
+    progress: bool,
+) -> list[str]:
+    """Decode every row not ``done`` into ``images``, saving progress as it goes; the problems."""
+    todo = np.flatnonzero(~done)
+    n = len(done)
+    problems: list[str] = []
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=n, initial=n - len(todo), desc=desc, disable=not progress) as bar,
+    ):
+        for count, (i, arr, err) in enumerate(pool.map(work, todo), 1):
+            if err:
+                problems.append(err)
+            else:
+                images[i] = arr
+                done[i] = True
+            bar.update()
+            if count % _FLUSH_EVERY == 0:
+                images.flush()
+                _save_atomic_npy(done_path, done)
+    images.flush()
+    _save_atomic_npy(done_path, done)
+    return problems
 
 
 def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -26,20 +27,6 @@ METADATA_NAMES: tuple[str, ...] = (
     "HAM10000_metadata.tab",
     "HAM10000_metadata",
 )
-_MAX_LISTED = 20
-
-
-class DataError(ValueError):
-    """The data on disk does not match what the pipeline expects; the message lists every fault."""
-
-    def __init__(self, title: str, problems: Sequence[str]):
-        self.problems = list(problems)
-        shown = self.problems[:_MAX_LISTED]
-        more = len(self.problems) - len(shown)
-        text = f"{title}: {len(self.problems)} problem(s)\n  " + "\n  ".join(shown)
-        if more:
-            text += f"\n  ... and {more} more"
-        super().__init__(text)
 
 
 def find_metadata(root: Path) -> Path:
@@ -59,10 +46,17 @@ def find_metadata(root: Path) -> Path:
 def read_table(path: Path) -> pd.DataFrame:
     """A CSV or a Dataverse ``.tab`` (tab-separated, quoted strings) as strings."""
     sep = "\t" if path.suffix == ".tab" else ","
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"{path}: the file is empty (expected a header and rows)") from err
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DataError(f"cannot parse {path}", [str(err)]) from err
+    if df.empty:
+        raise DataError(f"{path}: no rows under the header {list(df.columns)}")
+    return df
 
 
 def validate_metadata(
@@ -136,10 +130,16 @@ def index_images(root: Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> di
 
 
 def check_image(path: Path) -> str | None:
-    """``None`` if the file is a readable image, else what is wrong with it (cheap header check)."""
+    """``None`` if the file decodes as an image, else what is wrong with it.
+
+    The whole image is decoded: a header check (``verify()``) passes a truncated JPEG that then
+    fails after hours of work. A file over PIL's pixel limit (a decompression bomb) is refused.
+    """
     try:
         with Image.open(path) as img:
-            img.verify()
+            img.load()
+    except Image.DecompressionBombError as err:
+        return f"{path}: not a readable image, too many pixels ({err})"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"{path}: not a readable image ({type(err).__name__}: {err})"
     return None

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from skinlesion.core.errors import ImageDecodeError
 from skinlesion.core.labels import CLASSES
 
 Size = int | tuple[int, int]
@@ -24,8 +25,12 @@ Size = int | tuple[int, int]
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-class ImageDecodeError(ValueError):
-    """A file that cannot be decoded as an image; the message names the file."""
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std (RGB, on [0, 1] pixels): one object, so they cannot be swapped."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class PreprocessSpec:
     @property
     def hw(self) -> tuple[int, int]:
         return size_hw(self.size)
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(tuple(self.mean), tuple(self.std))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,25 +101,45 @@ def decode_image(source: str | Path | bytes | Image.Image) -> Image.Image:
             img.load()
         except FileNotFoundError as err:
             raise ImageDecodeError(f"{name}: file not found") from err
+        except Image.DecompressionBombError as err:
+            # Not an OSError: a file that claims more pixels than PIL's limit allows.
+            raise ImageDecodeError(f"{name}: refused, too many pixels ({err})") from err
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise ImageDecodeError(f"{name}: not a decodable image ({err})") from err
     # A broken EXIF block must not lose the image.
     with contextlib.suppress(Exception):
         img = ImageOps.exif_transpose(img)
-    if img.mode != "RGB":
-        # Palette/LA/RGBA/16-bit/grayscale all become 8-bit RGB; alpha is composited on white.
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGB", rgba.size, (255, 255, 255))
-            bg.paste(rgba, mask=rgba.getchannel("A"))
-            img = bg
-        elif img.mode.startswith("I"):
-            arr = np.asarray(img, dtype=np.float64)
-            peak = arr.max() if arr.max() > 0 else 1.0
-            img = Image.fromarray((arr / peak * 255).astype(np.uint8)).convert("RGB")
-        else:
-            img = img.convert("RGB")
-    return img
+    return to_rgb8(img)
+
+
+def integer_range(img: Image.Image) -> float:
+    """The top of the value range of an integer-mode image: its bit depth, not its content.
+
+    ``I;16*`` modes hold 16 bits. Mode ``I`` (32-bit) is what 16-bit PNG and TIFF files decode to
+    in older Pillow versions, so values that fit in 16 bits are read as 16-bit; others as 32-bit.
+    """
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    arr = np.asarray(img)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        return float(2**31 - 1)
+    return 65535.0
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Palette/LA/RGBA/16-bit/grayscale as 8-bit RGB; alpha is composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    if img.mode.startswith("I"):
+        top = integer_range(img)
+        arr = np.clip(np.asarray(img, dtype=np.float64), 0.0, top)
+        return Image.fromarray(np.round(arr / top * 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
 
 
 def prepare_image(

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from skinlesion.core.config import check_name
+
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
     """Weight per class, ``(1 / frequency) ** power``; absent classes weigh 0."""
@@ -67,6 +69,5 @@ def draw_indices(
     power: float = 1.0,
 ) -> torch.Tensor:
     """Indices for one epoch from the sampler called ``name``."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; known: {sorted(SAMPLERS)}")
+    check_name("sampler.name", name, SAMPLERS, "sampler")
     return SAMPLERS[name](labels, n_classes, num_samples, generator, power)

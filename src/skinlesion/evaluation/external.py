@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from skinlesion.core.labels import CLASSES
+from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.metadata import IMAGE_EXTENSIONS, DataError, check_image, read_table
 from skinlesion.evaluation.metrics import evaluate_predictions
@@ -108,8 +110,25 @@ def load_labels(
         paths.append(str(p) if p else "")
     if problems:
         raise DataError(f"{labels_csv}: cannot evaluate", problems)
-    df = df.assign(path=paths, label=df["dx"].map({c: i for i, c in enumerate(CLASSES)}))
+    df = df.assign(path=paths, label=df["dx"].map(class_index()))
     return df.reset_index(drop=True)
+
+
+def _write_predictions(
+    labels: pd.DataFrame, probs: np.ndarray, classes: Sequence[str], output: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """``predictions.csv``; the labels and probabilities read back from it (figures from the
+    file, so anyone can recompute them)."""
+    output.mkdir(parents=True, exist_ok=True)
+    preds = labels[["image_id", "dx"]].copy()
+    for i, c in enumerate(classes):
+        preds[c] = probs[:, i]
+    preds["prediction"] = [classes[i] for i in probs.argmax(1)]
+    pred_path = output / "predictions.csv"
+    preds.to_csv(pred_path, index=False, float_format="%.8g")
+    preds = pd.read_csv(pred_path, dtype={"image_id": str})
+    y = preds["dx"].map(class_index(classes)).to_numpy()
+    return y, preds[list(classes)].to_numpy(dtype=np.float64)
 
 
 def evaluate_external(
@@ -127,27 +146,20 @@ def evaluate_external(
 ) -> dict[str, Any]:
     """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report."""
     output = Path(output)
+    check_writable_dir(output, "--output")
     mapping = read_label_map(Path(label_map)) if label_map else None
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where)
     runtime = resolve_runtime(device)
     loaded = resolve_model(model, runtime)
     members = loaded.members
+    classes = members[0].spec.class_names
     tta = members[0].tta if tta is None else tta
     probs, errors = predict_sources(
         labels["path"].tolist(), members, runtime, tta=tta, batch_size=batch_size, progress=progress
     )
     if errors:
         raise DataError("images failed to decode", list(errors.values()))
-    output.mkdir(parents=True, exist_ok=True)
-    preds = labels[["image_id", "dx"]].copy()
-    for i, c in enumerate(CLASSES):
-        preds[c] = probs[:, i]
-    preds["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
-    pred_path = output / "predictions.csv"
-    preds.to_csv(pred_path, index=False, float_format="%.8g")
-    preds = pd.read_csv(pred_path, dtype={"image_id": str})  # figures from the file
-    y = preds["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    p = preds[list(CLASSES)].to_numpy(dtype=np.float64)
+    y, p = _write_predictions(labels, probs, classes, output)
     reference = loaded.reference
     threshold = reference.get("mel_threshold") if reference else None
     groups = labels["lesion_id"].to_numpy() if "lesion_id" in labels.columns else None

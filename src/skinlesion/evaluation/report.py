@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from skinlesion.core.labels import CLASSES
+from skinlesion.core.errors import DataError
+from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.metrics import (
     evaluate_predictions,
     melanoma_threshold_for_specificity,
@@ -34,10 +37,11 @@ log = logging.getLogger(__name__)
 LOW_CONFIDENCE_QUANTILE = 0.10
 
 
-def _arrays(df: pd.DataFrame, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
-    lookup = {c: i for i, c in enumerate(CLASSES)}
-    y = df["dx"].map(lookup).to_numpy()
-    probs = df[[f"{prefix}{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
+def _arrays(
+    df: pd.DataFrame, prefix: str = "", classes: Sequence[str] = CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
+    y = df["dx"].map(class_index(classes)).to_numpy()
+    probs = df[[f"{prefix}{c}" for c in classes]].to_numpy(dtype=np.float64)
     return y, probs
 
 
@@ -45,14 +49,14 @@ def collect_oof(run_dir: Path) -> pd.DataFrame:
     """Concatenate ``fold_*/val_predictions.csv``; each image must appear exactly once."""
     parts = [
         pd.read_csv(p, dtype={"image_id": str, "lesion_id": str})
-        for p in sorted(run_dir.glob("fold_*/val_predictions.csv"))
+        for p in RunFolder(run_dir).val_prediction_files()
     ]
     if not parts:
-        raise FileNotFoundError(f"{run_dir}: no fold_*/val_predictions.csv (has a fold finished?)")
+        raise DataError(f"{run_dir}: no fold_*/val_predictions.csv (has a fold finished?)")
     oof = pd.concat(parts, ignore_index=True).sort_values(["fold", "image_id"])
     dup = oof["image_id"][oof["image_id"].duplicated()]
     if len(dup):
-        raise ValueError(f"{run_dir}: images predicted by several folds: {dup.tolist()[:5]}")
+        raise DataError(f"{run_dir}: images predicted by several folds: {dup.tolist()[:5]}")
     return oof.reset_index(drop=True)
 
 
@@ -84,8 +88,9 @@ def write_plots(
 def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """``oof_predictions.csv``, ``oof_metrics.json``, ``plots/`` and ``report.md`` of a run."""
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     oof = collect_oof(run_dir)
-    path = run_dir / "oof_predictions.csv"
+    path = run.oof_predictions
     oof.to_csv(path, index=False, float_format="%.8g")
     oof = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})  # figures from the file
     y, probs = _arrays(oof)
@@ -115,12 +120,10 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
             "before": {k: before[k] for k in ("ece", "log_loss", "brier")},
             "after": {k: metrics["point"][k] for k in ("ece", "log_loss", "brier")},
         }
-    result["plots"] = write_plots(
-        y, probs, metrics["point"]["confusion_matrix"], run_dir / "plots", raw
-    )
-    (run_dir / "oof_metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
-    (run_dir / "report.md").write_text(render_markdown(result, f"Out-of-fold report: {run_dir}"))
-    log.info("report: %s", run_dir / "report.md")
+    result["plots"] = write_plots(y, probs, metrics["point"]["confusion_matrix"], run.plots, raw)
+    run.oof_metrics.write_text(json.dumps(result, indent=2, allow_nan=False))
+    run.report.write_text(render_markdown(result, f"Out-of-fold report: {run_dir}"))
+    log.info("report: %s", run.report)
     return result
 
 
@@ -153,25 +156,34 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
         "| metric | value [95% CI] |",
         "| --- | --- |",
     ]
-    rows = [
-        ("balanced accuracy (%)", "balanced_accuracy", True),
-        ("macro F1", "macro_f1", False),
-        ("accuracy (%)", "accuracy", True),
-        ("macro AUROC", "macro_auroc", False),
-        ("ECE (15 bins)", "ece", False),
-        ("Brier score", "brier", False),
-        ("log loss", "log_loss", False),
-    ]
-    for label, key, pct in rows:
+    for label, key, pct in _HEADLINE:
         lines.append(f"| {label} | {_fmt(p[key], ci.get(key), pct)} |")
     mel_ci = ci.get("mel", {})
-    for label, key in (
-        ("melanoma sensitivity, argmax (%)", "sensitivity_argmax"),
-        ("melanoma specificity, argmax (%)", "specificity_argmax"),
-        ("melanoma sensitivity at threshold (%)", "sensitivity_at_threshold"),
-        ("melanoma specificity at threshold (%)", "specificity_at_threshold"),
-    ):
+    for label, key in _MELANOMA:
         lines.append(f"| {label} | {_fmt(mel.get(key), mel_ci.get(key), True)} |")
+    return "\n".join(lines + _notes(result) + _per_class(p)) + "\n"
+
+
+_HEADLINE = (
+    ("balanced accuracy (%)", "balanced_accuracy", True),
+    ("macro F1", "macro_f1", False),
+    ("accuracy (%)", "accuracy", True),
+    ("macro AUROC", "macro_auroc", False),
+    ("ECE (15 bins)", "ece", False),
+    ("Brier score", "brier", False),
+    ("log loss", "log_loss", False),
+)
+_MELANOMA = (
+    ("melanoma sensitivity, argmax (%)", "sensitivity_argmax"),
+    ("melanoma specificity, argmax (%)", "specificity_argmax"),
+    ("melanoma sensitivity at threshold (%)", "sensitivity_at_threshold"),
+    ("melanoma specificity at threshold (%)", "specificity_at_threshold"),
+)
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    """Threshold, calibration and confidence lines under the headline table."""
+    lines: list[str] = []
     if result.get("mel_threshold") is not None:
         lines += [
             "",
@@ -197,7 +209,11 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
                 f"Out-of-fold reference: {r['mean_max_probability']:.3f} and "
                 f"{r['share_below_threshold'] * 100:.1f}%."
             )
-    lines += [
+    return lines
+
+
+def _per_class(p: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "| class | support | precision | recall | F1 | AUROC |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -210,4 +226,4 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
                 f"| {c} | {v['support']} | {_fmt(v['precision'])} | "
                 f"{_fmt(v['recall'])} | {_fmt(v['f1'])} | {_fmt(v['auroc'])} |"
             )
-    return "\n".join(lines) + "\n"
+    return lines

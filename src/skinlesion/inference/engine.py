@@ -9,7 +9,7 @@ augmentation and normalisation run batched on the device, so the CPU does no per
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.augment import AugmentConfig, augment_batch, normalize, to_float, tta_views
+from skinlesion.data.preprocess import Normalization
 
 ImageSource = np.ndarray | torch.Tensor
 
@@ -38,8 +39,7 @@ def gather(
 
 def prepare(
     batch_u8: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
+    norm: Normalization,
     runtime: Runtime,
     augment: AugmentConfig | None = None,
     generator: torch.Generator | None = None,
@@ -48,7 +48,7 @@ def prepare(
     x = to_float(batch_u8)
     if augment is not None:
         x = augment_batch(x, augment, generator=generator)
-    x = normalize(x, mean, std)
+    x = normalize(x, norm.mean, norm.std)
     if runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -59,10 +59,10 @@ def predict_logits(
     model: nn.Module,
     images: ImageSource,
     rows: np.ndarray | torch.Tensor,
+    *,
     batch_size: int,
     runtime: Runtime,
-    mean: Sequence[float],
-    std: Sequence[float],
+    norm: Normalization,
     tta: int = 1,
     progress: bool = False,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -78,8 +78,7 @@ def predict_logits(
     for b in tqdm(range(n_batches), desc="predict", leave=False, disable=not progress):
         x = prepare(
             gather(images, rows[b * batch_size : (b + 1) * batch_size], runtime.device),
-            mean,
-            std,
+            norm,
             runtime,
         )
         views = tta_views(x, tta) if tta > 1 else [x]

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from skinlesion.core.errors import CheckpointError
+from skinlesion.core.run_folder import RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
 from skinlesion.inference.predict import Member, backbone_id, load_ensemble, predict_sources
-from skinlesion.models.checkpoint import CheckpointError
-from skinlesion.models.factory import build_model
+from skinlesion.models.factory import build_model, place_model
 
 PACKAGED_FORMAT = "skinlesion-packaged-model"
 PACKAGED_VERSION = 1
@@ -222,9 +223,7 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
                 f"{folder / WEIGHTS_FILE}: weights of member '{prefix}' do not fit "
                 f"{meta['backbone']} ({str(err).splitlines()[0]})"
             ) from err
-        model = model.eval().to(runtime.device)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = place_model(model.eval(), runtime)
         members.append(
             Member(
                 model=model,
@@ -249,9 +248,15 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
 
 def run_reference(path: Path) -> dict[str, Any] | None:
     """The out-of-fold figures of the run a run folder or a ``fold_K/best.pt`` belongs to."""
-    run = path if path.is_dir() else path.parent.parent
-    ref = run / "oof_metrics.json"
-    return json.loads(ref.read_text()) if ref.is_file() else None
+    if path.is_dir():
+        run: RunFolder | None = RunFolder(path)
+    elif path.parent.name == "final":  # fit-final's model: the run's out-of-fold reference
+        run = RunFolder(path.parent.parent)
+    else:
+        run = RunFolder.of_checkpoint(path)
+    if run is None or not run.oof_metrics.is_file():
+        return None
+    return json.loads(run.oof_metrics.read_text())
 
 
 def resolve_model(model: str | Path | None, runtime: Runtime | None = None) -> LoadedModel:

@@ -12,20 +12,26 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from skinlesion.core.errors import CheckpointError
+from skinlesion.core.run_folder import (
+    RECIPE_SECTIONS,
+    RunFolder,
+    fold_number,
+    recipe_of,
+    saved_eval_settings,
+)
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
 from skinlesion.inference.engine import predict_logits
-from skinlesion.models.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    model_from_checkpoint,
-)
+from skinlesion.models.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +69,59 @@ def checkpoint_paths(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted(path.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name[5:]))
+        found = RunFolder(path).best_checkpoints()
         if found:
             return found
         raise CheckpointError(f"{path}: no fold_*/best.pt in this run folder")
     raise CheckpointError(f"{path}: no such run folder or checkpoint")
 
 
+def _recipe(ckpt_or_tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recipe_of(ckpt_or_tree).items() if k in RECIPE_SECTIONS}
+
+
+def check_members(path: Path, loaded: Sequence[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse an ensemble whose checkpoints do not come from one run: each fold once and in its
+    own ``fold_K`` folder, one backbone, one preprocessing, one recipe (the run's config)."""
+    run = RunFolder(path) if path.is_dir() else None
+    reference = _recipe(run.read_config_tree()) if run and run.config.is_file() else None
+    first_path, first = loaded[0]
+    seen: dict[int, Path] = {}
+
+    def refuse(p: Path, why: str) -> CheckpointError:
+        return CheckpointError(f"{p}: {why}; it does not belong to this ensemble, remove it")
+
+    for p, ckpt in loaded:
+        fold, folder = int(ckpt["fold"]), fold_number(p.parent)
+        if run is not None and folder != fold:
+            raise refuse(p, f"holds fold {fold} but sits in {p.parent.name}")
+        if fold in seen:
+            raise refuse(p, f"fold {fold} again (also in {seen[fold]})")
+        seen[fold] = p
+        for key, what in (("backbone", "backbone"), ("preprocessing", "preprocessing")):
+            if ckpt[key] != first[key]:
+                raise refuse(p, f"{what} {ckpt[key]} differs from {first_path}'s {first[key]}")
+        own = _recipe(ckpt.get("config") or {})
+        expected = reference if reference is not None else _recipe(first.get("config") or {})
+        if own != expected:
+            diff = sorted(k for k in RECIPE_SECTIONS if own.get(k) != expected.get(k))
+            where = run.config if reference is not None and run else first_path
+            raise refuse(p, f"trained with another recipe than {where} (sections {diff})")
+
+
 def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Member]:
-    """Load the fold models of a run folder (or one checkpoint) onto the runtime's device."""
+    """Load the fold models of a run folder (or one checkpoint) onto the runtime's device.
+
+    The checkpoints must come from one run (see :func:`check_members`).
+    """
     runtime = runtime or resolve_runtime("auto")
+    path = Path(path)
+    loaded = [(p, load_checkpoint(p)) for p in checkpoint_paths(path)]
+    check_members(path, loaded)
     members = []
-    for p in checkpoint_paths(path):
-        ckpt = load_checkpoint(p)
-        model, spec = model_from_checkpoint(ckpt)
-        model = model.to(runtime.device)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        tta = int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
+    for p, ckpt in loaded:
+        model, spec = model_from_checkpoint(ckpt, runtime)
+        tta = saved_eval_settings(ckpt.get("config"), str(p)).tta
         temperature = float(ckpt.get("temperature", 1.0))
         members.append(
             Member(model, spec, temperature, int(ckpt["fold"]), p, tta, backbone_id(model))
@@ -110,26 +151,12 @@ def ensemble_probs(
     for (spec, _), group in groups.items():
         arr, first = images[spec], group[0].model
         rows = np.arange(len(arr))
+        kw = {"batch_size": batch_size, "runtime": runtime, "norm": spec.normalization, "tta": tta}
         if len(group) == 1:
-            per_member = [
-                predict_logits(first, arr, rows, batch_size, runtime, spec.mean, spec.std, tta=tta)
-            ]
+            per_member = [predict_logits(first, arr, rows, **kw)]
         else:
-            feats = torch.from_numpy(
-                predict_logits(
-                    first,
-                    arr,
-                    rows,
-                    batch_size,
-                    runtime,
-                    spec.mean,
-                    spec.std,
-                    tta=tta,
-                    forward=lambda v, f=first: f.forward_head(
-                        f.forward_features(v), pre_logits=True
-                    ),
-                )
-            )
+            features = lambda v, f=first: f.forward_head(f.forward_features(v), pre_logits=True)  # noqa: E731
+            feats = torch.from_numpy(predict_logits(first, arr, rows, forward=features, **kw))
             per_member = [_linear(feats, m.model.get_classifier()) for m in group]
         for m, logits in zip(group, per_member, strict=True):
             # Views are averaged in logit space, as when the temperature was fitted.
@@ -189,3 +216,24 @@ def predict_sources(
         bar.update(len(idx))
     bar.close()
     return out, errors
+
+
+def predict_table(
+    sources: Sequence[str | Path],
+    members: Sequence[Member],
+    runtime: Runtime,
+    tta: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[int, str]]:
+    """One row per source: ``image``, a probability per class, ``prediction`` and ``error``
+    (empty, or why the source could not be read; its probabilities are then empty)."""
+    probs, errors = predict_sources(sources, members, runtime, tta, batch_size, progress)
+    classes = list(members[0].spec.class_names)
+    df = pd.DataFrame(probs, columns=classes)
+    df.insert(0, "image", [str(p) for p in sources])
+    df["prediction"] = [
+        classes[int(r.argmax())] if i not in errors else "" for i, r in enumerate(probs)
+    ]
+    df["error"] = [errors.get(i, "") for i in range(len(df))]
+    return df, errors

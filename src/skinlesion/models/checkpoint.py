@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from skinlesion.core.errors import CheckpointError
+from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
 
 FORMAT_VERSION = 1
@@ -27,10 +29,6 @@ REQUIRED_KEYS = (
     "fold",
     "epoch",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -52,6 +50,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def make_checkpoint(
     model: torch.nn.Module,
+    *,
     backbone: str,
     spec: PreprocessSpec,
     fold: int,
@@ -62,6 +61,7 @@ def make_checkpoint(
     model_kwargs: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A checkpoint of plain types; ``config`` is the resolved run config as plain data."""
     module = getattr(model, "module", model)  # unwrap DDP / compile
     module = getattr(module, "_orig_mod", module)
     state = {
@@ -109,12 +109,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[torch.nn.Module, PreprocessSpec]:
-    """Rebuild the model (eval mode) and its preprocessing spec from a loaded checkpoint."""
-    from skinlesion.models.factory import build_model
+def model_from_checkpoint(
+    ckpt: dict[str, Any], runtime: Runtime | None = None
+) -> tuple[torch.nn.Module, PreprocessSpec]:
+    """Rebuild the model (eval mode, placed on the runtime's device; CPU without one) and its
+    preprocessing spec from a loaded checkpoint."""
+    from skinlesion.models.factory import build_placed_model
 
-    model = build_model(
-        ckpt["backbone"], ckpt["num_classes"], pretrained=False, **ckpt.get("model_kwargs", {})
+    runtime = runtime or Runtime(torch.device("cpu"), None, channels_last=False)
+    model = build_placed_model(
+        runtime, ckpt["backbone"], ckpt["num_classes"], **ckpt.get("model_kwargs", {})
     )
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.eval()

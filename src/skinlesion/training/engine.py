@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.augment import AugmentConfig
+from skinlesion.data.preprocess import Normalization
 from skinlesion.inference.engine import ImageSource, gather, prepare
 
 
@@ -45,6 +46,7 @@ def train_step(
 
 def train_one_epoch(
     model: nn.Module,
+    *,
     images: ImageSource,
     labels: torch.Tensor,
     order: torch.Tensor,
@@ -52,8 +54,7 @@ def train_one_epoch(
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     runtime: Runtime,
-    mean: Sequence[float],
-    std: Sequence[float],
+    norm: Normalization,
     augment: AugmentConfig,
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None = None,
@@ -64,7 +65,9 @@ def train_one_epoch(
 ) -> float:
     """Train over the image rows in ``order`` (already drawn by the sampler); mean loss.
 
-    ``frozen`` modules stay in eval mode, so their BatchNorm statistics do not drift.
+    ``labels[row]`` is the class of image row ``row``; ``step_scheduler`` is called after every
+    optimizer step. ``frozen`` modules stay in eval mode, so their BatchNorm statistics do not
+    drift.
     """
     model.train()
     for m in frozen:
@@ -75,7 +78,7 @@ def train_one_epoch(
         rows = order[b * batch_size : (b + 1) * batch_size]
         if len(rows) < 2:  # BatchNorm cannot train on a single sample
             continue
-        x = prepare(gather(images, rows, runtime.device), mean, std, runtime, augment, generator)
+        x = prepare(gather(images, rows, runtime.device), norm, runtime, augment, generator)
         y = labels[rows].to(runtime.device, non_blocking=True)
         loss = train_step(model, x, y, criterion, optimizer, runtime, scaler, grad_clip)
         if step_scheduler is not None:

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from skinlesion.core.config import config_to_dict, load_config
+from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import init_distributed, resolve_runtime
-from skinlesion.models.checkpoint import CheckpointError, atomic_torch_save, make_checkpoint
-from skinlesion.training.cv import build_trainer, load_run_data, train_epoch
-from skinlesion.training.outputs import model_kwargs
+from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.training.cv import build_trainer, train_epoch
+from skinlesion.training.run_data import load_run_data
+from skinlesion.training.setup import model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
     out.mkdir(parents=True, exist_ok=True)
     data = load_run_data(cfg, None, progress=progress)
     table = data.table
-    tr = build_trainer(cfg, cfg.cv.n_folds, len(table), runtime)  # a seed no fold used
+    tr = build_trainer(cfg, data.spec, cfg.cv.n_folds, len(table), runtime)  # a seed no fold used
     if resume and (out / "last.pt").is_file():
         tr.restore(out / "last.pt")
         log.info("final fit: resuming after epoch %d", tr.state["epoch"])
@@ -76,14 +78,14 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
         log.info("final fit epoch %d/%d: train_loss %.4f", epoch, choice["epochs"], loss)
     ckpt = make_checkpoint(
         tr.model,
-        cfg.model.backbone,
-        data.spec,
-        FINAL_FOLD,
-        choice["epochs"],
-        {},
-        config_to_dict(cfg),
-        choice["temperature"],
-        model_kwargs(cfg),
+        backbone=cfg.model.backbone,
+        spec=data.spec,
+        fold=FINAL_FOLD,
+        epoch=choice["epochs"],
+        metrics={},
+        config=config_to_dict(cfg),
+        temperature=choice["temperature"],
+        model_kwargs=model_kwargs(cfg.model),
         extra={"final_fit": {**choice, "n_train": len(table)}, "tta": cfg.eval.tta},
     )
     atomic_torch_save(ckpt, out / "best.pt")

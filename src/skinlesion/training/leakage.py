@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.core.config import Config
-from skinlesion.core.labels import CLASSES
+from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.metrics import draw_bootstrap_weights, point_metrics
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,12 @@ def audit_leakage(
         log.info("leakage audit: %s folds", scheme)
         run_cv(sub, resume=resume, progress=progress)
         oof[scheme] = pd.read_csv(
-            out / scheme / "oof_predictions.csv", dtype={"image_id": str, "lesion_id": str}
+            RunFolder(out / scheme).oof_predictions, dtype={"image_id": str, "lesion_id": str}
         )
     merged = oof["lesion_grouped"].merge(
         oof["image_random"], on="image_id", suffixes=("", "_leaky"), validate="one_to_one"
     )
-    y = merged["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    y = merged["dx"].map(class_index()).to_numpy()
     p_clean = merged[list(CLASSES)].to_numpy(np.float64)
     p_leaky = merged[[f"{c}_leaky" for c in CLASSES]].to_numpy(np.float64)
     lesions_split = oof["image_random"].groupby("lesion_id")["fold"].nunique()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skinlesion.core.config import check_name
+
 
 class FocalLoss(nn.Module):
     """Multi-class focal loss (Lin et al. 2017): ``-alpha_y (1 - p_y)^gamma log p_y``.
@@ -83,6 +85,5 @@ def build_loss(
 ) -> nn.Module:
     """The loss registered as ``name`` (``focal`` or ``ce``); ``reduction="none"`` gives one
     value per sample."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; known: {sorted(LOSSES)}")
+    check_name("loss.name", name, LOSSES, "loss")
     return LOSSES[name](gamma, alpha, label_smoothing, reduction)

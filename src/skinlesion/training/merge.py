@@ -12,74 +12,70 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from skinlesion.core.errors import DataError, OutputError
+from skinlesion.core.run_folder import RunFolder, recipe_of
 from skinlesion.evaluation.report import write_oof_report
 
-# Keys that may differ between the parts: where each wrote and which folds it ran, and
-# machine-specific settings that do not change the recipe (the image cache is only a cache).
-_PER_PART = (
-    ("cv", "folds_to_run"),
-    ("output_dir",),
-    ("train", "device"),
-    ("train", "num_threads"),
-    ("data", "cache_dir"),
-)
+
+def _read_parts(parts: Sequence[RunFolder]) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
+    """Each part's saved config and folds; every part must be a run folder."""
+    configs, folds = [], []
+    for run in parts:
+        for path in (run.config, run.folds):
+            if not path.is_file():
+                raise DataError(f"{run.root}: no {path.name}; is this a skinlesion run folder?")
+        configs.append(run.read_config_tree())
+        table = pd.read_csv(run.folds, dtype=str)
+        folds.append(table.sort_values("image_id").reset_index(drop=True))
+    return configs, folds
 
 
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(cfg))
-    for path in _PER_PART:
-        node = out
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    return out
+def _finished_folds(parts: Sequence[RunFolder]) -> dict[str, RunFolder]:
+    """``fold_K`` folder name -> the part holding it; each finished, none in two parts."""
+    seen: dict[str, RunFolder] = {}
+    for run in parts:
+        for fold in run.fold_folders():
+            if not fold.finished:
+                raise DataError(f"{fold.root} did not finish (no summary.json); resume it first")
+            if fold.root.name in seen:
+                raise DataError(
+                    f"{fold.root.name} is in both {seen[fold.root.name].root} and {run.root}"
+                )
+            seen[fold.root.name] = run
+    if not seen:
+        raise DataError("no finished folds in the given runs")
+    return seen
 
 
 def merge_runs(parts: Sequence[str | Path], out: str | Path, n_boot: int = 1000) -> Path:
     """Copy each part's finished folds into ``out``; refuse mismatched recipes or folds."""
-    parts = [Path(p) for p in parts]
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; merge into a new folder")
-    configs, folds = [], []
-    for p in parts:
-        for name in ("config.yaml", "folds.csv"):
-            if not (p / name).is_file():
-                raise FileNotFoundError(f"{p}: no {name}; is this a skinlesion run folder?")
-        configs.append(yaml.safe_load((p / "config.yaml").read_text()))
-        folds.append(
-            pd.read_csv(p / "folds.csv", dtype=str).sort_values("image_id").reset_index(drop=True)
-        )
-    for p, cfg, f in zip(parts[1:], configs[1:], folds[1:], strict=True):
-        if _comparable(cfg) != _comparable(configs[0]):
-            raise ValueError(
-                f"{p} was trained with another recipe than {parts[0]}; compare their config.yaml"
+    runs = [RunFolder(Path(p)) for p in parts]
+    target = RunFolder(Path(out))
+    if target.root.exists() and any(target.root.iterdir()):
+        raise OutputError(f"{target.root} exists and is not empty; merge into a new folder")
+    configs, folds = _read_parts(runs)
+    for run, cfg, f in zip(runs[1:], configs[1:], folds[1:], strict=True):
+        if recipe_of(cfg) != recipe_of(configs[0]):
+            raise DataError(
+                f"{run.root} was trained with another recipe than {runs[0].root}; compare "
+                f"their config.yaml"
             )
         if not f.equals(folds[0]):
-            raise ValueError(f"{p} used other folds than {parts[0]} (folds.csv differs)")
-    seen: dict[str, Path] = {}
-    for p in parts:
-        for fold_dir in sorted(p.glob("fold_*")):
-            if not (fold_dir / "summary.json").is_file():
-                raise ValueError(f"{fold_dir} did not finish (no summary.json); resume it first")
-            if fold_dir.name in seen:
-                raise ValueError(f"{fold_dir.name} is in both {seen[fold_dir.name]} and {p}")
-            seen[fold_dir.name] = p
-    if not seen:
-        raise ValueError("no finished folds in the given runs")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, p in seen.items():
-        shutil.copytree(p / name, out / name)
+            raise DataError(f"{run.root} used other folds than {runs[0].root} (folds.csv differs)")
+    seen = _finished_folds(runs)
+    target.root.mkdir(parents=True, exist_ok=True)
+    for name, run in seen.items():
+        shutil.copytree(run.root / name, target.root / name)
     merged = json.loads(json.dumps(configs[0]))
     merged["cv"]["folds_to_run"] = sorted(int(n.split("_")[1]) for n in seen)
-    merged["output_dir"] = str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
-    shutil.copy(parts[0] / "folds.csv", out / "folds.csv")
+    merged["output_dir"] = str(target.root)
+    target.config.write_text(yaml.safe_dump(merged, sort_keys=False))
+    shutil.copy(runs[0].folds, target.folds)
     env = {
-        str(p): json.loads((p / "environment.json").read_text())
-        for p in parts
-        if (p / "environment.json").is_file()
+        str(run.root): json.loads(run.environment.read_text())
+        for run in runs
+        if run.environment.is_file()
     }
-    (out / "environment.json").write_text(json.dumps({"merged_from": env}, indent=2))
-    write_oof_report(out, n_boot=n_boot)
-    return out
+    target.environment.write_text(json.dumps({"merged_from": env}, indent=2))
+    write_oof_report(target.root, n_boot=n_boot)
+    return target.root

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from skinlesion.core.config import Config
 from skinlesion.core.labels import CLASSES
+from skinlesion.evaluation.calibration import apply_temperature, softmax
 from skinlesion.evaluation.metrics import point_metrics
 
 METRIC_COLUMNS = (
@@ -28,10 +29,6 @@ METRIC_COLUMNS = (
     "lr",
     "seconds",
 )
-
-
-def model_kwargs(cfg: Config) -> dict[str, Any]:
-    return {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
 
 
 def write_metrics_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -59,17 +56,19 @@ def val_figures(criterion: nn.Module, logits: np.ndarray, y: np.ndarray) -> dict
 
 
 def write_val_predictions(
-    val_t: pd.DataFrame, logits: np.ndarray, temperature: float, path: Path
+    val_t: pd.DataFrame,
+    logits: np.ndarray,
+    temperature: float,
+    path: Path,
+    classes: Sequence[str] = CLASSES,
 ) -> None:
     """Calibrated probabilities (columns named by class) plus the raw ones (``raw_<class>``)."""
-    from skinlesion.evaluation.calibration import apply_temperature, softmax
-
     probs = apply_temperature(logits, temperature)
     raw = softmax(logits)
     out = val_t[["image_id", "lesion_id", "dx", "fold"]].reset_index(drop=True).copy()
-    for i, c in enumerate(CLASSES):
+    for i, c in enumerate(classes):
         out[c] = probs[:, i]
-    out["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
-    for i, c in enumerate(CLASSES):
+    out["prediction"] = [classes[i] for i in probs.argmax(1)]
+    for i, c in enumerate(classes):
         out[f"raw_{c}"] = raw[:, i]
     out.to_csv(path, index=False, float_format="%.8g")

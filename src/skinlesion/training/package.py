@@ -16,6 +16,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from skinlesion.core.errors import CheckpointError
 from skinlesion.evaluation.report import write_oof_report
 from skinlesion.inference.packaged import (
     CARD_FILE,
@@ -28,7 +29,7 @@ from skinlesion.inference.packaged import (
     zoo_dir,
 )
 from skinlesion.inference.predict import checkpoint_paths
-from skinlesion.models.checkpoint import CheckpointError, load_checkpoint
+from skinlesion.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

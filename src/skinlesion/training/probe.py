@@ -11,27 +11,30 @@ and ``predict``/``evaluate`` work unchanged.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from skinlesion.core.config import Config, config_to_dict
-from skinlesion.core.labels import CLASSES
+from skinlesion.core.run_folder import FoldFolder, RunFolder
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.cache import default_cache_dir
+from skinlesion.data.preprocess import Normalization
 from skinlesion.data.sampling import sample_weights
+from skinlesion.evaluation.calibration import fit_temperature
 from skinlesion.inference.engine import prepare
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
-from skinlesion.models.factory import build_model
-from skinlesion.training.losses import build_loss
+from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
+from skinlesion.training.run_data import RunData
+from skinlesion.training.setup import build_criterion, build_run_model, model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,7 @@ def embedding_key(backbone: str, weights_id: str, image_cache: Path, flips: bool
 def compute_embeddings(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
+    norm: Normalization,
     runtime: Runtime,
     batch_size: int = 64,
     flips: bool = True,
@@ -65,7 +67,7 @@ def compute_embeddings(
             if isinstance(images, torch.Tensor)
             else torch.from_numpy(np.ascontiguousarray(images[rows]))
         )
-        x = prepare(batch.to(runtime.device), mean, std, runtime)
+        x = prepare(batch.to(runtime.device), norm, runtime)
         views = [x, x.flip(-1), x.flip(-2)] if flips else [x]
         with runtime.autocast():
             feats = [model.forward_head(model.forward_features(v), pre_logits=True) for v in views]
@@ -74,28 +76,23 @@ def compute_embeddings(
 
 
 def cached_embeddings(
-    model: nn.Module,
-    cfg: Config,
-    images: np.ndarray,
-    cache_root: Path,
-    mean: Sequence[float],
-    std: Sequence[float],
-    runtime: Runtime,
-    flips: bool,
-    progress: bool = True,
+    model: nn.Module, cfg: Config, data: RunData, runtime: Runtime, progress: bool = True
 ) -> np.ndarray:
     """Embeddings from disk if this backbone, weights, size and data were embedded before."""
+    flips = cfg.train.probe_flips
     weights_id = cfg.model.weights or ("imagenet" if cfg.model.pretrained else "random")
-    key = embedding_key(cfg.model.backbone, weights_id, cache_root, flips)
+    key = embedding_key(cfg.model.backbone, weights_id, data.cache_root, flips)
     folder = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     path = folder / "embeddings" / f"{key}.npy"
     if path.is_file():
         emb = np.load(path)
-        if len(emb) == len(images):
+        if len(emb) == len(data.images):
             log.info("embeddings from %s", path)
             return emb
     t0 = time.perf_counter()
-    emb = compute_embeddings(model, images, mean, std, runtime, flips=flips, progress=progress)
+    emb = compute_embeddings(
+        model, data.images, data.spec.normalization, runtime, flips=flips, progress=progress
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, emb)
@@ -143,53 +140,45 @@ def fit_linear_head(
     return w_orig.numpy(), b_orig.numpy()
 
 
-def probe_fold(
-    cfg: Config, data: Any, emb: np.ndarray, fold: int, run_dir: Path, backbone: nn.Module
-) -> dict[str, Any]:
-    """Fit the head of one fold over the L2 grid; keep the lowest validation loss."""
-    from skinlesion.evaluation.calibration import fit_temperature
-    from skinlesion.training.outputs import (
-        model_kwargs,
-        val_figures,
-        write_metrics_rows,
-        write_val_predictions,
-    )
+@dataclass
+class HeadFit:
+    """The head of one L2 strength: weights, its validation figures and logits."""
 
-    fold_dir = run_dir / f"fold_{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    table = data.table
-    tr, va = table[table["fold"] != fold], table[table["fold"] == fold]
+    l2: float
+    index: int  # position in the grid, from 1 (the "epoch" of metrics.csv)
+    w: np.ndarray
+    b: np.ndarray
+    figs: dict[str, float]
+    logits: np.ndarray  # validation logits, float32
+
+
+def _sweep_l2(
+    cfg: Config, emb: np.ndarray, tr: pd.DataFrame, va: pd.DataFrame, n_classes: int, fold: int
+) -> tuple[list[dict[str, Any]], HeadFit]:
+    """Fit a head for every strength of :data:`L2_GRID`; the metrics rows and the best fit."""
     x_tr, x_va = emb[tr["row"].to_numpy()], emb[va["row"].to_numpy()]
     y_tr, y_va = tr["label"].to_numpy(), va["label"].to_numpy()
     # The weighted sampler's weights, applied to the loss instead of to drawing.
     weights = (
-        sample_weights(y_tr, len(CLASSES), cfg.sampler.power)
+        sample_weights(y_tr, n_classes, cfg.sampler.power)
         if cfg.sampler.name == "weighted"
         else np.ones(len(y_tr))
     )
-    criterion = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha)
-    per_sample = build_loss(cfg.loss.name, cfg.loss.gamma, cfg.loss.alpha, reduction="none")
-    rows, best = [], None
+    criterion = build_criterion(cfg.loss)
+    per_sample = build_criterion(cfg.loss, reduction="none")
+    rows: list[dict[str, Any]] = []
+    best: HeadFit | None = None
     for i, l2 in enumerate(L2_GRID, 1):
         t0 = time.perf_counter()
-        w, b = fit_linear_head(x_tr, y_tr, weights, l2, per_sample, len(CLASSES))
-        logits_tr = x_tr @ w.T + b
+        w, b = fit_linear_head(x_tr, y_tr, weights, l2, per_sample, n_classes)
         logits = (x_va @ w.T + b).astype(np.float32)
         figs = val_figures(criterion, logits, y_va)
-        train_loss = float(
-            criterion(torch.from_numpy(logits_tr).float(), torch.from_numpy(y_tr).long())
-        )
-        rows.append(
-            {
-                "epoch": i,
-                "train_loss": train_loss,
-                **figs,
-                "lr": l2,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        if best is None or figs["val_loss"] < best[0]["val_loss"]:
-            best = (figs, i, l2, w, b, logits)
+        logits_tr = torch.from_numpy(x_tr @ w.T + b).float()
+        train_loss = float(criterion(logits_tr, torch.from_numpy(y_tr).long()))
+        seconds = time.perf_counter() - t0
+        rows.append({"epoch": i, "train_loss": train_loss, **figs, "lr": l2, "seconds": seconds})
+        if best is None or figs["val_loss"] < best.figs["val_loss"]:
+            best = HeadFit(l2, i, w, b, figs, logits)
         log.info(
             "fold %d probe l2=%g: val_loss %.4f bal_acc %.3f",
             fold,
@@ -198,81 +187,83 @@ def probe_fold(
             figs["val_balanced_accuracy"],
         )
     assert best is not None
-    figs, epoch, l2, w, b, logits = best
-    write_metrics_rows(fold_dir / "metrics.csv", rows)
+    return rows, best
+
+
+def probe_fold(
+    cfg: Config, data: RunData, emb: np.ndarray, fold: int, run_dir: Path, backbone: nn.Module
+) -> dict[str, Any]:
+    """Fit the head of one fold over the L2 grid; keep the lowest validation loss."""
+    folder = RunFolder(run_dir).fold(fold)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    table = data.table
+    tr, va = table[table["fold"] != fold], table[table["fold"] == fold]
+    rows, best = _sweep_l2(cfg, emb, tr, va, len(data.spec.class_names), fold)
+    write_metrics_rows(folder.metrics, rows)
     classifier = backbone.get_classifier()
     with torch.no_grad():
-        classifier.weight.copy_(torch.from_numpy(w).float())
-        classifier.bias.copy_(torch.from_numpy(b).float())
-    temperature = fit_temperature(logits.astype(np.float64), y_va) if cfg.eval.calibrate else 1.0
-    ckpt = make_checkpoint(
-        backbone,
-        cfg.model.backbone,
-        data.spec,
-        fold,
-        epoch,
-        figs,
-        config_to_dict(cfg),
-        temperature,
-        model_kwargs(cfg),
-        extra={"probe_l2": l2},
-    )
-    atomic_torch_save(ckpt, fold_dir / "best.pt")
-    write_val_predictions(
-        va, logits.astype(np.float64), temperature, fold_dir / "val_predictions.csv"
-    )
+        classifier.weight.copy_(torch.from_numpy(best.w).float())
+        classifier.bias.copy_(torch.from_numpy(best.b).float())
+    y_va = va["label"].to_numpy()
+    logits = best.logits.astype(np.float64)
+    temperature = fit_temperature(logits, y_va) if cfg.eval.calibrate else 1.0
+    _save_probe_fold(cfg, data, backbone, folder, best, temperature)
+    write_val_predictions(va, logits, temperature, folder.val_predictions, data.spec.class_names)
     summary = {
         "fold": fold,
-        "best_epoch": epoch,
-        "probe_l2": l2,
-        "metrics": figs,
+        "best_epoch": best.index,
+        "probe_l2": best.l2,
+        "metrics": best.figs,
         "temperature": temperature,
         "n_train": len(tr),
         "n_val": len(va),
     }
-    (fold_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder.write_summary(summary)
     return summary
+
+
+def _save_probe_fold(
+    cfg: Config,
+    data: RunData,
+    backbone: nn.Module,
+    folder: FoldFolder,
+    best: HeadFit,
+    temperature: float,
+) -> None:
+    ckpt = make_checkpoint(
+        backbone,
+        backbone=cfg.model.backbone,
+        spec=data.spec,
+        fold=folder.number,
+        epoch=best.index,
+        metrics=best.figs,
+        config=config_to_dict(cfg),
+        temperature=temperature,
+        model_kwargs=model_kwargs(cfg.model),
+        extra={"probe_l2": best.l2},
+    )
+    atomic_torch_save(ckpt, folder.best)
 
 
 def run_linear_probe(
     cfg: Config,
-    data: Any,
+    data: RunData,
     run_dir: Path,
     runtime: Runtime,
     folds: list[int],
-    cache_root: Path,
     resume: bool = False,
     progress: bool = True,
 ) -> None:
     """Embed every image once, then fit and save one linear head per fold."""
-    from skinlesion.training.outputs import model_kwargs
-
-    backbone = build_model(
-        cfg.model.backbone,
-        len(CLASSES),
-        cfg.model.pretrained,
-        cfg.model.weights,
-        **model_kwargs(cfg),
-    ).to(runtime.device)
-    if runtime.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = build_run_model(cfg, data.spec, runtime)
     if not cfg.model.pretrained and cfg.model.weights is None:
         log.warning("linear probe on a randomly initialised backbone: expect chance level")
-    emb = cached_embeddings(
-        backbone,
-        cfg,
-        data.images,
-        cache_root,
-        data.spec.mean,
-        data.spec.std,
-        runtime,
-        cfg.train.probe_flips,
-        progress,
-    )
+    emb = cached_embeddings(backbone, cfg, data, runtime, progress)
     # Checkpoints hold plain contiguous CPU tensors.
     backbone = backbone.cpu().to(memory_format=torch.contiguous_format)
+    run = RunFolder(run_dir)
     for fold in folds:
-        if resume and (run_dir / f"fold_{fold}" / "summary.json").is_file():
+        if resume and run.fold(fold).finished:
             log.info("fold %d already complete, skipping", fold)
             continue
         probe_fold(cfg, data, emb, fold, run_dir, backbone)

@@ -1,0 +1,55 @@
+"""Everything a run needs, checked before any fold, cache entry or run folder exists.
+
+Names are looked up in their registries (backbones through timm's list and the weight providers,
+losses, samplers; ``train.scheme`` is checked by the schema), each error naming the key and the
+close matches; input paths must exist and output folders must be writable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from skinlesion.core.config import Config, check_name
+from skinlesion.core.errors import ConfigError, DataError
+from skinlesion.core.paths import check_writable_dir
+from skinlesion.data.cache import default_cache_dir
+from skinlesion.data.sampling import SAMPLERS
+from skinlesion.models.backbones import check_backbone
+from skinlesion.training.losses import LOSSES
+
+
+def check_names(cfg: Config) -> None:
+    """Every registry name of the config is known (the cheap checks, no files touched)."""
+    check_backbone(cfg.model.backbone, "model.backbone")
+    check_name("loss.name", cfg.loss.name, LOSSES, "loss")
+    check_name("sampler.name", cfg.sampler.name, SAMPLERS, "sampler")
+
+
+def check_paths(cfg: Config) -> None:
+    """Inputs exist; ``output_dir`` and ``data.cache_dir`` can be written."""
+    if cfg.data.root is None:
+        raise ConfigError(
+            "data.root is not set: point it at a HAM10000 folder "
+            "(or run `skinlesion download --dest DIR`)"
+        )
+    if not Path(cfg.data.root).is_dir():
+        raise DataError(
+            f"data.root: {cfg.data.root} is not a folder (set data.root, or run "
+            f"`skinlesion download --dest {cfg.data.root}`)"
+        )
+    for key, value in (
+        ("data.metadata", cfg.data.metadata),
+        ("cv.folds_file", cfg.cv.folds_file),
+        ("model.weights", cfg.model.weights),
+    ):
+        if value is not None and not Path(value).is_file():
+            raise DataError(f"{key}: file {value} not found")
+    check_writable_dir(cfg.output_dir, "output_dir")
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    check_writable_dir(cache, "data.cache_dir" if cfg.data.cache_dir else f"image cache {cache}")
+
+
+def check_config(cfg: Config) -> None:
+    """:func:`check_names`, then :func:`check_paths`: in seconds, before any work."""
+    check_names(cfg)
+    check_paths(cfg)

@@ -1,0 +1,76 @@
+"""What every fold of a run shares: the table of images with folds and labels, the image cache
+and the preprocessing spec."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from skinlesion.core.config import Config
+from skinlesion.core.errors import ConfigError
+from skinlesion.core.labels import class_index
+from skinlesion.data.cache import build_cache
+from skinlesion.data.folds import align_folds, check_folds, make_folds, read_folds, save_folds
+from skinlesion.data.metadata import load_ham10000, subset_by_lesion
+from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.inference.engine import ImageSource
+from skinlesion.training.setup import run_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """Everything the folds share: table (with ``fold`` and ``label``), cached images, spec."""
+
+    table: pd.DataFrame
+    images: ImageSource
+    spec: PreprocessSpec
+    cache_root: Path
+
+
+def _folds_table(cfg: Config, folds_out: Path | None) -> pd.DataFrame:
+    """The (subset of the) metadata with a ``fold`` column: made, or read from cv.folds_file."""
+    if cfg.data.root is None:
+        raise ConfigError(
+            "data.root is not set: point it at a HAM10000 folder "
+            "(or run `skinlesion download --dest DIR`)"
+        )
+    df = load_ham10000(cfg.data.root, cfg.data.metadata)
+    df = subset_by_lesion(df, cfg.data.max_images, cfg.cv.seed)
+    if cfg.cv.folds_file:
+        df = align_folds(df, read_folds(Path(cfg.cv.folds_file)), cfg.cv.folds_file)
+    else:
+        folds = make_folds(df, cfg.cv.n_folds, cfg.cv.seed, grouped=cfg.cv.grouped)
+        df = df.merge(folds[["image_id", "fold"]], on="image_id", validate="one_to_one")
+    if cfg.cv.grouped:
+        check_folds(df)
+    else:
+        log.warning(
+            "cv.grouped=false: images of one lesion may sit in several folds; the "
+            "metrics of this run are inflated by leakage"
+        )
+    if folds_out is not None:
+        save_folds(df, folds_out)
+    return df.sort_values("image_id").reset_index(drop=True)
+
+
+def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) -> RunData:
+    """Validate the data, make or read the folds, and build (or reuse) the image cache."""
+    df = _folds_table(cfg, folds_out)
+    spec = run_spec(cfg)
+    df["label"] = df["dx"].map(class_index(spec.class_names)).astype(int)
+    cache = build_cache(
+        df["image_id"].tolist(),
+        df["path"].tolist(),
+        cfg.data.image_size,
+        Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
+        spec.interpolation,
+        spec.colour_constancy,
+        progress=progress,
+    )
+    df["row"] = cache.rows(df["image_id"].tolist())
+    return RunData(table=df, images=cache.images, spec=spec, cache_root=cache.root)

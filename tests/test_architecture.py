@@ -1,0 +1,178 @@
+"""The package's shape, read with ``ast``: rooms whose imports flow one way, no two modules that
+import each other, no function over 70 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "skinlesion"
+PACKAGE = "skinlesion"
+# The order the data moves; a module may import its own room and the rooms before it. Rooms of
+# equal rank (entry points side by side) may not import each other.
+ROOMS: dict[str, int] = {
+    "core": 0,
+    "data": 1,
+    "models": 2,
+    "inference": 3,
+    "evaluation": 4,
+    "training": 5,
+    "benchmark": 6,
+    "cli": 7,
+    "serving": 7,
+}
+# The package's own entry files, which may import any room.
+TOP = {"__init__", "__main__"}
+MAX_FUNCTION_LINES = 70
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        out[".".join((PACKAGE, *parts))] = path
+    return out
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of the package that ``module`` imports, lazily or not."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            # ``from pkg import mod`` names the module; ``from mod import f`` names ``mod``.
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            ]
+        for name in names:
+            # The deepest module of the package that the name refers to.
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module and name != PACKAGE:
+                found.add(name)
+    return found
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+MODULES = _modules()
+GRAPH = {m: _imports(m, p, set(MODULES)) for m, p in MODULES.items()}
+
+
+def test_every_room_is_placed() -> None:
+    rooms = {_room(m) for m in MODULES} - {""}
+    unplaced = sorted(r for r in rooms if r not in ROOMS and r not in TOP)
+    assert not unplaced, f"rooms {unplaced} have no place in ROOMS; add them in data order"
+
+
+def room_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, imported in graph.items():
+        room = _room(module)
+        if room in TOP or room not in ROOMS:
+            continue
+        for other in imported:
+            other_room = _room(other)
+            if other_room == room or other_room in TOP:
+                continue
+            if other_room not in ROOMS or ROOMS[other_room] >= ROOMS[room]:
+                bad.append(f"{module} imports {other} (room {other_room!r} is not before {room!r})")
+    return bad
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every import cycle that a depth-first search meets, not only pairs."""
+    cycles: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_imports_flow_one_way() -> None:
+    bad = room_violations(GRAPH)
+    assert not bad, "\n".join(bad)
+
+
+def test_no_two_modules_import_each_other() -> None:
+    cycles = find_cycles(GRAPH)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_checks_catch_known_faults() -> None:
+    graph = {
+        "skinlesion.data.a": {"skinlesion.training.b"},  # a later room
+        "skinlesion.training.b": {"skinlesion.training.c"},
+        "skinlesion.training.c": {"skinlesion.training.b"},  # a pair
+        "skinlesion.cli": {"skinlesion.serving.app"},  # side by side
+        "skinlesion.serving.app": {"skinlesion.inference.predict"},
+    }
+    assert room_violations(graph) == [
+        "skinlesion.data.a imports skinlesion.training.b (room 'training' is not before 'data')",
+        "skinlesion.cli imports skinlesion.serving.app (room 'serving' is not before 'cli')",
+    ]
+    assert find_cycles(graph) == [
+        "skinlesion.training.b -> skinlesion.training.c -> skinlesion.training.b"
+    ]
+
+
+def test_functions_are_short() -> None:
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name}: {n} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from skinlesion.data.folds import make_folds", {"skinlesion.data.folds"}),
+        ("from skinlesion.data import folds", {"skinlesion.data.folds"}),
+        ("import skinlesion.models.factory", {"skinlesion.models.factory"}),
+        ("from . import cache", {"skinlesion.data.cache"}),
+        ("from ..core.labels import CLASSES", {"skinlesion.core.labels"}),
+        ("import numpy", set()),
+    ],
+)
+def test_import_reader(source: str, expected: set[str], tmp_path: Path) -> None:
+    path = tmp_path / "probe.py"
+    path.write_text(f"def f():\n    {source}\n")  # lazy imports count too
+    known = {
+        "skinlesion.data",
+        "skinlesion.data.folds",
+        "skinlesion.data.cache",
+        "skinlesion.core.labels",
+        "skinlesion.models.factory",
+    }
+    assert _imports("skinlesion.data.probe", path, known) == expected
