@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ class Member:
     temperature: float
     fold: int
     path: Path
-    tta: int = 1  # the views its temperature was fitted on (the run's eval.tta)
+    tta: int = 1  # the views its temperature was fitted on (see calibrated_views)
     backbone_id: str = ""  # hash of every weight but the classifier's
 
 
@@ -55,6 +56,14 @@ def backbone_id(model: nn.Module) -> str:
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def calibrated_views(ckpt: dict[str, Any]) -> int:
+    """The TTA views a checkpoint's temperature was fitted on: its ``tta`` (a linear probe with
+    flips: 3), or, for checkpoints written before it was recorded, the run's ``eval.tta``."""
+    if "tta" in ckpt:
+        return int(ckpt["tta"])
+    return int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
 
 
 def checkpoint_paths(path: str | Path) -> list[Path]:
@@ -80,7 +89,7 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
         model = model.to(runtime.device)
         if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        tta = int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
+        tta = calibrated_views(ckpt)
         temperature = float(ckpt.get("temperature", 1.0))
         members.append(
             Member(model, spec, temperature, int(ckpt["fold"]), p, tta, backbone_id(model))
@@ -155,7 +164,7 @@ def predict_sources(
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Probabilities (N, C) for each source; rows of sources that failed are NaN.
 
-    ``tta=None`` uses the views the run calibrated on (its ``eval.tta``).
+    ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``).
 
     Returns the probabilities and ``{index: error message}`` for the sources that could not be
     decoded, so one bad file never costs the predictions of the others.

@@ -455,6 +455,7 @@ def finish_fold(
     }
     if runtime.dist.is_main:
         ckpt["temperature"] = float(temperature)
+        ckpt["tta"] = int(cfg.eval.tta)  # the views the temperature was fitted on
         atomic_torch_save(ckpt, best_path)
         write_val_predictions(val_t, logits, temperature, fold_dir / "val_predictions.csv")
         (fold_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from skinlesion.core.config import Config, config_to_dict
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.runtime import Runtime
+from skinlesion.data.augment import tta_views
 from skinlesion.data.cache import default_cache_dir
 from skinlesion.data.sampling import sample_weights
 from skinlesion.inference.engine import prepare
@@ -36,6 +37,7 @@ from skinlesion.training.losses import build_loss
 log = logging.getLogger(__name__)
 
 L2_GRID: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+PROBE_FLIP_VIEWS = 3  # identity, hflip, vflip: the first 3 of ``augment.tta_views``
 
 
 def embedding_key(backbone: str, weights_id: str, image_cache: Path, flips: bool) -> str:
@@ -66,7 +68,7 @@ def compute_embeddings(
             else torch.from_numpy(np.ascontiguousarray(images[rows]))
         )
         x = prepare(batch.to(runtime.device), mean, std, runtime)
-        views = [x, x.flip(-1), x.flip(-2)] if flips else [x]
+        views = tta_views(x, PROBE_FLIP_VIEWS) if flips else [x]
         with runtime.autocast():
             feats = [model.forward_head(model.forward_features(v), pre_logits=True) for v in views]
         out.append(torch.stack(feats).float().mean(0).cpu())
@@ -215,7 +217,9 @@ def probe_fold(
         config_to_dict(cfg),
         temperature,
         model_kwargs(cfg),
-        extra={"probe_l2": l2},
+        # The embeddings averaged the identity and its h/v flips, the first 3 TTA views: the
+        # temperature was fitted on exactly what ``predict`` gives with tta=3.
+        extra={"probe_l2": l2, "tta": PROBE_FLIP_VIEWS if cfg.train.probe_flips else 1},
     )
     atomic_torch_save(ckpt, fold_dir / "best.pt")
     write_val_predictions(
