@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 HAM10000_DIR ?= ../shared/data/ham10000
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
+# Mutation testing of the core numerical modules ([tool.mutmut] in pyproject.toml: which files,
+# which fast tests). Slow (tens of minutes on 2 cores) and never run in CI; niced so that it
+# yields to other work. `mutmut results` lists the survivors, `mutmut show NAME` one diff.
+mutation: install
+	$(PY) -m pip install -q -e '.[mutation]'
+	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children $${MUTATION_JOBS:-1}
+	$(VENV)/bin/mutmut results
+
 # The packaged model's predictions for a few HAM10000 images (from HAM10000_DIR, else downloaded
 # to data/ham10000), then the quick recipe trained and predicting on the same images.
 demo: install
@@ -48,4 +56,4 @@ demo: install
 	echo "predictions:  $(DEMO_DIR)/demo_predictions.csv"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs mutants .pytest_cache .ruff_cache

@@ -6,9 +6,9 @@
 #   bash bench/gpu_check.sh [HAM10000_DIR]
 #
 # HAM10000_DIR    $1, else $HAM10000_DIR, else data_carry/ham10000 (the official layout)
-# OUT             output folder (default gpu_check_out). It receives at most 8 files, none in
-#                 sub-folders: env.txt, bench_b3.json, bench_lite2.json, predict_b3.json,
-#                 report.md, fold_metrics.csv, summary.txt, run_lite_small.tgz
+# OUT             output folder (default gpu_check_out). It receives at most 9 files, none in
+#                 sub-folders: env.txt, gpu_tests.txt, bench_b3.json, bench_lite2.json,
+#                 predict_b3.json, report.md, fold_metrics.csv, summary.txt, run_lite_small.tgz
 # EPOCHS          epochs per fold of the lite run. Unset: 8, lowered if the lite2 benchmark
 #                 predicts that 8 would not end before TOTAL_BUDGET_S
 # TOTAL_BUDGET_S  wall-time target of the whole script in seconds (default 420); the training
@@ -277,6 +277,21 @@ print(text)
 EOF
 }
 
+# The test suite's `gpu` tests (never run in CI): CUDA results against the CPU. On a GPU they must
+# pass, not skip; in SMOKE mode (no GPU) they skip.
+gpu_tests() {
+    local rc=0
+    python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests >"$OUT/gpu_tests.txt" 2>&1 || rc=$?
+    cat "$OUT/gpu_tests.txt"
+    if [ "$rc" -ne 0 ]; then
+        return "$rc"
+    fi
+    if [ "$SMOKE" != 1 ] && grep -q "skipped" "$OUT/gpu_tests.txt"; then
+        echo "gpu tests skipped on a GPU machine"
+        return 1
+    fi
+}
+
 # Wheels carried in .whl/ (packages the GPU image lacks) go to /tmp/site, not into the image.
 install_wheels() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -289,6 +304,7 @@ if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
 run_step env env_report
+run_step gpu_tests gpu_tests
 run_step bench_b3 sl_bench train "${B3[@]}" "${STEPS[@]}" --json "$OUT/bench_b3.json"
 run_step bench_lite2 sl_bench train "${LITE2[@]}" "${STEPS[@]}" --json "$OUT/bench_lite2.json"
 run_step predict_b3 sl_bench predict "${B3[@]}" "${STEPS[@]}" \

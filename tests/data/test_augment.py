@@ -1,5 +1,4 @@
 import itertools
-import time
 
 import pytest
 import torch
@@ -232,17 +231,6 @@ def test_tta_views() -> None:
     for n in (0, 9):
         with pytest.raises(ValueError, match="1..8"):
             tta_views(x, n)
-
-
-def test_speed_cpu_batch_64_at_224() -> None:
-    torch.manual_seed(0)
-    x = torch.rand(64, 3, 224, 224)
-    augment_batch(x, AugmentConfig(), generator=_gen(0))  # warm-up
-    start = time.perf_counter()
-    augment_batch(x, AugmentConfig(), generator=_gen(1))
-    elapsed = time.perf_counter() - start
-    # Spec: well under a second on 2 cores; the bound leaves room for a loaded CI machine.
-    assert elapsed < 2.0, elapsed
 
 
 @pytest.mark.gpu

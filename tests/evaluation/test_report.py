@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import PROBE, run_overrides, train_cli
 from PIL import Image
 from sklearn.metrics import (
     accuracy_score,
@@ -25,40 +26,20 @@ from sklearn.metrics import (
 
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
-from skinlesion.data.synthetic import make_synthetic_ham10000
 from skinlesion.evaluation.metrics import LOG_LOSS_EPS, evaluate_predictions
 from skinlesion.evaluation.report import render_markdown
 
 TOL = 1e-6
 
 
-def probe_overrides(root: Path, out: Path, cache: Path, **extra: str) -> list[str]:
-    """A linear probe on a pretrained lite0 at 32 px: seconds on a CPU, good predictions."""
-    base = {
-        "data.root": str(root),
-        "data.image_size": "32",
-        "data.cache_dir": str(cache),
-        "cv.n_folds": "2",
-        "model.backbone": "tf_efficientnet_lite0",
-        "model.pretrained": "true",
-        "train.scheme": "linear_probe",
-        "train.probe_flips": "false",
-        "train.num_threads": "2",
-        "output_dir": str(out),
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(tmp_path_factory: pytest.TempPathFactory, syn_root: Path) -> Path:
     """One finished two-fold run; the report keeps the default ``eval.n_boot`` (1000) so that
     ``skinlesion report RUN`` with its defaults must reproduce it."""
     tmp = tmp_path_factory.mktemp("report")
-    make_synthetic_ham10000(tmp / "data", lesions_per_class=5)
     out = tmp / "run"
-    args = probe_overrides(tmp / "data", out, tmp / "cache")
-    assert main(["train", "--no-progress", *args]) == 0
+    args = run_overrides(PROBE, syn_root, out, tmp / "cache", **{"eval.n_boot": 1000})
+    assert train_cli(args) == 0
     return out
 
 
@@ -72,8 +53,9 @@ def labels_and_probs(df: pd.DataFrame, prefix: str = "") -> tuple[np.ndarray, np
 
 
 def clip(probs: np.ndarray) -> np.ndarray:
-    """The project clips p(true class) at 1e-15 for log loss, sklearn at machine epsilon; the two
-    differ only below 1e-15 (a confident mistake), so sklearn gets the clipped values."""
+    """The project clips p(true class) at machine epsilon (``LOG_LOSS_EPS``) for log loss, the
+    floor sklearn uses too; sklearn also caps at 1 - eps, which changes a loss by under 1e-15.
+    Clipping here first makes the comparison independent of sklearn's choice of floor."""
     return np.clip(probs, LOG_LOSS_EPS, 1.0)
 
 

@@ -8,49 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FINETUNE, run_overrides, train_cli
 
 from skinlesion.cli import main
 from skinlesion.core.config import load_config
 from skinlesion.core.labels import CLASSES
-from skinlesion.data.synthetic import make_synthetic_ham10000
 from skinlesion.models.checkpoint import load_checkpoint
 from skinlesion.training import cv as training
 
 
-@pytest.fixture(scope="module")
-def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("syn")
-    make_synthetic_ham10000(root, lesions_per_class=5)
-    return root
-
-
 def tiny_overrides(root: Path, out: Path, cache: Path, **extra: str) -> list[str]:
-    base = {
-        "data.root": str(root),
-        "data.image_size": "32",
-        "data.cache_dir": str(cache),
-        "cv.n_folds": "2",
-        "model.backbone": "tf_efficientnet_lite0",
-        "model.pretrained": "false",
-        "train.epochs": "3",
-        "train.batch_size": "8",
-        "train.steps_per_epoch": "4",
-        "train.patience": "null",
-        "train.num_threads": "2",
-        "eval.n_boot": "20",
-        "output_dir": str(out),
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def run_train(args: list[str]) -> int:
-    return main(["train", "--no-progress", *args])
+    return run_overrides(FINETUNE, root, out, cache, **extra)
 
 
 def test_train_writes_self_describing_run(syn_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert run_train(tiny_overrides(syn_root, out, tmp_path / "cache")) == 0
+    assert train_cli(tiny_overrides(syn_root, out, tmp_path / "cache")) == 0
     for name in (
         "config.yaml",
         "folds.csv",
@@ -94,7 +67,7 @@ def test_train_writes_self_describing_run(syn_root: Path, tmp_path: Path) -> Non
 def test_predict_ensemble_and_bad_file(syn_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert (
-        run_train(
+        train_cli(
             tiny_overrides(
                 syn_root,
                 out,
@@ -142,7 +115,7 @@ def test_resume_after_interruption_matches_uninterrupted(
     cache = tmp_path / "cache"
     extra = {"cv.folds_to_run": "[0]", "eval.calibrate": "false"}
     full = tmp_path / "full"
-    assert run_train(tiny_overrides(syn_root, full, cache, **extra)) == 0
+    assert train_cli(tiny_overrides(syn_root, full, cache, **extra)) == 0
 
     crashed = tmp_path / "crashed"
     real_epoch = training.train_one_epoch
@@ -156,12 +129,12 @@ def test_resume_after_interruption_matches_uninterrupted(
 
     monkeypatch.setattr(training, "train_one_epoch", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        run_train(tiny_overrides(syn_root, crashed, cache, **extra))
+        train_cli(tiny_overrides(syn_root, crashed, cache, **extra))
     monkeypatch.setattr(training, "train_one_epoch", real_epoch)
     assert pd.read_csv(crashed / "fold_0" / "metrics.csv")["epoch"].tolist() == [1, 2]
     # Without --resume the folder is protected.
-    assert run_train(tiny_overrides(syn_root, crashed, cache, **extra)) == 2
-    assert run_train(["--resume", *tiny_overrides(syn_root, crashed, cache, **extra)]) == 0
+    assert train_cli(tiny_overrides(syn_root, crashed, cache, **extra)) == 2
+    assert train_cli(["--resume", *tiny_overrides(syn_root, crashed, cache, **extra)]) == 0
     a = pd.read_csv(full / "fold_0" / "metrics.csv")
     b = pd.read_csv(crashed / "fold_0" / "metrics.csv")
     assert b["epoch"].tolist() == [1, 2, 3]
@@ -174,12 +147,12 @@ def test_resume_refuses_changed_config(syn_root: Path, tmp_path: Path) -> None:
     args = tiny_overrides(
         syn_root, out, tmp_path / "cache", **{"cv.folds_to_run": "[0]", "train.epochs": "1"}
     )
-    assert run_train(args) == 0
-    assert run_train(["--resume", *args, "loss.gamma=0.5"]) == 2
+    assert train_cli(args) == 0
+    assert train_cli(["--resume", *args, "loss.gamma=0.5"]) == 2
 
 
 def test_bad_config_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_train(["train.lrr=0.1"]) == 2
+    assert train_cli(["train.lrr=0.1"]) == 2
     assert "train.lrr" in capsys.readouterr().err
 
 
@@ -208,7 +181,7 @@ def test_folds_file_is_used(syn_root: Path, tmp_path: Path) -> None:
         tmp_path / "cache",
         **{"cv.folds_file": str(folds_csv), "cv.folds_to_run": "[2]", "train.epochs": "1"},
     )
-    assert run_train(args) == 0
+    assert train_cli(args) == 0
     saved = pd.read_csv(out / "folds.csv").sort_values("image_id").reset_index(drop=True)
     given = pd.read_csv(folds_csv).sort_values("image_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(saved, given)
@@ -243,7 +216,7 @@ def test_predict_defaults_to_the_runs_tta(syn_root: Path, tmp_path: Path) -> Non
         tmp_path / "cache",
         **{"cv.folds_to_run": "[0]", "train.epochs": "1", "eval.tta": "4"},
     )
-    assert run_train(args) == 0
+    assert train_cli(args) == 0
     runtime = resolve_runtime("cpu")
     members = load_ensemble(out, runtime)
     assert members[0].tta == 4

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import PROBE, run_overrides
 
 from skinlesion.core.config import load_config
 from skinlesion.core.labels import CLASSES
-from skinlesion.data.synthetic import make_synthetic_ham10000
 from skinlesion.evaluation.metrics import point_metrics
 from skinlesion.training.leakage import AUDIT_METRICS, audit_leakage, paired_inflation
 
@@ -79,24 +79,13 @@ def test_bootstrap_resamples_whole_lesions() -> None:
 
 
 @pytest.fixture(scope="module")
-def audit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def audit(tmp_path_factory: pytest.TempPathFactory, syn_root: Path) -> tuple[Path, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("leakage")
-    make_synthetic_ham10000(tmp / "data", lesions_per_class=5)
-    overrides = {
-        "data.root": tmp / "data",
-        "data.image_size": 32,
-        "data.cache_dir": tmp / "cache",
-        "cv.n_folds": 2,
-        "cv.folds_to_run": "[0]",  # the audit must run every fold regardless
-        "model.backbone": "tf_efficientnet_lite0",
-        "model.pretrained": "true",
-        "train.scheme": "linear_probe",
-        "train.probe_flips": "false",
-        "train.num_threads": 2,
-        "eval.n_boot": 20,
-        "output_dir": tmp / "audit",
-    }
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    # cv.folds_to_run=[0]: the audit must run every fold regardless.
+    overrides = run_overrides(
+        PROBE, syn_root, tmp / "audit", tmp / "cache", **{"cv.folds_to_run": "[0]"}
+    )
+    cfg = load_config(None, overrides)
     result = audit_leakage(cfg, n_boot=50, progress=False)
     return tmp / "audit", result
 

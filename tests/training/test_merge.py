@@ -4,39 +4,30 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import PROBE, run_overrides, train_cli
 
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
-from skinlesion.data.synthetic import make_synthetic_ham10000
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def parts(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_ham: Callable[..., Path]
+) -> tuple[Path, Path, Path]:
     """The same recipe run twice, fold 0 into A and fold 1 into B; the merged run C."""
     tmp = tmp_path_factory.mktemp("merge")
-    make_synthetic_ham10000(tmp / "data", lesions_per_class=4)
-    base = {
-        "data.root": tmp / "data",
-        "data.image_size": 32,
-        "data.cache_dir": tmp / "cache",
-        "cv.n_folds": 2,
-        "model.backbone": "tf_efficientnet_lite0",
-        "model.pretrained": "true",
-        "train.scheme": "linear_probe",
-        "train.probe_flips": "false",
-        "train.num_threads": 2,
-        "eval.n_boot": 50,
-    }
+    root = synthetic_ham(4)
     runs = []
     for name, fold in (("A", 0), ("B", 1)):
-        cfg = {**base, "cv.folds_to_run": f"[{fold}]", "output_dir": tmp / name}
-        assert main(["train", "--no-progress", *(f"{k}={v}" for k, v in cfg.items())]) == 0
+        extra = {"cv.folds_to_run": f"[{fold}]", "eval.n_boot": 50}
+        assert train_cli(run_overrides(PROBE, root, tmp / name, tmp / "cache", **extra)) == 0
         runs.append(tmp / name)
     merged = tmp / "C"
     assert main(["merge", str(runs[0]), str(runs[1]), "--out", str(merged), "--n-boot", "50"]) == 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PROBE, run_overrides
 
 from skinlesion.cli import main
 from skinlesion.core.config import load_config
@@ -21,27 +23,14 @@ from skinlesion.training.losses import build_loss
 
 
 @pytest.fixture(scope="module")
-def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("syn")
-    make_synthetic_ham10000(root, lesions_per_class=6)
-    return root
+def syn_root(synthetic_ham: Callable[..., Path]) -> Path:
+    return synthetic_ham(6)
 
 
-def probe_args(root: Path, out: Path, cache: Path, **extra: str) -> list[str]:
-    base = {
-        "data.root": root,
-        "data.image_size": 48,
-        "data.cache_dir": cache,
-        "cv.n_folds": 3,
-        "model.backbone": "tf_efficientnet_lite0",
-        "model.pretrained": "true",
-        "train.scheme": "linear_probe",
-        "eval.n_boot": 20,
-        "train.num_threads": 2,
-        "output_dir": out,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+def probe_args(root: Path, out: Path, cache: Path, **extra: object) -> list[str]:
+    """The shared probe at 48 px over 3 folds, with flips (the scheme's default)."""
+    base = {**PROBE, "data.image_size": 48, "cv.n_folds": 3, "train.probe_flips": "true"}
+    return run_overrides(base, root, out, cache, **extra)
 
 
 def test_probe_run_is_an_ordinary_run(syn_root: Path, tmp_path: Path) -> None:
@@ -166,6 +155,22 @@ def test_freeze_stages_training_keeps_frozen_weights(syn_root: Path, tmp_path: P
     )
 
 
-def test_probe_refuses_torchrun_config_combination() -> None:
-    cfg = load_config(None, ["train.scheme=linear_probe"])
+def test_probe_refuses_torchrun_config_combination(
+    syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun (2 processes) the linear probe refuses to start instead of fitting every
+    fold in each process; without torchrun the same config runs."""
+    from skinlesion.core.runtime import DistInfo
+    from skinlesion.training import cv
+
+    def no_probe(*a: object, **k: object) -> None:
+        raise AssertionError("the probe ran under torchrun")
+
+    monkeypatch.setattr(cv, "init_distributed", lambda: DistInfo(rank=0, world_size=2))
+    monkeypatch.setattr(cv.dist, "barrier", lambda: None)  # no process group in this test
+    monkeypatch.setattr(cv, "run_linear_probe", no_probe)
+    cfg = load_config(None, probe_args(syn_root, tmp_path / "run", tmp_path / "c"))
     assert cfg.train.scheme == "linear_probe"
+    with pytest.raises(ValueError, match="linear_probe runs in one process; drop torchrun"):
+        cv.run_cv(cfg, progress=False)
+    assert not list((tmp_path / "run").glob("fold_*"))

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from skinlesion.core.config import AugmentConfig  # the one definition, also the config section
 
-
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 # RGB -> YIQ (NTSC); a hue shift is a rotation of the (I, Q) chroma plane at constant luma Y.

@@ -127,7 +127,9 @@ def build_cache(
             return i, None, f"row {i} (image {ids[i]}): {err}"
 
     workers = workers or min(8, os.cpu_count() or 1)
-    problems = _fill(images, done, done_path, work, workers, f"caching {size_label(size)}px", progress)
+    problems = _fill(
+        images, done, done_path, work, workers, f"caching {size_label(size)}px", progress
+    )
     del images
     if problems:
         raise DataError("images that cannot be decoded", problems)

@@ -1,7 +1,9 @@
 """A small synthetic data set in the HAM10000 layout, for tests, demos and benchmarks.
 
-Each class gets its own colour and blob shape, so a model can learn it in a few steps; lesions
-have one to three photographs, so lesion grouping matters as in the real data.
+Each class gets its own colour, size and orientation, so a model can learn it in a few steps;
+lesions have one to three photographs, so lesion grouping matters as in the real data. The lesion
+shape has no symmetry (see :func:`_lesion_mask`), so test-time views differ as they do on real
+images.
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ _COLOURS = [
 ]
 
 
+def _lesion_mask(xx: np.ndarray, yy: np.ndarray, c: int, rng: np.random.Generator) -> np.ndarray:
+    """An oriented ellipse off the image centre with a satellite blob on one side.
+
+    No flip or rotation maps it onto itself, so the 8 test-time views of an image differ and a
+    view that is dropped, repeated or mis-ordered changes the prediction.
+    """
+    h, w = xx.shape
+    cx = w * (0.40 + rng.uniform(-0.06, 0.06))
+    cy = h * (0.42 + rng.uniform(-0.06, 0.06))
+    r = min(w, h) * (0.2 + 0.03 * c)
+    angle = np.deg2rad(25 + 10 * c + rng.normal(0, 8))
+    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    body = (u / (1.3 * r)) ** 2 + (v / (0.65 * r)) ** 2 < 1
+    # The satellite sits beyond one end of the major axis and to one side of it.
+    su, sv = 1.45 * r, 0.35 * r
+    sx = cx + su * np.cos(angle) - sv * np.sin(angle)
+    sy = cy + su * np.sin(angle) + sv * np.cos(angle)
+    satellite = (xx - sx) ** 2 + (yy - sy) ** 2 < (0.35 * r) ** 2
+    return body | satellite
+
+
 def make_synthetic_ham10000(
     root: str | Path, lesions_per_class: int = 6, size: tuple[int, int] = (64, 48), seed: int = 0
 ) -> pd.DataFrame:
@@ -43,9 +67,7 @@ def make_synthetic_ham10000(
             lesion = f"HAM_{c:02d}{j:04d}"
             for _ in range(int(rng.integers(1, 4))):
                 image_id = f"ISIC_{9000000 + n:07d}"
-                cx, cy = w / 2 + rng.normal(0, w / 10), h / 2 + rng.normal(0, h / 10)
-                r = min(w, h) * (0.2 + 0.04 * c)
-                mask = ((xx - cx) ** 2 + (yy - cy) ** 2) < r**2
+                mask = _lesion_mask(xx, yy, c, rng)
                 img = np.full((h, w, 3), (225, 190, 170), dtype=np.float64)
                 img[mask] = _COLOURS[c]
                 img += rng.normal(0, 8, img.shape)

@@ -26,7 +26,6 @@ from skinlesion.core.run_folder import (
     RunFolder,
     fold_number,
     recipe_of,
-    saved_eval_settings,
 )
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
@@ -45,7 +44,7 @@ class Member:
     temperature: float
     fold: int
     path: Path
-    tta: int = 1  # the views its temperature was fitted on (the run's eval.tta)
+    tta: int = 1  # the views its temperature was fitted on (see calibrated_views)
     backbone_id: str = ""  # hash of every weight but the classifier's
 
 
@@ -61,6 +60,14 @@ def backbone_id(model: nn.Module) -> str:
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def calibrated_views(ckpt: dict[str, Any]) -> int:
+    """The TTA views a checkpoint's temperature was fitted on: its ``tta`` (a linear probe with
+    flips: 3), or, for checkpoints written before it was recorded, the run's ``eval.tta``."""
+    if "tta" in ckpt:
+        return int(ckpt["tta"])
+    return int((ckpt.get("config") or {}).get("eval", {}).get("tta", 1))
 
 
 def checkpoint_paths(path: str | Path) -> list[Path]:
@@ -121,7 +128,7 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
     members = []
     for p, ckpt in loaded:
         model, spec = model_from_checkpoint(ckpt, runtime)
-        tta = saved_eval_settings(ckpt.get("config"), str(p)).tta
+        tta = calibrated_views(ckpt)
         temperature = float(ckpt.get("temperature", 1.0))
         members.append(
             Member(model, spec, temperature, int(ckpt["fold"]), p, tta, backbone_id(model))
@@ -182,7 +189,7 @@ def predict_sources(
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Probabilities (N, C) for each source; rows of sources that failed are NaN.
 
-    ``tta=None`` uses the views the run calibrated on (its ``eval.tta``).
+    ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``).
 
     Returns the probabilities and ``{index: error message}`` for the sources that could not be
     decoded, so one bad file never costs the predictions of the others.

@@ -370,6 +370,7 @@ def finish_fold(
     }
     if runtime.dist.is_main:
         ckpt["temperature"] = float(temperature)
+        ckpt["tta"] = int(cfg.eval.tta)  # the views the temperature was fitted on
         atomic_torch_save(ckpt, folder.best)
         classes = data.spec.class_names
         write_val_predictions(val_t, logits, temperature, folder.val_predictions, classes)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from skinlesion.core.config import Config, config_to_dict
 from skinlesion.core.run_folder import FoldFolder, RunFolder
 from skinlesion.core.runtime import Runtime
+from skinlesion.data.augment import tta_views
 from skinlesion.data.cache import default_cache_dir
 from skinlesion.data.preprocess import Normalization
 from skinlesion.data.sampling import sample_weights
@@ -39,6 +40,7 @@ from skinlesion.training.setup import build_criterion, build_run_model, model_kw
 log = logging.getLogger(__name__)
 
 L2_GRID: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+PROBE_FLIP_VIEWS = 3  # identity, hflip, vflip: the first 3 of ``augment.tta_views``
 
 
 def embedding_key(backbone: str, weights_id: str, image_cache: Path, flips: bool) -> str:
@@ -68,7 +70,7 @@ def compute_embeddings(
             else torch.from_numpy(np.ascontiguousarray(images[rows]))
         )
         x = prepare(batch.to(runtime.device), norm, runtime)
-        views = [x, x.flip(-1), x.flip(-2)] if flips else [x]
+        views = tta_views(x, PROBE_FLIP_VIEWS) if flips else [x]
         with runtime.autocast():
             feats = [model.forward_head(model.forward_features(v), pre_logits=True) for v in views]
         out.append(torch.stack(feats).float().mean(0).cpu())
@@ -240,7 +242,9 @@ def _save_probe_fold(
         config=config_to_dict(cfg),
         temperature=temperature,
         model_kwargs=model_kwargs(cfg.model),
-        extra={"probe_l2": best.l2},
+        # The embeddings averaged the identity and its h/v flips, the first 3 TTA views: the
+        # temperature was fitted on exactly what ``predict`` gives with tta=3.
+        extra={"probe_l2": best.l2, "tta": PROBE_FLIP_VIEWS if cfg.train.probe_flips else 1},
     )
     atomic_torch_save(ckpt, folder.best)
 

@@ -1,0 +1,113 @@
+"""The command line's contract: exit 0 on success, 2 and one line naming the culprit for the
+user's mistakes, 1 when some images of a batch could not be read (the others still predicted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from skinlesion.cli import main
+from skinlesion.core.labels import CLASSES
+from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.models.factory import build_model, default_spec
+
+
+def one_error_line(err: str, command: str) -> str:
+    """The one ``skinlesion COMMAND: error: ...`` message of stderr, no traceback; a message
+    that lists several problems (a config, a labels file) puts each on an indented line below."""
+    assert "Traceback" not in err
+    lines = err.rstrip("\n").splitlines()
+    starts = [
+        i for i, line in enumerate(lines) if line.startswith(f"skinlesion {command}: error: ")
+    ]
+    assert len(starts) == 1, err
+    assert all(line.startswith("  ") for line in lines[starts[0] + 1 :]), err
+    return "\n".join(lines[starts[0] :])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = build_model("tf_efficientnet_lite0", len(CLASSES), pretrained=False)
+    spec = default_spec("tf_efficientnet_lite0", 32)
+    path = tmp_path_factory.mktemp("cli") / "fold_0" / "best.pt"
+    atomic_torch_save(make_checkpoint(model, "tf_efficientnet_lite0", spec, 0, 1, {}, {}), path)
+    return path
+
+
+def test_unknown_config_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--no-progress", "train.lrr=0.1"]) == 2
+    assert "train.lrr" in one_error_line(capsys.readouterr().err, "train")
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", "--config", str(missing)]) == 2
+    assert "nope.yaml" in one_error_line(capsys.readouterr().err, "train")
+
+
+def test_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--model", str(tmp_path / "run"), "x.jpg", "--no-progress"]) == 2
+    assert str(tmp_path / "run") in one_error_line(capsys.readouterr().err, "predict")
+
+
+def test_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = tmp_path / "best.pt"
+    fake.write_bytes(b"not a checkpoint")
+    assert main(["predict", "--model", str(fake), "x.jpg", "--no-progress"]) == 2
+    assert "best.pt" in one_error_line(capsys.readouterr().err, "predict")
+
+
+def test_missing_metadata_for_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    meta = tmp_path / "meta.csv"
+    assert main(["split", "--metadata", str(meta), "--out", str(tmp_path / "f.csv")]) == 2
+    assert "meta.csv" in one_error_line(capsys.readouterr().err, "split")
+
+
+def test_bad_where_filter(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["evaluate", "--model", str(checkpoint), "--labels", "l.csv", "--images", "i"]
+    assert main([*argv, "--output", str(tmp_path / "o"), "--where", "split"]) == 2
+    assert "COLUMN=VALUE" in one_error_line(capsys.readouterr().err, "evaluate")
+
+
+def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["predict", "x.jpg"], ["frobnicate"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    capsys.readouterr()
+
+
+def test_split_succeeds(syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "folds.csv"
+    meta = syn_root / "HAM10000_metadata.csv"
+    assert main(["split", "--metadata", str(meta), "--folds", "3", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert sorted(pd.read_csv(out)["fold"].unique()) == [0, 1, 2]
+
+
+def test_bad_image_exits_1_and_predicts_the_others(
+    checkpoint: Path, syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = [str(p) for p in sorted(syn_root.rglob("*.jpg"))[:3]]
+    bad = tmp_path / "scan.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--model", str(checkpoint), good[0], str(bad), *good[1:], "--output"]
+    assert main([*argv, str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "wrote 3 prediction(s)" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "scan.png" in errors[0]
+    df = pd.read_csv(out, keep_default_na=False)
+    assert df["image"].tolist() == [good[0], str(bad), *good[1:]]
+    assert (df["error"] != "").tolist() == [False, True, False, False]
+    assert set(df.loc[df["error"] == "", "prediction"]) <= set(CLASSES)
+    # Without --output the CSV goes to stdout, and the exit code is the same.
+    assert main(["predict", "--model", str(checkpoint), good[0], str(bad), "--no-progress"]) == 1
+    assert capsys.readouterr().out.splitlines()[0].startswith("image,")
