@@ -5,6 +5,7 @@ are one row of it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,11 @@ def _row(y: np.ndarray, probs: np.ndarray, accepted: np.ndarray, label: str) -> 
     if n_acc:
         ya, pa = y[accepted], pred[accepted]
         row["accuracy_accepted"] = float((ya == pa).mean())
-        # Over the classes present among the accepted images (sklearn's definition).
-        row["balanced_accuracy_accepted"] = float(balanced_accuracy_score(ya, pa))
+        # Over the classes present among the accepted images (sklearn's definition); a single
+        # class among them is a legitimate case here, not a warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            row["balanced_accuracy_accepted"] = float(balanced_accuracy_score(ya, pa))
     return row
 
 
