@@ -140,22 +140,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         lifespan=lifespan,
     )
     _add_error_handlers(app)
-    max_body = settings.limits.max_bytes + _MULTIPART_SLACK
-
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        # Refuse an over-size body from its header, before the multipart parser stores it.
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return _error(411, "Content-Length header required")
-            if not length.isdigit() or int(length) > max_body:
-                return _error(
-                    413,
-                    f"request body of {length} bytes is over the limit of "
-                    f"{settings.limits.max_bytes} bytes of image",
-                )
-        return await call_next(request)
+    _add_body_limit(app, settings.limits.max_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -200,6 +185,25 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         return JSONResponse(answer)
 
     return app
+
+
+def _add_body_limit(app: FastAPI, max_bytes: int) -> None:
+    max_body = max_bytes + _MULTIPART_SLACK
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        # Refuse an over-size body from its header, before the multipart parser stores it.
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "Content-Length header required")
+            if not length.isdigit() or int(length) > max_body:
+                return _error(
+                    413,
+                    f"request body of {length} bytes is over the limit of {max_bytes} bytes "
+                    "of image",
+                )
+        return await call_next(request)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
