@@ -45,22 +45,16 @@ def test_load_test_is_bounded_and_counts_every_request(model, tmp_path: Path) ->
             break
         except httpx.HTTPError:
             time.sleep(0.1)
-    payloads = [p.read_bytes() for p in lesion_images(tmp_path, 2)] + [b"not an image"]
+    good = [p.read_bytes() for p in lesion_images(tmp_path, 2)]
     try:
-        result = load_test(
-            url,
-            payloads,
-            clients=3,
-            duration_s=600,
-            max_requests=9,
-            server_pid=os.getpid(),
-            rss_every_s=0.2,
-        )
+        result = load_test(url, good, 3, 600, 7, server_pid=os.getpid(), rss_every_s=0.2)
+        refused = load_test(url, [b"not an image"], 2, 600, 4)
     finally:
         server.should_exit = True
         thread.join(30)
-    assert result["requests"] == 9 and result["errors"] == 3  # every third payload is refused
-    assert "HTTP 415" in result["error_examples"][0]
+    assert result["requests"] == 7 and result["errors"] == 0
+    assert refused["requests"] == 4 and refused["errors"] == 4
+    assert "HTTP 415" in refused["error_examples"][0]
     assert result["latency_ms"]["p50"] > 0 and result["server_rss_mb"]["start"] > 0
 
 
