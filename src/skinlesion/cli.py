@@ -74,20 +74,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from skinlesion.core.paths import check_writable_file
 
         check_writable_file(args.output, "--output")
-    from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.packaged import resolve_model
-    from skinlesion.inference.predict import predict_table
+    if args.backend == "onnx":
+        df, errors = _predict_onnx(args)
+    else:
+        from skinlesion.core.runtime import resolve_runtime
+        from skinlesion.inference.packaged import resolve_model
+        from skinlesion.inference.predict import predict_table
 
-    runtime = resolve_runtime(args.device)
-    members = resolve_model(args.model, runtime).members
-    df, errors = predict_table(
-        args.images,
-        members,
-        runtime,
-        tta=args.tta,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+        runtime = resolve_runtime(args.device)
+        members = resolve_model(args.model, runtime).members
+        df, errors = predict_table(
+            args.images,
+            members,
+            runtime,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.output, index=False, float_format="%.6f")
@@ -356,9 +359,21 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     ff.set_defaults(func=_cmd_fit_final)
 
 
+_MODEL_HELP = (
+    "packaged model name (see `skinlesion models`), packaged folder, run folder (fold ensemble) "
+    "or checkpoint; default: the default packaged model"
+)
+
+
 def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("predict", help="class probabilities for images")
     _add_inference_options(r)
+    r.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: --model is a `skinlesion export` folder, run with onnxruntime",
+    )
     r.add_argument("images", nargs="+")
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
     r.set_defaults(func=_cmd_predict)
@@ -395,7 +410,103 @@ def build_parser() -> argparse.ArgumentParser:
     from skinlesion.benchmark.runner import add_benchmark_parser
 
     add_benchmark_parser(sub)
+    _add_serving_parsers(sub)
     return p
+
+
+# --- serving, explanation and export (issue 9) ---------------------------------------------
+
+
+def _predict_onnx(args: argparse.Namespace) -> tuple[Any, dict[int, str]]:
+    from skinlesion.core.errors import ConfigError
+    from skinlesion.inference.onnx_export import OnnxModel
+
+    if args.model is None:
+        raise ConfigError("--backend onnx needs --model EXPORT_DIR (from `skinlesion export`)")
+    if args.tta is not None:
+        raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
+    model = OnnxModel(args.model)
+    probs, errors = model.predict_proba(args.images, batch_size=args.batch_size)
+    import pandas as pd
+
+    classes = model.class_names
+    df = pd.DataFrame(probs, columns=classes)
+    df.insert(0, "image", [str(p) for p in args.images])
+    df["prediction"] = [
+        classes[int(r.argmax())] if i not in errors else "" for i, r in enumerate(probs)
+    ]
+    df["error"] = [errors.get(i, "") for i in range(len(df))]
+    return df, errors
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from skinlesion.serving.app import ServeSettings
+    from skinlesion.serving.server import serve
+    from skinlesion.serving.uploads import UploadLimits
+
+    limits = UploadLimits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels)
+    settings = ServeSettings(limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    serve(args.model, args.host, args.port, settings, device=args.device)
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.inference.explain import explain_to_dir
+    from skinlesion.inference.packaged import resolve_model
+
+    runtime = resolve_runtime(args.device)
+    members = resolve_model(args.model, runtime).members
+    rows, errors = explain_to_dir(args.images, members, runtime, Path(args.output), tta=args.tta)
+    for r in rows:
+        print(f"{r['image']}: {r['class_explained']} (p={r['probability']:.3f}) -> {r['overlay']}")
+    for msg in errors.values():
+        print(f"error: {msg}", file=sys.stderr)
+    print(f"wrote {len(rows)} overlay(s) and explanations.csv to {args.output}")
+    return 1 if errors else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.inference.onnx_export import export_onnx
+    from skinlesion.inference.packaged import resolve_model
+
+    model = resolve_model(args.model, resolve_runtime("cpu"))
+    path = export_onnx(model, args.output, tta=args.tta)
+    print(f"exported {model.name} ({len(model.members)} member(s)) to {path}")
+    return 0
+
+
+def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="HTTP service and web page for a model")
+    sv.add_argument("--model", default=None, help=_MODEL_HELP)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted")
+    sv.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="largest image (width x height)"
+    )
+    sv.add_argument("--max-batch", type=int, default=32, help="micro-batch size")
+    sv.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits to fill"
+    )
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=_cmd_serve)
+
+    ex = sub.add_parser("explain", help="Grad-CAM overlays of the predicted class")
+    ex.add_argument("--model", default=None, help=_MODEL_HELP)
+    ex.add_argument("images", nargs="+")
+    ex.add_argument("--output", required=True, help="folder for the PNG overlays")
+    ex.add_argument("--tta", type=int, default=None, help="views for the prediction explained")
+    ex.add_argument("--device", default="auto")
+    ex.set_defaults(func=_cmd_explain)
+
+    xp = sub.add_parser("export", help="export a model as one ONNX graph (calibrated ensemble)")
+    xp.add_argument("--model", default=None, help=_MODEL_HELP)
+    xp.add_argument("--format", choices=("onnx",), default="onnx")
+    xp.add_argument("--output", required=True)
+    xp.add_argument("--tta", type=int, default=None, help="views inside the graph (default: run's)")
+    xp.set_defaults(func=_cmd_export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

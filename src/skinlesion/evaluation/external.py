@@ -22,10 +22,12 @@ from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.metadata import IMAGE_EXTENSIONS, DataError, check_image, read_table
+from skinlesion.evaluation.abstain import plot_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import resolve_model
 from skinlesion.inference.predict import predict_sources
+from skinlesion.inference.refer import refer_rules
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +184,10 @@ def evaluate_external(
         "domain": domain,
         **metrics,
     }
+    # Accuracy on the accepted images against the share referred, at the model's own rules too.
+    result["risk_coverage"] = risk_coverage(y, p, refer_rules(reference))
     result["plots"] = write_plots(y, p, metrics["point"]["confusion_matrix"], output)
+    result["plots"].append(plot_risk_coverage(y, p, output / "risk_coverage.png").name)
     (output / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     (output / "report.md").write_text(render_markdown(result, f"External evaluation: {labels_csv}"))
     return result

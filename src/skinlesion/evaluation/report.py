@@ -18,6 +18,7 @@ import pandas as pd
 from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.run_folder import RunFolder
+from skinlesion.evaluation.abstain import plot_risk_coverage, render_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import (
     evaluate_predictions,
     melanoma_threshold_for_specificity,
@@ -28,6 +29,7 @@ from skinlesion.evaluation.plots import (
     plot_reliability_diagram,
     plot_roc_curves,
 )
+from skinlesion.inference.refer import fit_refer_reference
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,9 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
         "domain": confidence_indicators(probs, conf_threshold),
         **metrics,
     }
+    # The refer rules a packaged model carries, and the table a user picks an operating point from.
+    result["refer"] = fit_refer_reference(probs)
+    result["risk_coverage"] = risk_coverage(y, probs, result["refer"])
     if raw is not None:
         before = point_metrics(y, raw)
         result["calibration"] = {
@@ -121,6 +126,8 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
             "after": {k: metrics["point"][k] for k in ("ece", "log_loss", "brier")},
         }
     result["plots"] = write_plots(y, probs, metrics["point"]["confusion_matrix"], run.plots, raw)
+    rc_plot = plot_risk_coverage(y, probs, run.plots / "risk_coverage.png")
+    result["plots"].append(rc_plot.name)
     run.oof_metrics.write_text(json.dumps(result, indent=2, allow_nan=False))
     run.report.write_text(render_markdown(result, f"Out-of-fold report: {run_dir}"))
     log.info("report: %s", run.report)
@@ -209,6 +216,9 @@ def _notes(result: dict[str, Any]) -> list[str]:
                 f"Out-of-fold reference: {r['mean_max_probability']:.3f} and "
                 f"{r['share_below_threshold'] * 100:.1f}%."
             )
+    if result.get("risk_coverage"):
+        lines += ["", "Risk-coverage (the least confident images referred to a person):", ""]
+        lines += render_risk_coverage(result["risk_coverage"])
     return lines
 
 

@@ -285,7 +285,11 @@ def package_run(
             {"fold": c["fold"], "prefix": _prefix(c), "temperature": c["temperature"]}
             for c in ckpts
         ],
-        "reference": {"mel_threshold": oof["mel_threshold"], "domain": oof["domain"]},
+        "reference": {
+            "mel_threshold": oof["mel_threshold"],
+            "domain": oof["domain"],
+            "refer": oof.get("refer"),
+        },
         "weights_sha256": sha256_file(out / WEIGHTS_FILE),
     }
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2))

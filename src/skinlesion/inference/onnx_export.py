@@ -1,0 +1,203 @@
+"""ONNX export of a fold ensemble as one graph, and prediction with onnxruntime.
+
+The graph takes prepared uint8 images ``images`` (N, S, S, 3) (decoded, colour-constancy applied
+if the spec says so, resized: :func:`prepare_with_spec`) and returns ``probabilities`` (N, C): for
+each member the TTA views' logits are averaged, divided by the member's temperature and
+softmaxed; the members' probabilities are averaged. So normalisation, the dihedral TTA views,
+temperature scaling and the ensemble mean are all inside the graph; decoding and resizing stay
+outside (they are not tensor work). The batch dimension is dynamic.
+
+Folder written by :func:`export_onnx`::
+
+    model.onnx   the graph
+    spec.json    preprocessing spec, class names, TTA views, members, reference, input/output
+    card.json    the model card, when the model has one
+
+Example::
+
+    export_onnx(resolve_model("runs/quick"), "out/onnx")
+    probs, errors = OnnxModel("out/onnx").predict_proba(["lesion.jpg"])
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
+from skinlesion.inference.packaged import LoadedModel
+from skinlesion.inference.predict import Member
+from skinlesion.models.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMAT = "skinlesion-onnx"
+ONNX_FILE = "model.onnx"
+SPEC_FILE = "spec.json"
+OPSET = 17
+
+
+def _view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` of :func:`skinlesion.data.augment.tta_views`, with flips and transposes only
+    (``rot90`` has no ONNX symbol in every exporter)."""
+    h, w = -2, -1
+    if k == 0:
+        return x
+    if k == 1:
+        return x.flip(w)
+    if k == 2:
+        return x.flip(h)
+    if k == 3:  # rot90 counter-clockwise
+        return x.transpose(h, w).flip(h)
+    if k == 4:
+        return x.flip(h).flip(w)
+    if k == 5:  # rot270
+        return x.transpose(h, w).flip(w)
+    if k == 6:
+        return x.transpose(h, w)
+    return x.flip(h).flip(w).transpose(h, w)
+
+
+class EnsembleGraph(nn.Module):
+    """uint8 (N, S, S, 3) -> calibrated ensemble probabilities (N, C)."""
+
+    def __init__(self, members: Sequence[Member], tta: int) -> None:
+        super().__init__()
+        spec = members[0].spec
+        if any(m.spec != spec for m in members):
+            raise CheckpointError("fold models with different preprocessing cannot share a graph")
+        if not 1 <= tta <= 8:
+            raise ValueError(f"tta must be in 1..8, got {tta}")
+        # Copies: exporting must not change the memory format of the models still in use.
+        self.models = nn.ModuleList(copy.deepcopy(m.model).cpu() for m in members)
+        self.tta = tta
+        self.register_buffer("temperature", torch.tensor([m.temperature for m in members]))
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        x = (x - self.mean) / self.std
+        views = [_view(x, k) for k in range(self.tta)]
+        total = None
+        for i, model in enumerate(self.models):
+            logits = torch.stack([model(v) for v in views]).mean(0) / self.temperature[i]
+            probs = torch.softmax(logits, dim=-1)
+            total = probs if total is None else total + probs
+        assert total is not None
+        return total / len(self.models)
+
+
+def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) -> Path:
+    """Write ``model.onnx``, ``spec.json`` (and ``card.json``) into ``output``."""
+    import onnx
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    tta = model.tta if tta is None else tta
+    graph = EnsembleGraph(model.members, tta).cpu().eval()
+    graph = graph.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    spec = model.members[0].spec
+    dummy = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
+    path = output / ONNX_FILE
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            (dummy,),
+            str(path),
+            input_names=["images"],
+            output_names=["probabilities"],
+            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path))
+    (output / SPEC_FILE).write_text(json.dumps(_spec_json(model, spec, tta), indent=2))
+    if model.card:
+        (output / "card.json").write_text(json.dumps(model.card, indent=2))
+    log.info("exported %s to %s", model.name, path)
+    return path
+
+
+def _spec_json(model: LoadedModel, spec: PreprocessSpec, tta: int) -> dict[str, Any]:
+    return {
+        "format": ONNX_FORMAT,
+        "name": model.name,
+        "version": model.version,
+        "preprocessing": spec.to_dict(),
+        "class_names": list(spec.class_names),
+        "tta": tta,
+        "members": [{"fold": m.fold, "temperature": m.temperature} for m in model.members],
+        "reference": model.reference,
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": ["batch", spec.size, spec.size, 3],
+            "prepared_by": "skinlesion.data.preprocess.prepare_with_spec (decode, "
+            "colour constancy if set, resize without crop)",
+        },
+        "output": {
+            "name": "probabilities",
+            "shape": ["batch", len(spec.class_names)],
+            "meaning": "mean over members of softmax(mean over TTA views of logits / T)",
+        },
+    }
+
+
+class OnnxModel:
+    """An exported graph run by onnxruntime on the CPU."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        spec_path = folder / SPEC_FILE
+        if not spec_path.is_file() or not (folder / ONNX_FILE).is_file():
+            raise CheckpointError(
+                f"{folder}: not an exported ONNX model (needs {ONNX_FILE} and {SPEC_FILE})"
+            )
+        self.meta = json.loads(spec_path.read_text())
+        if self.meta.get("format") != ONNX_FORMAT:
+            raise CheckpointError(f"{spec_path}: not a skinlesion ONNX export")
+        self.spec = PreprocessSpec.from_dict(self.meta["preprocessing"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(folder / ONNX_FILE), opts, providers=["CPUExecutionProvider"]
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    def run(self, images_u8: np.ndarray) -> np.ndarray:
+        """Probabilities (N, C) for prepared uint8 (N, S, S, 3) images."""
+        return self.session.run(["probabilities"], {"images": images_u8})[0]
+
+    def predict_proba(
+        self, sources: Sequence[str | Path | bytes], batch_size: int = 32
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """Like :func:`predict_sources`: NaN rows and ``{index: error}`` for bad images."""
+        out = np.full((len(sources), len(self.class_names)), np.nan)
+        errors: dict[int, str] = {}
+        ok, arrays = [], []
+        for i, s in enumerate(sources):
+            try:
+                arrays.append(prepare_with_spec(s, self.spec))
+                ok.append(i)
+            except ImageDecodeError as err:
+                errors[i] = str(err)
+        for start in range(0, len(ok), batch_size):
+            rows = ok[start : start + batch_size]
+            out[rows] = self.run(np.stack(arrays[start : start + batch_size]))
+        return out, errors

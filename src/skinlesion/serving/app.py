@@ -1,0 +1,221 @@
+"""The HTTP service: one loaded model behind ``POST /predict``, with the web page at ``/``.
+
+Every answer's probabilities are those of ``skinlesion predict`` for the same image: the upload is
+prepared by the same function, and a micro-batcher feeds the same ``ensemble_probs``. Errors are
+JSON ``{"error": message, "status": code}``; a request can only send image bytes, never a path.
+
+Example::
+
+    app = create_app(resolve_model("runs/quick"), ServeSettings(max_wait_ms=5))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
+from skinlesion.inference.explain import MODEL_LOCK, explain_sources
+from skinlesion.inference.packaged import LoadedModel
+from skinlesion.inference.predict import ensemble_probs
+from skinlesion.inference.refer import refer_decision, refer_rules
+from skinlesion.serving.batcher import MicroBatcher
+from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart envelope around the image bytes.
+_MULTIPART_SLACK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Upload limits and micro-batching of the service."""
+
+    limits: UploadLimits = field(default_factory=UploadLimits)
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def describe(model: LoadedModel, probs: np.ndarray) -> dict[str, Any]:
+    """The JSON answer for one image's calibrated probabilities."""
+    names = model.class_names
+    top = int(probs.argmax())
+    refer, reasons = refer_decision(probs, refer_rules(model.reference))
+    answer: dict[str, Any] = {
+        "probabilities": {c: float(p) for c, p in zip(names, probs, strict=True)},
+        "prediction": names[top],
+        "confidence": float(probs[top]),
+        "melanoma": None,
+        "refer": refer,
+        "refer_reasons": reasons,
+        "model": {"name": model.name, "version": model.version},
+    }
+    if model.mel_threshold is not None and "mel" in names:
+        p_mel = float(probs[names.index("mel")])
+        answer["melanoma"] = {
+            "probability": p_mel,
+            "threshold": float(model.mel_threshold),
+            "flag": p_mel >= model.mel_threshold,
+        }
+    return answer
+
+
+def _png_base64(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _prepare(model: LoadedModel, data: bytes, limits: UploadLimits) -> dict[Any, np.ndarray]:
+    check_upload(data, limits)
+    specs = list(dict.fromkeys(m.spec for m in model.members))
+    return {s: prepare_with_spec(data, s) for s in specs}
+
+
+def _page() -> str:
+    return (resources.files("skinlesion.serving") / "static" / "index.html").read_text("utf-8")
+
+
+def _card_summary(model: LoadedModel) -> dict[str, Any]:
+    card = model.card or {}
+    return {
+        "name": model.name,
+        "version": model.version,
+        "intended_use": card.get(
+            "intended_use",
+            "Research and education only. Not a medical device and not for diagnosis.",
+        ),
+        "known_limits": card.get("known_limits", []),
+        "classes": model.class_names,
+        "card": card or None,
+        "reference": model.reference,
+    }
+
+
+def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (loaded once, shared by every request)."""
+    settings = settings or ServeSettings()
+    runtime = model.runtime or resolve_runtime("auto")
+    members, tta = model.members, model.tta
+    batcher = MicroBatcher(
+        lambda imgs: ensemble_probs(members, imgs, runtime, tta, settings.max_batch),
+        settings.max_batch,
+        settings.max_wait_ms,
+        lock=MODEL_LOCK,
+    )
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(
+        title="skinlesion",
+        version=model.version or "0",
+        summary="Calibrated dermoscopic lesion classification for research and teaching; "
+        "not a medical device.",
+        lifespan=lifespan,
+    )
+    _add_error_handlers(app)
+    _add_body_limit(app, settings.limits.max_bytes)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return _page()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model.name,
+            "version": model.version,
+            "uptime_s": round(time.time() - started, 1),
+            "batches": batcher.batches,
+            "images": batcher.images,
+        }
+
+    @app.get("/model")
+    async def model_card() -> dict[str, Any]:
+        return _card_summary(model)
+
+    @app.post("/predict")
+    async def predict(
+        file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
+        explain: Annotated[bool, Query(description="add a Grad-CAM overlay (PNG, base64)")] = False,
+    ) -> JSONResponse:
+        data = await file.read(settings.limits.max_bytes + 1)
+        try:
+            arrays = await run_in_threadpool(_prepare, model, data, settings.limits)
+        except UploadError as err:
+            return _error(err.status, str(err))
+        except ImageDecodeError as err:
+            return _error(422, f"the image cannot be decoded: {str(err).removeprefix('<bytes>: ')}")
+        probs = await asyncio.wrap_future(batcher.submit(arrays))
+        answer = describe(model, probs)
+        if explain:
+            (ex,) = await run_in_threadpool(explain_sources, [data], members, runtime, tta)
+            answer["explanation"] = {
+                "class_explained": ex.class_name,
+                "method": "Grad-CAM, last convolutional stage, mean over fold models",
+                "overlay_png_base64": await run_in_threadpool(_png_base64, ex.overlay),
+            }
+        return JSONResponse(answer)
+
+    return app
+
+
+def _add_body_limit(app: FastAPI, max_bytes: int) -> None:
+    max_body = max_bytes + _MULTIPART_SLACK
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        # Refuse an over-size body from its header, before the multipart parser stores it.
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "Content-Length header required")
+            if not length.isdigit() or int(length) > max_body:
+                return _error(
+                    413,
+                    f"request body of {length} bytes is over the limit of {max_bytes} bytes "
+                    "of image",
+                )
+        return await call_next(request)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        fields = sorted({".".join(str(x) for x in e.get("loc", ())[1:]) for e in err.errors()})
+        return _error(
+            422,
+            "invalid request: send the image as the multipart field 'file' "
+            f"(problem with: {', '.join(f for f in fields if f) or 'the body'})",
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail))

@@ -1,0 +1,123 @@
+"""Grad-CAM: the map's peak lies on the patch that decides the class; the ensemble's map is the
+mean of its members'; overlays and the explain command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import lesion_images
+from PIL import Image
+from torch import nn
+
+from skinlesion.cli import main
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.inference.explain import explain_sources, target_layer
+from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.predict import Member
+
+SPEC = PreprocessSpec(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), class_names=("red", "blue"))
+
+
+class PatchNet(nn.Module):
+    """A constructed classifier: class 0 is the amount of red, class 1 the amount of blue,
+    read through a timm-like head (``conv_head`` -> activated ``bn2`` -> pool -> classifier)."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.stem = nn.AvgPool2d(4)  # 64 px -> a 16 x 16 map, coarse like a real backbone's
+        self.conv_head = nn.Conv2d(3, 2, 1)
+        self.bn2 = nn.ReLU()
+        self.classifier = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv_head.weight.copy_(
+                torch.tensor([[1.0, -1.0, 0.0], [0.0, -1.0, 1.0]]).view(2, 3, 1, 1) * gain
+            )
+            self.conv_head.bias.fill_(-0.5)
+            self.classifier.weight.copy_(torch.eye(2) * 4)
+            self.classifier.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn2(self.conv_head(self.stem(x)))
+        return self.classifier(a.mean((2, 3)))
+
+
+def _members() -> list[Member]:
+    return [
+        Member(PatchNet(g).eval(), SPEC, 1.0, k, Path("constructed"), 1, f"patchnet-{k}")
+        for k, g in enumerate((1.0, 2.0))
+    ]
+
+
+def _patch_image(colour: tuple[int, int, int], box: tuple[int, int, int, int], seed: int):
+    rng = np.random.default_rng(seed)
+    arr = np.clip(rng.normal(128, 12, (120, 160, 1)), 0, 255).repeat(3, 2).astype(np.uint8)
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = colour
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize(
+    ("colour", "box", "expected"),
+    [
+        ((220, 40, 40), (20, 70, 50, 100), "red"),
+        ((40, 40, 220), (110, 10, 140, 40), "blue"),
+        ((220, 40, 40), (100, 50, 130, 80), "red"),
+    ],
+)
+def test_map_peak_lies_on_the_deciding_patch(colour, box, expected: str) -> None:
+    img = _patch_image(colour, box, seed=box[0])
+    (ex,) = explain_sources([img], _members(), resolve_runtime("cpu"))
+    assert ex.class_name == expected
+    assert ex.cam.shape == (120, 160) and ex.overlay.size == img.size
+    assert ex.cam.min() >= 0.0 and ex.cam.max() <= 1.0
+    y, x = np.unravel_index(int(ex.cam.argmax()), ex.cam.shape)
+    x0, y0, x1, y1 = box
+    assert x0 <= x < x1 and y0 <= y < y1
+    inside = ex.cam[y0:y1, x0:x1].mean()
+    outside = np.delete(
+        ex.cam.reshape(-1),
+        np.ravel_multi_index(np.mgrid[y0:y1, x0:x1].reshape(2, -1), ex.cam.shape),
+    ).mean()
+    assert inside > 5 * outside
+
+
+def test_ensemble_map_is_the_members_mean() -> None:
+    img = _patch_image((220, 40, 40), (20, 20, 50, 50), seed=1)
+    runtime = resolve_runtime("cpu")
+    members = _members()
+    (both,) = explain_sources([img], members, runtime)
+    singles = [explain_sources([img], [m], runtime)[0].cam for m in members]
+    np.testing.assert_allclose(both.cam, (singles[0] + singles[1]) / 2, atol=1e-5)
+
+
+def test_timm_efficientnet_target_is_its_last_stage(tiny_packaged: Path, tmp_path: Path) -> None:
+    model = resolve_model(tiny_packaged, resolve_runtime("cpu"))
+    net = model.members[0].model
+    assert target_layer(net) is net.bn2
+    images = lesion_images(tmp_path / "imgs", 2)
+    probs, _ = model.predict_proba(images)
+    explained = explain_sources(images, model.members, resolve_runtime("cpu"))
+    for ex, p, path in zip(explained, probs, images, strict=True):
+        np.testing.assert_allclose(ex.probs, p, atol=1e-6)
+        assert ex.class_index == int(p.argmax())
+        assert ex.cam.shape == Image.open(path).size[::-1]
+
+
+def test_explain_command_writes_overlays(tiny_packaged: Path, tmp_path: Path) -> None:
+    images = lesion_images(tmp_path / "imgs", 2)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "cam"
+    args = ["explain", "--model", str(tiny_packaged), "--device", "cpu", "--output", str(out)]
+    assert main([*args, *map(str, images), str(bad)]) == 1  # the bad image is reported
+    table = pd.read_csv(out / "explanations.csv")
+    assert len(table) == 2 and set(table["class_explained"]) <= set(
+        resolve_model(tiny_packaged).class_names
+    )
+    for name, path in zip(table["overlay"], images, strict=True):
+        assert Image.open(out / name).size == Image.open(path).size

@@ -1,0 +1,83 @@
+"""ONNX export: one graph with dynamic batch whose probabilities equal PyTorch's within 1e-4, and
+`predict --backend onnx`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import lesion_images
+
+from skinlesion.cli import main
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.data.augment import tta_views
+from skinlesion.data.preprocess import prepare_with_spec
+from skinlesion.inference.onnx_export import OnnxModel, _view, export_onnx
+from skinlesion.inference.packaged import resolve_model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_packaged: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(resolve_model(tiny_packaged, resolve_runtime("cpu")), out)
+    return out
+
+
+def test_graph_views_are_the_tta_views() -> None:
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    for k, view in enumerate(tta_views(x, 8)):
+        torch.testing.assert_close(_view(x, k), view, rtol=0, atol=0)
+
+
+def test_parity_with_pytorch(exported: Path, tiny_packaged: Path, tmp_path: Path) -> None:
+    images = lesion_images(tmp_path / "imgs", 6)
+    model = resolve_model(tiny_packaged, resolve_runtime("cpu"))
+    expected, errors = model.predict_proba(images)
+    got, onnx_errors = OnnxModel(exported).predict_proba(images, batch_size=4)
+    assert not errors and not onnx_errors
+    assert np.abs(got - expected).max() <= 1e-4
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+
+
+def test_dynamic_batch_and_saved_spec(exported: Path, tiny_packaged: Path, tmp_path: Path) -> None:
+    onnx_model = OnnxModel(exported, threads=1)
+    arrays = np.stack(
+        [prepare_with_spec(p, onnx_model.spec) for p in lesion_images(tmp_path / "i", 3)]
+    )
+    together = onnx_model.run(arrays)
+    one_by_one = np.concatenate([onnx_model.run(arrays[i : i + 1]) for i in range(3)])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+    meta = json.loads((exported / "spec.json").read_text())
+    source = json.loads((tiny_packaged / "model.json").read_text())
+    assert meta["tta"] == 2 and meta["preprocessing"] == source["preprocessing"]
+    assert [m["temperature"] for m in meta["members"]] == [1.0, 1.5]
+    assert meta["reference"] == source["reference"]
+    assert json.loads((exported / "card.json").read_text())["name"] == "tiny"
+
+
+def test_export_and_onnx_backend_commands(tiny_packaged: Path, tmp_path: Path) -> None:
+    images = [str(p) for p in lesion_images(tmp_path / "imgs", 3)]
+    out = tmp_path / "export"
+    assert (
+        main(["export", "--model", str(tiny_packaged), "--format", "onnx", "--output", str(out)])
+        == 0
+    )
+    a, b = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    common = ["predict", "--no-progress", *images]
+    assert (
+        main([*common, "--model", str(tiny_packaged), "--device", "cpu", "--output", str(a)]) == 0
+    )
+    assert main([*common, "--backend", "onnx", "--model", str(out), "--output", str(b)]) == 0
+    ta, tb = pd.read_csv(a), pd.read_csv(b)
+    classes = json.loads((out / "spec.json").read_text())["class_names"]
+    assert np.abs(ta[classes].to_numpy() - tb[classes].to_numpy()).max() <= 1e-4
+    assert (ta["prediction"] == tb["prediction"]).all()
+
+
+def test_onnx_backend_needs_an_export_folder(tiny_packaged: Path, capsys) -> None:
+    assert main(["predict", "--backend", "onnx", "--model", str(tiny_packaged), "x.jpg"]) == 2
+    assert "not an exported ONNX model" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""The HTTP service: answers equal `skinlesion predict`'s, bad input gets a JSON 4xx and the
+service keeps serving, requests can send bytes only, concurrent requests share batches."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import lesion_images, png_bytes, png_header
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from skinlesion.cli import main
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.inference.packaged import resolve_model
+from skinlesion.serving.app import ServeSettings, create_app
+from skinlesion.serving.uploads import UploadLimits
+
+
+@pytest.fixture(scope="module")
+def model(tiny_packaged: Path):
+    return resolve_model(tiny_packaged, resolve_runtime("cpu"))
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    settings = ServeSettings(UploadLimits(max_bytes=200_000, max_pixels=4_000_000))
+    with TestClient(create_app(model, settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return lesion_images(tmp_path_factory.mktemp("imgs"), 3)
+
+
+def _post(client: TestClient, data: bytes, name: str = "x.jpg", explain: bool = False):
+    url = "/predict?explain=true" if explain else "/predict"
+    return client.post(url, files={"file": (name, data, "application/octet-stream")})
+
+
+def test_probabilities_equal_the_predict_command(
+    client: TestClient, model, images: list[Path], tiny_packaged: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "p.csv"
+    args = ["predict", "--no-progress", "--device", "cpu", "--model", str(tiny_packaged)]
+    assert main([*args, *map(str, images), "--output", str(out)]) == 0
+    expected = pd.read_csv(out)
+    direct, errors = model.predict_proba(images)
+    assert not errors
+    for i, path in enumerate(images):
+        # A misleading file name: the content decides.
+        answer = _post(client, path.read_bytes(), name="notes.txt").json()
+        got = np.array([answer["probabilities"][c] for c in model.class_names])
+        np.testing.assert_allclose(got, direct[i], atol=1e-6)
+        np.testing.assert_allclose(got, expected[model.class_names].to_numpy()[i], atol=1e-4)
+        assert answer["prediction"] == model.class_names[int(got.argmax())]
+        assert answer["confidence"] == pytest.approx(got.max())
+        assert answer["model"] == {"name": "tiny", "version": "0.0-test"}
+        mel = answer["melanoma"]
+        assert mel["threshold"] == 0.15 and mel["flag"] == (mel["probability"] >= 0.15)
+        assert isinstance(answer["refer"], bool)
+        assert answer["refer"] == bool(answer["refer_reasons"])
+
+
+def test_refer_flag_follows_the_models_rules(client: TestClient, images: list[Path]) -> None:
+    from skinlesion.inference.refer import entropy
+
+    answer = _post(client, images[0].read_bytes()).json()
+    p = np.array(list(answer["probabilities"].values()))
+    expect = bool(p.max() < 0.2 or entropy(p) > 1.9)
+    assert answer["refer"] == expect
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        (b"", 400, "empty upload"),
+        (b"name,dx\nISIC_1,mel\n", 415, "not an image"),
+        (png_bytes(300, 300) + b"\0" * 250_000, 413, "over the limit"),
+        (png_header(3000, 3000), 413, "9000000 pixels is over the limit of 4000000"),
+        (png_bytes(60, 60)[:80], 422, "cannot be decoded"),
+    ],
+)
+def test_bad_uploads_get_a_json_error_and_the_service_goes_on(
+    client: TestClient, data: bytes, status: int, words: str, images: list[Path]
+) -> None:
+    r = _post(client, data, name="lesion.jpg")
+    assert r.status_code == status
+    body = r.json()
+    assert body["status"] == status and words in body["error"]
+    assert _post(client, images[0].read_bytes()).status_code == 200
+
+
+def test_over_size_body_is_refused_from_its_header(client: TestClient) -> None:
+    r = client.post("/predict", content=b"x" * 10, headers={"content-length": "999999999"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+
+def test_no_request_can_name_a_server_path(client: TestClient, tiny_packaged: Path) -> None:
+    target = str(tiny_packaged / "model.json")
+    for form in ({"file": target}, {"path": target}, {"image": target}):
+        r = client.post("/predict", data=form)
+        assert r.status_code == 422
+        assert "multipart field 'file'" in r.json()["error"]
+    r = client.post("/predict", files={"file": ("model.json", target.encode(), "text/plain")})
+    assert r.status_code == 415
+
+
+def test_explain_adds_an_overlay_of_the_image_size(client: TestClient, images: list[Path]) -> None:
+    answer = _post(client, images[0].read_bytes(), explain=True).json()
+    ex = answer["explanation"]
+    assert ex["class_explained"] == answer["prediction"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(ex["overlay_png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == Image.open(images[0]).size
+
+
+def test_health_model_card_and_schema(client: TestClient) -> None:
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+    card = client.get("/model").json()
+    assert "Not a medical device" in card["intended_use"] and card["known_limits"]
+    assert card["reference"]["refer"]["confidence_threshold"] == 0.2
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/health", "/model"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_concurrent_requests_share_batches(model, images: list[Path]) -> None:
+    settings = ServeSettings(max_batch=8, max_wait_ms=50)
+    data = [p.read_bytes() for p in images]
+    direct, _ = model.predict_proba(images)
+    with TestClient(create_app(model, settings)) as c:
+        before = c.get("/health").json()["batches"]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: _post(c, data[i % 3]).json(), range(16)))
+        health = c.get("/health").json()
+    for i, a in enumerate(answers):
+        got = np.array([a["probabilities"][k] for k in model.class_names])
+        np.testing.assert_allclose(got, direct[i % 3], atol=1e-5)
+    assert health["images"] == 16 and health["batches"] - before < 16

@@ -1,0 +1,41 @@
+"""Upload checks: empty, not an image, over the byte limit, over the pixel limit."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import png_bytes, png_header
+
+from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
+
+
+def test_accepts_an_image_whatever_its_name() -> None:
+    assert check_upload(png_bytes(), UploadLimits()) == ("PNG", (40, 30))
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        (b"", 400, "empty upload"),
+        (b"just some text, not an image\n" * 10, 415, "not an image"),
+        (b"%PDF-1.4\n%...", 415, "not an image"),
+        (png_header(8000, 8000), 413, "64000000 pixels is over the limit of 40000000"),
+        (png_header(30000, 30000), 413, "decompression bomb"),
+    ],
+)
+def test_refusals_say_what_is_wrong(data: bytes, status: int, words: str) -> None:
+    with pytest.raises(UploadError, match=words) as err:
+        check_upload(data, UploadLimits())
+    assert err.value.status == status
+
+
+def test_byte_limit() -> None:
+    data = png_bytes(200, 200)
+    with pytest.raises(UploadError, match=f"upload of {len(data)} bytes is over") as err:
+        check_upload(data, UploadLimits(max_bytes=len(data) - 1))
+    assert err.value.status == 413
+    assert check_upload(data, UploadLimits(max_bytes=len(data)))[0] == "PNG"
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        UploadLimits(max_bytes=0)
