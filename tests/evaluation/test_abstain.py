@@ -77,10 +77,10 @@ def test_out_of_fold_report_fits_the_refer_rules(tmp_path: Path) -> None:
     result = write_oof_report(tmp_path, n_boot=20)
     saved = pd.read_csv(tmp_path / "oof_predictions.csv")
     expected = fit_refer_reference(saved[list(CLASSES)].to_numpy(np.float64))
-    assert result["refer"] == pytest.approx(expected)
-    assert json.loads((tmp_path / "oof_metrics.json").read_text())["refer"] == pytest.approx(
-        expected
-    )
+    saved_refer = json.loads((tmp_path / "oof_metrics.json").read_text())["refer"]
+    for key in ("confidence_threshold", "ood_threshold"):
+        assert result["refer"][key] == pytest.approx(expected[key], abs=1e-6)
+        assert saved_refer[key] == pytest.approx(expected[key], abs=1e-6)
     rows = result["risk_coverage"]
     assert rows[0]["share_referred"] == 0.0 and rows[-1]["operating_point"] == "model's refer rules"
     # Referring the least confident images raises accuracy on the rest in this data.
