@@ -20,8 +20,8 @@ ROOMS: dict[str, int] = {
     "evaluation": 4,
     "training": 5,
     "benchmark": 6,
-    "cli": 7,
     "serving": 7,
+    "cli": 8,
 }
 # The package's own entry files, which may import any room.
 TOP = {"__init__", "__main__"}

@@ -34,7 +34,18 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("tf_efficientnet_lite0", len(CLASSES), pretrained=False)
     spec = default_spec("tf_efficientnet_lite0", 32)
     path = tmp_path_factory.mktemp("cli") / "fold_0" / "best.pt"
-    atomic_torch_save(make_checkpoint(model, "tf_efficientnet_lite0", spec, 0, 1, {}, {}), path)
+    atomic_torch_save(
+        make_checkpoint(
+            model,
+            backbone="tf_efficientnet_lite0",
+            spec=spec,
+            fold=0,
+            epoch=1,
+            metrics={},
+            config={},
+        ),
+        path,
+    )
     return path
 
 
@@ -76,7 +87,7 @@ def test_bad_where_filter(
 
 
 def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in ([], ["predict", "x.jpg"], ["frobnicate"]):
+    for argv in ([], ["predict"], ["frobnicate"]):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2

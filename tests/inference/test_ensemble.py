@@ -45,7 +45,14 @@ def write_member(
 ) -> Path:
     spec = default_spec(BACKBONE, SIZE)
     ckpt = make_checkpoint(
-        model, BACKBONE, spec, fold, 1, {"val_loss": 1.0}, {"eval": {"tta": 2}}, temperature
+        model,
+        backbone=BACKBONE,
+        spec=spec,
+        fold=fold,
+        epoch=1,
+        metrics={"val_loss": 1.0},
+        config={"eval": {"tta": 2}},
+        temperature=temperature,
     )
     ckpt.update(extra)
     atomic_torch_save(ckpt, path)
@@ -98,7 +105,13 @@ def test_shared_backbone_fast_path_equals_each_model_alone(
     alone = []
     for m in members:
         logits = predict_logits(
-            m.model, arr[spec], np.arange(len(images)), 4, RUNTIME, spec.mean, spec.std, tta=tta
+            m.model,
+            arr[spec],
+            np.arange(len(images)),
+            batch_size=4,
+            runtime=RUNTIME,
+            norm=spec.normalization,
+            tta=tta,
         )
         z = torch.from_numpy(logits).double().mean(0) / m.temperature
         alone.append(torch.softmax(z, -1).numpy())
@@ -131,7 +144,13 @@ def test_views_differ_on_synthetic_lesions(probe_like_run: Path, images: list[st
     """The synthetic lesions have no symmetry: every TTA view gives other logits."""
     m = load_ensemble(probe_like_run / "fold_0" / "best.pt", RUNTIME)[0]
     logits = predict_logits(
-        m.model, prepared(images), np.arange(len(images)), 8, RUNTIME, m.spec.mean, m.spec.std, 8
+        m.model,
+        prepared(images),
+        np.arange(len(images)),
+        batch_size=8,
+        runtime=RUNTIME,
+        norm=m.spec.normalization,
+        tta=8,
     )
     for a in range(8):
         for b in range(a + 1, 8):
@@ -143,7 +162,9 @@ def test_predict_logits_views_are_the_dihedral_views(images: list[str]) -> None:
     spec = default_spec(BACKBONE, SIZE)
     arr = prepared(images)
     rows = np.arange(len(images))
-    logits = predict_logits(model, arr, rows, 4, RUNTIME, spec.mean, spec.std, tta=8)
+    logits = predict_logits(
+        model, arr, rows, batch_size=4, runtime=RUNTIME, norm=spec.normalization, tta=8
+    )
     assert logits.shape == (8, len(images), len(CLASSES))
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
@@ -152,7 +173,9 @@ def test_predict_logits_views_are_the_dihedral_views(images: list[str]) -> None:
             np.testing.assert_allclose(logits[v], model(view).numpy(), atol=1e-4)
     # Batching does not change a row's logits beyond float32 summation order (amplified 40x by
     # this model's scaled classifier, hence the same 1e-4 as above).
-    one = predict_logits(model, arr, rows[2:3], 1, RUNTIME, spec.mean, spec.std, tta=8)
+    one = predict_logits(
+        model, arr, rows[2:3], batch_size=1, runtime=RUNTIME, norm=spec.normalization, tta=8
+    )
     np.testing.assert_allclose(one[:, 0], logits[:, 2], atol=1e-4)
 
 

@@ -28,9 +28,13 @@ def exported(tiny_packaged: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_graph_views_are_the_tta_views() -> None:
-    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
     for k, view in enumerate(tta_views(x, 8)):
         torch.testing.assert_close(_view(x, k), view, rtol=0, atol=0)
+    # A non-square input: the 4 shape-keeping views.
+    y = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    for k, view in enumerate(tta_views(y, 4)):
+        torch.testing.assert_close(_view(y, k), view, rtol=0, atol=0)
 
 
 def test_parity_with_pytorch(exported: Path, tiny_packaged: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.augment import AugmentConfig
+from skinlesion.data.preprocess import Normalization
 from skinlesion.inference.engine import gather, prepare
 from skinlesion.training.engine import train_one_epoch, train_step
 
@@ -78,17 +79,16 @@ def test_epoch_loss_is_the_sample_weighted_mean_and_skips_single_rows() -> None:
     steps = []
     loss = train_one_epoch(
         model,
-        images,
-        labels,
-        order,
-        3,
-        nn.CrossEntropyLoss(),
-        opt,
-        RUNTIME,
-        MEAN,
-        STD,
-        AUGMENT,
-        torch.Generator().manual_seed(5),
+        images=images,
+        labels=labels,
+        order=order,
+        batch_size=3,
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=opt,
+        runtime=RUNTIME,
+        norm=Normalization(tuple(MEAN), tuple(STD)),
+        augment=AUGMENT,
+        generator=torch.Generator().manual_seed(5),
         step_scheduler=lambda: steps.append(1),
         progress=False,
     )
@@ -98,7 +98,8 @@ def test_epoch_loss_is_the_sample_weighted_mean_and_skips_single_rows() -> None:
     expected = []
     with torch.no_grad():
         for rows in (order[:3], order[3:6]):
-            x = prepare(gather(images, rows, RUNTIME.device), MEAN, STD, RUNTIME, AUGMENT, gen)
+            norm = Normalization(tuple(MEAN), tuple(STD))
+            x = prepare(gather(images, rows, RUNTIME.device), norm, RUNTIME, AUGMENT, gen)
             expected.append(nn.functional.cross_entropy(ref(x), labels[rows]).item())
     assert loss == pytest.approx(np.mean(expected), rel=1e-5)
 
@@ -113,17 +114,16 @@ def test_epoch_trains_and_frozen_modules_keep_their_statistics() -> None:
     order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
     train_one_epoch(
         model,
-        images,
-        labels,
-        order,
-        8,
-        nn.CrossEntropyLoss(),
-        opt,
-        RUNTIME,
-        MEAN,
-        STD,
-        AUGMENT,
-        torch.Generator().manual_seed(1),
+        images=images,
+        labels=labels,
+        order=order,
+        batch_size=8,
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=opt,
+        runtime=RUNTIME,
+        norm=Normalization(tuple(MEAN), tuple(STD)),
+        augment=AUGMENT,
+        generator=torch.Generator().manual_seed(1),
         progress=False,
         frozen=[frozen_bn],
     )
@@ -133,17 +133,16 @@ def test_epoch_trains_and_frozen_modules_keep_their_statistics() -> None:
     free = tiny_net()
     train_one_epoch(
         free,
-        images,
-        labels,
-        order,
-        8,
-        nn.CrossEntropyLoss(),
-        torch.optim.SGD(free.parameters(), lr=0.05),
-        RUNTIME,
-        MEAN,
-        STD,
-        AUGMENT,
-        torch.Generator().manual_seed(1),
+        images=images,
+        labels=labels,
+        order=order,
+        batch_size=8,
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=torch.optim.SGD(free.parameters(), lr=0.05),
+        runtime=RUNTIME,
+        norm=Normalization(tuple(MEAN), tuple(STD)),
+        augment=AUGMENT,
+        generator=torch.Generator().manual_seed(1),
         progress=False,
     )
     assert not torch.equal(free[1].running_mean, mean_before)
@@ -159,17 +158,16 @@ def test_same_generator_same_epoch() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         loss = train_one_epoch(
             model,
-            images,
-            labels,
-            order,
-            4,
-            nn.CrossEntropyLoss(),
-            opt,
-            RUNTIME,
-            MEAN,
-            STD,
-            AUGMENT,
-            torch.Generator().manual_seed(9),
+            images=images,
+            labels=labels,
+            order=order,
+            batch_size=4,
+            criterion=nn.CrossEntropyLoss(),
+            optimizer=opt,
+            runtime=RUNTIME,
+            norm=Normalization(tuple(MEAN), tuple(STD)),
+            augment=AUGMENT,
+            generator=torch.Generator().manual_seed(9),
             progress=False,
         )
         results.append((loss, [p.detach().clone() for p in model.parameters()]))

@@ -90,7 +90,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory, syn_root: Path) -> tuple[Pat
     return tmp / "audit", result
 
 
-def test_audit_writes_both_schemes(audit: tuple[Path, dict[str, Any]]) -> None:
+def test_audit_writes_both_schemes(audit: tuple[Path, dict[str, Any]], syn_root: Path) -> None:
     out, result = audit
     assert json.loads((out / "leakage.json").read_text()) == result
     md = (out / "leakage.md").read_text()
@@ -101,7 +101,7 @@ def test_audit_writes_both_schemes(audit: tuple[Path, dict[str, Any]]) -> None:
         s: pd.read_csv(out / s / "oof_predictions.csv", dtype={"image_id": str})
         for s in ("lesion_grouped", "image_random")
     }
-    meta = pd.read_csv(out.parent / "data" / "HAM10000_metadata.csv", dtype=str)
+    meta = pd.read_csv(syn_root / "HAM10000_metadata.csv", dtype=str)
     for scheme, df in oof.items():
         assert sorted(df["image_id"]) == sorted(meta["image_id"]), scheme
         assert sorted(df["fold"].unique()) == [0, 1], scheme

@@ -47,8 +47,11 @@ OPSET = 17
 
 def _view(x: torch.Tensor, k: int) -> torch.Tensor:
     """View ``k`` of :func:`skinlesion.data.augment.tta_views`, with flips and transposes only
-    (``rot90`` has no ONNX symbol in every exporter)."""
+    (``rot90`` has no ONNX symbol in every exporter). A non-square input has the 4 views that keep
+    its shape: identity, hflip, vflip, rot180."""
     h, w = -2, -1
+    if x.shape[h] != x.shape[w] and k == 3:
+        k = 4
     if k == 0:
         return x
     if k == 1:

@@ -95,7 +95,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a skinlesion checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

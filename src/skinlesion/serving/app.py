@@ -113,6 +113,24 @@ def _card_summary(model: LoadedModel) -> dict[str, Any]:
     }
 
 
+def _new_app(model: LoadedModel, batcher: MicroBatcher) -> FastAPI:
+    """The bare app, whose lifespan starts and stops the micro-batcher."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    return FastAPI(
+        title="skinlesion",
+        version=model.version or "0",
+        summary="Calibrated dermoscopic lesion classification for research and teaching; "
+        "not a medical device.",
+        lifespan=lifespan,
+    )
+
+
 def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` (loaded once, shared by every request)."""
     settings = settings or ServeSettings()
@@ -125,20 +143,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         lock=MODEL_LOCK,
     )
     started = time.time()
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        batcher.start()
-        yield
-        batcher.stop()
-
-    app = FastAPI(
-        title="skinlesion",
-        version=model.version or "0",
-        summary="Calibrated dermoscopic lesion classification for research and teaching; "
-        "not a medical device.",
-        lifespan=lifespan,
-    )
+    app = _new_app(model, batcher)
     _add_error_handlers(app)
     _add_body_limit(app, settings.limits.max_bytes)
 

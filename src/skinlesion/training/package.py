@@ -44,8 +44,8 @@ KNOWN_LIMITS = [
     "Trained on HAM10000 only (two sites, Vienna and Queensland, mostly fair skin): skin types "
     "IV-VI, acral and mucosal sites, and non-pigmented lesions are under-represented.",
     "Domain shift: other sites, dermatoscopes and framings lower accuracy and calibration; the "
-    "ISIC 2017 figures below show by how much on one external set. Check the domain indicators "
-    "(`skinlesion evaluate`) before trusting the probabilities on new data.",
+    "ISIC 2017 figures in the model card show by how much on one external set. Check the domain "
+    "indicators (`skinlesion evaluate`) before trusting the probabilities on new data.",
     "Seven HAM10000 diagnoses only: any other lesion is forced into one of them.",
     "The melanoma operating threshold was fixed at 95% out-of-fold specificity on HAM10000; its "
     "sensitivity and specificity elsewhere differ.",
