@@ -131,15 +131,16 @@ def test_checks_catch_known_faults() -> None:
         "skinlesion.data.a": {"skinlesion.training.b"},  # a later room
         "skinlesion.training.b": {"skinlesion.training.c"},
         "skinlesion.training.c": {"skinlesion.training.b"},  # a pair
-        "skinlesion.cli": {"skinlesion.serving.app"},  # side by side
-        "skinlesion.serving.app": {"skinlesion.inference.predict"},
+        "skinlesion.serving.app": {"skinlesion.cli"},  # an entry point imports a later one
+        "skinlesion.cli": {"skinlesion.serving.app"},
     }
     assert room_violations(graph) == [
         "skinlesion.data.a imports skinlesion.training.b (room 'training' is not before 'data')",
-        "skinlesion.cli imports skinlesion.serving.app (room 'serving' is not before 'cli')",
+        "skinlesion.serving.app imports skinlesion.cli (room 'cli' is not before 'serving')",
     ]
     assert find_cycles(graph) == [
-        "skinlesion.training.b -> skinlesion.training.c -> skinlesion.training.b"
+        "skinlesion.cli -> skinlesion.serving.app -> skinlesion.cli",
+        "skinlesion.training.b -> skinlesion.training.c -> skinlesion.training.b",
     ]
 
 
