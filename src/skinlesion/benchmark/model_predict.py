@@ -8,12 +8,12 @@ is not included.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from skinlesion.benchmark.timing import latency_row
 
 
 def _time_batch(
@@ -23,20 +23,11 @@ def _time_batch(
     from skinlesion.inference.predict import ensemble_probs
 
     b = len(batch)
-    for _ in range(warmup):
+
+    def call() -> None:
         ensemble_probs(loaded.members, {spec: batch}, runtime, views, b)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        ensemble_probs(loaded.members, {spec: batch}, runtime, views, b)
-        times.append(time.perf_counter() - t0)
-    return {
-        "batch_size": b,
-        "median_ms": 1000.0 * statistics.median(times),
-        "p95_ms": 1000.0 * float(np.percentile(times, 95)),
-        "mean_ms": 1000.0 * statistics.fmean(times),
-        "images_per_s": b * steps / sum(times),
-    }
+
+    return latency_row(call, b, steps, warmup, runtime.device)
 
 
 def bench_model_predict(

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from skinlesion.benchmark.timing import latency_row, timed
 
 if TYPE_CHECKING:
     import torch
@@ -64,22 +65,6 @@ def hardware_info() -> dict[str, Any]:
     from skinlesion.core.runtime import environment_info
 
     return environment_info()
-
-
-def _sync(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds ``fn`` takes, device work included."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -212,10 +197,10 @@ def _alternate(
     for r, chunk in enumerate(_chunks(steps, rounds)):
         first_model = r % 2 == 0
         if first_model:
-            model_only_s += _timed(lambda c=chunk: bench.model_steps(c), dev)
-        end_to_end_s += _timed(lambda c=chunk: bench.epoch(c), dev)
+            model_only_s += timed(lambda c=chunk: bench.model_steps(c), dev)
+        end_to_end_s += timed(lambda c=chunk: bench.epoch(c), dev)
         if not first_model:
-            model_only_s += _timed(lambda c=chunk: bench.model_steps(c), dev)
+            model_only_s += timed(lambda c=chunk: bench.model_steps(c), dev)
     return model_only_s, end_to_end_s
 
 
@@ -588,16 +573,7 @@ def _time_predict(
     def call() -> None:
         predict_logits(model, source, rows, batch_size=b, runtime=runtime, norm=spec.normalization)
 
-    for _ in range(warmup):
-        call()
-    times = [_timed(call, runtime.device) for _ in range(steps)]
-    return {
-        "batch_size": b,
-        "median_ms": 1000.0 * statistics.median(times),
-        "p95_ms": 1000.0 * float(np.percentile(times, 95)),
-        "mean_ms": 1000.0 * statistics.fmean(times),
-        "images_per_s": b * steps / sum(times),
-    }
+    return latency_row(call, b, steps, warmup, runtime.device)
 
 
 # --- rendering -----------------------------------------------------------------------------------
