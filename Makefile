@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 HAM10000_DIR ?= ../shared/data/ham10000
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test lint demo clean mutation
+.PHONY: install test lint demo clean mutation planted-bugs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,13 @@ install: $(VENV)/.installed
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 	$(PY) -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected"; exit 1; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
 
 # Mutation testing of the core numerical modules ([tool.mutmut] in pyproject.toml: which files,
 # which fast tests). Slow (tens of minutes on 2 cores) and never run in CI; niced so that it
@@ -36,6 +36,11 @@ mutation: install
 	$(PY) -m pip install -q -e '.[mutation]'
 	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children $${MUTATION_JOBS:-1}
 	$(VENV)/bin/mutmut results
+
+# Known bugs (tools/planted_bugs.py) planted one at a time in a copy of the tree; each must make
+# its tests fail. A few minutes on 2 cores; not in CI.
+planted-bugs: install
+	$(PY) tools/planted_bugs.py
 
 # The packaged model's predictions for a few HAM10000 images (from HAM10000_DIR, else downloaded
 # to data/ham10000), then the quick recipe trained and predicting on the same images.
