@@ -29,9 +29,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
+class ColumnsConfig(_Strict):
+    """Column names of a ``data.format: csv`` labels file; the loader renames them to the
+    canonical ``image_id``, ``dx``, ``lesion_id``, ``age``, ``sex`` and ``localization``."""
+
+    image: str = "image_id"
+    """An image id (``ID`` finds ``ID.jpg``/``.jpeg``/``.png``/``.bmp`` in ``data.images``) or a
+    path relative to ``data.images``."""
+    label: str = "dx"
+    group: str | None = None
+    """Lesion or patient id; default ``lesion_id`` when the file has it, else none: each image
+    is then its own group and leakage across folds cannot be ruled out."""
+    age: str | None = None
+    """Default ``age`` when the file has it (as the other two)."""
+    sex: str | None = None
+    localization: str | None = None
+
+
 class DataConfig(_Strict):
+    format: Literal["ham10000", "csv", "isic2019"] = "ham10000"
+    """``ham10000``: the HAM10000 release in ``root``; ``csv``: any labelled set (``images``,
+    ``labels``, ``columns``); ``isic2019``: the ISIC 2019 training release in ``root``."""
     root: str | None = None
-    """Folder with the HAM10000 release (metadata CSV/TAB and image folders)."""
+    """Folder with the HAM10000 (or, for ``format: isic2019``, ISIC 2019) release."""
+    images: str | None = None
+    """``format: csv``: the image folder."""
+    labels: str | None = None
+    """``format: csv``: the labels CSV (one row per image)."""
+    columns: ColumnsConfig = ColumnsConfig()
+    classes: list[str] | None = None
+    """``format: csv``: the class list, in output order (a label outside it is an error);
+    default: the labels found in the data, sorted."""
+    where: dict[str, list[str]] | None = None
+    """``format: csv`` or ``isic2019``: keep only rows whose column holds one of the values,
+    e.g. ``{split: [train, val]}``."""
     metadata: str | None = None
     """Metadata file; default: found in ``root``."""
     image_size: int | tuple[int, int] = 300
@@ -49,6 +80,24 @@ class DataConfig(_Strict):
     @classmethod
     def _size_list(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _where_lists(cls, v: Any) -> Any:
+        # ``data.where={split: test}`` means the one value.
+        if isinstance(v, dict):
+            return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _format_keys(self) -> DataConfig:
+        if self.format == "csv" and (self.images is None or self.labels is None):
+            raise ValueError("data.format=csv needs data.images (folder) and data.labels (CSV)")
+        if self.format != "csv" and self.classes is not None:
+            raise ValueError(f"data.classes applies to data.format=csv, not {self.format}")
+        if self.format == "ham10000" and self.where is not None:
+            raise ValueError("data.where applies to data.format=csv or isic2019")
+        return self
 
     @field_validator("image_size")
     @classmethod

@@ -3,7 +3,7 @@
 A run folder explains itself::
 
     runs/NAME/
-      config.yaml  folds.csv  environment.json  train.log
+      config.yaml  folds.csv  environment.json  train.log  dataset.json
       fold_K/metrics.csv   per-epoch train/val figures
       fold_K/best.pt       lowest validation loss (calibrated temperature added at the end)
       fold_K/last.pt       full training state for --resume
@@ -120,6 +120,17 @@ class RunFolder:
     @property
     def train_log(self) -> Path:
         return self.root / "train.log"
+
+    @property
+    def dataset(self) -> Path:
+        """``dataset.json``: the data's source, class list and whether it names groups."""
+        return self.root / "dataset.json"
+
+    def read_dataset(self) -> dict[str, Any]:
+        """``dataset.json`` (``{}`` for a run made before it existed: HAM10000, grouped)."""
+        if not self.dataset.is_file():
+            return {}
+        return json.loads(self.dataset.read_text())
 
     @property
     def oof_predictions(self) -> Path:

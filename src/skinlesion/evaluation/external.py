@@ -1,9 +1,10 @@
 """External validation: a trained run on any labelled image set from another site or device.
 
-Labels come as a CSV with ``image_id`` and ``dx`` (HAM10000 codes, or another vocabulary mapped
-with ``--label-map``); images are ``DIR/<image_id>.<jpg|jpeg|png|bmp>``. The melanoma threshold
-and the confidence reference are taken unchanged from the run's out-of-fold report, so the
-external numbers answer "how does the model as shipped do here?".
+Labels come as a CSV with ``image_id`` and ``dx`` (the model's class names, from its spec, or
+another vocabulary mapped with ``--label-map``); images are
+``DIR/<image_id>.<jpg|jpeg|png|bmp>``. The melanoma threshold and the confidence reference are
+taken unchanged from the run's out-of-fold report, so the external numbers answer "how does the
+model as shipped do here?".
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def load_labels(
     images_dir: Path,
     label_map: dict[str, str] | None = None,
     where: dict[str, str] | None = None,
+    classes: Sequence[str] = CLASSES,
 ) -> pd.DataFrame:
-    """Labels with ``label`` (class index) and ``path``; every problem reported at once.
+    """Labels with ``label`` (index in the model's ``classes``) and ``path``; every problem
+    reported at once.
 
     ``where`` keeps only rows whose columns equal the given values (e.g. ``{"split": "test"}``).
     """
@@ -75,7 +78,7 @@ def load_labels(
     df["image_id"] = df["image_id"].astype(str).str.strip()
     df["dx"] = df["dx"].astype(str).str.strip()
     if label_map:
-        unmapped = sorted(set(df["dx"]) - set(label_map) - set(CLASSES))
+        unmapped = sorted(set(df["dx"]) - set(label_map) - set(classes))
         df["dx"] = df["dx"].map(lambda d: label_map.get(d, d))
         if unmapped:
             log.info("labels not in the map kept as they are: %s", unmapped)
@@ -85,9 +88,9 @@ def load_labels(
         df = df[~dropped]
     problems = [
         f"line {r.line} (image {r.image_id}): unknown dx '{r.dx}', expected one of "
-        f"{list(CLASSES)}" + (" (use --label-map)" if not label_map else "")
+        f"{list(classes)}" + (" (use --label-map)" if not label_map else "")
         for r in df.itertuples()
-        if r.dx not in CLASSES
+        if r.dx not in classes
     ]
     dup = df["image_id"][df["image_id"].duplicated()]
     problems += [f"image_id {i} is listed more than once" for i in sorted(set(dup))]
@@ -112,7 +115,7 @@ def load_labels(
         paths.append(str(p) if p else "")
     if problems:
         raise DataError(f"{labels_csv}: cannot evaluate", problems)
-    df = df.assign(path=paths, label=df["dx"].map(class_index()))
+    df = df.assign(path=paths, label=df["dx"].map(class_index(classes)))
     return df.reset_index(drop=True)
 
 
@@ -150,11 +153,11 @@ def evaluate_external(
     output = Path(output)
     check_writable_dir(output, "--output")
     mapping = read_label_map(Path(label_map)) if label_map else None
-    labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where)
     runtime = resolve_runtime(device)
     loaded = resolve_model(model, runtime)
     members = loaded.members
     classes = members[0].spec.class_names
+    labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
     tta = members[0].tta if tta is None else tta
     probs, errors = predict_sources(
         labels["path"].tolist(), members, runtime, tta=tta, batch_size=batch_size, progress=progress
@@ -165,7 +168,9 @@ def evaluate_external(
     reference = loaded.reference
     threshold = reference.get("mel_threshold") if reference else None
     groups = labels["lesion_id"].to_numpy() if "lesion_id" in labels.columns else None
-    metrics = evaluate_predictions(y, p, groups=groups, mel_threshold=threshold, n_boot=n_boot)
+    metrics = evaluate_predictions(
+        y, p, groups=groups, classes=classes, mel_threshold=threshold, n_boot=n_boot
+    )
     conf_threshold = reference["domain"]["confidence_threshold"] if reference else 0.5
     domain = confidence_indicators(p, conf_threshold)
     if reference:
@@ -186,7 +191,8 @@ def evaluate_external(
     }
     # Accuracy on the accepted images against the share referred, at the model's own rules too.
     result["risk_coverage"] = risk_coverage(y, p, refer_rules(reference))
-    result["plots"] = write_plots(y, p, metrics["point"]["confusion_matrix"], output)
+    cm = metrics["point"]["confusion_matrix"]
+    result["plots"] = write_plots(y, p, cm, output, classes=classes)
     result["plots"].append(plot_risk_coverage(y, p, output / "risk_coverage.png").name)
     (output / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     (output / "report.md").write_text(render_markdown(result, f"External evaluation: {labels_csv}"))

@@ -39,6 +39,19 @@ log = logging.getLogger(__name__)
 LOW_CONFIDENCE_QUANTILE = 0.10
 
 
+def prediction_classes(df: pd.DataFrame) -> list[str]:
+    """The class columns of a predictions table, in output order: those between ``fold`` (or
+    ``dx``) and ``prediction``, as :func:`~skinlesion.training.outputs.write_val_predictions`
+    writes them; HAM10000's classes for a table without that layout."""
+    cols = list(df.columns)
+    if "prediction" in cols:
+        start = cols.index("fold") + 1 if "fold" in cols else cols.index("dx") + 1
+        found = cols[start : cols.index("prediction")]
+        if found:
+            return found
+    return list(CLASSES)
+
+
 def _arrays(
     df: pd.DataFrame, prefix: str = "", classes: Sequence[str] = CLASSES
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -72,19 +85,32 @@ def confidence_indicators(probs: np.ndarray, threshold: float) -> dict[str, floa
 
 
 def write_plots(
-    y: np.ndarray, probs: np.ndarray, cm: list[list[int]], out: Path, raw: np.ndarray | None = None
+    y: np.ndarray,
+    probs: np.ndarray,
+    cm: list[list[int]],
+    out: Path,
+    raw: np.ndarray | None = None,
+    classes: Sequence[str] = CLASSES,
 ) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [plot_confusion_matrices(cm, CLASSES, out / "confusion_matrix.png")]
+    paths = [plot_confusion_matrices(cm, classes, out / "confusion_matrix.png")]
     if raw is not None:
         paths.append(plot_reliability_diagram(y, raw, out / "reliability.png", probs_after=probs))
     else:
         paths.append(plot_reliability_diagram(y, probs, out / "reliability.png"))
     present = sorted(set(y.tolist()))
     if len(present) >= 2:
-        paths.append(plot_roc_curves(y, probs, CLASSES, out / "roc_curves.png"))
+        paths.append(plot_roc_curves(y, probs, classes, out / "roc_curves.png"))
     # Relative to the report folder, so a moved run folder stays consistent.
     return [p.name for p in paths]
+
+
+def _melanoma_threshold(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> float | None:
+    """The OOF p(mel) threshold at 95% specificity; ``None`` for a class list without ``mel``."""
+    if "mel" not in classes:
+        log.info("no 'mel' class: the melanoma threshold and figures are left out")
+        return None
+    return melanoma_threshold_for_specificity(y, probs, 0.95, classes)
 
 
 def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -95,14 +121,18 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
     path = run.oof_predictions
     oof.to_csv(path, index=False, float_format="%.8g")
     oof = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})  # figures from the file
-    y, probs = _arrays(oof)
-    has_raw = all(f"raw_{c}" in oof.columns for c in CLASSES)
-    raw = _arrays(oof, "raw_")[1] if has_raw else None
-    threshold = melanoma_threshold_for_specificity(y, probs, 0.95)
+    classes = prediction_classes(oof)
+    y, probs = _arrays(oof, classes=classes)
+    has_raw = all(f"raw_{c}" in oof.columns for c in classes)
+    raw = _arrays(oof, "raw_", classes)[1] if has_raw else None
+    threshold = _melanoma_threshold(y, probs, classes)
+    grouped = run.read_dataset().get("grouped", True)
     metrics = evaluate_predictions(
         y,
         probs,
-        groups=oof["lesion_id"].to_numpy(),
+        # Without groups every image is its own: resample images, and say so.
+        groups=oof["lesion_id"].to_numpy() if grouped else None,
+        classes=classes,
         mel_threshold=threshold,
         n_boot=n_boot,
         seed=seed,
@@ -111,6 +141,7 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
     result: dict[str, Any] = {
         "source": "out-of-fold",
         "folds": sorted(int(f) for f in oof["fold"].unique()),
+        "grouped": bool(grouped),
         "mel_threshold": threshold,
         "mel_threshold_rule": "lowest p(mel) threshold with specificity >= 0.95 on OOF",
         "domain": confidence_indicators(probs, conf_threshold),
@@ -120,12 +151,13 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
     result["refer"] = fit_refer_reference(probs)
     result["risk_coverage"] = risk_coverage(y, probs, result["refer"])
     if raw is not None:
-        before = point_metrics(y, raw)
+        before = point_metrics(y, raw, classes)
         result["calibration"] = {
             "before": {k: before[k] for k in ("ece", "log_loss", "brier")},
             "after": {k: metrics["point"][k] for k in ("ece", "log_loss", "brier")},
         }
-    result["plots"] = write_plots(y, probs, metrics["point"]["confusion_matrix"], run.plots, raw)
+    cm = metrics["point"]["confusion_matrix"]
+    result["plots"] = write_plots(y, probs, cm, run.plots, raw, classes)
     rc_plot = plot_risk_coverage(y, probs, run.plots / "risk_coverage.png")
     result["plots"].append(rc_plot.name)
     run.oof_metrics.write_text(json.dumps(result, indent=2, allow_nan=False))
@@ -153,9 +185,8 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
     p, ci = result["point"], result.get("ci95", {})
     mel = p["mel"]
     unit = result.get("bootstrap_unit", "image")
-    lines = [
-        f"# {title}",
-        "",
+    lines = [f"# {title}", "", *_leakage_warning(result)]
+    lines += [
         f"n = {p['n']} images; classes present: {', '.join(p['classes_present'])}"
         + (f"; absent: {', '.join(p['classes_absent'])}" if p["classes_absent"] else ""),
         f"95% intervals: bootstrap over {unit}s ({result.get('n_boot', 0)} resamples).",
@@ -166,9 +197,22 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
     for label, key, pct in _HEADLINE:
         lines.append(f"| {label} | {_fmt(p[key], ci.get(key), pct)} |")
     mel_ci = ci.get("mel", {})
-    for label, key in _MELANOMA:
-        lines.append(f"| {label} | {_fmt(mel.get(key), mel_ci.get(key), True)} |")
+    if "mel" in p["per_class"]:  # melanoma figures only for a class list that has it
+        for label, key in _MELANOMA:
+            lines.append(f"| {label} | {_fmt(mel.get(key), mel_ci.get(key), True)} |")
     return "\n".join(lines + _notes(result) + _per_class(p)) + "\n"
+
+
+def _leakage_warning(result: dict[str, Any]) -> list[str]:
+    if result.get("grouped", True):
+        return []
+    return [
+        "**Warning: leakage cannot be ruled out.** The labels name no lesion or patient (group) "
+        "for the images, so each image was its own group: lesion-level cross-validation was not "
+        "possible, images of one lesion may sit in training and validation folds, and these "
+        "figures may be inflated. Intervals resample images.",
+        "",
+    ]
 
 
 _HEADLINE = (

@@ -25,11 +25,18 @@ def check_names(cfg: Config) -> None:
     check_name("sampler.name", cfg.sampler.name, SAMPLERS, "sampler")
 
 
-def check_paths(cfg: Config) -> None:
-    """Inputs exist; ``output_dir`` and ``data.cache_dir`` can be written."""
+def _check_data_paths(cfg: Config) -> None:
+    """The data section's folder (HAM10000, ISIC 2019) or images folder and labels file (csv)."""
+    if cfg.data.format == "csv":
+        if not Path(str(cfg.data.images)).is_dir():
+            raise DataError(f"data.images: {cfg.data.images} is not a folder")
+        if not Path(str(cfg.data.labels)).is_file():
+            raise DataError(f"data.labels: file {cfg.data.labels} not found")
+        return
+    what = "a HAM10000" if cfg.data.format == "ham10000" else "the ISIC 2019 training"
     if cfg.data.root is None:
         raise ConfigError(
-            "data.root is not set: point it at a HAM10000 folder "
+            f"data.root is not set: point it at {what} folder "
             "(or run `skinlesion download --dest DIR`)"
         )
     if not Path(cfg.data.root).is_dir():
@@ -37,6 +44,11 @@ def check_paths(cfg: Config) -> None:
             f"data.root: {cfg.data.root} is not a folder (set data.root, or run "
             f"`skinlesion download --dest {cfg.data.root}`)"
         )
+
+
+def check_paths(cfg: Config) -> None:
+    """Inputs exist; ``output_dir`` and ``data.cache_dir`` can be written."""
+    _check_data_paths(cfg)
     for key, value in (
         ("data.metadata", cfg.data.metadata),
         ("cv.folds_file", cfg.cv.folds_file),

@@ -422,7 +422,8 @@ def check_resume(run_dir: Path, cfg: Config, resume: bool) -> None:
             f"or choose another output_dir"
         )
     if resume:
-        old = run.read_config_tree()
+        # Through the schema, so keys added since the run was made compare as their defaults.
+        old = config_to_dict(run.read_config())
         new = config_to_dict(cfg)
         diff = [k for k in RECIPE_SECTIONS if old.get(k) != new.get(k)]
         if diff:
@@ -486,6 +487,8 @@ def _run_cv(cfg: Config, run_dir: Path, dist_info: DistInfo, resume: bool, progr
         save_config(cfg, run.config)
         run.environment.write_text(json.dumps(environment_info(runtime), indent=2))
     data = _shared_data(cfg, run, dist_info, progress)
+    if dist_info.is_main:
+        run.dataset.write_text(json.dumps(data.dataset, indent=2))
     if runtime.device.type == "cuda":
         # The whole uint8 cache lives on the GPU (HAM10000 at 300 px: ~2.7 GB).
         data.images = torch.from_numpy(np.ascontiguousarray(data.images)).to(runtime.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from skinlesion.core.config import Config
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.metrics import draw_bootstrap_weights, point_metrics
+from skinlesion.evaluation.report import prediction_classes
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,10 @@ AUDIT_METRICS: tuple[str, ...] = (
 SCHEMES: dict[str, bool] = {"lesion_grouped": True, "image_random": False}
 
 
-def _scalars(y: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
-    m = point_metrics(y, probs)
+def _scalars(
+    y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
+) -> dict[str, float | None]:
+    m = point_metrics(y, probs, classes)
     out = {k: m[k] for k in AUDIT_METRICS}
     out["mel_sensitivity_argmax"] = m["mel"]["sensitivity_argmax"]
     return out
@@ -48,16 +52,17 @@ def paired_inflation(
     groups: np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
+    classes: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
     """Per metric: both values, their difference (leaky - clean) and its bootstrap interval."""
-    clean, leaky = _scalars(y, p_clean), _scalars(y, p_leaky)
+    clean, leaky = _scalars(y, p_clean, classes), _scalars(y, p_leaky, classes)
     weights = draw_bootstrap_weights(len(y), n_boot, np.random.default_rng(seed), groups=groups)
     diffs: dict[str, list[float]] = {k: [] for k in clean}
     for w in weights:
         idx = np.repeat(np.arange(len(y)), w.astype(int))
         if len(set(y[idx].tolist())) < len(set(y.tolist())):
             continue  # a class vanished from this resample: macro metrics are not comparable
-        a, b = _scalars(y[idx], p_leaky[idx]), _scalars(y[idx], p_clean[idx])
+        a, b = _scalars(y[idx], p_leaky[idx], classes), _scalars(y[idx], p_clean[idx], classes)
         for k in diffs:
             if a[k] is not None and b[k] is not None:
                 diffs[k].append(a[k] - b[k])
@@ -100,9 +105,10 @@ def audit_leakage(
     merged = oof["lesion_grouped"].merge(
         oof["image_random"], on="image_id", suffixes=("", "_leaky"), validate="one_to_one"
     )
-    y = merged["dx"].map(class_index()).to_numpy()
-    p_clean = merged[list(CLASSES)].to_numpy(np.float64)
-    p_leaky = merged[[f"{c}_leaky" for c in CLASSES]].to_numpy(np.float64)
+    classes = prediction_classes(oof["lesion_grouped"])
+    y = merged["dx"].map(class_index(classes)).to_numpy()
+    p_clean = merged[classes].to_numpy(np.float64)
+    p_leaky = merged[[f"{c}_leaky" for c in classes]].to_numpy(np.float64)
     lesions_split = oof["image_random"].groupby("lesion_id")["fold"].nunique()
     result = {
         "recipe": {
@@ -115,7 +121,9 @@ def audit_leakage(
         "n_lesions": int(merged["lesion_id"].nunique()),
         "lesions_split_across_folds_in_random_split": int((lesions_split > 1).sum()),
         "bootstrap": {"unit": "lesion", "n_boot": n_boot, "paired": True},
-        "metrics": paired_inflation(y, p_leaky, p_clean, merged["lesion_id"].to_numpy(), n_boot),
+        "metrics": paired_inflation(
+            y, p_leaky, p_clean, merged["lesion_id"].to_numpy(), n_boot, classes=classes
+        ),
     }
     (out / "leakage.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     (out / "leakage.md").write_text(render_leakage(result))

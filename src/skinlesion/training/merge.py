@@ -71,6 +71,8 @@ def merge_runs(parts: Sequence[str | Path], out: str | Path, n_boot: int = 1000)
     merged["output_dir"] = str(target.root)
     target.config.write_text(yaml.safe_dump(merged, sort_keys=False))
     shutil.copy(runs[0].folds, target.folds)
+    if runs[0].dataset.is_file():
+        shutil.copy(runs[0].dataset, target.dataset)
     env = {
         str(run.root): json.loads(run.environment.read_text())
         for run in runs

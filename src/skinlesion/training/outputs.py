@@ -45,7 +45,8 @@ def val_figures(criterion: nn.Module, logits: np.ndarray, y: np.ndarray) -> dict
     lt = torch.from_numpy(logits)
     yt = torch.from_numpy(y).long()
     probs = torch.softmax(lt.double(), -1).numpy()
-    pm = point_metrics(y, probs)
+    # Only the scalars are read, which do not depend on the class names.
+    pm = point_metrics(y, probs, [f"class_{i}" for i in range(probs.shape[1])])
     return {
         "val_loss": float(criterion(lt, yt)),
         "val_log_loss": float(nn.functional.cross_entropy(lt.double(), yt)),

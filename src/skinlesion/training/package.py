@@ -138,8 +138,7 @@ def build_card(
         "name": name,
         "date": date.today().isoformat(),
         "intended_use": INTENDED_USE,
-        "training_data": "HAM10000 (10,015 dermoscopic images, 7,470 lesions, 7 diagnoses); "
-        "lesion-grouped stratified folds.",
+        "training_data": _training_data(cfg, ckpts[0]["class_names"]),
         "weights_license": WEIGHTS_LICENSE,
         "backbone": ckpts[0]["backbone"],
         "input": ckpts[0]["preprocessing"],
@@ -156,6 +155,31 @@ def build_card(
         "melanoma_threshold_rule": oof.get("mel_threshold_rule"),
         "known_limits": KNOWN_LIMITS,
     }
+
+
+def _training_data(cfg: dict[str, Any], class_names: list[str]) -> str:
+    """What the models were trained on, from the recipe's ``data`` section and the classes."""
+    data = cfg.get("data") or {}
+    fmt = data.get("format", "ham10000")
+    if fmt == "ham10000":
+        return (
+            "HAM10000 (10,015 dermoscopic images, 7,470 lesions, 7 diagnoses); "
+            "lesion-grouped stratified folds."
+        )
+    source = data.get("labels") if fmt == "csv" else data.get("root")
+    return (
+        f"{fmt} set {source} ({len(class_names)} classes: {', '.join(class_names)}); "
+        "stratified folds, grouped where the labels name a lesion or patient."
+    )
+
+
+def _threshold_line(card: dict[str, Any]) -> str:
+    if card.get("melanoma_threshold") is None:
+        return "No melanoma operating threshold (the classes have no mel)."
+    return (
+        f"Melanoma operating threshold: p(mel) >= {card['melanoma_threshold']:.4f}\n"
+        f"({card['melanoma_threshold_rule']})."
+    )
 
 
 def _hw(size: Any) -> str:
@@ -209,8 +233,7 @@ code is Apache-2.0.
 **Metrics** (95% lesion-level bootstrap intervals where lesions are known; sizes: {sizes}):
 
 {head}{body}
-Melanoma operating threshold: p(mel) >= {card["melanoma_threshold"]:.4f}
-({card["melanoma_threshold_rule"]}).
+{_threshold_line(card)}
 
 **Calibration** (out of fold): ECE {_fmt(before.get("ece"))} before and {_fmt(after.get("ece"))}
 after temperature scaling; log loss {_fmt(before.get("log_loss"))} -> {_fmt(after.get("log_loss"))}.

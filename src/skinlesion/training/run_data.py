@@ -4,15 +4,17 @@ and the preprocessing spec."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from skinlesion.core.config import Config
 from skinlesion.core.errors import ConfigError
-from skinlesion.core.labels import class_index
+from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.data.cache import build_cache
+from skinlesion.data.datasets import LabelledSet, canonical_metadata, load_labelled_set
 from skinlesion.data.folds import align_folds, check_folds, make_folds, read_folds, save_folds
 from skinlesion.data.metadata import load_ham10000, subset_by_lesion
 from skinlesion.data.preprocess import PreprocessSpec
@@ -30,17 +32,29 @@ class RunData:
     images: ImageSource
     spec: PreprocessSpec
     cache_root: Path
+    dataset: dict[str, Any] = field(default_factory=dict)
+    """What :meth:`LabelledSet.info` says of the data (saved as the run's ``dataset.json``)."""
 
 
-def _folds_table(cfg: Config, folds_out: Path | None) -> pd.DataFrame:
-    """The (subset of the) metadata with a ``fold`` column: made, or read from cv.folds_file."""
+def load_labelled(cfg: Config) -> LabelledSet:
+    """The ``data`` section's images and labels, validated, with the class list and grouping."""
+    if cfg.data.format != "ham10000":
+        return load_labelled_set(cfg.data, cfg.cv.n_folds)
     if cfg.data.root is None:
         raise ConfigError(
             "data.root is not set: point it at a HAM10000 folder "
             "(or run `skinlesion download --dest DIR`)"
         )
     df = load_ham10000(cfg.data.root, cfg.data.metadata)
-    df = subset_by_lesion(df, cfg.data.max_images, cfg.cv.seed)
+    return LabelledSet(canonical_metadata(df), CLASSES, True, str(cfg.data.root))
+
+
+def _folds_table(
+    cfg: Config, folds_out: Path | None, labelled: LabelledSet | None = None
+) -> pd.DataFrame:
+    """The (subset of the) metadata with a ``fold`` column: made, or read from cv.folds_file."""
+    labelled = labelled or load_labelled(cfg)
+    df = subset_by_lesion(labelled.table, cfg.data.max_images, cfg.cv.seed)
     if cfg.cv.folds_file:
         df = align_folds(df, read_folds(Path(cfg.cv.folds_file)), cfg.cv.folds_file)
     else:
@@ -53,6 +67,15 @@ def _folds_table(cfg: Config, folds_out: Path | None) -> pd.DataFrame:
             "cv.grouped=false: images of one lesion may sit in several folds; the "
             "metrics of this run are inflated by leakage"
         )
+    if not labelled.grouped:
+        log.warning(
+            "%s names no lesion or patient (group) for its images: each image is its own group, "
+            "so lesion-level folds are not possible and LEAKAGE CANNOT BE RULED OUT (images of "
+            "one lesion may sit in several folds); set data.columns.group if the file has one",
+            labelled.source,
+        )
+    for note in labelled.notes:
+        log.info("data: %s", note)
     if folds_out is not None:
         save_folds(df, folds_out)
     return df.sort_values("image_id").reset_index(drop=True)
@@ -60,8 +83,9 @@ def _folds_table(cfg: Config, folds_out: Path | None) -> pd.DataFrame:
 
 def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) -> RunData:
     """Validate the data, make or read the folds, and build (or reuse) the image cache."""
-    df = _folds_table(cfg, folds_out)
-    spec = run_spec(cfg)
+    labelled = load_labelled(cfg)
+    df = _folds_table(cfg, folds_out, labelled)
+    spec = run_spec(cfg, labelled.classes)
     df["label"] = df["dx"].map(class_index(spec.class_names)).astype(int)
     cache = build_cache(
         df["image_id"].tolist(),
@@ -73,4 +97,5 @@ def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) ->
         progress=progress,
     )
     df["row"] = cache.rows(df["image_id"].tolist())
-    return RunData(table=df, images=cache.images, spec=spec, cache_root=cache.root)
+    info = {"format": cfg.data.format, **labelled.info()}
+    return RunData(table=df, images=cache.images, spec=spec, cache_root=cache.root, dataset=info)

@@ -8,6 +8,7 @@ without the config's label smoothing, say).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,10 +38,16 @@ def build_run_model(cfg: Config, spec: PreprocessSpec, runtime: Runtime) -> nn.M
     )
 
 
-def run_spec(cfg: Config) -> PreprocessSpec:
-    """The preprocessing spec of the ``data`` and ``model`` sections."""
+def run_spec(cfg: Config, class_names: Sequence[str] | None = None) -> PreprocessSpec:
+    """The preprocessing spec of the ``data`` and ``model`` sections, for ``class_names`` (the
+    data's; default ``data.classes``, else HAM10000's)."""
+    names = class_names if class_names is not None else cfg.data.classes
     return default_spec(
-        cfg.model.backbone, cfg.data.image_size, cfg.data.interpolation, cfg.data.colour_constancy
+        cfg.model.backbone,
+        cfg.data.image_size,
+        cfg.data.interpolation,
+        cfg.data.colour_constancy,
+        tuple(names) if names else None,
     )
 
 
