@@ -244,6 +244,9 @@ def test_fit_final_trains_on_all_images_and_packages(tiny_run: Path, tmp_path: P
     out = package_run(tiny_run, "final", out_root=tmp_path, final=True)
     meta = json.loads((out / "model.json").read_text())
     assert [m["prefix"] for m in meta["members"]] == ["final."]
+    card = json.loads((out / "card.json").read_text())
+    assert card["members"][0]["final_fit"]["n_train"] == ckpt["final_fit"]["n_train"]
+    assert "no held-out images of its own" in (out / "MODEL_CARD.md").read_text()
     probs, errors = load_packaged(out, resolve_runtime("cpu")).predict_proba(_images(tiny_run, 2))
     assert not errors
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)

@@ -142,7 +142,9 @@ def build_card(
         "weights_license": WEIGHTS_LICENSE,
         "backbone": ckpts[0]["backbone"],
         "input": ckpts[0]["preprocessing"],
-        "members": [{"fold": c["fold"], "epoch": c["epoch"]} for c in ckpts],
+        "members": [
+            {"fold": c["fold"], "epoch": c["epoch"], **_final_fit(c)} for c in ckpts
+        ],
         "tta_views": _tta(ckpts[0]),
         "hardware": hardware,
         "recipe": cfg,
@@ -155,6 +157,27 @@ def build_card(
         "melanoma_threshold_rule": oof.get("mel_threshold_rule"),
         "known_limits": KNOWN_LIMITS,
     }
+
+
+def _final_fit(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """How a final fit (fold -1) was set up: its data size and what it took from the folds."""
+    fit = ckpt.get("final_fit") or {}
+    keys = ("n_train", "folds", "fold_best_epochs", "epochs", "temperature")
+    return {"final_fit": {k: fit[k] for k in keys if k in fit}} if fit else {}
+
+
+def _members_line(card: dict[str, Any]) -> str:
+    members = card["members"]
+    fits = [m["final_fit"] for m in members if "final_fit" in m]
+    if not fits:
+        return f"{len(members)} member(s) (folds {[m['fold'] for m in members]})"
+    f = fits[0]
+    return (
+        f"one model trained on all {f.get('n_train', '?')} images for {f.get('epochs', '?')} "
+        f"epochs (the median best epoch of folds {f.get('folds')}: {f.get('fold_best_epochs')}), "
+        f"with their mean temperature {_fmt(f.get('temperature'))}. It has no held-out images "
+        "of its own: the out-of-fold figures below are those of the same recipe's fold models"
+    )
 
 
 def _training_data(cfg: dict[str, Any], class_names: list[str]) -> str:
@@ -225,7 +248,7 @@ code is Apache-2.0.
 
 **Model.** {card["backbone"]}, ImageNet-initialised, fine-tuned; input {_hw(spec["size"])} (H x W)
 ({spec["interpolation"]}), Shades-of-Gray colour constancy: {spec["colour_constancy"]};
-{len(card["members"])} member(s) (folds {[m["fold"] for m in card["members"]]}); TTA over
+{_members_line(card)}; TTA over
 {card["tta_views"]} dihedral views; temperature-scaled probabilities.
 
 **Training data.** {card["training_data"]} Trained on {card["hardware"]}.
@@ -262,6 +285,7 @@ def write_weights(ckpts: list[dict[str, Any]], path: Path) -> None:
             f"{MAX_WEIGHTS_BYTES / 2**20:.0f} MiB a packaged model may hold; package fewer folds "
             f"(--folds) or a smaller backbone"
         )
+    tmp.chmod(0o644)  # the zoo's files are read by whoever installs the package
     os.replace(tmp, path)
 
 
