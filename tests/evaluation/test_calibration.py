@@ -69,9 +69,17 @@ def test_softmax_is_stable_for_large_logits() -> None:
 
 def test_rejects_bad_input() -> None:
     z, y = calibrated_data(10, seed=6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0\.0$"):
         apply_temperature(z, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got nan$"):
+        apply_temperature(z, float("nan"))
+    with pytest.raises(ValueError, match=r"^need logits \(n, k\) and labels \(n,\), got \(10, 7\)"):
         fit_temperature(z, y[:5])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 7\)$"):
         fit_temperature(z, np.full(10, 7))
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 7\)$"):
+        fit_temperature(z, np.full(10, -1))
+    with pytest.raises(ValueError, match=r"^logits contain NaN or inf$"):
+        fit_temperature(np.where(np.eye(10, 7) > 0, np.inf, z), y)
+    with pytest.raises(ValueError, match=r"^need logits"):
+        fit_temperature(np.zeros((0, 7)), np.zeros(0, dtype=int))

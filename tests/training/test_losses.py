@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from skinlesion.core.errors import ConfigError
 from skinlesion.training.losses import LOSSES, FocalLoss, build_loss
 
 
@@ -121,3 +122,29 @@ def test_alpha_wrong_length_raises() -> None:
         build_loss("focal", alpha=[1.0, 2.0, 3.0])(logits, target)
     with pytest.raises((ValueError, RuntimeError)):
         build_loss("ce", alpha=[1.0, 2.0, 3.0])(logits, target)
+
+
+def test_default_gamma_is_two() -> None:
+    logits = logits_for([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
+    target = torch.tensor([0, 2])
+    assert build_loss("focal")(logits, target).item() == pytest.approx(0.10269373, abs=1e-7)
+
+
+def test_ce_passes_weights_smoothing_and_reduction_on() -> None:
+    logits, target = random_batch(c=3, seed=5)
+    # Integer weights are accepted and act as float class weights.
+    weighted = build_loss("ce", alpha=[1, 2, 1])(logits, target)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor([1.0, 2.0, 1.0]))
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-6)
+    smoothed = build_loss("ce", label_smoothing=0.2)(logits, target)
+    assert smoothed.item() == pytest.approx(
+        F.cross_entropy(logits, target, label_smoothing=0.2).item(), rel=1e-6
+    )
+    per_sample = build_loss("ce", reduction="none")(logits, target)
+    assert per_sample.shape == (32,)
+    torch.testing.assert_close(per_sample, F.cross_entropy(logits, target, reduction="none"))
+
+
+def test_unknown_loss_names_the_config_key() -> None:
+    with pytest.raises(ConfigError, match=r"^loss\.name: unknown loss 'dice'"):
+        build_loss("dice")
