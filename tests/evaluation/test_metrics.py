@@ -649,6 +649,15 @@ def test_single_negative_auroc_and_threshold_ties() -> None:
     assert m["mel"]["sensitivity_at_threshold"] == 1.0
     assert m["mel"]["specificity_at_threshold"] == 0.0
     assert all(type(v) is int for row in m["confusion_matrix"] for v in row)
+    # One non-melanoma (above) and one melanoma (here) are enough for specificity/sensitivity.
+    one_mel = point_metrics(y[[0, 2]], probs[[0, 2]], mel_threshold=0.3)["mel"]
+    assert one_mel == {  # the nevus at .5/.5 ties, and argmax takes the first class, mel
+        "sensitivity_argmax": 1.0,
+        "specificity_argmax": 0.0,
+        "threshold": 0.3,
+        "sensitivity_at_threshold": 1.0,
+        "specificity_at_threshold": 0.0,
+    }
 
 
 def test_classes_without_melanoma_have_no_melanoma_metrics() -> None:
@@ -673,3 +682,69 @@ def test_bootstrap_with_classes_missing_from_replicates_is_silent() -> None:
         warnings.simplefilter("error")
         result = bootstrap_metrics(y, probs, n_boot=50, seed=1)
     assert 0 < result["n_valid"]["per_class"]["df"]["auroc"] < 50
+
+
+def test_input_checks_and_their_messages() -> None:
+    y, probs = random_predictions(20, 22)
+    y[:2] = [1, 5]  # odd class indices among the labels
+    # Labels as whole floats are accepted; float32 probabilities are computed in float64.
+    assert point_metrics(y.astype(np.float64), probs) == point_metrics(y, probs)
+    as_float32 = probs.astype(np.float32)
+    exact = point_metrics(y, as_float32.astype(np.float64))
+    for key in ("brier", "log_loss", "ece"):
+        assert point_metrics(y, as_float32)[key] == pytest.approx(exact[key], rel=1e-13)
+    # One sample is enough.
+    assert point_metrics(y[:1], probs[:1])["n"] == 1
+    cases = [
+        (y + 0.5, probs, r"^y_true must hold integer class indices$"),
+        (y[:19], probs, r"^y_true must have shape \(20,\), got \(19,\)$"),
+        (y[:, None], probs, r"^y_true must have shape \(20,\), got \(20, 1\)$"),
+        (y[:0], probs[:0], r"^need at least one sample$"),
+    ]
+    for labels, p, message in cases:
+        with pytest.raises(ValueError, match=message):
+            point_metrics(labels, p)
+    with pytest.raises(ValueError, match=r"^probs must have shape \(n, n_classes\), got \(20,\)$"):
+        reliability_bins(y, probs[:, 0])
+
+
+def test_absent_classes_are_silent() -> None:
+    # Absent classes (melanoma among them) are None by design, without 0/0 RuntimeWarnings.
+    y, probs = random_predictions(50, 23, prior=(0, 1, 1, 0, 0, 1, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = point_metrics(y, probs, mel_threshold=0.3)
+    assert m["classes_absent"] == ["akiec", "df", "mel", "vasc"]
+    assert m["mel"]["sensitivity_argmax"] is None
+    assert m["mel"]["sensitivity_at_threshold"] is None
+    assert m["mel"]["specificity_at_threshold"] is not None
+
+
+def test_no_threshold_no_threshold_metrics() -> None:
+    y, probs = random_predictions(50, 24)
+    mel = point_metrics(y, probs)["mel"]
+    assert mel["threshold"] is None
+    assert mel["sensitivity_at_threshold"] is None
+    assert mel["specificity_at_threshold"] is None
+    assert mel["sensitivity_argmax"] is not None
+
+
+def test_bootstrap_intervals_are_percentiles_of_resampled_point_metrics() -> None:
+    y, probs = random_predictions(60, 25, prior=(1, 1, 1, 1, 2, 2, 1))
+    n_boot, seed = 25, 6
+    result = bootstrap_metrics(y, probs, mel_threshold=0.2, n_boot=n_boot, seed=seed)
+    counts = draw_bootstrap_weights(60, n_boot, np.random.default_rng(seed))
+    replicates = []
+    for row in counts:
+        index = np.repeat(np.arange(60), row.astype(int))
+        replicates.append(point_metrics(y[index], probs[index], mel_threshold=0.2))
+
+    def expected(values: list) -> list[float]:
+        valid = [v for v in values if v is not None]
+        return np.percentile(valid, [2.5, 97.5]).tolist()
+
+    for key in ("accuracy", "brier", "log_loss"):
+        assert result["intervals"][key] == pytest.approx(expected([r[key] for r in replicates]))
+    for key in ("sensitivity_argmax", "specificity_argmax", "specificity_at_threshold"):
+        values = [r["mel"][key] for r in replicates]
+        assert result["intervals"]["mel"][key] == pytest.approx(expected(values))
