@@ -327,3 +327,14 @@ def test_fold_balance_class_missing_from_a_fold() -> None:
     assert bal.loc[0, "df"] == pytest.approx(25.0)
     assert bal.loc[1, "df"] == pytest.approx(-25.0)
     assert bal.loc[1, "nv"] == pytest.approx(25.0)
+
+
+def test_make_folds_defaults_and_two_folds(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta)
+    pd.testing.assert_frame_equal(folds, make_folds(meta, n_folds=5, seed=42))
+    assert folds["fold"].dtype.kind == "i"  # written as 0..4, not 0.0..4.0
+    two = make_folds(meta, n_folds=2, seed=42)
+    assert sorted(two["fold"].unique()) == [0, 1]
+    check_folds(two)
+    with pytest.raises(ValueError, match=r"^n_folds must be >= 2, got 1$"):
+        make_folds(meta, n_folds=1)

@@ -701,6 +701,15 @@ def test_input_checks_and_their_messages() -> None:
         (y[:, None], probs, r"^y_true must have shape \(20,\), got \(20, 1\)$"),
         (y[:0], probs[:0], r"^need at least one sample$"),
     ]
+    bad_probs = probs.copy()
+    bad_probs[0, :2] = [np.nan, np.inf]
+    negative = probs.copy()
+    negative[0, :2] += [-1.0, 1.0]  # still sums to 1
+    cases += [
+        (y, bad_probs, r"^probs contains NaN or inf$"),
+        (y, negative, r"^probs rows must be non-negative and sum to 1 \(pass softmax outputs\)$"),
+        (y, probs * 1.5, r"^probs rows must be non-negative and sum to 1"),
+    ]
     for labels, p, message in cases:
         with pytest.raises(ValueError, match=message):
             point_metrics(labels, p)

@@ -1,5 +1,7 @@
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,20 @@ def test_ce_passes_weights_smoothing_and_reduction_on() -> None:
 def test_unknown_loss_names_the_config_key() -> None:
     with pytest.raises(ConfigError, match=r"^loss\.name: unknown loss 'dice'"):
         build_loss("dice")
+
+
+def test_focal_defaults_buffers_and_messages() -> None:
+    logits = logits_for([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]).float()
+    target = torch.tensor([0, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no implicit-dimension or dtype warnings on the way
+        assert FocalLoss()(logits, target).item() == pytest.approx(0.10269373, abs=1e-6)
+    # alpha follows the config, not the checkpoint: it is a buffer outside the state dict, and
+    # float64 weights do not turn a float32 loss into float64.
+    weighted = FocalLoss(alpha=np.array([1.0, 2.0, 1.0]))
+    assert weighted.state_dict() == {}
+    assert weighted(logits, target).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"^reduction must be mean, sum or none, got 'avg'$"):
+        FocalLoss(reduction="avg")
+    with pytest.raises(ValueError, match=r"^gamma must be >= 0, got -1$"):
+        FocalLoss(gamma=-1)
