@@ -338,3 +338,22 @@ def test_make_folds_defaults_and_two_folds(meta: pd.DataFrame) -> None:
     check_folds(two)
     with pytest.raises(ValueError, match=r"^n_folds must be >= 2, got 1$"):
         make_folds(meta, n_folds=1)
+
+
+@pytest.mark.parametrize("rare_images", [3, 1])
+def test_image_level_folds_are_seeded_and_use_n_folds(rare_images: int) -> None:
+    # Ungrouped folds (leakage audit only): stratified while every class has >= n_folds images
+    # (exactly 3 here), plain shuffled KFold once a class has fewer (1 here).
+    dx = ["nv"] * 30 + ["mel"] * 9 + ["df"] * rare_images
+    meta = pd.DataFrame(
+        {"image_id": [f"I{i:03d}" for i in range(len(dx))], "lesion_id": "L", "dx": dx}
+    )
+    folds = make_folds(meta, n_folds=3, seed=1, grouped=False)
+    pd.testing.assert_frame_equal(folds, make_folds(meta, n_folds=3, seed=1, grouped=False))
+    assert not folds.equals(make_folds(meta, n_folds=3, seed=2, grouped=False))
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    per_fold = folds.groupby("fold")["dx"].value_counts().unstack(fill_value=0)
+    if rare_images == 3:  # stratified: every class split evenly
+        assert (per_fold["nv"] == 10).all() and (per_fold["df"] == 1).all()
+    else:  # shuffled, not in file order
+        assert folds["fold"].tolist() != sorted(folds["fold"].tolist())

@@ -83,3 +83,8 @@ def test_rejects_bad_input() -> None:
         fit_temperature(np.where(np.eye(10, 7) > 0, np.inf, z), y)
     with pytest.raises(ValueError, match=r"^need logits"):
         fit_temperature(np.zeros((0, 7)), np.zeros(0, dtype=int))
+
+
+def test_softmax_of_one_row() -> None:
+    np.testing.assert_allclose(softmax(np.log([1.0, 3.0])), [0.25, 0.75])
+    np.testing.assert_allclose(apply_temperature(np.log([1.0, 9.0]), 2.0), [0.25, 0.75])
