@@ -88,3 +88,14 @@ def test_rejects_bad_input() -> None:
 def test_softmax_of_one_row() -> None:
     np.testing.assert_allclose(softmax(np.log([1.0, 3.0])), [0.25, 0.75])
     np.testing.assert_allclose(apply_temperature(np.log([1.0, 9.0]), 2.0), [0.25, 0.75])
+
+
+def test_fit_is_the_minimum_and_takes_whole_float_labels() -> None:
+    z, y = calibrated_data(3_000, seed=7)
+    logits = z * 1.7
+    fitted = fit_temperature(logits, y)
+    # A minimum, not merely close to the truth: a step of 0.1% either way costs NLL.
+    best = nll(logits, y, fitted)
+    assert best < nll(logits, y, fitted * 1.001)
+    assert best < nll(logits, y, fitted / 1.001)
+    assert fit_temperature(logits, y.astype(np.float64)) == fitted
