@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,99 @@ def test_real_folds(ham_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "folds.csv"
     assert main(["split", "--metadata", str(find_metadata(ham_dir)), "--out", str(out)]) == 0
     pd.testing.assert_frame_equal(read_folds(out), folds)
+
+
+def test_check_folds_names_each_leaking_lesion_and_its_folds() -> None:
+    # L1 is in folds 0 and 1, the other lesions sit in folds 2 and 3: only L1's folds are listed.
+    folds = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c", "d"],
+            "lesion_id": ["L1", "L1", "L2", "L3"],
+            "dx": ["nv", "nv", "mel", "bcc"],
+            "fold": [0, 1, 2, 3],
+        }
+    )
+    with pytest.raises(DataError, match=r"^folds leak or are incomplete: 1 problem") as info:
+        check_folds(folds)
+    assert info.value.problems == ["lesion L1 is in folds [0, 1]"]
+
+
+def test_check_folds_lists_at_most_50_lesions() -> None:
+    lesions = [f"L{i:03d}" for i in range(60)]
+    folds = pd.DataFrame(
+        {
+            "image_id": [f"{lesion}_{k}" for lesion in lesions for k in (0, 1)],
+            "lesion_id": [lesion for lesion in lesions for _ in (0, 1)],
+            "dx": "nv",
+            "fold": [0, 1] * 60,
+        }
+    )
+    with pytest.raises(DataError) as info:
+        check_folds(folds)
+    assert info.value.problems == [f"lesion {lesion} is in folds [0, 1]" for lesion in lesions[:50]]
+
+
+def test_save_folds_makes_nested_folders_and_overwrites(tmp_path: Path) -> None:
+    folds = pd.DataFrame(
+        {"image_id": ["a", "b"], "lesion_id": ["L1", "L2"], "dx": ["nv", "mel"], "fold": [0, 1]}
+    )
+    path = tmp_path / "runs" / "new" / "folds.csv"
+    save_folds(folds, path)
+    save_folds(folds.assign(fold=[1, 0]), path)  # again, into the folder that now exists
+    assert path.read_text() == "image_id,lesion_id,dx,fold\na,L1,nv,1\nb,L2,mel,0\n"
+
+
+def test_read_folds_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "folds.csv"
+    path.write_text("image_id,lesion_id,fold\na,L1,0\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: wrong columns: 1 problem"):
+        read_folds(path)
+    path.write_text("image_id,lesion_id,dx,fold\na,L1,nv,x\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: invalid folds: 1 problem"):
+        read_folds(path)
+
+
+def test_fold_balance_class_missing_from_a_fold() -> None:
+    # df appears only in fold 0: in fold 1 its share is 0, i.e. 25 points below its 25% overall.
+    folds = pd.DataFrame(
+        {
+            "image_id": list("abcd"),
+            "lesion_id": list("abcd"),
+            "dx": ["df", "nv", "nv", "nv"],
+            "fold": [0, 0, 1, 1],
+        }
+    )
+    bal = fold_balance(folds)
+    assert bal.loc[0, "df"] == pytest.approx(25.0)
+    assert bal.loc[1, "df"] == pytest.approx(-25.0)
+    assert bal.loc[1, "nv"] == pytest.approx(25.0)
+
+
+def test_make_folds_defaults_and_two_folds(meta: pd.DataFrame) -> None:
+    folds = make_folds(meta)
+    pd.testing.assert_frame_equal(folds, make_folds(meta, n_folds=5, seed=42))
+    assert folds["fold"].dtype.kind == "i"  # written as 0..4, not 0.0..4.0
+    two = make_folds(meta, n_folds=2, seed=42)
+    assert sorted(two["fold"].unique()) == [0, 1]
+    check_folds(two)
+    with pytest.raises(ValueError, match=r"^n_folds must be >= 2, got 1$"):
+        make_folds(meta, n_folds=1)
+
+
+@pytest.mark.parametrize("rare_images", [3, 1])
+def test_image_level_folds_are_seeded_and_use_n_folds(rare_images: int) -> None:
+    # Ungrouped folds (leakage audit only): stratified while every class has >= n_folds images
+    # (exactly 3 here), plain shuffled KFold once a class has fewer (1 here).
+    dx = ["nv"] * 30 + ["mel"] * 9 + ["df"] * rare_images
+    meta = pd.DataFrame(
+        {"image_id": [f"I{i:03d}" for i in range(len(dx))], "lesion_id": "L", "dx": dx}
+    )
+    folds = make_folds(meta, n_folds=3, seed=1, grouped=False)
+    pd.testing.assert_frame_equal(folds, make_folds(meta, n_folds=3, seed=1, grouped=False))
+    assert not folds.equals(make_folds(meta, n_folds=3, seed=2, grouped=False))
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    per_fold = folds.groupby("fold")["dx"].value_counts().unstack(fill_value=0)
+    if rare_images == 3:  # stratified: every class split evenly
+        assert (per_fold["nv"] == 10).all() and (per_fold["df"] == 1).all()
+    else:  # shuffled, not in file order
+        assert folds["fold"].tolist() != sorted(folds["fold"].tolist())

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from skinlesion.data.sampling import SAMPLERS, class_weights, draw_indices, sample_weights
+from skinlesion.core.errors import ConfigError
+from skinlesion.data.sampling import (
+    SAMPLERS,
+    class_weights,
+    draw_indices,
+    sample_weights,
+    weighted_indices,
+)
 
 # HAM10000 class counts (akiec, bcc, bkl, df, mel, nv, vasc).
 HAM_COUNTS = (327, 514, 1099, 115, 1113, 6705, 142)
@@ -120,3 +127,32 @@ def test_unknown_sampler_lists_known() -> None:
         draw_indices("balanced", labels, N_CLASSES, 10, torch.Generator())
     for name in SAMPLERS:
         assert name in str(info.value)
+
+
+def test_default_power_is_one() -> None:
+    # Balanced classes are the default: weights 1 / count, and each class drawn equally often.
+    labels = ham_labels()
+    np.testing.assert_allclose(class_weights(labels, N_CLASSES), 1 / np.asarray(HAM_COUNTS))
+    np.testing.assert_allclose(
+        sample_weights(labels, N_CLASSES), 1 / np.asarray(HAM_COUNTS)[labels]
+    )
+    by_name = draw_indices("weighted", labels, N_CLASSES, 1000, torch.Generator().manual_seed(3))
+    direct = weighted_indices(labels, N_CLASSES, 1000, torch.Generator().manual_seed(3))
+    explicit = draw_indices(
+        "weighted", labels, N_CLASSES, 1000, torch.Generator().manual_seed(3), power=1.0
+    )
+    assert torch.equal(by_name, explicit)
+    assert torch.equal(direct, explicit)
+
+
+def test_single_image_class_and_absent_top_classes() -> None:
+    # One df image weighs 1 (1 / 1), and classes above the largest label still get a weight 0.
+    labels = np.array([0, 0, 0, 0, 3])
+    w = class_weights(labels, N_CLASSES, power=0.5)
+    np.testing.assert_allclose(w, [0.5, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(sample_weights(labels, N_CLASSES), [0.25] * 4 + [1.0])
+
+
+def test_unknown_sampler_names_the_config_key() -> None:
+    with pytest.raises(ConfigError, match=r"^sampler\.name: unknown sampler 'balanced'"):
+        draw_indices("balanced", ham_labels(), N_CLASSES, 10, torch.Generator())

@@ -69,9 +69,33 @@ def test_softmax_is_stable_for_large_logits() -> None:
 
 def test_rejects_bad_input() -> None:
     z, y = calibrated_data(10, seed=6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0\.0$"):
         apply_temperature(z, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got nan$"):
+        apply_temperature(z, float("nan"))
+    with pytest.raises(ValueError, match=r"^need logits \(n, k\) and labels \(n,\), got \(10, 7\)"):
         fit_temperature(z, y[:5])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 7\)$"):
         fit_temperature(z, np.full(10, 7))
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 7\)$"):
+        fit_temperature(z, np.full(10, -1))
+    with pytest.raises(ValueError, match=r"^logits contain NaN or inf$"):
+        fit_temperature(np.where(np.eye(10, 7) > 0, np.inf, z), y)
+    with pytest.raises(ValueError, match=r"^need logits"):
+        fit_temperature(np.zeros((0, 7)), np.zeros(0, dtype=int))
+
+
+def test_softmax_of_one_row() -> None:
+    np.testing.assert_allclose(softmax(np.log([1.0, 3.0])), [0.25, 0.75])
+    np.testing.assert_allclose(apply_temperature(np.log([1.0, 9.0]), 2.0), [0.25, 0.75])
+
+
+def test_fit_is_the_minimum_and_takes_whole_float_labels() -> None:
+    z, y = calibrated_data(3_000, seed=7)
+    logits = z * 1.7
+    fitted = fit_temperature(logits, y)
+    # A minimum, not merely close to the truth: a step of 0.1% either way costs NLL.
+    best = nll(logits, y, fitted)
+    assert best < nll(logits, y, fitted * 1.001)
+    assert best < nll(logits, y, fitted / 1.001)
+    assert fit_temperature(logits, y.astype(np.float64)) == fitted

@@ -1,12 +1,14 @@
 import inspect
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from skinlesion.core.labels import CLASSES
+from skinlesion.evaluation import metrics as metrics_module
 from skinlesion.evaluation.metrics import (
     bootstrap_metrics,
     draw_bootstrap_weights,
@@ -440,3 +442,318 @@ def test_evaluate_predictions_is_plain_json() -> None:
     json.dumps(report, allow_nan=False)
     assert_plain_json(report)
     assert_plain_json(evaluate_predictions(y, probs, n_boot=0))
+
+
+# --- boundaries, defaults and messages ------------------------------------------------------------
+
+
+def mel_vs_nv(p_mel: list[float], is_mel: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities with only mel and nv scores: ``p_nv = 1 - p_mel``."""
+    y = np.where(is_mel, MEL, NV)
+    probs = np.zeros((len(p_mel), K))
+    probs[:, MEL] = p_mel
+    probs[:, NV] = 1 - np.asarray(p_mel)
+    return y, probs
+
+
+def test_mel_threshold_ties_count_as_flagged() -> None:
+    # A negative tied with a candidate is flagged at that threshold (p_mel >= t), so 0.3 gives
+    # specificity 2/4, not 3/4: 3/4 needs the next score up.
+    y, probs = mel_vs_nv([0.1, 0.2, 0.3, 0.4, 0.3], [False] * 4 + [True])
+    assert melanoma_threshold_for_specificity(y, probs, 0.75) == 0.4
+    assert melanoma_threshold_for_specificity(y, probs, 0.5) == 0.3
+    assert specificity_at(y, probs, 0.3) == 0.5
+
+
+def test_mel_threshold_boundaries() -> None:
+    y, probs = mel_vs_nv([0.1, 0.2, 0.3, 0.4, 0.35], [False] * 4 + [True])
+    # Specificity 0 is a valid target: the lowest score, every image flagged.
+    assert melanoma_threshold_for_specificity(y, probs, 0.0) == 0.1
+    # A target reached exactly, and one within the 1e-12 rounding tolerance above it.
+    assert melanoma_threshold_for_specificity(y, probs, 0.5) == 0.3
+    assert 0.5 + 1e-12 - 1e-12 == 0.5
+    assert melanoma_threshold_for_specificity(y, probs, 0.5 + 1e-12) == 0.3
+    for bad in (-0.01, 1.5, 2.0):
+        with pytest.raises(ValueError, match=r"^specificity must lie in \[0, 1\]$"):
+            melanoma_threshold_for_specificity(y, probs, bad)
+
+
+def test_mel_threshold_messages() -> None:
+    y, probs = mel_vs_nv([0.1, 0.9], [False, True])
+    with pytest.raises(ValueError, match=r"^no non-melanoma samples: specificity is undefined$"):
+        melanoma_threshold_for_specificity(y[1:], probs[1:])
+    with pytest.raises(ValueError, match=r"^classes has no 'mel'$"):
+        melanoma_threshold_for_specificity(y, probs, classes=[f"c{i}" for i in range(K)])
+    # Probabilities for fewer classes than named are refused, not read column by column.
+    with pytest.raises(ValueError, match=r"^probs must have shape \(n, 7\), got \(2, 6\)$"):
+        melanoma_threshold_for_specificity(y, probs[:, :6])
+
+
+def test_reliability_bins_known_values() -> None:
+    # 4 bins of width .25: a uniform row (conf 1/7, predicts akiec, wrong) in the first, .30
+    # (wrong) and .40 (right) in the second, .60 (right) and .65 (wrong) in the third; the top
+    # bin (.75, 1] is empty. mel holds the confidence and is the prediction of every other row.
+    rows = [(1 / K, NV), (0.30, NV), (0.40, MEL), (0.60, MEL), (0.65, NV)]
+    y = np.array([label for _, label in rows])
+    conf = np.array([c for c, _ in rows])
+    probs = np.repeat(((1 - conf) / (K - 1))[:, None], K, axis=1)
+    probs[:, MEL] = conf
+    bins = reliability_bins(y, probs, n_bins=4)
+    assert bins["edges"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert bins["count"] == [1, 2, 2, 0]
+    assert all(type(c) is int for c in bins["count"])
+    assert bins["accuracy"] == [0.0, 0.5, 0.5, None]
+    assert bins["confidence"] == pytest.approx([1 / K, 0.35, 0.625, None])
+    expected_ece = (1 / K + 2 * abs(0.5 - 0.35) + 2 * abs(0.5 - 0.625)) / 5
+    assert bins["ece"] == pytest.approx(expected_ece)
+    assert expected_calibration_error(y, probs, n_bins=4) == pytest.approx(expected_ece)
+    # In 15 bins every row has a bin of its own: the mean |correct - confidence|.
+    assert point_metrics(y, probs)["ece"] == pytest.approx(np.mean([1 / K, 0.3, 0.6, 0.4, 0.65]))
+
+
+def test_full_confidence_goes_to_the_top_bin() -> None:
+    # Rows may sum to 1 within 1e-3, so a confidence can sit just above 1: still the top bin.
+    y = np.array([MEL, NV, NV])
+    probs = np.eye(K)[[MEL, NV, MEL]]
+    probs[0, MEL] = 1.0005
+    bins = reliability_bins(y, probs, n_bins=5)
+    assert bins["count"] == [0, 0, 0, 0, 3]
+    assert bins["accuracy"][-1] == pytest.approx(2 / 3)
+    m = point_metrics(y, probs)
+    assert m["ece"] == pytest.approx(abs(2 / 3 - 3.0005 / 3))
+    # A true-class probability above 1 costs nothing: log loss never goes below 0.
+    assert m["log_loss"] == pytest.approx(-math.log(np.finfo(np.float64).eps) / 3)
+    assert point_metrics(y[:2], probs[:2])["log_loss"] == 0.0
+
+
+def test_reliability_bins_one_bin_and_empty_top_bins() -> None:
+    y, probs = random_predictions(50, 13)
+    confidence = probs.max(axis=1)
+    accuracy = float((probs.argmax(axis=1) == y).mean())
+    one = reliability_bins(y, probs, n_bins=1)
+    assert one["edges"] == [0.0, 1.0]
+    assert one["count"] == [50]
+    assert one["ece"] == pytest.approx(abs(accuracy - confidence.mean()))
+    assert expected_calibration_error(y, probs, n_bins=1) == pytest.approx(one["ece"])
+    assert expected_calibration_error(y, probs) != pytest.approx(one["ece"])
+    # With 40 bins the highest are empty; the lists still have one entry per bin.
+    many = reliability_bins(y, probs, n_bins=40)
+    top = int(np.ceil(confidence.max() * 40))
+    assert top < 40
+    assert len(many["count"]) == len(many["accuracy"]) == len(many["confidence"]) == 40
+    assert many["count"][top:] == [0] * (40 - top)
+    assert many["accuracy"][top:] == many["confidence"][top:] == [None] * (40 - top)
+    with pytest.raises(ValueError, match=r"^n_bins must be >= 1$"):
+        reliability_bins(y, probs, n_bins=0)
+
+
+def test_reliability_bins_empty_bins_are_silent() -> None:
+    # Empty bins are None by design, so they must not spray RuntimeWarnings over a report run.
+    y, probs = random_predictions(30, 14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bins = reliability_bins(y, probs, n_bins=50)
+    assert None in bins["accuracy"]
+
+
+def test_roc_curve_known_values() -> None:
+    # Scores .9 (positive), .5 (negative), .1 (positive): the lowest score is a positive.
+    y = np.array([MEL, NV, MEL])
+    probs = np.zeros((3, K))
+    probs[:, MEL] = [0.9, 0.5, 0.1]
+    probs[:, NV] = 1 - probs[:, MEL]
+    fpr, tpr = roc_curve_points(y, probs, MEL)
+    np.testing.assert_array_equal(fpr, [0.0, 0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(tpr, [0.0, 0.5, 0.5, 1.0])
+    for one_class in (np.full(3, MEL), np.full(3, NV)):
+        with pytest.raises(ValueError, match=r"^ROC needs both positive and negative samples$"):
+            roc_curve_points(one_class, probs, MEL)
+
+
+def test_bootstrap_interval_is_the_central_percentile_range() -> None:
+    y, probs = random_predictions(40, 15)
+    brier_per_image = ((probs - np.eye(K)[y]) ** 2).sum(axis=1)
+    for alpha in (0.05, 0.2):
+        result = bootstrap_metrics(y, probs, n_boot=200, seed=4, alpha=alpha)
+        weights = draw_bootstrap_weights(40, 200, np.random.default_rng(4))
+        replicates = weights @ brier_per_image / weights.sum(axis=1)
+        expected = np.percentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        assert result["intervals"]["brier"] == pytest.approx(expected.tolist(), rel=1e-12)
+        assert result["alpha"] == alpha
+
+
+def test_bootstrap_chunks_are_invisible(monkeypatch: pytest.MonkeyPatch) -> None:
+    y, probs = random_predictions(50, 16)
+    whole = bootstrap_metrics(y, probs, n_boot=10, seed=5)
+    # 150 elements per chunk of 50 images: replicates drawn 3 + 3 + 3 + 1.
+    monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", 150)
+    chunked = bootstrap_metrics(y, probs, n_boot=10, seed=5)
+    assert chunked["n_valid"] == whole["n_valid"]
+    assert chunked["n_valid"]["accuracy"] == 10
+    # Same replicates; only the summation order of the matrix products differs.
+    for key in SCALARS:
+        assert chunked["intervals"][key] == pytest.approx(whole["intervals"][key], rel=1e-12)
+
+
+def test_bootstrap_defaults_and_no_replicates() -> None:
+    y, probs = random_predictions(30, 17)
+    default = bootstrap_metrics(y, probs)
+    assert (default["n_boot"], default["seed"], default["alpha"]) == (1000, 0, 0.05)
+    assert default["n_valid"]["accuracy"] == 1000
+    assert default == bootstrap_metrics(y, probs, n_boot=1000, seed=0, alpha=0.05)
+    none = bootstrap_metrics(y, probs, n_boot=0)
+    for key in SCALARS:
+        assert none["intervals"][key] is None
+        assert none["n_valid"][key] == 0
+
+
+def test_bootstrap_rejects_bad_arguments() -> None:
+    y, probs = random_predictions(20, 18)
+    message = r"^n_boot must be >= 0 and alpha in \(0, 1\)$"
+    for kwargs in ({"n_boot": -1}, {"alpha": 0.0}, {"alpha": 1.0}, {"alpha": 1.5}):
+        with pytest.raises(ValueError, match=message):
+            bootstrap_metrics(y, probs, **{"n_boot": 5, **kwargs})
+    with pytest.raises(ValueError, match=r"^probs must have shape \(n, 7\), got \(20, 6\)$"):
+        bootstrap_metrics(y, probs[:, :6] / probs[:, :6].sum(axis=1, keepdims=True))
+    with pytest.raises(ValueError, match=r"^groups must have shape \(20,\), got \(19,\)$"):
+        bootstrap_metrics(y, probs, groups=np.arange(19), n_boot=5)
+
+
+def test_evaluate_predictions_passes_everything_on() -> None:
+    y, probs = random_predictions(60, 19)
+    groups = np.arange(60) // 2
+    report = evaluate_predictions(y, probs, groups=groups, mel_threshold=0.2, n_boot=30, seed=7)
+    assert set(report) == {"n", "point", "ci95", "ci_n_valid", "n_boot", "seed", "bootstrap_unit"}
+    assert report["point"] == point_metrics(y, probs, mel_threshold=0.2)
+    boot = bootstrap_metrics(y, probs, groups=groups, mel_threshold=0.2, n_boot=30, seed=7)
+    assert report["ci95"] == boot["intervals"]
+    assert report["ci_n_valid"] == boot["n_valid"]
+    assert report["ci_n_valid"]["mel"]["sensitivity_at_threshold"] > 0
+    assert (report["n_boot"], report["seed"]) == (30, 7)
+    default = evaluate_predictions(y, probs, n_boot=20)
+    assert default["seed"] == 0
+    assert default["ci95"] == bootstrap_metrics(y, probs, n_boot=20, seed=0)["intervals"]
+    assert evaluate_predictions(y, probs)["n_boot"] == 1000
+
+
+def test_single_negative_auroc_and_threshold_ties() -> None:
+    # Two melanomas and one nevus: the melanoma AUROC rests on a single negative.
+    y = np.array([MEL, MEL, NV])
+    probs = np.zeros((3, K))
+    probs[:, MEL] = [0.8, 0.3, 0.5]
+    probs[:, NV] = 1 - probs[:, MEL]
+    m = point_metrics(y, probs, mel_threshold=0.3)
+    assert m["per_class"]["mel"]["auroc"] == pytest.approx(0.5)  # .8 beats .5, .3 does not
+    assert m["per_class"]["nv"]["auroc"] == pytest.approx(0.5)
+    # A score equal to the threshold is flagged: p_mel >= threshold.
+    assert m["mel"]["sensitivity_at_threshold"] == 1.0
+    assert m["mel"]["specificity_at_threshold"] == 0.0
+    assert all(type(v) is int for row in m["confusion_matrix"] for v in row)
+    # One non-melanoma (above) and one melanoma (here) are enough for specificity/sensitivity.
+    one_mel = point_metrics(y[[0, 2]], probs[[0, 2]], mel_threshold=0.3)["mel"]
+    assert one_mel == {  # the nevus at .5/.5 ties, and argmax takes the first class, mel
+        "sensitivity_argmax": 1.0,
+        "specificity_argmax": 0.0,
+        "threshold": 0.3,
+        "sensitivity_at_threshold": 1.0,
+        "specificity_at_threshold": 0.0,
+    }
+
+
+def test_classes_without_melanoma_have_no_melanoma_metrics() -> None:
+    y, probs = random_predictions(40, 20)
+    names = [f"c{i}" for i in range(K)]
+    m = point_metrics(y, probs, classes=names, mel_threshold=0.3)
+    assert list(m["per_class"]) == names
+    assert {key: m["mel"][key] for key in m["mel"] if key != "threshold"} == {
+        "sensitivity_argmax": None,
+        "specificity_argmax": None,
+        "sensitivity_at_threshold": None,
+        "specificity_at_threshold": None,
+    }
+
+
+def test_bootstrap_with_classes_missing_from_replicates_is_silent() -> None:
+    # A single df image is missing from about a third of the replicates; its AUROC is then
+    # undefined and skipped, without RuntimeWarnings.
+    y, probs = random_predictions(40, 21, prior=(0, 0, 1, 0, 1, 1, 0))
+    y[0] = CLASSES.index("df")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bootstrap_metrics(y, probs, n_boot=50, seed=1)
+    assert 0 < result["n_valid"]["per_class"]["df"]["auroc"] < 50
+
+
+def test_input_checks_and_their_messages() -> None:
+    y, probs = random_predictions(20, 22)
+    y[:2] = [1, 5]  # odd class indices among the labels
+    # Labels as whole floats are accepted; float32 probabilities are computed in float64.
+    assert point_metrics(y.astype(np.float64), probs) == point_metrics(y, probs)
+    as_float32 = probs.astype(np.float32)
+    exact = point_metrics(y, as_float32.astype(np.float64))
+    for key in ("brier", "log_loss", "ece"):
+        assert point_metrics(y, as_float32)[key] == pytest.approx(exact[key], rel=1e-13)
+    # One sample is enough.
+    assert point_metrics(y[:1], probs[:1])["n"] == 1
+    cases = [
+        (y + 0.5, probs, r"^y_true must hold integer class indices$"),
+        (y[:19], probs, r"^y_true must have shape \(20,\), got \(19,\)$"),
+        (y[:, None], probs, r"^y_true must have shape \(20,\), got \(20, 1\)$"),
+        (y[:0], probs[:0], r"^need at least one sample$"),
+    ]
+    bad_probs = probs.copy()
+    bad_probs[0, :2] = [np.nan, np.inf]
+    negative = probs.copy()
+    negative[0, :2] += [-1.0, 1.0]  # still sums to 1
+    cases += [
+        (y, bad_probs, r"^probs contains NaN or inf$"),
+        (y, negative, r"^probs rows must be non-negative and sum to 1 \(pass softmax outputs\)$"),
+        (y, probs * 1.5, r"^probs rows must be non-negative and sum to 1"),
+    ]
+    for labels, p, message in cases:
+        with pytest.raises(ValueError, match=message):
+            point_metrics(labels, p)
+    with pytest.raises(ValueError, match=r"^probs must have shape \(n, n_classes\), got \(20,\)$"):
+        reliability_bins(y, probs[:, 0])
+
+
+def test_absent_classes_are_silent() -> None:
+    # Absent classes (melanoma among them) are None by design, without 0/0 RuntimeWarnings.
+    y, probs = random_predictions(50, 23, prior=(0, 1, 1, 0, 0, 1, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = point_metrics(y, probs, mel_threshold=0.3)
+    assert m["classes_absent"] == ["akiec", "df", "mel", "vasc"]
+    assert m["mel"]["sensitivity_argmax"] is None
+    assert m["mel"]["sensitivity_at_threshold"] is None
+    assert m["mel"]["specificity_at_threshold"] is not None
+
+
+def test_no_threshold_no_threshold_metrics() -> None:
+    y, probs = random_predictions(50, 24)
+    mel = point_metrics(y, probs)["mel"]
+    assert mel["threshold"] is None
+    assert mel["sensitivity_at_threshold"] is None
+    assert mel["specificity_at_threshold"] is None
+    assert mel["sensitivity_argmax"] is not None
+
+
+def test_bootstrap_intervals_are_percentiles_of_resampled_point_metrics() -> None:
+    y, probs = random_predictions(60, 25, prior=(1, 1, 1, 1, 2, 2, 1))
+    n_boot, seed = 25, 6
+    result = bootstrap_metrics(y, probs, mel_threshold=0.2, n_boot=n_boot, seed=seed)
+    counts = draw_bootstrap_weights(60, n_boot, np.random.default_rng(seed))
+    replicates = []
+    for row in counts:
+        index = np.repeat(np.arange(60), row.astype(int))
+        replicates.append(point_metrics(y[index], probs[index], mel_threshold=0.2))
+
+    def expected(values: list) -> list[float]:
+        valid = [v for v in values if v is not None]
+        return np.percentile(valid, [2.5, 97.5]).tolist()
+
+    for key in ("accuracy", "brier", "log_loss"):
+        assert result["intervals"][key] == pytest.approx(expected([r[key] for r in replicates]))
+    for key in ("sensitivity_argmax", "specificity_argmax", "specificity_at_threshold"):
+        values = [r["mel"][key] for r in replicates]
+        assert result["intervals"]["mel"][key] == pytest.approx(expected(values))

@@ -1,9 +1,12 @@
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from skinlesion.core.errors import ConfigError
 from skinlesion.training.losses import LOSSES, FocalLoss, build_loss
 
 
@@ -121,3 +124,46 @@ def test_alpha_wrong_length_raises() -> None:
         build_loss("focal", alpha=[1.0, 2.0, 3.0])(logits, target)
     with pytest.raises((ValueError, RuntimeError)):
         build_loss("ce", alpha=[1.0, 2.0, 3.0])(logits, target)
+
+
+def test_default_gamma_is_two() -> None:
+    logits = logits_for([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
+    target = torch.tensor([0, 2])
+    assert build_loss("focal")(logits, target).item() == pytest.approx(0.10269373, abs=1e-7)
+
+
+def test_ce_passes_weights_smoothing_and_reduction_on() -> None:
+    logits, target = random_batch(c=3, seed=5)
+    # Integer weights are accepted and act as float class weights.
+    weighted = build_loss("ce", alpha=[1, 2, 1])(logits, target)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor([1.0, 2.0, 1.0]))
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-6)
+    smoothed = build_loss("ce", label_smoothing=0.2)(logits, target)
+    assert smoothed.item() == pytest.approx(
+        F.cross_entropy(logits, target, label_smoothing=0.2).item(), rel=1e-6
+    )
+    per_sample = build_loss("ce", reduction="none")(logits, target)
+    assert per_sample.shape == (32,)
+    torch.testing.assert_close(per_sample, F.cross_entropy(logits, target, reduction="none"))
+
+
+def test_unknown_loss_names_the_config_key() -> None:
+    with pytest.raises(ConfigError, match=r"^loss\.name: unknown loss 'dice'"):
+        build_loss("dice")
+
+
+def test_focal_defaults_buffers_and_messages() -> None:
+    logits = logits_for([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]).float()
+    target = torch.tensor([0, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no implicit-dimension or dtype warnings on the way
+        assert FocalLoss()(logits, target).item() == pytest.approx(0.10269373, abs=1e-6)
+    # alpha follows the config, not the checkpoint: it is a buffer outside the state dict, and
+    # float64 weights do not turn a float32 loss into float64.
+    weighted = FocalLoss(alpha=np.array([1.0, 2.0, 1.0]))
+    assert weighted.state_dict() == {}
+    assert weighted(logits, target).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"^reduction must be mean, sum or none, got 'avg'$"):
+        FocalLoss(reduction="avg")
+    with pytest.raises(ValueError, match=r"^gamma must be >= 0, got -1$"):
+        FocalLoss(gamma=-1)
