@@ -142,9 +142,7 @@ def build_card(
         "weights_license": WEIGHTS_LICENSE,
         "backbone": ckpts[0]["backbone"],
         "input": ckpts[0]["preprocessing"],
-        "members": [
-            {"fold": c["fold"], "epoch": c["epoch"], **_final_fit(c)} for c in ckpts
-        ],
+        "members": [{"fold": c["fold"], "epoch": c["epoch"], **_final_fit(c)} for c in ckpts],
         "tta_views": _tta(ckpts[0]),
         "hardware": hardware,
         "recipe": cfg,
