@@ -90,6 +90,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             tta=args.tta,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            metadata=_predict_metadata(args, members),
         )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for msg in errors.values():
         print(f"error: {msg}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _predict_metadata(args: argparse.Namespace, members: Sequence[Any]) -> Any:
+    """The ``--metadata`` rows of the images (matched by file stem), or ``None``."""
+    from skinlesion.data.tabular import read_metadata_csv
+
+    fused = any(m.metadata is not None for m in members)
+    if args.metadata is None:
+        if fused:
+            logging.getLogger(__name__).info("no --metadata: predicting from the images alone")
+        return None
+    if not fused:
+        logging.getLogger(__name__).warning("--metadata ignored: the model uses images only")
+    return read_metadata_csv(args.metadata, [Path(p).stem for p in args.images])
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -118,6 +133,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         where=where,
         progress=not args.no_progress,
+        use_metadata=not args.no_metadata,
     )
     p = result["point"]
     print(
@@ -376,6 +392,12 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("images", nargs="+")
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
+    r.add_argument(
+        "--metadata",
+        default=None,
+        help="CSV with image_id (the file stem) and age, sex, localization, for models fused "
+        "with metadata; images without a row have none",
+    )
     r.set_defaults(func=_cmd_predict)
 
     e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
@@ -392,6 +414,12 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
         help="keep only rows with this value (e.g. split=test); repeatable",
     )
     e.add_argument("--n-boot", type=_int_at_least(0), default=1000)
+    e.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="ignore the labels file's age/sex/localization columns (a fused model then sees "
+        "images only)",
+    )
     e.set_defaults(func=_cmd_evaluate)
 
 
@@ -425,6 +453,8 @@ def _predict_onnx(args: argparse.Namespace) -> tuple[Any, dict[int, str]]:
         raise ConfigError("--backend onnx needs --model EXPORT_DIR (from `skinlesion export`)")
     if args.tta is not None:
         raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
+    if args.metadata is not None:
+        raise ConfigError("--metadata: an exported ONNX graph takes images only")
     model = OnnxModel(args.model)
     probs, errors = model.predict_proba(args.images, batch_size=args.batch_size)
     import pandas as pd

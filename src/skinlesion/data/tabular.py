@@ -24,19 +24,22 @@ encodes that field as missing for every row.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from skinlesion.core.errors import ConfigError
+from skinlesion.core.errors import ConfigError, DataError
 
 METADATA_FIELDS: tuple[str, ...] = ("age", "sex", "localization")
 """The canonical metadata columns a data table may carry; ``age`` is numeric, the rest
 categories."""
 NUMERIC_FIELDS: frozenset[str] = frozenset({"age"})
+MetadataInput = pd.DataFrame | Sequence[Mapping[str, Any] | None] | None
+"""Metadata as callers give it: a table, or one record (or ``None``) per image."""
 MISSING_WORDS: frozenset[str] = frozenset({"", "nan", "none", "null", "unknown", "na", "n/a"})
 
 
@@ -173,3 +176,47 @@ def encode_metadata(table: pd.DataFrame | None, spec: MetadataSpec, n: int = 0) 
 def missing_vector(spec: MetadataSpec) -> np.ndarray:
     """The encoding of a row with no metadata at all (what metadata dropout feeds)."""
     return encode_metadata(None, spec, n=1)[0]
+
+
+def metadata_table(metadata: MetadataInput, n: int) -> pd.DataFrame | None:
+    """``metadata`` as a table of ``n`` rows (index 0..n-1); ``None`` stays ``None``.
+
+    >>> metadata_table([{"age": 60}, None], 2).to_dict("records")
+    [{'age': 60.0}, {'age': nan}]
+    """
+    if metadata is None:
+        return None
+    if isinstance(metadata, pd.DataFrame):
+        table = metadata.reset_index(drop=True)
+    else:
+        table = pd.DataFrame([dict(r) if r else {} for r in metadata], index=range(len(metadata)))
+    if len(table) != n:
+        raise ValueError(f"metadata has {len(table)} rows for {n} images")
+    return table
+
+
+def read_metadata_csv(path: str | Path, image_ids: Sequence[str]) -> pd.DataFrame:
+    """The rows of a metadata CSV (``image_id`` and any of :data:`METADATA_FIELDS`) for each of
+    ``image_ids`` (file stems), in that order; an image without a row gets missing values.
+
+    Faults (no ``image_id`` column, an id listed twice, no metadata column) are collected and
+    raised together as one :class:`DataError`.
+    """
+    from skinlesion.data.metadata import read_table
+
+    path = Path(path)
+    table = read_table(path)
+    problems = []
+    if "image_id" not in table.columns:
+        problems.append(f"no image_id column; found {list(table.columns)}")
+    fields = [f for f in METADATA_FIELDS if f in table.columns]
+    if not fields:
+        problems.append(f"none of the columns {list(METADATA_FIELDS)}; found {list(table.columns)}")
+    if problems:
+        raise DataError(f"{path}: not a metadata file", problems)
+    ids = table["image_id"].astype(str).str.strip()
+    dup = sorted(set(ids[ids.duplicated()]))
+    if dup:
+        raise DataError(f"{path}: invalid metadata", [f"image_id {i} is listed twice" for i in dup])
+    by_id = table.assign(image_id=ids).set_index("image_id")[fields]
+    return by_id.reindex(list(image_ids)).reset_index(drop=True)

@@ -22,6 +22,7 @@ from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.metadata import IMAGE_EXTENSIONS, DataError, check_image, read_table
+from skinlesion.data.tabular import METADATA_FIELDS
 from skinlesion.evaluation.abstain import plot_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
@@ -145,8 +146,13 @@ def evaluate_external(
     n_boot: int = 1000,
     where: dict[str, str] | None = None,
     progress: bool = True,
+    use_metadata: bool = True,
 ) -> dict[str, Any]:
-    """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report."""
+    """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report.
+
+    A model fused with patient metadata takes it from the labels file's ``age``, ``sex`` and
+    ``localization`` columns (those present); ``use_metadata=False`` gives it images only.
+    """
     output = Path(output)
     check_writable_dir(output, "--output")
     mapping = read_label_map(Path(label_map)) if label_map else None
@@ -156,8 +162,16 @@ def evaluate_external(
     members = loaded.members
     classes = members[0].spec.class_names
     tta = members[0].tta if tta is None else tta
+    fields = [f for f in METADATA_FIELDS if f in labels.columns] if use_metadata else []
+    fused = any(m.metadata is not None for m in members)
     probs, errors = predict_sources(
-        labels["path"].tolist(), members, runtime, tta=tta, batch_size=batch_size, progress=progress
+        labels["path"].tolist(),
+        members,
+        runtime,
+        tta=tta,
+        batch_size=batch_size,
+        progress=progress,
+        metadata=labels[fields] if fields and fused else None,
     )
     if errors:
         raise DataError("images failed to decode", list(errors.values()))
@@ -177,6 +191,7 @@ def evaluate_external(
         "filter": where or {},
         "model": str(loaded.source),
         "tta": tta,
+        "metadata": fields if fused else "not used: the model takes images only",
         "mel_threshold": threshold,
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
         if threshold is not None
