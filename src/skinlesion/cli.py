@@ -191,6 +191,20 @@ def _cmd_fit_final(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from skinlesion.evaluation.paired import compare_runs, render_comparison, write_comparison
+
+    if args.output:
+        from skinlesion.core.paths import check_writable_file
+
+        check_writable_file(args.output, "--output")
+    result = compare_runs(args.run_a, args.run_b, n_boot=args.n_boot, seed=args.seed)
+    if args.output:
+        write_comparison(result, Path(args.output))
+    print(render_comparison(result), end="")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from skinlesion.evaluation.report import write_oof_report
 
@@ -327,6 +341,16 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
         "--n-boot", type=_int_at_least(0), default=None, help="default: the run's eval.n_boot"
     )
     rp.set_defaults(func=_cmd_report)
+
+    cp = sub.add_parser(
+        "compare", help="paired lesion-bootstrap differences of two runs on the same folds"
+    )
+    cp.add_argument("run_a")
+    cp.add_argument("run_b")
+    cp.add_argument("--n-boot", type=_int_at_least(0), default=1000)
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--output", default=None, help="also write the result as JSON here")
+    cp.set_defaults(func=_cmd_compare)
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:

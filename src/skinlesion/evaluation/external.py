@@ -27,7 +27,7 @@ from skinlesion.evaluation.abstain import plot_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import resolve_model
-from skinlesion.inference.predict import predict_sources
+from skinlesion.inference.predict import Member, predict_sources
 from skinlesion.inference.refer import refer_rules
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,16 @@ def _write_predictions(
     return y, preds[list(classes)].to_numpy(dtype=np.float64)
 
 
+def _metadata(
+    labels: pd.DataFrame, members: Sequence[Member], use: bool
+) -> tuple[pd.DataFrame | None, list[str] | str]:
+    """The labels' metadata columns for a fused model, and what the report says was used."""
+    if not any(m.metadata is not None for m in members):
+        return None, "not used: the model takes images only"
+    fields = [f for f in METADATA_FIELDS if f in labels.columns] if use else []
+    return (labels[fields] if fields else None), fields
+
+
 def evaluate_external(
     model: str | Path | None,
     labels_csv: str | Path,
@@ -162,16 +172,9 @@ def evaluate_external(
     members = loaded.members
     classes = members[0].spec.class_names
     tta = members[0].tta if tta is None else tta
-    fields = [f for f in METADATA_FIELDS if f in labels.columns] if use_metadata else []
-    fused = any(m.metadata is not None for m in members)
+    metadata, used = _metadata(labels, members, use_metadata)
     probs, errors = predict_sources(
-        labels["path"].tolist(),
-        members,
-        runtime,
-        tta=tta,
-        batch_size=batch_size,
-        progress=progress,
-        metadata=labels[fields] if fields and fused else None,
+        labels["path"].tolist(), members, runtime, tta, batch_size, progress, metadata
     )
     if errors:
         raise DataError("images failed to decode", list(errors.values()))
@@ -191,7 +194,7 @@ def evaluate_external(
         "filter": where or {},
         "model": str(loaded.source),
         "tta": tta,
-        "metadata": fields if fused else "not used: the model takes images only",
+        "metadata": used,
         "mel_threshold": threshold,
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
         if threshold is not None
