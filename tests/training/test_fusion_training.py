@@ -13,8 +13,11 @@ from conftest import FINETUNE, PROBE, run_overrides, train_cli
 
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
+from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.tabular import fit_metadata_spec, missing_vector
+from skinlesion.inference.packaged import resolve_model
 from skinlesion.models.checkpoint import checkpoint_metadata, load_checkpoint
+from skinlesion.training.package import package_run
 from skinlesion.training.probe import probe_set
 
 META = {"model.metadata": "[age,sex,localization]"}
@@ -97,6 +100,13 @@ def test_probe_with_metadata_reproduces_oof_and_evaluates(syn_root: Path, tmp_pa
     # The whole run (both folds sharing one backbone pass) also predicts with the metadata.
     both = _predict(tmp_path, out, images, "--metadata", str(meta_csv))
     assert np.allclose(both[list(CLASSES)].sum(axis=1), 1, atol=1e-5)
+    # A packaged copy carries each member's encoding and predicts the same.
+    folder = package_run(out, "fused", out_root=tmp_path / "zoo")
+    packaged = resolve_model(folder, resolve_runtime("cpu"))
+    assert packaged.uses_metadata
+    records = table.set_index("image_id").loc[fold0["image_id"]].reset_index()
+    again = packaged.predict(images, metadata=records)
+    assert np.allclose(again[list(CLASSES)], both[list(CLASSES)], atol=1e-5)
     # evaluate reads the metadata from the labels file's columns unless told not to.
     part = sorted(syn_root.glob("HAM10000_images_part_1"))[0]
     labels = table[table["image_id"].isin({p.stem for p in part.iterdir()})]

@@ -23,6 +23,7 @@ encodes that field as missing for every row.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.core.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 METADATA_FIELDS: tuple[str, ...] = ("age", "sex", "localization")
 """The canonical metadata columns a data table may carry; ``age`` is numeric, the rest
@@ -128,6 +131,9 @@ def _column(table: pd.DataFrame, field: str) -> list[Any]:
 def fit_metadata_spec(table: pd.DataFrame, fields: Sequence[str]) -> MetadataSpec:
     """The encoding of ``fields`` fitted on a training table (its values only, never labels)."""
     fields = check_fields(fields)
+    absent = [f for f in fields if f not in table.columns]
+    if absent:
+        log.warning("metadata column(s) %s not in the data: missing for every image", absent)
     age_mean, age_std = 0.0, 1.0
     vocab = []
     for f in fields:
