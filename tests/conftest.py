@@ -121,14 +121,23 @@ def syn_root(synthetic_ham: Callable[..., Path]) -> Path:
 
 
 def make_tiny_packaged(
-    root: Path, name: str = "tiny", members: int = 2, size: int = 48, tta: int = 2, seed: int = 0
+    root: Path,
+    name: str = "tiny",
+    members: int = 2,
+    size: int = 48,
+    tta: int = 2,
+    seed: int = 0,
+    metadata: bool = False,
 ) -> Path:
     """A packaged model folder of random ``test_efficientnet`` members (no training): distinct
-    classifier weights and temperatures per member, a reference with refer rules and a card."""
+    classifier weights and temperatures per member, a reference with refer rules and a card.
+    ``metadata=True``: members fused with age/sex/site (a 16-wide branch)."""
     import json
 
+    import pandas as pd
     import torch
 
+    from skinlesion.data.tabular import fit_metadata_spec
     from skinlesion.inference.packaged import (
         CARD_FILE,
         MODEL_FILE,
@@ -141,10 +150,21 @@ def make_tiny_packaged(
 
     spec = default_spec("test_efficientnet", size)
     gen = torch.Generator().manual_seed(seed)
+    table = pd.DataFrame(
+        {"age": [30, 70], "sex": ["male", "female"], "localization": ["back", "face"]}
+    )
+    fused = fit_metadata_spec(table, ("age", "sex", "localization")) if metadata else None
     ckpts = []
     for fold in range(members):
         torch.manual_seed(seed + fold)
-        model = build_model("test_efficientnet", len(spec.class_names), pretrained=False)
+        model = build_model(
+            "test_efficientnet",
+            len(spec.class_names),
+            pretrained=False,
+            metadata=fused,
+            metadata_hidden=16,
+        )
+        model.eval()
         clf = model.get_classifier()
         with torch.no_grad():
             clf.weight.copy_(torch.randn(clf.weight.shape, generator=gen) * 0.5)
@@ -165,7 +185,12 @@ def make_tiny_packaged(
         "class_names": list(spec.class_names),
         "tta": tta,
         "members": [
-            {"fold": c["fold"], "prefix": f"fold{c['fold']}.", "temperature": 1.0 + 0.5 * i}
+            {
+                "fold": c["fold"],
+                "prefix": f"fold{c['fold']}.",
+                "temperature": 1.0 + 0.5 * i,
+                **({"metadata": {"spec": fused.to_dict(), "hidden": 16}} if fused else {}),
+            }
             for i, c in enumerate(ckpts)
         ],
         "reference": {

@@ -74,8 +74,8 @@ BUGS: tuple[Bug, ...] = (
     Bug(
         "oof_one_view",
         "src/skinlesion/training/cv.py",
-        "_eval_batch_size(cfg), runtime, cfg.eval.tta)",
-        "_eval_batch_size(cfg), runtime, 1)",
+        "batch, runtime, cfg.eval.tta, meta)",
+        "batch, runtime, 1, meta)",
         ("tests/inference/test_oof_reproduction.py",),
     ),
     Bug(

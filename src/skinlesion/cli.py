@@ -90,6 +90,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             tta=args.tta,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            metadata=_predict_metadata(args, members),
         )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for msg in errors.values():
         print(f"error: {msg}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _predict_metadata(args: argparse.Namespace, members: Sequence[Any]) -> Any:
+    """The ``--metadata`` rows of the images (matched by file stem), or ``None``."""
+    from skinlesion.data.tabular import read_metadata_csv
+
+    fused = any(m.metadata is not None for m in members)
+    if args.metadata is None:
+        if fused:
+            logging.getLogger(__name__).info("no --metadata: predicting from the images alone")
+        return None
+    if not fused:
+        logging.getLogger(__name__).warning("--metadata ignored: the model uses images only")
+    return read_metadata_csv(args.metadata, [Path(p).stem for p in args.images])
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -118,6 +133,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         where=where,
         progress=not args.no_progress,
+        use_metadata=not args.no_metadata,
     )
     p = result["point"]
     print(
@@ -172,6 +188,20 @@ def _cmd_fit_final(args: argparse.Namespace) -> int:
 
     path = fit_final(args.run_dir, resume=args.resume, progress=not args.no_progress)
     print(f"final model: {path}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from skinlesion.evaluation.paired import compare_runs, render_comparison, write_comparison
+
+    if args.output:
+        from skinlesion.core.paths import check_writable_file
+
+        check_writable_file(args.output, "--output")
+    result = compare_runs(args.run_a, args.run_b, n_boot=args.n_boot, seed=args.seed)
+    if args.output:
+        write_comparison(result, Path(args.output))
+    print(render_comparison(result), end="")
     return 0
 
 
@@ -312,6 +342,16 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     )
     rp.set_defaults(func=_cmd_report)
 
+    cp = sub.add_parser(
+        "compare", help="paired lesion-bootstrap differences of two runs on the same folds"
+    )
+    cp.add_argument("run_a")
+    cp.add_argument("run_b")
+    cp.add_argument("--n-boot", type=_int_at_least(0), default=1000)
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--output", default=None, help="also write the result as JSON here")
+    cp.set_defaults(func=_cmd_compare)
+
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -376,6 +416,12 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("images", nargs="+")
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
+    r.add_argument(
+        "--metadata",
+        default=None,
+        help="CSV with image_id (the file stem) and age, sex, localization, for models fused "
+        "with metadata; images without a row have none",
+    )
     r.set_defaults(func=_cmd_predict)
 
     e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
@@ -392,6 +438,12 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
         help="keep only rows with this value (e.g. split=test); repeatable",
     )
     e.add_argument("--n-boot", type=_int_at_least(0), default=1000)
+    e.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="ignore the labels file's age/sex/localization columns (a fused model then sees "
+        "images only)",
+    )
     e.set_defaults(func=_cmd_evaluate)
 
 
@@ -425,6 +477,8 @@ def _predict_onnx(args: argparse.Namespace) -> tuple[Any, dict[int, str]]:
         raise ConfigError("--backend onnx needs --model EXPORT_DIR (from `skinlesion export`)")
     if args.tta is not None:
         raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
+    if args.metadata is not None:
+        raise ConfigError("--metadata: an exported ONNX graph takes images only")
     model = OnnxModel(args.model)
     probs, errors = model.predict_proba(args.images, batch_size=args.batch_size)
     import pandas as pd

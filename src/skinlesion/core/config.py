@@ -126,6 +126,22 @@ class ModelConfig(_Strict):
     """A local weights file to load instead of the provider's (``.pth``/``.safetensors``)."""
     drop_rate: float = Field(0.3, ge=0.0, lt=1.0)
     drop_path_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    metadata: list[Literal["age", "sex", "localization"]] = []
+    """Patient metadata fused with the image (e.g. ``[age, sex, localization]``); empty = images
+    only. Read from the data table's columns of these names."""
+    metadata_hidden: int = Field(128, ge=0, le=4096)
+    """Width of the metadata MLP (2 layers) before it joins the image embedding; 0 joins the
+    encoded vector directly. The linear probe always joins it directly."""
+    metadata_drop: float = Field(0.2, ge=0.0, lt=1.0)
+    """Training: probability that an image's whole metadata vector is replaced by the
+    all-missing encoding, so the model also works without metadata."""
+
+    @field_validator("metadata")
+    @classmethod
+    def _unique_fields(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a field is listed twice in {v}")
+        return v
 
 
 class TrainConfig(_Strict):

@@ -1,9 +1,10 @@
 """A small synthetic data set in the HAM10000 layout, for tests, demos and benchmarks.
 
 Each class gets its own colour, size and orientation, so a model can learn it in a few steps;
-lesions have one to three photographs, so lesion grouping matters as in the real data. The lesion
-shape has no symmetry (see :func:`_lesion_mask`), so test-time views differ as they do on real
-images.
+the patient metadata is informative too (age and anatomical site depend on the class, sex does
+not; a few values are missing as in the real data). Lesions have one to three photographs, so
+lesion grouping matters as in the real data. The lesion shape has no symmetry (see
+:func:`_lesion_mask`), so test-time views differ as they do on real images.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from PIL import Image
 
 from skinlesion.core.labels import CLASSES
 
+_SITES = ("back", "face", "lower extremity", "trunk", "upper extremity", "scalp", "abdomen")
 _COLOURS = [
     (200, 60, 60),
     (60, 200, 60),
@@ -49,12 +51,25 @@ def _lesion_mask(xx: np.ndarray, yy: np.ndarray, c: int, rng: np.random.Generato
     return body | satellite
 
 
+def _patient(c: int, rng: np.random.Generator) -> dict[str, object]:
+    """Age (5-year steps, 20 + 10 per class index), sex, site (one per class), some unknown."""
+    age = float(np.clip(5 * round((20 + 10 * c + rng.normal(0, 4)) / 5), 0, 85))
+    site = _SITES[c] if rng.random() > 0.1 else "unknown"
+    return {
+        "age": age if rng.random() > 0.05 else "",
+        "sex": ("male", "female")[int(rng.integers(0, 2))],
+        "localization": site,
+    }
+
+
 def make_synthetic_ham10000(
     root: str | Path, lesions_per_class: int = 6, size: tuple[int, int] = (64, 48), seed: int = 0
 ) -> pd.DataFrame:
     """Write ``HAM10000_metadata.csv`` and JPEGs under ``root``; return the metadata."""
     root = Path(root)
     rng = np.random.default_rng(seed)
+    # Metadata draws come from their own generator, so the images do not depend on them.
+    meta_rng = np.random.default_rng(seed + 10_000)
     parts = [root / "HAM10000_images_part_1", root / "HAM10000_images_part_2"]
     for p in parts:
         p.mkdir(parents=True, exist_ok=True)
@@ -65,6 +80,7 @@ def make_synthetic_ham10000(
     for c, dx in enumerate(CLASSES):
         for j in range(lesions_per_class):
             lesion = f"HAM_{c:02d}{j:04d}"
+            patient = _patient(c, meta_rng)
             for _ in range(int(rng.integers(1, 4))):
                 image_id = f"ISIC_{9000000 + n:07d}"
                 mask = _lesion_mask(xx, yy, c, rng)
@@ -80,9 +96,7 @@ def make_synthetic_ham10000(
                         "image_id": image_id,
                         "dx": dx,
                         "dx_type": "histo",
-                        "age": 50.0,
-                        "sex": "female",
-                        "localization": "back",
+                        **patient,
                     }
                 )
                 n += 1

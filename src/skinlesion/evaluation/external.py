@@ -23,11 +23,12 @@ from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.metadata import IMAGE_EXTENSIONS, DataError, check_image, read_table
+from skinlesion.data.tabular import METADATA_FIELDS
 from skinlesion.evaluation.abstain import plot_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import resolve_model
-from skinlesion.inference.predict import predict_sources
+from skinlesion.inference.predict import Member, predict_sources
 from skinlesion.inference.refer import refer_rules
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,16 @@ def _write_predictions(
     return y, preds[list(classes)].to_numpy(dtype=np.float64)
 
 
+def _metadata(
+    labels: pd.DataFrame, members: Sequence[Member], use: bool
+) -> tuple[pd.DataFrame | None, list[str] | str]:
+    """The labels' metadata columns for a fused model, and what the report says was used."""
+    if not any(m.metadata is not None for m in members):
+        return None, "not used: the model takes images only"
+    fields = [f for f in METADATA_FIELDS if f in labels.columns] if use else []
+    return (labels[fields] if fields else None), fields
+
+
 def evaluate_external(
     model: str | Path | None,
     labels_csv: str | Path,
@@ -148,8 +159,13 @@ def evaluate_external(
     n_boot: int = 1000,
     where: dict[str, str] | None = None,
     progress: bool = True,
+    use_metadata: bool = True,
 ) -> dict[str, Any]:
-    """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report."""
+    """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report.
+
+    A model fused with patient metadata takes it from the labels file's ``age``, ``sex`` and
+    ``localization`` columns (those present); ``use_metadata=False`` gives it images only.
+    """
     output = Path(output)
     check_writable_dir(output, "--output")
     mapping = read_label_map(Path(label_map)) if label_map else None
@@ -159,8 +175,9 @@ def evaluate_external(
     classes = members[0].spec.class_names
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
     tta = members[0].tta if tta is None else tta
+    metadata, used = _metadata(labels, members, use_metadata)
     probs, errors = predict_sources(
-        labels["path"].tolist(), members, runtime, tta=tta, batch_size=batch_size, progress=progress
+        labels["path"].tolist(), members, runtime, tta, batch_size, progress, metadata
     )
     if errors:
         raise DataError("images failed to decode", list(errors.values()))
@@ -182,6 +199,7 @@ def evaluate_external(
         "filter": where or {},
         "model": str(loaded.source),
         "tta": tta,
+        "metadata": used,
         "mel_threshold": threshold,
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
         if threshold is not None

@@ -66,24 +66,27 @@ def predict_logits(
     tta: int = 1,
     progress: bool = False,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    metadata: np.ndarray | None = None,
 ) -> np.ndarray:
     """Logits (V, N, C) for the given rows, one slice per TTA view (V = ``tta``).
 
     ``forward`` replaces ``model(x)``, e.g. to return pooled features instead of logits.
+    ``metadata`` (encoded, indexed like ``images``) goes to a fused model as ``model(x, m)``.
     """
     model.eval()
     rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
     out: list[torch.Tensor] = []
     n_batches = math.ceil(len(rows) / batch_size)
     for b in tqdm(range(n_batches), desc="predict", leave=False, disable=not progress):
-        x = prepare(
-            gather(images, rows[b * batch_size : (b + 1) * batch_size], runtime.device),
-            norm,
-            runtime,
-        )
+        batch = rows[b * batch_size : (b + 1) * batch_size]
+        x = prepare(gather(images, batch, runtime.device), norm, runtime)
         views = tta_views(x, tta) if tta > 1 else [x]
+        call = forward or model
+        if metadata is not None:
+            m = torch.from_numpy(np.ascontiguousarray(metadata[batch.numpy()])).to(x.device)
+            call = lambda v, m=m: model(v, m)  # noqa: E731
         with runtime.autocast():
-            logits = torch.stack([(forward or model)(v) for v in views])
+            logits = torch.stack([call(v) for v in views])
         out.append(logits.float().cpu())
     if not out:
         return np.zeros((tta, 0, 0), dtype=np.float32)

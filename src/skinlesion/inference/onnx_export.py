@@ -100,8 +100,15 @@ class EnsembleGraph(nn.Module):
 
 
 def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) -> Path:
-    """Write ``model.onnx``, ``spec.json`` (and ``card.json``) into ``output``."""
+    """Write ``model.onnx``, ``spec.json`` (and ``card.json``) into ``output``.
+
+    The graph takes images only: a model fused with patient metadata is exported as it predicts
+    without metadata (the all-missing encoding is part of its weights).
+    """
     import onnx
+
+    if model.uses_metadata:
+        log.warning("%s uses patient metadata; the ONNX graph takes images only", model.name)
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

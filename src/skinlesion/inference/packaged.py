@@ -34,6 +34,7 @@ from skinlesion.core.errors import CheckpointError
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
+from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
 from skinlesion.inference.predict import Member, backbone_id, load_ensemble, predict_sources
 from skinlesion.models.factory import build_model, place_model
 
@@ -82,18 +83,33 @@ class LoadedModel:
         tta: int | None = None,
         batch_size: int = 32,
         progress: bool = False,
+        metadata: MetadataInput = None,
     ) -> tuple[np.ndarray, dict[int, str]]:
-        """Calibrated probabilities (N, C), NaN rows for images that failed, and their errors."""
+        """Calibrated probabilities (N, C), NaN rows for images that failed, and their errors.
+
+        ``metadata``: one record per image (``{"age": 60, "sex": "male", "localization":
+        "back"}``, any key may be missing) or a table with those columns; used by models fused
+        with metadata, ignored by image-only ones.
+        """
         runtime = self.runtime or resolve_runtime("auto")
         sources = [_as_source(x) for x in images]
-        return predict_sources(sources, self.members, runtime, tta, batch_size, progress)
+        table = metadata_table(metadata, len(sources))
+        return predict_sources(sources, self.members, runtime, tta, batch_size, progress, table)
 
-    def predict(self, images: Sequence[ImageInput], tta: int | None = None) -> Any:
+    @property
+    def uses_metadata(self) -> bool:
+        """Whether any member is fused with patient metadata."""
+        return any(m.metadata is not None for m in self.members)
+
+    def predict(
+        self, images: Sequence[ImageInput], tta: int | None = None, metadata: MetadataInput = None
+    ) -> Any:
         """A table (pandas) with one row per image: class probabilities, prediction, melanoma
-        decision at the out-of-fold operating threshold, and the error of a failed image."""
+        decision at the out-of-fold operating threshold, and the error of a failed image.
+        ``metadata`` as for :meth:`predict_proba`."""
         import pandas as pd
 
-        probs, errors = self.predict_proba(images, tta)
+        probs, errors = self.predict_proba(images, tta, metadata=metadata)
         df = pd.DataFrame(probs, columns=self.class_names)
         df.insert(0, "image", [_name(x, i) for i, x in enumerate(images)])
         df["prediction"] = [
@@ -213,8 +229,15 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
     for m in meta["members"]:
         prefix = m["prefix"]
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        fused = m.get("metadata")
+        metadata = MetadataSpec.from_dict(fused["spec"]) if fused else None
         model = build_model(
-            meta["backbone"], len(spec.class_names), False, **meta.get("model_kwargs", {})
+            meta["backbone"],
+            len(spec.class_names),
+            False,
+            metadata=metadata,
+            metadata_hidden=int(fused["hidden"]) if fused else 0,
+            **meta.get("model_kwargs", {}),
         )
         try:
             model.load_state_dict(state, strict=True)
@@ -233,6 +256,7 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
                 path=folder / WEIGHTS_FILE,
                 tta=int(meta["tta"]),
                 backbone_id=backbone_id(model),
+                metadata=metadata,
             )
         )
     return LoadedModel(

@@ -29,8 +29,14 @@ from skinlesion.core.run_folder import (
 )
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
+from skinlesion.data.tabular import MetadataSpec, encode_metadata
 from skinlesion.inference.engine import predict_logits
-from skinlesion.models.checkpoint import load_checkpoint, model_from_checkpoint
+from skinlesion.models.checkpoint import (
+    checkpoint_metadata,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from skinlesion.models.fusion import MetadataFusion
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +52,27 @@ class Member:
     path: Path
     tta: int = 1  # the views its temperature was fitted on (see calibrated_views)
     backbone_id: str = ""  # hash of every weight but the classifier's
+    metadata: MetadataSpec | None = None  # the metadata encoding of a fused model
+
+    def encode(self, metadata: pd.DataFrame | None, n: int) -> np.ndarray | None:
+        """This member's encoding of ``metadata`` (``None``: all missing); ``None`` for an
+        image-only model."""
+        if self.metadata is None:
+            return None
+        return encode_metadata(metadata, self.metadata, n)
 
 
 def backbone_id(model: nn.Module) -> str:
-    """Equal for models that differ only in their classifier (a linear probe's folds)."""
+    """Equal for models that differ only in their classifier (a linear probe's folds); for a
+    fused model, in its metadata branch and classifier."""
     clf = model.get_classifier()
     if not isinstance(clf, nn.Linear):
         return f"unshared-{id(model)}"
     prefix = next(name for name, m in model.named_modules() if m is clf) + "."
+    fused = isinstance(model, MetadataFusion)
     h = hashlib.sha256()
     for key, value in model.state_dict().items():
-        if not key.startswith(prefix):
+        if key.startswith("backbone.") if fused else not key.startswith(prefix):
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -130,9 +146,9 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
         model, spec = model_from_checkpoint(ckpt, runtime)
         tta = calibrated_views(ckpt)
         temperature = float(ckpt.get("temperature", 1.0))
-        members.append(
-            Member(model, spec, temperature, int(ckpt["fold"]), p, tta, backbone_id(model))
-        )
+        bid = backbone_id(model)
+        meta = checkpoint_metadata(ckpt)
+        members.append(Member(model, spec, temperature, int(ckpt["fold"]), p, tta, bid, meta))
     classes = {m.spec.class_names for m in members}
     if len(classes) > 1:
         raise CheckpointError(f"{path}: fold models disagree on class names: {classes}")
@@ -145,11 +161,14 @@ def ensemble_probs(
     runtime: Runtime,
     tta: int = 1,
     batch_size: int = 32,
+    metadata: pd.DataFrame | None = None,
 ) -> np.ndarray:
     """Mean calibrated probabilities over members and TTA views for prepared uint8 images.
 
     Members that share a backbone (a linear probe's folds) run it once: the pooled features are
-    computed once and each member applies only its own classifier.
+    computed once and each member applies only its own classifier. ``metadata`` (raw columns
+    ``age``/``sex``/``localization``, a row per image; ``None`` = unknown) reaches the fused
+    members, each encoding it its own way; image-only members ignore it.
     """
     groups: dict[tuple[PreprocessSpec, str], list[Member]] = {}
     for m in members:
@@ -160,11 +179,12 @@ def ensemble_probs(
         rows = np.arange(len(arr))
         kw = {"batch_size": batch_size, "runtime": runtime, "norm": spec.normalization, "tta": tta}
         if len(group) == 1:
-            per_member = [predict_logits(first, arr, rows, **kw)]
+            meta = group[0].encode(metadata, len(arr))
+            per_member = [predict_logits(first, arr, rows, metadata=meta, **kw)]
         else:
             features = lambda v, f=first: f.forward_head(f.forward_features(v), pre_logits=True)  # noqa: E731
             feats = torch.from_numpy(predict_logits(first, arr, rows, forward=features, **kw))
-            per_member = [_linear(feats, m.model.get_classifier()) for m in group]
+            per_member = [_head(feats, m, m.encode(metadata, len(arr))) for m in group]
         for m, logits in zip(group, per_member, strict=True):
             # Views are averaged in logit space, as when the temperature was fitted.
             z = torch.from_numpy(logits).double().mean(0) / m.temperature
@@ -179,6 +199,18 @@ def _linear(feats: torch.Tensor, clf: nn.Module) -> np.ndarray:
     return torch.nn.functional.linear(feats, w, b).numpy()
 
 
+@torch.no_grad()
+def _head(feats: torch.Tensor, member: Member, metadata: np.ndarray | None) -> np.ndarray:
+    """A member's logits (V, N, C) from shared pooled features (V, N, D)."""
+    model = member.model
+    if not isinstance(model, MetadataFusion):
+        return _linear(feats, model.get_classifier())
+    device = model.missing.device
+    meta = None if metadata is None else torch.from_numpy(metadata).to(device)
+    views = [model.head(v.to(device), meta).float().cpu() for v in feats]
+    return torch.stack(views).numpy()
+
+
 def predict_sources(
     sources: Sequence[str | Path | bytes],
     members: Sequence[Member],
@@ -186,10 +218,13 @@ def predict_sources(
     tta: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    metadata: pd.DataFrame | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Probabilities (N, C) for each source; rows of sources that failed are NaN.
 
-    ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``).
+    ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``). ``metadata``:
+    a row per source with any of ``age``, ``sex``, ``localization`` (missing values allowed),
+    used by models fused with metadata; ``None``: no metadata for any image.
 
     Returns the probabilities and ``{index: error message}`` for the sources that could not be
     decoded, so one bad file never costs the predictions of the others.
@@ -219,7 +254,8 @@ def predict_sources(
                 prepared[s].append(arrays[s])
         if ok:
             stacked = {s: np.stack(v) for s, v in prepared.items()}
-            out[ok] = ensemble_probs(members, stacked, runtime, tta, batch_size)
+            meta = None if metadata is None else metadata.iloc[ok].reset_index(drop=True)
+            out[ok] = ensemble_probs(members, stacked, runtime, tta, batch_size, meta)
         bar.update(len(idx))
     bar.close()
     return out, errors
@@ -232,10 +268,12 @@ def predict_table(
     tta: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    metadata: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, dict[int, str]]:
     """One row per source: ``image``, a probability per class, ``prediction`` and ``error``
-    (empty, or why the source could not be read; its probabilities are then empty)."""
-    probs, errors = predict_sources(sources, members, runtime, tta, batch_size, progress)
+    (empty, or why the source could not be read; its probabilities are then empty).
+    ``metadata`` as for :func:`predict_sources`."""
+    probs, errors = predict_sources(sources, members, runtime, tta, batch_size, progress, metadata)
     classes = list(members[0].spec.class_names)
     df = pd.DataFrame(probs, columns=classes)
     df.insert(0, "image", [str(p) for p in sources])

@@ -17,6 +17,7 @@ import torch
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.tabular import MetadataSpec
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = (
@@ -59,9 +60,14 @@ def make_checkpoint(
     config: dict[str, Any],
     temperature: float = 1.0,
     model_kwargs: dict[str, Any] | None = None,
+    metadata: MetadataSpec | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A checkpoint of plain types; ``config`` is the resolved run config as plain data."""
+    """A checkpoint of plain types; ``config`` is the resolved run config as plain data.
+
+    A model fused with patient metadata also stores its encoding and branch width under
+    ``metadata`` (checkpoints without the key are image-only models, as before).
+    """
     module = getattr(model, "module", model)  # unwrap DDP / compile
     module = getattr(module, "_orig_mod", module)
     state = {
@@ -82,9 +88,19 @@ def make_checkpoint(
         "model_kwargs": dict(model_kwargs or {}),
         "config": config,
     }
+    if metadata is not None:
+        meta_branch = getattr(module, "meta", None)
+        hidden = meta_branch[0].out_features if isinstance(meta_branch, torch.nn.Sequential) else 0
+        ckpt["metadata"] = {"spec": metadata.to_dict(), "hidden": int(hidden)}
     if extra:
         ckpt.update(extra)
     return ckpt
+
+
+def checkpoint_metadata(ckpt: dict[str, Any]) -> MetadataSpec | None:
+    """The metadata encoding a checkpoint's model takes; ``None`` for an image-only model."""
+    meta = ckpt.get("metadata")
+    return MetadataSpec.from_dict(meta["spec"]) if meta else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -118,8 +134,14 @@ def model_from_checkpoint(
     from skinlesion.models.factory import build_placed_model
 
     runtime = runtime or Runtime(torch.device("cpu"), None, channels_last=False)
+    meta = ckpt.get("metadata")
     model = build_placed_model(
-        runtime, ckpt["backbone"], ckpt["num_classes"], **ckpt.get("model_kwargs", {})
+        runtime,
+        ckpt["backbone"],
+        ckpt["num_classes"],
+        metadata=checkpoint_metadata(ckpt),
+        metadata_hidden=int(meta["hidden"]) if meta else 0,
+        **ckpt.get("model_kwargs", {}),
     )
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.eval()

@@ -22,7 +22,9 @@ from torch import nn
 from skinlesion.core.errors import WeightsUnavailableError
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.tabular import MetadataSpec, missing_vector
 from skinlesion.models.backbones import check_backbone
+from skinlesion.models.fusion import MetadataFusion
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +199,29 @@ def reset_head(model: nn.Module) -> None:
         nn.init.zeros_(clf.bias)
 
 
+def fuse_metadata(
+    model: nn.Module, metadata: MetadataSpec, hidden: int = 128, dropout: float = 0.3
+) -> MetadataFusion:
+    """``model`` with a metadata branch for vectors encoded by ``metadata`` (a fresh, small
+    classifier on the joined features)."""
+    missing = torch.from_numpy(missing_vector(metadata))
+    fused = MetadataFusion(model, missing, hidden, dropout)
+    reset_head(fused)
+    return fused
+
+
 def build_model(
-    name: str, num_classes: int, pretrained: bool, weights: str | Path | None = None, **kwargs: Any
+    name: str,
+    num_classes: int,
+    pretrained: bool,
+    weights: str | Path | None = None,
+    metadata: MetadataSpec | None = None,
+    metadata_hidden: int = 128,
+    **kwargs: Any,
 ) -> nn.Module:
     """A timm model; ``pretrained`` loads ImageNet weights through the first matching provider.
+
+    With ``metadata``, the model also takes encoded patient metadata (:func:`fuse_metadata`).
 
     >>> m = build_model("tf_efficientnet_lite0", 7, pretrained=False)
     >>> m(torch.zeros(1, 3, 64, 64)).shape
@@ -218,6 +239,8 @@ def build_model(
                 break
     if not head_loaded:
         reset_head(model)
+    if metadata is not None:
+        return fuse_metadata(model, metadata, metadata_hidden, kwargs.get("drop_rate", 0.3))
     return model
 
 
@@ -235,10 +258,13 @@ def build_placed_model(
     num_classes: int,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    metadata: MetadataSpec | None = None,
+    metadata_hidden: int = 128,
     **kwargs: Any,
 ) -> nn.Module:
     """:func:`build_model`, then :func:`place_model`: the one way a model reaches a device."""
-    return place_model(build_model(name, num_classes, pretrained, weights, **kwargs), runtime)
+    model = build_model(name, num_classes, pretrained, weights, metadata, metadata_hidden, **kwargs)
+    return place_model(model, runtime)
 
 
 def default_spec(

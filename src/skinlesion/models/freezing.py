@@ -5,6 +5,8 @@ from __future__ import annotations
 from timm.models import group_modules
 from torch import nn
 
+from skinlesion.models.fusion import MetadataFusion
+
 
 def freeze_stages(model: nn.Module, k: int) -> list[nn.Module]:
     """Freeze the stem and the first ``k`` stages; return the frozen modules.
@@ -14,6 +16,8 @@ def freeze_stages(model: nn.Module, k: int) -> list[nn.Module]:
     """
     if k <= 0:
         return []
+    # A metadata-fused model freezes stages of its image backbone.
+    model = model.backbone if isinstance(model, MetadataFusion) else model
     groups = group_modules(model, model.group_matcher(coarse=True))
     ids = sorted(groups)
     if k >= len(ids) - 1:

@@ -3,6 +3,8 @@
 Every answer's probabilities are those of ``skinlesion predict`` for the same image: the upload is
 prepared by the same function, and a micro-batcher feeds the same ``ensemble_probs``. Errors are
 JSON ``{"error": message, "status": code}``; a request can only send image bytes, never a path.
+Optional form fields ``age``, ``sex`` and ``localization`` reach a model fused with patient
+metadata (each may be left out); an image-only model ignores them and says so.
 
 Example::
 
@@ -23,7 +25,8 @@ from importlib import resources
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+import pandas as pd
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
+from skinlesion.data.tabular import METADATA_FIELDS
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import ensemble_probs
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Room for the multipart envelope around the image bytes.
 _MULTIPART_SLACK = 64 * 1024
+# The micro-batcher's key for an item's raw metadata (age, sex, localization; None = missing).
+METADATA_KEY = "metadata"
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,26 @@ def _prepare(model: LoadedModel, data: bytes, limits: UploadLimits) -> dict[Any,
     return {s: prepare_with_spec(data, s) for s in specs}
 
 
+def _batch_fn(model: LoadedModel, runtime: Any, max_batch: int) -> Any:
+    """The micro-batcher's function: stacked images (and raw metadata rows) -> probabilities."""
+
+    def run(stacked: dict[Any, np.ndarray]) -> np.ndarray:
+        images = {k: v for k, v in stacked.items() if k != METADATA_KEY}
+        meta = stacked.get(METADATA_KEY)
+        table = None if meta is None else pd.DataFrame(meta, columns=list(METADATA_FIELDS))
+        return ensemble_probs(model.members, images, runtime, model.tta, max_batch, table)
+
+    return run
+
+
+def _metadata_row(model: LoadedModel, values: dict[str, Any]) -> np.ndarray | None:
+    """One item's raw metadata for a fused model (every item of a batch has the key, so they
+    stack); ``None`` for an image-only model."""
+    if not model.uses_metadata:
+        return None
+    return np.array([values.get(f) for f in METADATA_FIELDS], dtype=object)
+
+
 def _page() -> str:
     return (resources.files("skinlesion.serving") / "static" / "index.html").read_text("utf-8")
 
@@ -137,7 +163,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
     runtime = model.runtime or resolve_runtime("auto")
     members, tta = model.members, model.tta
     batcher = MicroBatcher(
-        lambda imgs: ensemble_probs(members, imgs, runtime, tta, settings.max_batch),
+        _batch_fn(model, runtime, settings.max_batch),
         settings.max_batch,
         settings.max_wait_ms,
         lock=MODEL_LOCK,
@@ -170,6 +196,9 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
     async def predict(
         file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
         explain: Annotated[bool, Query(description="add a Grad-CAM overlay (PNG, base64)")] = False,
+        age: Annotated[float | None, Form(ge=0, le=120, description="years")] = None,
+        sex: Annotated[str | None, Form(max_length=32)] = None,
+        localization: Annotated[str | None, Form(max_length=64, description="site")] = None,
     ) -> JSONResponse:
         data = await file.read(settings.limits.max_bytes + 1)
         try:
@@ -178,8 +207,15 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
             return _error(err.status, str(err))
         except ImageDecodeError as err:
             return _error(422, f"the image cannot be decoded: {str(err).removeprefix('<bytes>: ')}")
+        given = {"age": age, "sex": sex, "localization": localization}
+        meta = _metadata_row(model, given)
+        if meta is not None:
+            arrays[METADATA_KEY] = meta
         probs = await asyncio.wrap_future(batcher.submit(arrays))
         answer = describe(model, probs)
+        answer["metadata_used"] = (
+            {k: v for k, v in given.items() if v is not None} if meta is not None else None
+        )
         if explain:
             (ex,) = await run_in_threadpool(explain_sources, [data], members, runtime, tta)
             answer["explanation"] = {

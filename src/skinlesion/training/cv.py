@@ -33,27 +33,30 @@ from skinlesion.core.runtime import (
 )
 from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.sampling import draw_indices
+from skinlesion.data.tabular import MetadataSpec, missing_vector
 from skinlesion.evaluation.calibration import fit_temperature
 from skinlesion.evaluation.report import write_oof_report
 from skinlesion.inference.engine import predict_logits
 from skinlesion.models.checkpoint import (
     atomic_torch_save,
+    checkpoint_metadata,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
 )
 from skinlesion.models.freezing import freeze_stages
 from skinlesion.training.checks import check_config
-from skinlesion.training.engine import train_one_epoch
+from skinlesion.training.engine import MetadataFeed, train_one_epoch
 from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
 from skinlesion.training.probe import run_linear_probe
-from skinlesion.training.run_data import RunData, load_run_data
+from skinlesion.training.run_data import RunData, load_run_data, metadata_by_row
 from skinlesion.training.setup import (
     Schedule,
     build_criterion,
     build_optimizer,
     build_run_model,
     model_kwargs,
+    run_metadata_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,10 @@ def validation_logits(
     batch_size: int,
     runtime: Runtime,
     tta: int = 1,
+    metadata: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Logits (V, N, C) for ``rows``, computed in shards across ranks when distributed."""
+    """Logits (V, N, C) for ``rows``, computed in shards across ranks when distributed;
+    ``metadata`` (encoded, by image row) for a fused model."""
     d = runtime.dist
     mine = rows[d.rank :: d.world_size]
     logits = predict_logits(
@@ -85,6 +90,7 @@ def validation_logits(
         runtime=runtime,
         norm=data.spec.normalization,
         tta=tta,
+        metadata=metadata,
     )
     if not d.enabled:
         return logits
@@ -111,6 +117,8 @@ class FoldTrainer:
     aug_gen: torch.Generator  # augmentation draws (per rank)
     steps: int  # optimizer steps per epoch on this rank
     state: dict[str, Any]
+    metadata: MetadataSpec | None = None  # the encoding a fused model takes
+    feed: MetadataFeed | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -144,11 +152,20 @@ class FoldTrainer:
 
 
 def build_trainer(
-    cfg: Config, spec: PreprocessSpec, fold: int, n_train: int, runtime: Runtime
+    cfg: Config,
+    spec: PreprocessSpec,
+    fold: int,
+    n_train: int,
+    runtime: Runtime,
+    metadata: MetadataSpec | None = None,
+    metadata_rows: np.ndarray | None = None,
 ) -> FoldTrainer:
-    """Model (pretrained, frozen stages, DDP/compile), loss, optimizer, schedule, generators."""
+    """Model (pretrained, frozen stages, DDP/compile), loss, optimizer, schedule, generators.
+
+    A fused model takes ``metadata``'s encoding; ``metadata_rows`` holds it per image row.
+    """
     seed_everything(cfg.seed + fold, cfg.train.deterministic)
-    model = build_run_model(cfg, spec, runtime)
+    model = build_run_model(cfg, spec, runtime, metadata)
     frozen = freeze_stages(model, cfg.train.freeze_stages)
     train_model: nn.Module = model
     if runtime.dist.enabled:
@@ -171,7 +188,27 @@ def build_trainer(
         aug_gen=torch.Generator().manual_seed(cfg.seed * 1000 + fold + 10_000 * runtime.dist.rank),
         steps=steps,
         state={"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0},
+        metadata=metadata,
+        feed=_feed(metadata, metadata_rows, cfg.model.metadata_drop),
     )
+
+
+def _feed(spec: MetadataSpec | None, rows: np.ndarray | None, drop: float) -> MetadataFeed | None:
+    if spec is None or rows is None:
+        return None
+    return MetadataFeed(
+        torch.from_numpy(rows).float(), torch.from_numpy(missing_vector(spec)), drop
+    )
+
+
+def trainer_for_table(
+    cfg: Config, data: RunData, fold: int, train_t: pd.DataFrame, runtime: Runtime
+) -> FoldTrainer:
+    """:func:`build_trainer` for the images of ``train_t``; with ``model.metadata``, the encoding
+    is fitted on them."""
+    spec = run_metadata_spec(cfg, train_t)
+    rows = metadata_by_row(data, spec)
+    return build_trainer(cfg, data.spec, fold, len(train_t), runtime, spec, rows)
 
 
 def train_epoch(
@@ -214,6 +251,7 @@ def train_epoch(
         grad_clip=cfg.train.grad_clip,
         progress=progress and d.is_main,
         frozen=tr.frozen,
+        metadata=tr.feed,
     )
     if d.enabled:
         t = torch.tensor([loss], device=runtime.device)
@@ -253,6 +291,7 @@ def _save_epoch(
             metrics=metrics,
             config=config_to_dict(cfg),
             model_kwargs=model_kwargs(cfg.model),
+            metadata=tr.metadata,
         )
         atomic_torch_save(ckpt, folder.best)
     atomic_torch_save(tr.snapshot(), folder.last)
@@ -271,7 +310,8 @@ def _run_epoch(
     t0 = time.perf_counter()
     train_loss = train_epoch(cfg, data, tr, train_t, runtime, progress)
     rows = val_t["row"].to_numpy()
-    logits = validation_logits(tr.model, data, rows, _eval_batch_size(cfg), runtime)[0]
+    meta = tr.feed.by_row.numpy() if tr.feed is not None else None
+    logits = validation_logits(tr.model, data, rows, _eval_batch_size(cfg), runtime, 1, meta)[0]
     figs = val_figures(tr.criterion, logits, val_t["label"].to_numpy())
     tr.schedule.after_epoch(figs["val_loss"])
     epoch = tr.state["epoch"] + 1
@@ -306,7 +346,7 @@ def fit_fold(
     if runtime.dist.is_main:
         folder.root.mkdir(parents=True, exist_ok=True)
     split = _split(data, fold)
-    tr = build_trainer(cfg, data.spec, fold, len(split[0]), runtime)
+    tr = trainer_for_table(cfg, data, fold, split[0], runtime)
     if resume and folder.last.is_file():
         tr.restore(folder.last)
         log.info("fold %d: resuming after epoch %d", fold, tr.state["epoch"])
@@ -356,7 +396,9 @@ def finish_fold(
     # Out-of-fold predictions use the same TTA as inference (eval.tta), views averaged in logit
     # space, so the temperature is fitted on exactly the output it will calibrate.
     rows = val_t["row"].to_numpy()
-    logits = validation_logits(model, data, rows, _eval_batch_size(cfg), runtime, cfg.eval.tta)
+    meta = metadata_by_row(data, checkpoint_metadata(ckpt))
+    batch = _eval_batch_size(cfg)
+    logits = validation_logits(model, data, rows, batch, runtime, cfg.eval.tta, meta)
     logits = logits.mean(0).astype(np.float64)
     y = val_t["label"].to_numpy()
     temperature = fit_temperature(logits, y) if cfg.eval.calibrate else 1.0

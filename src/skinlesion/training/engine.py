@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,6 +14,20 @@ from skinlesion.core.runtime import Runtime
 from skinlesion.data.augment import AugmentConfig
 from skinlesion.data.preprocess import Normalization
 from skinlesion.inference.engine import ImageSource, gather, prepare
+from skinlesion.models.fusion import drop_metadata
+
+
+@dataclass
+class MetadataFeed:
+    """Encoded metadata for training a fused model: a row per cached image, the all-missing
+    encoding, and the probability that a sample's whole vector is dropped."""
+
+    by_row: torch.Tensor
+    missing: torch.Tensor
+    drop: float = 0.2
+
+    def batch(self, rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return drop_metadata(self.by_row[rows.cpu()], self.missing, self.drop, generator)
 
 
 def train_step(
@@ -24,10 +39,12 @@ def train_step(
     runtime: Runtime,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
+    metadata: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a prepared batch (autocast, grad scaler, clipping); the loss."""
     with runtime.autocast():
-        loss = criterion(model(x), y)
+        logits = model(x) if metadata is None else model(x, metadata.to(x.device))
+        loss = criterion(logits, y)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -62,12 +79,13 @@ def train_one_epoch(
     grad_clip: float | None = None,
     progress: bool = True,
     frozen: Sequence[nn.Module] = (),
+    metadata: MetadataFeed | None = None,
 ) -> float:
     """Train over the image rows in ``order`` (already drawn by the sampler); mean loss.
 
     ``labels[row]`` is the class of image row ``row``; ``step_scheduler`` is called after every
     optimizer step. ``frozen`` modules stay in eval mode, so their BatchNorm statistics do not
-    drift.
+    drift. A fused model gets each batch's ``metadata``, whole vectors dropped at random.
     """
     model.train()
     for m in frozen:
@@ -80,7 +98,8 @@ def train_one_epoch(
             continue
         x = prepare(gather(images, rows, runtime.device), norm, runtime, augment, generator)
         y = labels[rows].to(runtime.device, non_blocking=True)
-        loss = train_step(model, x, y, criterion, optimizer, runtime, scaler, grad_clip)
+        meta = metadata.batch(rows, generator) if metadata is not None else None
+        loss = train_step(model, x, y, criterion, optimizer, runtime, scaler, grad_clip, meta)
         if step_scheduler is not None:
             step_scheduler()
         total += loss.detach() * len(rows)

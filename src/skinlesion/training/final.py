@@ -22,7 +22,7 @@ from skinlesion.core.config import config_to_dict, load_config
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import init_distributed, resolve_runtime
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
-from skinlesion.training.cv import build_trainer, train_epoch
+from skinlesion.training.cv import train_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
 from skinlesion.training.setup import model_kwargs
 
@@ -67,7 +67,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
     out.mkdir(parents=True, exist_ok=True)
     data = load_run_data(cfg, None, progress=progress)
     table = data.table
-    tr = build_trainer(cfg, data.spec, cfg.cv.n_folds, len(table), runtime)  # a seed no fold used
+    tr = trainer_for_table(cfg, data, cfg.cv.n_folds, table, runtime)  # a seed no fold used
     if resume and (out / "last.pt").is_file():
         tr.restore(out / "last.pt")
         log.info("final fit: resuming after epoch %d", tr.state["epoch"])
@@ -86,6 +86,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
         config=config_to_dict(cfg),
         temperature=choice["temperature"],
         model_kwargs=model_kwargs(cfg.model),
+        metadata=tr.metadata,
         extra={"final_fit": {**choice, "n_train": len(table)}, "tta": cfg.eval.tta},
     )
     atomic_torch_save(ckpt, out / "best.pt")

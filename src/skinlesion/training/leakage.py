@@ -20,29 +20,13 @@ import pandas as pd
 from skinlesion.core.config import Config
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.run_folder import RunFolder
-from skinlesion.evaluation.metrics import draw_bootstrap_weights, point_metrics
+from skinlesion.evaluation.paired import PAIRED_METRICS, paired_bootstrap
 from skinlesion.evaluation.report import prediction_classes
 
 log = logging.getLogger(__name__)
 
-AUDIT_METRICS: tuple[str, ...] = (
-    "balanced_accuracy",
-    "macro_f1",
-    "accuracy",
-    "macro_auroc",
-    "log_loss",
-    "ece",
-)
+AUDIT_METRICS: tuple[str, ...] = PAIRED_METRICS
 SCHEMES: dict[str, bool] = {"lesion_grouped": True, "image_random": False}
-
-
-def _scalars(
-    y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
-) -> dict[str, float | None]:
-    m = point_metrics(y, probs, classes)
-    out = {k: m[k] for k in AUDIT_METRICS}
-    out["mel_sensitivity_argmax"] = m["mel"]["sensitivity_argmax"]
-    return out
 
 
 def paired_inflation(
@@ -54,31 +38,19 @@ def paired_inflation(
     seed: int = 0,
     classes: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
-    """Per metric: both values, their difference (leaky - clean) and its bootstrap interval."""
-    clean, leaky = _scalars(y, p_clean, classes), _scalars(y, p_leaky, classes)
-    weights = draw_bootstrap_weights(len(y), n_boot, np.random.default_rng(seed), groups=groups)
-    diffs: dict[str, list[float]] = {k: [] for k in clean}
-    for w in weights:
-        idx = np.repeat(np.arange(len(y)), w.astype(int))
-        if len(set(y[idx].tolist())) < len(set(y.tolist())):
-            continue  # a class vanished from this resample: macro metrics are not comparable
-        a, b = _scalars(y[idx], p_leaky[idx], classes), _scalars(y[idx], p_clean[idx], classes)
-        for k in diffs:
-            if a[k] is not None and b[k] is not None:
-                diffs[k].append(a[k] - b[k])
-    out = {}
-    for k in clean:
-        d = np.array(diffs[k])
-        out[k] = {
-            "lesion_grouped": clean[k],
-            "image_random": leaky[k],
-            "inflation": None if clean[k] is None or leaky[k] is None else leaky[k] - clean[k],
-            "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
-            if len(d)
-            else None,
-            "n_valid": len(d),
+    """Per metric: both values, their difference (leaky - clean) and its bootstrap interval
+    (:func:`~skinlesion.evaluation.paired.paired_bootstrap` with A = clean, B = leaky)."""
+    paired = paired_bootstrap(y, p_clean, p_leaky, groups, n_boot, seed, classes)
+    return {
+        k: {
+            "lesion_grouped": v["a"],
+            "image_random": v["b"],
+            "inflation": v["difference"],
+            "ci95": v["ci95"],
+            "n_valid": v["n_valid"],
         }
-    return out
+        for k, v in paired.items()
+    }
 
 
 def audit_leakage(

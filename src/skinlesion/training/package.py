@@ -327,7 +327,13 @@ def package_run(
         "class_names": ckpts[0]["class_names"],
         "tta": _tta(ckpts[0]),
         "members": [
-            {"fold": c["fold"], "prefix": _prefix(c), "temperature": c["temperature"]}
+            {
+                "fold": c["fold"],
+                "prefix": _prefix(c),
+                "temperature": c["temperature"],
+                # A fused model's metadata encoding and branch width (plain JSON).
+                **({"metadata": c["metadata"]} if c.get("metadata") else {}),
+            }
             for c in ckpts
         ],
         "reference": {

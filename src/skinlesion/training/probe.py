@@ -6,10 +6,18 @@ computed from. A multinomial linear head is then fitted per fold on the embeddin
 folds and class weighting as fine-tuning, its L2 strength chosen on the fold's validation loss.
 The head is written into the backbone's own classifier, so the checkpoint is an ordinary model
 and ``predict``/``evaluate`` work unchanged.
+
+With ``model.metadata`` the head is linear on ``[embedding, encoded metadata]`` (a
+:class:`~skinlesion.models.fusion.MetadataFusion` without a metadata MLP), the encoding fitted on
+the fold's training images. Metadata dropout becomes data: every training image is added a second
+time with the all-missing encoding, the copies weighted ``model.metadata_drop`` and the originals
+``1 - model.metadata_drop``, which is the expected loss of dropping each vector at random with
+that probability; the head then also works without metadata.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -30,12 +38,19 @@ from skinlesion.data.augment import tta_views
 from skinlesion.data.cache import default_cache_dir
 from skinlesion.data.preprocess import Normalization
 from skinlesion.data.sampling import sample_weights
+from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.evaluation.calibration import fit_temperature
 from skinlesion.inference.engine import prepare
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.models.factory import fuse_metadata
 from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
 from skinlesion.training.run_data import RunData
-from skinlesion.training.setup import build_criterion, build_run_model, model_kwargs
+from skinlesion.training.setup import (
+    build_criterion,
+    build_run_model,
+    model_kwargs,
+    run_metadata_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +169,57 @@ class HeadFit:
     logits: np.ndarray  # validation logits, float32
 
 
-def _sweep_l2(
-    cfg: Config, emb: np.ndarray, tr: pd.DataFrame, va: pd.DataFrame, n_classes: int, fold: int
-) -> tuple[list[dict[str, Any]], HeadFit]:
-    """Fit a head for every strength of :data:`L2_GRID`; the metrics rows and the best fit."""
+@dataclass
+class ProbeSet:
+    """A fold's head inputs: training features, labels and loss weights; validation ones."""
+
+    x_tr: np.ndarray
+    y_tr: np.ndarray
+    w_tr: np.ndarray
+    x_va: np.ndarray
+    y_va: np.ndarray
+
+
+def probe_set(
+    cfg: Config,
+    emb: np.ndarray,
+    tr: pd.DataFrame,
+    va: pd.DataFrame,
+    n_classes: int,
+    metadata: MetadataSpec | None = None,
+) -> ProbeSet:
+    """Embeddings of the fold's images (joined with their encoded ``metadata``, and the
+    all-missing copies of the training images; see the module docstring)."""
     x_tr, x_va = emb[tr["row"].to_numpy()], emb[va["row"].to_numpy()]
     y_tr, y_va = tr["label"].to_numpy(), va["label"].to_numpy()
     # The weighted sampler's weights, applied to the loss instead of to drawing.
-    weights = (
+    w_tr = (
         sample_weights(y_tr, n_classes, cfg.sampler.power)
         if cfg.sampler.name == "weighted"
         else np.ones(len(y_tr))
     )
+    if metadata is None:
+        return ProbeSet(x_tr, y_tr, w_tr, x_va, y_va)
+    x_va = np.concatenate([x_va, encode_metadata(va, metadata)], axis=1)
+    joined = np.concatenate([x_tr, encode_metadata(tr, metadata)], axis=1)
+    p = cfg.model.metadata_drop
+    if p == 0:
+        return ProbeSet(joined, y_tr, w_tr, x_va, y_va)
+    dropped = np.concatenate([x_tr, np.tile(missing_vector(metadata), (len(x_tr), 1))], axis=1)
+    return ProbeSet(
+        np.concatenate([joined, dropped]),
+        np.concatenate([y_tr, y_tr]),
+        np.concatenate([w_tr * (1 - p), w_tr * p]),
+        x_va,
+        y_va,
+    )
+
+
+def _sweep_l2(
+    cfg: Config, s: ProbeSet, n_classes: int, fold: int
+) -> tuple[list[dict[str, Any]], HeadFit]:
+    """Fit a head for every strength of :data:`L2_GRID`; the metrics rows and the best fit."""
+    x_tr, y_tr, weights, x_va, y_va = s.x_tr, s.y_tr, s.w_tr, s.x_va, s.y_va
     criterion = build_criterion(cfg.loss)
     per_sample = build_criterion(cfg.loss, reduction="none")
     rows: list[dict[str, Any]] = []
@@ -200,8 +254,13 @@ def probe_fold(
     folder.root.mkdir(parents=True, exist_ok=True)
     table = data.table
     tr, va = table[table["fold"] != fold], table[table["fold"] == fold]
-    rows, best = _sweep_l2(cfg, emb, tr, va, len(data.spec.class_names), fold)
+    metadata = run_metadata_spec(cfg, tr)
+    n_classes = len(data.spec.class_names)
+    rows, best = _sweep_l2(cfg, probe_set(cfg, emb, tr, va, n_classes, metadata), n_classes, fold)
     write_metrics_rows(folder.metrics, rows)
+    if metadata is not None:
+        # Each fold's head joins its own encoding; the shared backbone stays untouched.
+        backbone = fuse_metadata(copy.deepcopy(backbone), metadata, hidden=0)
     classifier = backbone.get_classifier()
     with torch.no_grad():
         classifier.weight.copy_(torch.from_numpy(best.w).float())
@@ -209,7 +268,7 @@ def probe_fold(
     y_va = va["label"].to_numpy()
     logits = best.logits.astype(np.float64)
     temperature = fit_temperature(logits, y_va) if cfg.eval.calibrate else 1.0
-    _save_probe_fold(cfg, data, backbone, folder, best, temperature)
+    _save_probe_fold(cfg, data, backbone, folder, best, temperature, metadata)
     write_val_predictions(va, logits, temperature, folder.val_predictions, data.spec.class_names)
     summary = {
         "fold": fold,
@@ -231,6 +290,7 @@ def _save_probe_fold(
     folder: FoldFolder,
     best: HeadFit,
     temperature: float,
+    metadata: MetadataSpec | None = None,
 ) -> None:
     ckpt = make_checkpoint(
         backbone,
@@ -242,6 +302,7 @@ def _save_probe_fold(
         config=config_to_dict(cfg),
         temperature=temperature,
         model_kwargs=model_kwargs(cfg.model),
+        metadata=metadata,
         # The embeddings averaged the identity and its h/v flips, the first 3 TTA views: the
         # temperature was fitted on exactly what ``predict`` gives with tta=3.
         extra={"probe_l2": best.l2, "tta": PROBE_FLIP_VIEWS if cfg.train.probe_flips else 1},

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from skinlesion.core.config import Config
@@ -18,6 +19,7 @@ from skinlesion.data.datasets import LabelledSet, canonical_metadata, load_label
 from skinlesion.data.folds import align_folds, check_folds, make_folds, read_folds, save_folds
 from skinlesion.data.metadata import load_ham10000, subset_by_lesion
 from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.inference.engine import ImageSource
 from skinlesion.training.setup import run_spec
 
@@ -79,6 +81,16 @@ def _folds_table(
     if folds_out is not None:
         save_folds(df, folds_out)
     return df.sort_values("image_id").reset_index(drop=True)
+
+
+def metadata_by_row(data: RunData, spec: MetadataSpec | None) -> np.ndarray | None:
+    """Encoded metadata (rows of the image cache, ``spec.dim``) of the run's images, indexed like
+    ``data.images``; ``None`` for an image-only model."""
+    if spec is None:
+        return None
+    out = np.tile(missing_vector(spec), (len(data.images), 1))
+    out[data.table["row"].to_numpy()] = encode_metadata(data.table, spec)
+    return out
 
 
 def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) -> RunData:

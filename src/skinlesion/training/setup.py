@@ -11,12 +11,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 
 from skinlesion.core.config import Config, LossConfig, ModelConfig, TrainConfig
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.tabular import MetadataSpec, fit_metadata_spec
 from skinlesion.models.factory import build_placed_model, default_spec
 from skinlesion.training.losses import build_loss
 
@@ -26,16 +28,29 @@ def model_kwargs(model: ModelConfig) -> dict[str, Any]:
     return {"drop_rate": model.drop_rate, "drop_path_rate": model.drop_path_rate}
 
 
-def build_run_model(cfg: Config, spec: PreprocessSpec, runtime: Runtime) -> nn.Module:
-    """The run's model, pretrained as the config says, with a head for the spec's classes."""
+def build_run_model(
+    cfg: Config, spec: PreprocessSpec, runtime: Runtime, metadata: MetadataSpec | None = None
+) -> nn.Module:
+    """The run's model, pretrained as the config says, with a head for the spec's classes (and
+    a metadata branch for ``metadata``'s encoding, when given)."""
     return build_placed_model(
         runtime,
         cfg.model.backbone,
         len(spec.class_names),
         cfg.model.pretrained,
         cfg.model.weights,
+        metadata=metadata,
+        metadata_hidden=cfg.model.metadata_hidden,
         **model_kwargs(cfg.model),
     )
+
+
+def run_metadata_spec(cfg: Config, train_table: pd.DataFrame) -> MetadataSpec | None:
+    """The metadata encoding of ``model.metadata`` fitted on a fold's training images; ``None``
+    when the run uses images only."""
+    if not cfg.model.metadata:
+        return None
+    return fit_metadata_spec(train_table, cfg.model.metadata)
 
 
 def run_spec(cfg: Config, class_names: Sequence[str] | None = None) -> PreprocessSpec:

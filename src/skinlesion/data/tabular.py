@@ -1,0 +1,228 @@
+"""Patient metadata (age, sex, anatomical site) as a fixed-length numeric vector.
+
+The encoding is fitted on a training table and then frozen in a :class:`MetadataSpec` of plain
+types that travels in the checkpoint, so new data is encoded exactly as the training data was:
+
+- ``age``: standardised with the training mean and standard deviation (0 when missing), then a
+  missing indicator: 2 values.
+- a category (``sex``, ``localization``): one-hot over the training vocabulary (sorted), an
+  ``unknown`` level (a value never seen in training, or none), then a missing indicator.
+
+Values are normalised before use (stripped, lower-cased); empty text, ``nan`` and ``unknown``
+(HAM10000's word for a missing sex or site) count as missing. A table without a field's column
+encodes that field as missing for every row.
+
+>>> import pandas as pd
+>>> table = pd.DataFrame({"age": [40.0, 60.0], "sex": ["male", "female"]})
+>>> spec = fit_metadata_spec(table, ("age", "sex"))
+>>> spec.columns()
+['age', 'age_missing', 'sex=female', 'sex=male', 'sex=unknown', 'sex_missing']
+>>> encode_metadata(pd.DataFrame({"age": [50.0], "sex": ["other"]}), spec).tolist()
+[[0.0, 0.0, 0.0, 0.0, 1.0, 0.0]]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skinlesion.core.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+METADATA_FIELDS: tuple[str, ...] = ("age", "sex", "localization")
+"""The canonical metadata columns a data table may carry; ``age`` is numeric, the rest
+categories."""
+NUMERIC_FIELDS: frozenset[str] = frozenset({"age"})
+MetadataInput = pd.DataFrame | Sequence[Mapping[str, Any] | None] | None
+"""Metadata as callers give it: a table, or one record (or ``None``) per image."""
+MISSING_WORDS: frozenset[str] = frozenset({"", "nan", "none", "null", "unknown", "na", "n/a"})
+
+
+def normalise_category(value: Any) -> str | None:
+    """Stripped, lower-case text; ``None`` for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip().lower()
+    return None if text in MISSING_WORDS else text
+
+
+def parse_age(value: Any) -> float | None:
+    """Age in years as a float; ``None`` for a missing or unreadable value."""
+    if value is None:
+        return None
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        return None
+    return age if math.isfinite(age) and age >= 0 else None
+
+
+def check_fields(fields: Sequence[str]) -> tuple[str, ...]:
+    """The fields, checked against :data:`METADATA_FIELDS` (each at most once)."""
+    unknown = [f for f in fields if f not in METADATA_FIELDS]
+    if unknown:
+        raise ConfigError(
+            f"model.metadata: unknown field(s) {unknown}; known: {list(METADATA_FIELDS)}"
+        )
+    if len(set(fields)) != len(fields):
+        raise ConfigError(f"model.metadata: a field is listed twice in {list(fields)}")
+    return tuple(fields)
+
+
+@dataclass(frozen=True)
+class MetadataSpec:
+    """How a table's metadata becomes a vector: fields, age scaling, category vocabularies."""
+
+    fields: tuple[str, ...]
+    age_mean: float = 0.0
+    age_std: float = 1.0
+    vocab: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (field, sorted values) per category
+
+    @property
+    def vocabulary(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.vocab)
+
+    def columns(self) -> list[str]:
+        """The name of every position of the vector."""
+        names: list[str] = []
+        for f in self.fields:
+            if f in NUMERIC_FIELDS:
+                names += [f, f"{f}_missing"]
+            else:
+                names += [f"{f}={v}" for v in self.vocabulary[f]]
+                names += [f"{f}=unknown", f"{f}_missing"]
+        return names
+
+    @property
+    def dim(self) -> int:
+        return len(self.columns())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (checkpoints load with ``weights_only=True``)."""
+        return {
+            "fields": list(self.fields),
+            "age_mean": float(self.age_mean),
+            "age_std": float(self.age_std),
+            "vocab": {f: list(v) for f, v in self.vocab},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MetadataSpec:
+        return cls(
+            fields=tuple(d["fields"]),
+            age_mean=float(d["age_mean"]),
+            age_std=float(d["age_std"]),
+            vocab=tuple((f, tuple(v)) for f, v in d["vocab"].items()),
+        )
+
+
+def _column(table: pd.DataFrame, field: str) -> list[Any]:
+    return table[field].tolist() if field in table.columns else [None] * len(table)
+
+
+def fit_metadata_spec(table: pd.DataFrame, fields: Sequence[str]) -> MetadataSpec:
+    """The encoding of ``fields`` fitted on a training table (its values only, never labels)."""
+    fields = check_fields(fields)
+    absent = [f for f in fields if f not in table.columns]
+    if absent:
+        log.warning("metadata column(s) %s not in the data: missing for every image", absent)
+    age_mean, age_std = 0.0, 1.0
+    vocab = []
+    for f in fields:
+        if f in NUMERIC_FIELDS:
+            ages = np.array([a for a in map(parse_age, _column(table, f)) if a is not None])
+            if len(ages):
+                age_mean = float(ages.mean())
+                age_std = float(ages.std()) if len(ages) > 1 and ages.std() > 0 else 1.0
+        else:
+            values = {normalise_category(v) for v in _column(table, f)}
+            vocab.append((f, tuple(sorted(v for v in values if v is not None))))
+    return MetadataSpec(fields, age_mean, age_std, tuple(vocab))
+
+
+def _encode_field(values: list[Any], field: str, spec: MetadataSpec) -> np.ndarray:
+    if field in NUMERIC_FIELDS:
+        ages = [parse_age(v) for v in values]
+        out = np.zeros((len(values), 2), dtype=np.float32)
+        for i, a in enumerate(ages):
+            if a is None:
+                out[i, 1] = 1.0
+            else:
+                out[i, 0] = (a - spec.age_mean) / spec.age_std
+        return out
+    known = spec.vocabulary[field]
+    position = {v: i for i, v in enumerate(known)}
+    out = np.zeros((len(values), len(known) + 2), dtype=np.float32)
+    for i, v in enumerate(map(normalise_category, values)):
+        if v is None:
+            out[i, len(known)] = out[i, len(known) + 1] = 1.0  # unknown, and missing
+        else:
+            out[i, position.get(v, len(known))] = 1.0
+    return out
+
+
+def encode_metadata(table: pd.DataFrame | None, spec: MetadataSpec, n: int = 0) -> np.ndarray:
+    """Vectors (N, ``spec.dim``) for the rows of ``table``; ``None`` = ``n`` rows all missing."""
+    if table is None:
+        table = pd.DataFrame(index=range(n))
+    parts = [_encode_field(_column(table, f), f, spec) for f in spec.fields]
+    if not parts:
+        return np.zeros((len(table), 0), dtype=np.float32)
+    return np.concatenate(parts, axis=1)
+
+
+def missing_vector(spec: MetadataSpec) -> np.ndarray:
+    """The encoding of a row with no metadata at all (what metadata dropout feeds)."""
+    return encode_metadata(None, spec, n=1)[0]
+
+
+def metadata_table(metadata: MetadataInput, n: int) -> pd.DataFrame | None:
+    """``metadata`` as a table of ``n`` rows (index 0..n-1); ``None`` stays ``None``.
+
+    >>> metadata_table([{"age": 60}, None], 2).to_dict("records")
+    [{'age': 60.0}, {'age': nan}]
+    """
+    if metadata is None:
+        return None
+    if isinstance(metadata, pd.DataFrame):
+        table = metadata.reset_index(drop=True)
+    else:
+        table = pd.DataFrame([dict(r) if r else {} for r in metadata], index=range(len(metadata)))
+    if len(table) != n:
+        raise ValueError(f"metadata has {len(table)} rows for {n} images")
+    return table
+
+
+def read_metadata_csv(path: str | Path, image_ids: Sequence[str]) -> pd.DataFrame:
+    """The rows of a metadata CSV (``image_id`` and any of :data:`METADATA_FIELDS`) for each of
+    ``image_ids`` (file stems), in that order; an image without a row gets missing values.
+
+    Faults (no ``image_id`` column, an id listed twice, no metadata column) are collected and
+    raised together as one :class:`DataError`.
+    """
+    from skinlesion.data.metadata import read_table
+
+    path = Path(path)
+    table = read_table(path)
+    problems = []
+    if "image_id" not in table.columns:
+        problems.append(f"no image_id column; found {list(table.columns)}")
+    fields = [f for f in METADATA_FIELDS if f in table.columns]
+    if not fields:
+        problems.append(f"none of the columns {list(METADATA_FIELDS)}; found {list(table.columns)}")
+    if problems:
+        raise DataError(f"{path}: not a metadata file", problems)
+    ids = table["image_id"].astype(str).str.strip()
+    dup = sorted(set(ids[ids.duplicated()]))
+    if dup:
+        raise DataError(f"{path}: invalid metadata", [f"image_id {i} is listed twice" for i in dup])
+    by_id = table.assign(image_id=ids).set_index("image_id")[fields]
+    return by_id.reindex(list(image_ids)).reset_index(drop=True)

@@ -1,0 +1,156 @@
+"""Paired comparison of two sets of predictions for the same images: the difference of each
+metric with a bootstrap interval that resamples lesions (all images of a lesion together), the
+same draws for both, so the noise they share cancels.
+
+Used by the leakage audit (image-random minus lesion-grouped folds) and by ``skinlesion compare``
+(two runs on the same folds, e.g. with and without patient metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skinlesion.core.errors import DataError
+from skinlesion.core.labels import CLASSES
+from skinlesion.core.run_folder import RunFolder
+from skinlesion.evaluation.metrics import draw_bootstrap_weights, point_metrics
+
+PAIRED_METRICS: tuple[str, ...] = (
+    "balanced_accuracy",
+    "macro_f1",
+    "accuracy",
+    "macro_auroc",
+    "log_loss",
+    "ece",
+)
+
+
+def scalar_metrics(
+    y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
+) -> dict[str, float | None]:
+    """The metrics of :data:`PAIRED_METRICS` plus melanoma sensitivity at the argmax (``None``
+    without a ``mel`` class)."""
+    m = point_metrics(y, probs, classes)
+    out = {k: m[k] for k in PAIRED_METRICS}
+    out["mel_sensitivity_argmax"] = m["mel"]["sensitivity_argmax"]
+    return out
+
+
+def paired_bootstrap(
+    y: np.ndarray,
+    p_a: np.ndarray,
+    p_b: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    classes: Sequence[str] = CLASSES,
+) -> dict[str, dict[str, Any]]:
+    """Per metric: ``a``, ``b``, ``difference`` (b - a) and its 95% lesion-bootstrap interval.
+
+    A resample in which a class vanishes is skipped (macro metrics would not be comparable);
+    ``n_valid`` counts the resamples used.
+    """
+    ma, mb = scalar_metrics(y, p_a, classes), scalar_metrics(y, p_b, classes)
+    weights = draw_bootstrap_weights(len(y), n_boot, np.random.default_rng(seed), groups=groups)
+    diffs: dict[str, list[float]] = {k: [] for k in ma}
+    n_classes = len(set(y.tolist()))
+    for w in weights:
+        idx = np.repeat(np.arange(len(y)), w.astype(int))
+        if len(set(y[idx].tolist())) < n_classes:
+            continue
+        a = scalar_metrics(y[idx], p_a[idx], classes)
+        b = scalar_metrics(y[idx], p_b[idx], classes)
+        for k in diffs:
+            if a[k] is not None and b[k] is not None:
+                diffs[k].append(b[k] - a[k])
+    out = {}
+    for k in ma:
+        d = np.array(diffs[k])
+        out[k] = {
+            "a": ma[k],
+            "b": mb[k],
+            "difference": None if ma[k] is None or mb[k] is None else mb[k] - ma[k],
+            "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+            if len(d)
+            else None,
+            "n_valid": len(d),
+        }
+    return out
+
+
+def _oof(run_dir: Path) -> pd.DataFrame:
+    path = RunFolder(run_dir).oof_predictions
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no out-of-fold predictions", [f"{path} does not exist"])
+    return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+
+
+def class_columns(oof: pd.DataFrame) -> list[str]:
+    """The class names of an out-of-fold table (each has a ``raw_<class>`` column too)."""
+    return [c for c in oof.columns if f"raw_{c}" in oof.columns]
+
+
+def compare_runs(
+    run_a: str | Path, run_b: str | Path, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Paired differences (B - A) of two runs' out-of-fold predictions.
+
+    The runs must have predicted the same images, with the same labels, in the same folds;
+    otherwise the difference would mix the method with the split.
+    """
+    a, b = _oof(Path(run_a)), _oof(Path(run_b))
+    classes = class_columns(a)
+    problems = []
+    if class_columns(b) != classes:
+        problems.append(f"classes differ: {classes} vs {class_columns(b)}")
+    merged = a.merge(b, on="image_id", suffixes=("", "_b"), how="outer", indicator=True)
+    only = merged[merged["_merge"] != "both"]
+    if len(only):
+        problems.append(f"{len(only)} image(s) predicted by one run only, e.g. {only.iloc[0, 0]}")
+    both = merged[merged["_merge"] == "both"]
+    for col in ("dx", "fold", "lesion_id"):
+        bad = both[both[col] != both[f"{col}_b"]]
+        if len(bad):
+            problems.append(f"{len(bad)} image(s) with another {col}, e.g. {bad.iloc[0, 0]}")
+    if problems:
+        raise DataError(f"cannot compare {run_a} with {run_b}", problems)
+    y = both["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    p_a = both[classes].to_numpy(np.float64)
+    p_b = both[[f"{c}_b" for c in classes]].to_numpy(np.float64)
+    groups = both["lesion_id"].to_numpy()
+    return {
+        "a": str(run_a),
+        "b": str(run_b),
+        "n_images": len(both),
+        "n_lesions": int(both["lesion_id"].nunique()),
+        "bootstrap": {"unit": "lesion", "n_boot": n_boot, "paired": True, "seed": seed},
+        "metrics": paired_bootstrap(y, p_a, p_b, groups, n_boot, seed, classes),
+    }
+
+
+def render_comparison(result: dict[str, Any]) -> str:
+    """A Markdown table of both runs' figures and the difference B - A with its interval."""
+    lines = [
+        f"A = {result['a']}, B = {result['b']}: {result['n_images']} images of "
+        f"{result['n_lesions']} lesions, same folds; difference B - A with a 95% paired "
+        f"bootstrap interval over lesions ({result['bootstrap']['n_boot']} resamples).",
+        "",
+        "| metric | A | B | B - A [95% CI] |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k, v in result["metrics"].items():
+        if v["difference"] is None:
+            continue
+        ci = f" [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" if v["ci95"] else ""
+        lines.append(f"| {k} | {v['a']:.3f} | {v['b']:.3f} | {v['difference']:+.3f}{ci} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(result: dict[str, Any], output: Path) -> None:
+    output.write_text(json.dumps(result, indent=2, allow_nan=False))

@@ -1,0 +1,88 @@
+"""Paired lesion-bootstrap comparison of two runs (``skinlesion compare``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skinlesion.cli import main
+from skinlesion.core.errors import DataError
+from skinlesion.core.labels import CLASSES
+from skinlesion.evaluation.metrics import point_metrics
+from skinlesion.evaluation.paired import compare_runs, paired_bootstrap
+
+K = len(CLASSES)
+
+
+def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(K), 12)
+    groups = (np.arange(len(y)) // 2).astype(str)  # two images per lesion
+    noisy = rng.dirichlet(np.ones(K), size=len(y))
+    noisy[np.arange(len(y)), y] += 0.3
+    noisy /= noisy.sum(1, keepdims=True)
+    good = np.eye(K)[y] * 0.9 + 0.1 / K
+    return y, groups, noisy, good
+
+
+def _run(folder: Path, y: np.ndarray, groups: np.ndarray, probs: np.ndarray) -> Path:
+    oof = pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{i:07d}" for i in range(len(y))],
+            "lesion_id": groups,
+            "dx": [CLASSES[i] for i in y],
+            "fold": np.arange(len(y)) % 3,
+        }
+    )
+    for i, c in enumerate(CLASSES):
+        oof[c] = probs[:, i]
+    for i, c in enumerate(CLASSES):
+        oof[f"raw_{c}"] = probs[:, i]
+    folder.mkdir(parents=True)
+    oof.to_csv(folder / "oof_predictions.csv", index=False)
+    return folder
+
+
+def test_difference_is_b_minus_a_with_an_interval_around_it() -> None:
+    y, groups, noisy, good = _data()
+    result = paired_bootstrap(y, noisy, good, groups, n_boot=200, seed=0)
+    a, b = point_metrics(y, noisy), point_metrics(y, good)
+    r = result["balanced_accuracy"]
+    assert r["a"] == pytest.approx(a["balanced_accuracy"])
+    assert r["b"] == pytest.approx(b["balanced_accuracy"]) == pytest.approx(1.0)
+    assert r["difference"] == pytest.approx(b["balanced_accuracy"] - a["balanced_accuracy"])
+    assert 0 < r["ci95"][0] <= r["difference"] <= r["ci95"][1]
+    same = paired_bootstrap(y, noisy, noisy.copy(), groups, n_boot=50, seed=0)
+    assert same["macro_auroc"]["difference"] == 0.0 and same["macro_auroc"]["ci95"] == [0.0, 0.0]
+
+
+def test_compare_cli_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    y, groups, noisy, good = _data()
+    a = _run(tmp_path / "a", y, groups, noisy)
+    b = _run(tmp_path / "b", y, groups, good)
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(a), str(b), "--n-boot", "50", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| metric | A | B | B - A [95% CI] |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| balanced_accuracy "))
+    saved = json.loads(out.read_text())
+    assert saved["n_images"] == len(y) and saved["n_lesions"] == len(y) // 2
+    assert f"{saved['metrics']['balanced_accuracy']['difference']:+.3f}" in row
+
+
+def test_runs_on_other_folds_are_refused(tmp_path: Path) -> None:
+    y, groups, noisy, good = _data()
+    a = _run(tmp_path / "a", y, groups, noisy)
+    b = _run(tmp_path / "b", y, groups, good)
+    oof = pd.read_csv(b / "oof_predictions.csv")
+    oof["fold"] = (oof["fold"] + 1) % 3
+    oof.drop(index=0).to_csv(b / "oof_predictions.csv", index=False)
+    with pytest.raises(DataError) as err:
+        compare_runs(a, b, n_boot=0)
+    text = str(err.value) + " ".join(getattr(err.value, "problems", []))
+    assert "another fold" in text and "one run only" in text
+    assert main(["compare", str(a), str(tmp_path / "missing")]) == 2

@@ -1,0 +1,71 @@
+"""The service and the Python API with a model fused with patient metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import lesion_images, make_tiny_packaged
+from fastapi.testclient import TestClient
+
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.inference.packaged import resolve_model
+from skinlesion.serving.app import create_app
+
+FIELDS = {"age": "70", "sex": "female", "localization": "face"}
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory: pytest.TempPathFactory):
+    folder = make_tiny_packaged(tmp_path_factory.mktemp("zoo"), "fused", metadata=True)
+    return resolve_model(folder, resolve_runtime("cpu"))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return lesion_images(tmp_path_factory.mktemp("imgs"), 1)[0]
+
+
+def _probs(answer: dict) -> np.ndarray:
+    return np.array(list(answer["probabilities"].values()))
+
+
+def test_form_fields_reach_the_fused_model(fused, image: Path) -> None:
+    assert fused.uses_metadata
+    data = image.read_bytes()
+    files = {"file": ("x.jpg", data, "application/octet-stream")}
+    with TestClient(create_app(fused)) as client:
+        plain = client.post("/predict", files=files).json()
+        told = client.post("/predict", files=files, data=FIELDS).json()
+        partial = client.post("/predict", files=files, data={"sex": "female"}).json()
+        bad = client.post("/predict", files=files, data={"age": "-4"})
+    assert bad.status_code == 422
+    for answer in (plain, told, partial):
+        assert _probs(answer).sum() == pytest.approx(1.0, abs=1e-6)
+    assert plain["metadata_used"] == {}
+    assert told["metadata_used"] == {"age": 70.0, "sex": "female", "localization": "face"}
+    assert not np.allclose(_probs(plain), _probs(told), atol=1e-4)
+    # The same answer as the Python API with the same metadata, and without it.
+    api = fused.predict_proba([data], metadata=[{**FIELDS, "age": 70.0}])[0][0]
+    assert np.allclose(api, _probs(told), atol=1e-6)
+    assert np.allclose(fused.predict_proba([data])[0][0], _probs(plain), atol=1e-6)
+
+
+def test_image_only_model_ignores_the_fields(tiny_packaged: Path, image: Path) -> None:
+    model = resolve_model(tiny_packaged, resolve_runtime("cpu"))
+    files = {"file": ("x.jpg", image.read_bytes(), "application/octet-stream")}
+    with TestClient(create_app(model)) as client:
+        plain = client.post("/predict", files=files).json()
+        told = client.post("/predict", files=files, data=FIELDS).json()
+    assert told["metadata_used"] is None
+    assert np.allclose(_probs(plain), _probs(told))
+
+
+def test_predict_table_takes_records_per_image(fused, image: Path) -> None:
+    df = fused.predict([str(image), str(image)], metadata=[FIELDS, None])
+    probs = df[fused.class_names].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-6)
+    assert not np.allclose(probs[0], probs[1], atol=1e-4)
+    with pytest.raises(ValueError, match="1 rows for 2 images"):
+        fused.predict([str(image), str(image)], metadata=[FIELDS])
