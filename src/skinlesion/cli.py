@@ -82,15 +82,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from skinlesion.inference.predict import predict_table
 
         runtime = resolve_runtime(args.device)
-        members = resolve_model(args.model, runtime).members
+        loaded = resolve_model(args.model, runtime)
         df, errors = predict_table(
             args.images,
-            members,
+            loaded.members,
             runtime,
             tta=args.tta,
             batch_size=args.batch_size,
             progress=not args.no_progress,
-            metadata=_predict_metadata(args, members),
+            metadata=_predict_metadata(args, loaded.uses_metadata),
         )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -103,11 +103,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _predict_metadata(args: argparse.Namespace, members: Sequence[Any]) -> Any:
-    """The ``--metadata`` rows of the images (matched by file stem), or ``None``."""
+def _predict_metadata(args: argparse.Namespace, fused: bool) -> Any:
+    """The ``--metadata`` rows of the images (matched by file stem), or ``None``; ``fused``:
+    whether the model takes metadata at all."""
     from skinlesion.data.tabular import read_metadata_csv
 
-    fused = any(m.metadata is not None for m in members)
     if args.metadata is None:
         if fused:
             logging.getLogger(__name__).info("no --metadata: predicting from the images alone")

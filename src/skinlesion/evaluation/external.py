@@ -28,7 +28,7 @@ from skinlesion.evaluation.abstain import plot_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import resolve_model
-from skinlesion.inference.predict import Member, predict_sources
+from skinlesion.inference.predict import predict_sources
 from skinlesion.inference.refer import refer_rules
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,10 @@ def _write_predictions(
 
 
 def _metadata(
-    labels: pd.DataFrame, members: Sequence[Member], use: bool
+    labels: pd.DataFrame, fused: bool, use: bool
 ) -> tuple[pd.DataFrame | None, list[str] | str]:
     """The labels' metadata columns for a fused model, and what the report says was used."""
-    if not any(m.metadata is not None for m in members):
+    if not fused:
         return None, "not used: the model takes images only"
     fields = [f for f in METADATA_FIELDS if f in labels.columns] if use else []
     return (labels[fields] if fields else None), fields
@@ -175,7 +175,7 @@ def evaluate_external(
     classes = members[0].spec.class_names
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
     tta = members[0].tta if tta is None else tta
-    metadata, used = _metadata(labels, members, use_metadata)
+    metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata)
     probs, errors = predict_sources(
         labels["path"].tolist(), members, runtime, tta, batch_size, progress, metadata
     )

@@ -134,6 +134,12 @@ def compare_runs(
     }
 
 
+def paired_row(name: str, a: float, b: float, difference: float, ci: list[float] | None) -> str:
+    """One Markdown table row: both values and the difference with its interval."""
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    return f"| {name} | {a:.3f} | {b:.3f} | {difference:+.3f}{interval} |"
+
+
 def render_comparison(result: dict[str, Any]) -> str:
     """A Markdown table of both runs' figures and the difference B - A with its interval."""
     lines = [
@@ -147,8 +153,7 @@ def render_comparison(result: dict[str, Any]) -> str:
     for k, v in result["metrics"].items():
         if v["difference"] is None:
             continue
-        ci = f" [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" if v["ci95"] else ""
-        lines.append(f"| {k} | {v['a']:.3f} | {v['b']:.3f} | {v['difference']:+.3f}{ci} |")
+        lines.append(paired_row(k, v["a"], v["b"], v["difference"], v["ci95"]))
     return "\n".join(lines) + "\n"
 
 

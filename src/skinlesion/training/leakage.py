@@ -20,7 +20,7 @@ import pandas as pd
 from skinlesion.core.config import Config
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.run_folder import RunFolder
-from skinlesion.evaluation.paired import PAIRED_METRICS, paired_bootstrap
+from skinlesion.evaluation.paired import PAIRED_METRICS, paired_bootstrap, paired_row
 from skinlesion.evaluation.report import prediction_classes
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,7 @@ def render_leakage(result: dict[str, Any]) -> str:
     for k, v in result["metrics"].items():
         if v["inflation"] is None:
             continue
-        ci = f" [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" if v["ci95"] else ""
         lines.append(
-            f"| {k} | {v['lesion_grouped']:.3f} | {v['image_random']:.3f} | "
-            f"{v['inflation']:+.3f}{ci} |"
+            paired_row(k, v["lesion_grouped"], v["image_random"], v["inflation"], v["ci95"])
         )
     return "\n".join(lines) + "\n"
