@@ -90,7 +90,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             tta=args.tta,
             batch_size=args.batch_size,
             progress=not args.no_progress,
-            metadata=_predict_metadata(args, loaded.uses_metadata),
+            metadata=_predict_metadata(args, loaded),
         )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -103,18 +103,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _predict_metadata(args: argparse.Namespace, fused: bool) -> Any:
-    """The ``--metadata`` rows of the images (matched by file stem), or ``None``; ``fused``:
-    whether the model takes metadata at all."""
+def _predict_metadata(args: argparse.Namespace, loaded: Any) -> Any:
+    """The ``--metadata`` rows of the images (matched by file stem), or ``None``; values the
+    model never saw in training are logged."""
     from skinlesion.data.tabular import read_metadata_csv
 
     if args.metadata is None:
-        if fused:
+        if loaded.uses_metadata:
             logging.getLogger(__name__).info("no --metadata: predicting from the images alone")
         return None
-    if not fused:
+    if not loaded.uses_metadata:
         logging.getLogger(__name__).warning("--metadata ignored: the model uses images only")
-    return read_metadata_csv(args.metadata, [Path(p).stem for p in args.images])
+    table = read_metadata_csv(args.metadata, [Path(p).stem for p in args.images])
+    loaded.unseen_metadata(table, str(args.metadata))
+    return table
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from skinlesion.data.tabular import (
     missing_vector,
     normalise_category,
     parse_age,
+    unseen_values,
 )
 
 FIELDS = ("age", "sex", "localization")
@@ -25,7 +26,7 @@ TRAIN = pd.DataFrame(
 
 
 def test_spec_fitted_on_training_values() -> None:
-    spec = fit_metadata_spec(TRAIN, FIELDS)
+    spec = fit_metadata_spec(TRAIN, FIELDS, "as_is")
     assert spec.age_mean == pytest.approx(50.0)
     assert spec.age_std == pytest.approx(np.std([40.0, 60.0, 50.0]))
     # Sorted, normalised vocabularies; HAM10000's "unknown" is a missing value, not a category.
@@ -46,7 +47,7 @@ def test_spec_fitted_on_training_values() -> None:
 
 
 def test_known_values_unseen_and_missing() -> None:
-    spec = fit_metadata_spec(TRAIN, FIELDS)
+    spec = fit_metadata_spec(TRAIN, FIELDS, "as_is")
     new = pd.DataFrame(
         {
             "age": [60.0, math.nan],
@@ -70,11 +71,68 @@ def test_absent_columns_and_no_table_are_all_missing() -> None:
 
 
 def test_spec_round_trips_through_plain_types() -> None:
-    spec = fit_metadata_spec(TRAIN, ("sex", "age"))
+    spec = fit_metadata_spec(TRAIN, ("sex", "age", "localization"))
     plain = spec.to_dict()
     assert all(isinstance(v, list) for v in plain["vocab"].values())
+    assert plain["sites"] == "general"
     assert MetadataSpec.from_dict(plain) == spec
     assert spec.columns()[:4] == ["sex=female", "sex=male", "sex=unknown", "sex_missing"]
+    # A spec saved before sites were mapped kept each dataset's names.
+    del plain["sites"]
+    assert MetadataSpec.from_dict(plain).sites == "as_is"
+
+
+HAM_SITES = pd.DataFrame(
+    {"localization": ["back", "chest", "abdomen", "trunk", "face", "scalp", "foot", "acral"]}
+)
+
+
+def test_general_sites_map_ham10000_names_to_isic_general_sites() -> None:
+    spec = fit_metadata_spec(HAM_SITES, ["localization"])
+    assert spec.sites == "general"
+    assert spec.vocabulary["localization"] == (
+        "anterior torso",
+        "head/neck",
+        "lower extremity",
+        "palms/soles",
+        "posterior torso",
+        "torso",
+    )
+    isic = pd.DataFrame({"localization": ["posterior torso", "Head/Neck", "lateral torso"]})
+    got = encode_metadata(isic, spec)
+    names = spec.columns()
+    hot = [[names[j] for j in np.flatnonzero(row)] for row in got]
+    # ISIC's own names are read; a torso side never seen in training falls back to "torso".
+    assert hot == [
+        ["localization=posterior torso"],
+        ["localization=head/neck"],
+        ["localization=torso"],
+    ]
+    assert unseen_values(isic, spec) == {}
+    # HAM10000's names encode exactly as their general sites.
+    ham = encode_metadata(pd.DataFrame({"localization": ["back", "ear"]}), spec)
+    same = encode_metadata(pd.DataFrame({"localization": ["posterior torso", "head/neck"]}), spec)
+    assert ham.tolist() == same.tolist()
+
+
+def test_as_is_sites_keep_names_and_unseen_values_are_counted() -> None:
+    spec = fit_metadata_spec(HAM_SITES, ["localization"], "as_is")
+    assert "back" in spec.vocabulary["localization"]
+    isic = pd.DataFrame({"localization": ["posterior torso", "posterior torso", "back", None]})
+    assert unseen_values(isic, spec) == {"localization": {"posterior torso": 2}}
+    assert encode_metadata(isic, spec)[0].tolist() == encode_metadata(
+        pd.DataFrame({"localization": ["somewhere else"]}), spec
+    )[0].tolist()
+    # Without a torso level to fall back on, a torso side is unseen under general sites too.
+    no_torso = fit_metadata_spec(pd.DataFrame({"localization": ["back"]}), ["localization"])
+    assert unseen_values(pd.DataFrame({"localization": ["lateral torso"]}), no_torso) == {
+        "localization": {"lateral torso": 1}
+    }
+
+
+def test_bad_site_mode_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"model.metadata_sites: 'isic'; expected one of"):
+        fit_metadata_spec(HAM_SITES, ["localization"], "isic")
 
 
 def test_parsers() -> None:

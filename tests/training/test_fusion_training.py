@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def test_quick_recipe_with_metadata_finetunes_and_predicts(syn_root: Path, tmp_p
     assert not np.allclose(p_with[1:], p_without[1:], atol=1e-4)
 
 
-def test_probe_with_metadata_reproduces_oof_and_evaluates(syn_root: Path, tmp_path: Path) -> None:
+def test_probe_with_metadata_reproduces_oof_and_evaluates(
+    syn_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "probe"
     args = run_overrides({**PROBE, **META, "data.image_size": 48}, syn_root, out, tmp_path / "c")
     assert train_cli(args) == 0
@@ -113,14 +116,29 @@ def test_probe_with_metadata_reproduces_oof_and_evaluates(syn_root: Path, tmp_pa
     labels = table[table["image_id"].isin({p.stem for p in part.iterdir()})]
     labels_csv = tmp_path / "labels.csv"
     labels.to_csv(labels_csv, index=False)
+    odd = labels.copy()
+    odd.loc[odd.index[:2], "localization"] = "mucosa"  # a site no training image had
+    odd_csv = tmp_path / "odd.csv"
+    odd.to_csv(odd_csv, index=False)
     results = {}
-    for name, flag in (("with", []), ("without", ["--no-metadata"])):
-        args = ["evaluate", "--no-progress", "--model", str(out), "--labels", str(labels_csv)]
+    runs = (
+        ("with", labels_csv, []),
+        ("without", labels_csv, ["--no-metadata"]),
+        ("odd", odd_csv, []),
+    )
+    for name, csv, flag in runs:
+        args = ["evaluate", "--no-progress", "--model", str(out), "--labels", str(csv)]
         args += ["--images", str(part), "--output", str(tmp_path / name), "--n-boot", "0", *flag]
-        assert main(args) == 0
+        with caplog.at_level(logging.WARNING, logger="skinlesion"):
+            assert main(args) == 0
         results[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert results["with"]["metadata"] == ["age", "sex", "localization"]
     assert results["without"]["metadata"] == []
+    assert results["without"]["metadata_unseen"] == {}
+    # A value outside the training vocabulary is reported (it encodes as "unknown").
+    assert results["odd"]["metadata_unseen"] == {"localization": {"mucosa": 2}}
+    assert f"{odd_csv}: metadata the model never saw in training" in caplog.text
+    assert "localization 'mucosa' x2" in caplog.text
     with_p = pd.read_csv(tmp_path / "with" / "predictions.csv")[list(CLASSES)].to_numpy()
     without_p = pd.read_csv(tmp_path / "without" / "predictions.csv")[list(CLASSES)].to_numpy()
     assert not np.allclose(with_p, without_p, atol=1e-4)

@@ -135,6 +135,10 @@ class ModelConfig(_Strict):
     metadata_drop: float = Field(0.2, ge=0.0, lt=1.0)
     """Training: probability that an image's whole metadata vector is replaced by the
     all-missing encoding, so the model also works without metadata."""
+    metadata_sites: Literal["general", "as_is"] = "general"
+    """``general``: anatomical sites mapped to the ISIC archive's general sites (HAM10000's
+    ``back`` -> ``posterior torso``, ...), so a model reads other datasets' sites; ``as_is``:
+    each dataset's own names."""
 
     @field_validator("metadata")
     @classmethod

@@ -12,6 +12,15 @@ Values are normalised before use (stripped, lower-cased); empty text, ``nan`` an
 (HAM10000's word for a missing sex or site) count as missing. A table without a field's column
 encodes that field as missing for every row.
 
+Anatomical sites differ between datasets: HAM10000 names 15 places (``back``, ``chest``,
+``face``, ...), the ISIC archive (ISIC 2017-2020, BCN20000) uses its general sites
+(``posterior torso``, ``anterior torso``, ``head/neck``, ...). With ``sites="general"`` (the
+default of ``model.metadata_sites``) every ``localization`` is mapped to ISIC's general site
+before fitting and encoding (:data:`SITE_GENERAL`), so a model trained on one set reads the
+other's sites; HAM10000's unsided ``trunk`` becomes ``torso``, and a torso side the training data
+never had falls back to ``torso`` when that is known (:data:`SITE_PARENT`). ``sites="as_is"``
+keeps each set's own names.
+
 >>> import pandas as pd
 >>> table = pd.DataFrame({"age": [40.0, 60.0], "sex": ["male", "female"]})
 >>> spec = fit_metadata_spec(table, ("age", "sex"))
@@ -44,6 +53,31 @@ NUMERIC_FIELDS: frozenset[str] = frozenset({"age"})
 MetadataInput = pd.DataFrame | Sequence[Mapping[str, Any] | None] | None
 """Metadata as callers give it: a table, or one record (or ``None``) per image."""
 MISSING_WORDS: frozenset[str] = frozenset({"", "nan", "none", "null", "unknown", "na", "n/a"})
+SITE_GENERAL: dict[str, str] = {
+    # HAM10000's localization -> the ISIC archive's anatom_site_general
+    "abdomen": "anterior torso",
+    "chest": "anterior torso",
+    "back": "posterior torso",
+    "trunk": "torso",
+    "face": "head/neck",
+    "scalp": "head/neck",
+    "ear": "head/neck",
+    "neck": "head/neck",
+    "hand": "upper extremity",
+    "foot": "lower extremity",
+    "acral": "palms/soles",
+    "genital": "oral/genital",
+}
+"""Site names mapped to the ISIC archive's general sites (``head/neck``, ``upper extremity``,
+``lower extremity``, ``anterior torso``, ``posterior torso``, ``lateral torso``, ``torso``,
+``palms/soles``, ``oral/genital``); a name not listed is kept."""
+SITE_PARENT: dict[str, str] = {
+    "anterior torso": "torso",
+    "posterior torso": "torso",
+    "lateral torso": "torso",
+}
+"""The coarser site a side of the torso is encoded as when the training data never had it."""
+SITE_MODES: tuple[str, ...] = ("general", "as_is")
 
 
 def normalise_category(value: Any) -> str | None:
@@ -52,6 +86,21 @@ def normalise_category(value: Any) -> str | None:
         return None
     text = str(value).strip().lower()
     return None if text in MISSING_WORDS else text
+
+
+def canonical_value(field: str, value: Any, sites: str = "as_is") -> str | None:
+    """A category's normalised value; a site mapped to its general site when ``sites`` is
+    ``"general"``.
+
+    >>> canonical_value("localization", " Back ", "general")
+    'posterior torso'
+    >>> canonical_value("localization", "Back") is None, canonical_value("sex", "unknown")
+    (False, None)
+    """
+    text = normalise_category(value)
+    if text is not None and field == "localization" and sites == "general":
+        return SITE_GENERAL.get(text, text)
+    return text
 
 
 def parse_age(value: Any) -> float | None:
@@ -85,6 +134,7 @@ class MetadataSpec:
     age_mean: float = 0.0
     age_std: float = 1.0
     vocab: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (field, sorted values) per category
+    sites: str = "as_is"  # "general": sites mapped to ISIC's general sites (SITE_GENERAL)
 
     @property
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
@@ -112,6 +162,7 @@ class MetadataSpec:
             "age_mean": float(self.age_mean),
             "age_std": float(self.age_std),
             "vocab": {f: list(v) for f, v in self.vocab},
+            "sites": self.sites,
         }
 
     @classmethod
@@ -121,16 +172,32 @@ class MetadataSpec:
             age_mean=float(d["age_mean"]),
             age_std=float(d["age_std"]),
             vocab=tuple((f, tuple(v)) for f, v in d["vocab"].items()),
+            sites=str(d.get("sites", "as_is")),  # specs saved before site mapping kept names
         )
+
+    def category(self, field: str, value: Any) -> str | None:
+        """The vocabulary entry ``value`` encodes as: its canonical value, or for a torso side
+        the training data never had, ``torso`` when known; ``None`` when missing; a value
+        outside the vocabulary is returned as is (it encodes as ``unknown``)."""
+        v = canonical_value(field, value, self.sites)
+        known = self.vocabulary[field]
+        if v is not None and v not in known and SITE_PARENT.get(v) in known:
+            return SITE_PARENT[v]
+        return v
 
 
 def _column(table: pd.DataFrame, field: str) -> list[Any]:
     return table[field].tolist() if field in table.columns else [None] * len(table)
 
 
-def fit_metadata_spec(table: pd.DataFrame, fields: Sequence[str]) -> MetadataSpec:
-    """The encoding of ``fields`` fitted on a training table (its values only, never labels)."""
+def fit_metadata_spec(
+    table: pd.DataFrame, fields: Sequence[str], sites: str = "general"
+) -> MetadataSpec:
+    """The encoding of ``fields`` fitted on a training table (its values only, never labels);
+    ``sites``: ``"general"`` maps sites to ISIC's general sites, ``"as_is"`` keeps them."""
     fields = check_fields(fields)
+    if sites not in SITE_MODES:
+        raise ConfigError(f"model.metadata_sites: {sites!r}; expected one of {list(SITE_MODES)}")
     absent = [f for f in fields if f not in table.columns]
     if absent:
         log.warning("metadata column(s) %s not in the data: missing for every image", absent)
@@ -143,9 +210,9 @@ def fit_metadata_spec(table: pd.DataFrame, fields: Sequence[str]) -> MetadataSpe
                 age_mean = float(ages.mean())
                 age_std = float(ages.std()) if len(ages) > 1 and ages.std() > 0 else 1.0
         else:
-            values = {normalise_category(v) for v in _column(table, f)}
+            values = {canonical_value(f, v, sites) for v in _column(table, f)}
             vocab.append((f, tuple(sorted(v for v in values if v is not None))))
-    return MetadataSpec(fields, age_mean, age_std, tuple(vocab))
+    return MetadataSpec(fields, age_mean, age_std, tuple(vocab), sites)
 
 
 def _encode_field(values: list[Any], field: str, spec: MetadataSpec) -> np.ndarray:
@@ -161,7 +228,7 @@ def _encode_field(values: list[Any], field: str, spec: MetadataSpec) -> np.ndarr
     known = spec.vocabulary[field]
     position = {v: i for i, v in enumerate(known)}
     out = np.zeros((len(values), len(known) + 2), dtype=np.float32)
-    for i, v in enumerate(map(normalise_category, values)):
+    for i, v in enumerate(spec.category(field, value) for value in values):
         if v is None:
             out[i, len(known)] = out[i, len(known) + 1] = 1.0  # unknown, and missing
         else:
@@ -177,6 +244,44 @@ def encode_metadata(table: pd.DataFrame | None, spec: MetadataSpec, n: int = 0) 
     if not parts:
         return np.zeros((len(table), 0), dtype=np.float32)
     return np.concatenate(parts, axis=1)
+
+
+def unseen_values(table: pd.DataFrame | None, spec: MetadataSpec) -> dict[str, dict[str, int]]:
+    """Per category field, the values of ``table`` outside the training vocabulary (they encode
+    as ``unknown``, which training saw only for missing values), with their counts.
+
+    >>> spec = fit_metadata_spec(pd.DataFrame({"localization": ["back", "face"]}), ["localization"])
+    >>> new = pd.DataFrame({"localization": ["chest", "lateral torso", "Face", None]})
+    >>> unseen_values(new, spec)
+    {'localization': {'anterior torso': 1, 'lateral torso': 1}}
+    """
+    out: dict[str, dict[str, int]] = {}
+    if table is None:
+        return out
+    for f in spec.fields:
+        if f in NUMERIC_FIELDS:
+            continue
+        known = spec.vocabulary[f]
+        counts: dict[str, int] = {}
+        for value in _column(table, f):
+            v = spec.category(f, value)
+            if v is not None and v not in known:
+                counts[v] = counts.get(v, 0) + 1
+        if counts:
+            out[f] = dict(sorted(counts.items()))
+    return out
+
+
+def describe_unseen(unseen: dict[str, dict[str, int]]) -> str:
+    """One line for :func:`unseen_values`' result.
+
+    >>> describe_unseen({"localization": {"lateral torso": 19}, "sex": {"other": 1}})
+    "localization 'lateral torso' x19; sex 'other' x1"
+    """
+    return "; ".join(
+        f"{field} " + ", ".join(f"{v!r} x{n}" for v, n in counts.items())
+        for field, counts in unseen.items()
+    )
 
 
 def missing_vector(spec: MetadataSpec) -> np.ndarray:

@@ -176,6 +176,7 @@ def evaluate_external(
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
     tta = members[0].tta if tta is None else tta
     metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata)
+    unseen = loaded.unseen_metadata(metadata, str(labels_csv)) if metadata is not None else {}
     probs, errors = predict_sources(
         labels["path"].tolist(), members, runtime, tta, batch_size, progress, metadata
     )
@@ -200,6 +201,7 @@ def evaluate_external(
         "model": str(loaded.source),
         "tta": tta,
         "metadata": used,
+        "metadata_unseen": unseen,
         "mel_threshold": threshold,
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
         if threshold is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,6 +38,8 @@ from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_lab
 from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
 from skinlesion.inference.predict import Member, backbone_id, load_ensemble, predict_sources
 from skinlesion.models.factory import build_model, place_model
+
+log = logging.getLogger(__name__)
 
 PACKAGED_FORMAT = "skinlesion-packaged-model"
 PACKAGED_VERSION = 1
@@ -100,6 +103,50 @@ class LoadedModel:
     def uses_metadata(self) -> bool:
         """Whether any member is fused with patient metadata."""
         return any(m.metadata is not None for m in self.members)
+
+    @property
+    def metadata_inputs(self) -> dict[str, Any] | None:
+        """What a fused model reads: its fields and, per category, the values its training
+        data had (the union over members; sites as the model names them); ``None`` for an
+        image-only model.
+
+        The web page builds its optional patient form from this.
+        """
+        specs = [m.metadata for m in self.members if m.metadata is not None]
+        if not specs:
+            return None
+        choices: dict[str, set[str]] = {}
+        for spec in specs:
+            for fld, values in spec.vocab:
+                choices.setdefault(fld, set()).update(values)
+        return {
+            "fields": list(specs[0].fields),
+            "choices": {f: sorted(v) for f, v in choices.items()},
+            "sites": specs[0].sites,
+        }
+
+    def unseen_metadata(self, metadata: Any, source: str) -> dict[str, dict[str, int]]:
+        """The metadata values of ``metadata`` (a table, or ``None``) that a member never saw
+        in training (they encode as ``unknown``), the largest count over the members per
+        value; logged as a warning naming ``source``."""
+        from skinlesion.data.tabular import describe_unseen, unseen_values
+
+        merged: dict[str, dict[str, int]] = {}
+        for m in self.members:
+            if m.metadata is None:
+                continue
+            for fld, counts in unseen_values(metadata, m.metadata).items():
+                seen = merged.setdefault(fld, {})
+                for value, n in counts.items():
+                    seen[value] = max(n, seen.get(value, 0))
+        merged = {f: dict(sorted(c.items())) for f, c in sorted(merged.items())}
+        if merged:
+            log.warning(
+                "%s: metadata the model never saw in training, encoded as unknown: %s",
+                source,
+                describe_unseen(merged),
+            )
+        return merged
 
     def predict(
         self, images: Sequence[ImageInput], tta: int | None = None, metadata: MetadataInput = None

@@ -136,6 +136,7 @@ def _card_summary(model: LoadedModel) -> dict[str, Any]:
         "classes": model.class_names,
         "card": card or None,
         "reference": model.reference,
+        "metadata": model.metadata_inputs,
     }
 
 

@@ -50,7 +50,7 @@ def run_metadata_spec(cfg: Config, train_table: pd.DataFrame) -> MetadataSpec | 
     when the run uses images only."""
     if not cfg.model.metadata:
         return None
-    return fit_metadata_spec(train_table, cfg.model.metadata)
+    return fit_metadata_spec(train_table, cfg.model.metadata, cfg.model.metadata_sites)
 
 
 def run_spec(cfg: Config, class_names: Sequence[str] | None = None) -> PreprocessSpec:
