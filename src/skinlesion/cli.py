@@ -32,19 +32,43 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    from skinlesion.core.errors import ConfigError
     from skinlesion.core.paths import check_writable_file
     from skinlesion.data.folds import check_folds, fold_balance, make_folds, save_folds
-    from skinlesion.data.metadata import read_metadata
 
     check_writable_file(args.out, "--out")
-    df = read_metadata(Path(args.metadata))
-    folds = make_folds(df, args.folds, args.seed)
+    n_folds, seed, grouped = args.folds or 5, 42 if args.seed is None else args.seed, True
+    if args.config is not None:
+        # Any labelled set the config's data section describes (csv, isic2019, ham10000).
+        from skinlesion.training.run_data import load_labelled
+
+        # --folds and --seed win over the config (the set is checked against the folds).
+        args.overrides += [f"cv.n_folds={args.folds}"] if args.folds else []
+        args.overrides += [f"cv.seed={args.seed}"] if args.seed is not None else []
+        cfg = _load_checked_config(args)
+        n_folds, seed = cfg.cv.n_folds, cfg.cv.seed
+        labelled = load_labelled(cfg)
+        df, grouped = labelled.table, labelled.grouped
+        if not grouped:
+            logging.getLogger(__name__).warning(
+                "%s names no lesion or patient (group): each image is its own group, so "
+                "LEAKAGE CANNOT BE RULED OUT (set data.columns.group if the file has one)",
+                labelled.source,
+            )
+    elif args.overrides:
+        raise ConfigError(f"key=value overrides {args.overrides} need --config")
+    else:
+        from skinlesion.data.metadata import read_metadata
+
+        df = read_metadata(Path(args.metadata))
+    folds = make_folds(df, n_folds, seed)
     check_folds(folds)
     save_folds(folds, Path(args.out))
     worst = float(fold_balance(folds).abs().to_numpy().max())
+    unit = "lesions" if grouped else "groups (one image each)"
     print(
-        f"wrote {args.out}: {len(folds)} images, {folds['lesion_id'].nunique()} lesions, "
-        f"{args.folds} folds; largest class-share deviation {worst:.2f} points"
+        f"wrote {args.out}: {len(folds)} images, {folds['lesion_id'].nunique()} {unit}, "
+        f"{n_folds} folds; largest class-share deviation {worst:.2f} points"
     )
     return 0
 
@@ -306,10 +330,13 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_cmd_download)
 
     s = sub.add_parser("split", help="lesion-grouped stratified folds -> folds.csv")
-    s.add_argument("--metadata", required=True)
-    s.add_argument("--folds", type=_int_at_least(2), default=5)
-    s.add_argument("--seed", type=int, default=42)
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--metadata", help="HAM10000's metadata CSV")
+    source.add_argument("--config", help="a config whose data section names any labelled set")
+    s.add_argument("--folds", type=_int_at_least(2), default=None, help="default 5 or cv.n_folds")
+    s.add_argument("--seed", type=int, default=None, help="default 42 or cv.seed")
     s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*", help="key=value, with --config")
     s.set_defaults(func=_cmd_split)
 
 

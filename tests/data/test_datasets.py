@@ -246,3 +246,33 @@ def test_load_labelled_set_dispatches_on_format(tmp_path: Path) -> None:
     _isic2019(tmp_path, per_class=2, unk=0)
     cfg = load_config(None, ["data.format=isic2019", f"data.root={tmp_path}"])
     assert len(load_labelled_set(cfg.data, n_folds=2).table) == 16
+
+
+def test_cli_split_any_labelled_set_from_a_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from skinlesion.cli import main
+    from skinlesion.data.folds import make_folds, read_folds
+
+    rows = _rows({"nv": 6, "bkl": 4, "mel": 4})
+    for i, row in enumerate(rows):
+        row["patient"] = f"P{i // 2}"  # two images a patient
+    images, labels = _csv_set(tmp_path, rows)
+    config = tmp_path / "set.yaml"
+    config.write_text(f"data:\n  format: csv\n  images: {images}\n  labels: {labels}\n")
+    out = tmp_path / "folds.csv"
+    base = ["split", "--config", str(config), "--out", str(out), "--folds", "2"]
+    assert main([*base, "data.columns.group=patient"]) == 0
+    assert "14 images, 7 lesions, 2 folds" in capsys.readouterr().out
+    folds = read_folds(out)
+    assert folds.groupby("lesion_id")["fold"].nunique().max() == 1
+    grouped = load_csv_set(images, labels, ColumnsConfig(group="patient"), n_folds=2)
+    expected = make_folds(grouped.table, 2)
+    pd.testing.assert_frame_equal(folds, expected)
+    # Without a group column every image is its own group, and the command says so.
+    assert main(base) == 0
+    assert "14 images, 14 groups (one image each)" in capsys.readouterr().out
+    assert "LEAKAGE CANNOT BE RULED OUT" in caplog.text
+    # Overrides need a config.
+    assert main(["split", "--metadata", str(labels), "--out", str(out), "cv.seed=1"]) == 2
+    assert "key=value overrides ['cv.seed=1'] need --config" in capsys.readouterr().err

@@ -120,9 +120,10 @@ def test_as_is_sites_keep_names_and_unseen_values_are_counted() -> None:
     assert "back" in spec.vocabulary["localization"]
     isic = pd.DataFrame({"localization": ["posterior torso", "posterior torso", "back", None]})
     assert unseen_values(isic, spec) == {"localization": {"posterior torso": 2}}
-    assert encode_metadata(isic, spec)[0].tolist() == encode_metadata(
-        pd.DataFrame({"localization": ["somewhere else"]}), spec
-    )[0].tolist()
+    assert (
+        encode_metadata(isic, spec)[0].tolist()
+        == encode_metadata(pd.DataFrame({"localization": ["somewhere else"]}), spec)[0].tolist()
+    )
     # Without a torso level to fall back on, a torso side is unseen under general sites too.
     no_torso = fit_metadata_spec(pd.DataFrame({"localization": ["back"]}), ["localization"])
     assert unseen_values(pd.DataFrame({"localization": ["lateral torso"]}), no_torso) == {
