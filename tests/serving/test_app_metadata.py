@@ -69,3 +69,18 @@ def test_predict_table_takes_records_per_image(fused, image: Path) -> None:
     assert not np.allclose(probs[0], probs[1], atol=1e-4)
     with pytest.raises(ValueError, match="1 rows for 2 images"):
         fused.predict([str(image), str(image)], metadata=[FIELDS])
+
+
+def test_model_endpoint_lists_what_a_fused_model_reads(fused, tiny_packaged: Path) -> None:
+    with TestClient(create_app(fused)) as client:
+        meta = client.get("/model").json()["metadata"]
+    assert meta["fields"] == ["age", "sex", "localization"]
+    assert meta["sites"] == "general"
+    # The union of the members' training vocabularies, sites as ISIC's general sites.
+    vocab = [m.metadata.vocabulary for m in fused.members]
+    assert meta["choices"]["sex"] == sorted({v for d in vocab for v in d["sex"]})
+    assert meta["choices"]["localization"] == sorted({v for d in vocab for v in d["localization"]})
+    assert "back" not in meta["choices"]["localization"]
+    plain = resolve_model(tiny_packaged, resolve_runtime("cpu"))
+    with TestClient(create_app(plain)) as client:
+        assert client.get("/model").json()["metadata"] is None
