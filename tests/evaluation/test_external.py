@@ -247,7 +247,7 @@ def test_missing_and_corrupt_images_listed_together(
     assert evaluate(run, labels, folder, out) == 2
     err = capsys.readouterr().err
     assert "2 problem(s)" in err
-    assert "line 7: no image ISIC_missing" in err
+    assert f"{labels} line 7: no image 'ISIC_missing' (.jpg/.png/...) in {folder}" in err
     assert "line 8" in err and "ISIC_corrupt.jpg" in err and "not a readable image" in err
     assert not out.exists()
 
@@ -296,3 +296,22 @@ def test_isic2017_test_subset(run: Path, tmp_path: Path) -> None:
     assert metrics["point"]["classes_present"] == ["bkl", "mel", "nv"]
     assert metrics["point"]["classes_absent"] == ["akiec", "bcc", "df", "vasc"]
     check_against_sklearn(preds, metrics)
+
+
+def test_labels_may_name_images_by_relative_path(
+    run: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    """As for a training set (data.format csv): ``sub/ID.jpg`` is a path in the image folder,
+    and the predictions name the image by its id (the path without extension)."""
+    images, meta = external
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    df = meta[["image_id", "dx"]].head(4).copy()
+    for i in df["image_id"]:
+        shutil.copy(next(images.glob(f"{i}.*")), folder / "sub" / f"{i}.jpg")
+    df["image_id"] = "sub/" + df["image_id"] + ".jpg"
+    labels = write_labels(df, tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    assert evaluate(run, labels, folder, out, "--n-boot", "0") == 0
+    pred = pd.read_csv(out / "predictions.csv")
+    assert pred["image_id"].tolist() == [f"sub/{i}" for i in meta["image_id"].head(4)]

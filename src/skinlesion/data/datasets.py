@@ -112,7 +112,7 @@ def _image_path(value: str, folder: Path) -> Path | None:
     return None
 
 
-def _image_id(value: str) -> str:
+def image_id_of(value: str) -> str:
     """The id of an image named by id or relative path: the path without its extension."""
     path = PurePosixPath(value)
     return str(path.with_suffix("")) if path.suffix.lower() in IMAGE_EXTENSIONS else value
@@ -202,7 +202,7 @@ def _canonical_frame(df: pd.DataFrame, names: Mapping[str, str | None]) -> pd.Da
     mapped = {c for c in names.values() if c is not None}
     out = pd.DataFrame(index=df.index)
     out["image"] = df[names["image_id"]].astype(str).str.strip()
-    out["image_id"] = out["image"].map(_image_id)
+    out["image_id"] = out["image"].map(image_id_of)
     out["dx"] = df[names["dx"]].astype(str).str.strip()
     group = names["lesion_id"]
     out["lesion_id"] = df[group].astype(str).str.strip() if group else out["image_id"]

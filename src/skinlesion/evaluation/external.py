@@ -22,7 +22,8 @@ import yaml
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
-from skinlesion.data.metadata import IMAGE_EXTENSIONS, DataError, check_image, read_table
+from skinlesion.data.datasets import attach_image_paths, image_id_of
+from skinlesion.data.metadata import DataError, read_table
 from skinlesion.data.tabular import METADATA_FIELDS
 from skinlesion.evaluation.abstain import plot_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
@@ -95,28 +96,16 @@ def load_labels(
     ]
     dup = df["image_id"][df["image_id"].duplicated()]
     problems += [f"image_id {i} is listed more than once" for i in sorted(set(dup))]
-    found = (
-        {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
-        if images_dir.is_dir()
-        else {}
+    # The same lookup as a training set's (data.format csv): an id finds ID.jpg/.png/... in
+    # the folder, a value with an extension is a path relative to it.
+    df, missing_images = attach_image_paths(
+        df.assign(image=df["image_id"]), images_dir, f"{labels_csv}", verify=True
     )
-    if not images_dir.is_dir():
-        problems.append(f"image folder {images_dir} does not exist")
-    paths = []
-    for r in df.itertuples():
-        p = found.get(r.image_id)
-        if p is None and images_dir.is_dir():
-            problems.append(
-                f"line {r.line}: no image {r.image_id}.<jpg|jpeg|png|bmp> in {images_dir}"
-            )
-        elif p is not None:
-            bad = check_image(p)
-            if bad:
-                problems.append(f"line {r.line}: {bad}")
-        paths.append(str(p) if p else "")
+    problems += missing_images
+    df = df.assign(image_id=df["image"].map(image_id_of)).drop(columns=["image"])
     if problems:
         raise DataError(f"{labels_csv}: cannot evaluate", problems)
-    df = df.assign(path=paths, label=df["dx"].map(class_index(classes)))
+    df = df.assign(label=df["dx"].map(class_index(classes)))
     return df.reset_index(drop=True)
 
 
