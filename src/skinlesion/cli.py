@@ -372,7 +372,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     rp.set_defaults(func=_cmd_report)
 
     cp = sub.add_parser(
-        "compare", help="paired lesion-bootstrap differences of two runs on the same folds"
+        "compare",
+        help="paired lesion-bootstrap differences of two runs on the same folds, or of two "
+        "evaluations of the same labelled set",
     )
     cp.add_argument("run_a")
     cp.add_argument("run_b")

@@ -86,3 +86,62 @@ def test_runs_on_other_folds_are_refused(tmp_path: Path) -> None:
     text = str(err.value) + " ".join(getattr(err.value, "problems", []))
     assert "another fold" in text and "one run only" in text
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
+
+
+def _evaluation(folder: Path, y: np.ndarray, probs: np.ndarray, lesions: bool) -> Path:
+    """An ``evaluate`` output folder: predictions.csv over the 7 classes, 3 of them present."""
+    pred = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(len(y))]})
+    if lesions:
+        pred["lesion_id"] = [f"L{i // 2}" for i in range(len(y))]
+    pred["dx"] = [CLASSES[i] for i in y]
+    for i, c in enumerate(CLASSES):
+        pred[c] = probs[:, i]
+    pred["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
+    folder.mkdir(parents=True)
+    pred.to_csv(folder / "predictions.csv", index=False)
+    return folder
+
+
+@pytest.mark.parametrize("lesions", [False, True])
+def test_two_evaluations_of_one_set_are_compared(
+    tmp_path: Path, capsys: pytest.CaptureFixture, lesions: bool
+) -> None:
+    y, _, noisy, good = _data()
+    keep = np.isin(y, [CLASSES.index(c) for c in ("bkl", "mel", "nv")])  # ISIC 2017's classes
+    y, noisy, good = y[keep], noisy[keep], good[keep]
+    a = _evaluation(tmp_path / "a", y, noisy, lesions)
+    b = _evaluation(tmp_path / "b", y, good, lesions)
+    result = compare_runs(a, b, n_boot=50)
+    assert result["kind"] == "evaluation"
+    assert result["n_images"] == len(y)
+    assert result["n_lesions"] == (len(y) // 2 if lesions else len(y))
+    expected = paired_bootstrap(
+        y,
+        noisy,
+        good,
+        pd.read_csv(a / "predictions.csv")["lesion_id"].astype(str).to_numpy()
+        if lesions
+        else np.array([f"ISIC_{i:07d}" for i in range(len(y))]),
+        n_boot=50,
+    )
+    assert result["metrics"] == expected
+    # Melanoma AUROC is among the paired figures, and equals the point metric.
+    assert result["metrics"]["mel_auroc"]["a"] == pytest.approx(
+        point_metrics(y, noisy)["per_class"]["mel"]["auroc"]
+    )
+    assert main(["compare", str(a), str(b), "--n-boot", "20"]) == 0
+    assert "same labelled images" in capsys.readouterr().out
+
+
+def test_a_run_and_an_evaluation_are_not_compared(tmp_path: Path) -> None:
+    y, groups, noisy, _ = _data()
+    run = _run(tmp_path / "run", y, groups, noisy)
+    evaluation = _evaluation(tmp_path / "eval", y, noisy, lesions=True)
+    with pytest.raises(DataError) as err:
+        compare_runs(run, evaluation, n_boot=0)
+    assert (
+        "a training run's out-of-fold predictions cannot be compared with an evaluation's"
+        in " ".join(err.value.problems)
+    )
+    with pytest.raises(DataError, match="no predictions"):
+        compare_runs(run, tmp_path, n_boot=0)

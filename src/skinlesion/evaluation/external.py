@@ -115,13 +115,13 @@ def _write_predictions(
     """``predictions.csv``; the labels and probabilities read back from it (figures from the
     file, so anyone can recompute them)."""
     output.mkdir(parents=True, exist_ok=True)
-    preds = labels[["image_id", "dx"]].copy()
+    preds = labels[[c for c in ("image_id", "lesion_id", "dx") if c in labels.columns]].copy()
     for i, c in enumerate(classes):
         preds[c] = probs[:, i]
     preds["prediction"] = [classes[i] for i in probs.argmax(1)]
     pred_path = output / "predictions.csv"
     preds.to_csv(pred_path, index=False, float_format="%.8g")
-    preds = pd.read_csv(pred_path, dtype={"image_id": str})
+    preds = pd.read_csv(pred_path, dtype={"image_id": str, "lesion_id": str})
     y = preds["dx"].map(class_index(classes)).to_numpy()
     return y, preds[list(classes)].to_numpy(dtype=np.float64)
 

@@ -3,7 +3,8 @@ metric with a bootstrap interval that resamples lesions (all images of a lesion 
 same draws for both, so the noise they share cancels.
 
 Used by the leakage audit (image-random minus lesion-grouped folds) and by ``skinlesion compare``
-(two runs on the same folds, e.g. with and without patient metadata).
+(two runs on the same folds, e.g. with and without patient metadata, or two evaluations of the
+same labelled set by ``skinlesion evaluate``).
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ PAIRED_METRICS: tuple[str, ...] = (
 def scalar_metrics(
     y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
 ) -> dict[str, float | None]:
-    """The metrics of :data:`PAIRED_METRICS` plus melanoma sensitivity at the argmax (``None``
-    without a ``mel`` class)."""
+    """The metrics of :data:`PAIRED_METRICS` plus melanoma AUROC and sensitivity at the argmax
+    (``None`` without a ``mel`` class, or without melanomas for the AUROC)."""
     m = point_metrics(y, probs, classes)
     out = {k: m[k] for k in PAIRED_METRICS}
+    mel = m["per_class"].get("mel")
+    out["mel_auroc"] = mel["auroc"] if mel else None
     out["mel_sensitivity_argmax"] = m["mel"]["sensitivity_argmax"]
     return out
 
@@ -84,11 +87,31 @@ def paired_bootstrap(
     return out
 
 
-def _oof(run_dir: Path) -> pd.DataFrame:
-    path = RunFolder(run_dir).oof_predictions
-    if not path.is_file():
-        raise DataError(f"{run_dir}: no out-of-fold predictions", [f"{path} does not exist"])
-    return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+EVALUATION_PREDICTIONS = "predictions.csv"
+"""What ``skinlesion evaluate`` writes: ``image_id``, ``dx`` (``lesion_id`` when the labels
+have one), a probability column per class, ``prediction``."""
+
+
+def _predictions(folder: Path) -> tuple[pd.DataFrame, list[str], str]:
+    """A run's out-of-fold table or an evaluation's predictions, its classes, and its kind
+    (``"run"`` or ``"evaluation"``). An evaluation has one fold, and an image without a
+    ``lesion_id`` is its own lesion."""
+    oof = RunFolder(folder).oof_predictions
+    if oof.is_file():
+        table = pd.read_csv(oof, dtype={"image_id": str, "lesion_id": str})
+        return table, class_columns(table), "run"
+    evaluated = folder / EVALUATION_PREDICTIONS
+    if evaluated.is_file():
+        table = pd.read_csv(evaluated, dtype={"image_id": str, "lesion_id": str})
+        if "lesion_id" not in table.columns:
+            table["lesion_id"] = table["image_id"]
+        table["fold"] = 0
+        info = {"image_id", "lesion_id", "dx", "prediction", "fold"}
+        return table, [c for c in table.columns if c not in info], "evaluation"
+    raise DataError(
+        f"{folder}: no predictions",
+        [f"neither {oof} (a training run) nor {evaluated} (an evaluation) exists"],
+    )
 
 
 def class_columns(oof: pd.DataFrame) -> list[str]:
@@ -99,16 +122,20 @@ def class_columns(oof: pd.DataFrame) -> list[str]:
 def compare_runs(
     run_a: str | Path, run_b: str | Path, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
-    """Paired differences (B - A) of two runs' out-of-fold predictions.
+    """Paired differences (B - A) of two runs' out-of-fold predictions, or of two evaluations'
+    predictions (``skinlesion evaluate`` output folders).
 
-    The runs must have predicted the same images, with the same labels, in the same folds;
-    otherwise the difference would mix the method with the split.
+    Both must have predicted the same images, with the same labels (and for runs, in the same
+    folds); otherwise the difference would mix the method with the split.
     """
-    a, b = _oof(Path(run_a)), _oof(Path(run_b))
-    classes = class_columns(a)
+    a, classes, kind = _predictions(Path(run_a))
+    b, classes_b, kind_b = _predictions(Path(run_b))
     problems = []
-    if class_columns(b) != classes:
-        problems.append(f"classes differ: {classes} vs {class_columns(b)}")
+    if kind != kind_b:
+        names = {"run": "a training run's out-of-fold predictions", "evaluation": "an evaluation's"}
+        problems.append(f"{names[kind]} cannot be compared with {names[kind_b]}")
+    if classes_b != classes:
+        problems.append(f"classes differ: {classes} vs {classes_b}")
     merged = a.merge(b, on="image_id", suffixes=("", "_b"), how="outer", indicator=True)
     only = merged[merged["_merge"] != "both"]
     if len(only):
@@ -127,6 +154,7 @@ def compare_runs(
     return {
         "a": str(run_a),
         "b": str(run_b),
+        "kind": kind,
         "n_images": len(both),
         "n_lesions": int(both["lesion_id"].nunique()),
         "bootstrap": {"unit": "lesion", "n_boot": n_boot, "paired": True, "seed": seed},
@@ -142,9 +170,10 @@ def paired_row(name: str, a: float, b: float, difference: float, ci: list[float]
 
 def render_comparison(result: dict[str, Any]) -> str:
     """A Markdown table of both runs' figures and the difference B - A with its interval."""
+    same = "same folds" if result.get("kind", "run") == "run" else "same labelled images"
     lines = [
         f"A = {result['a']}, B = {result['b']}: {result['n_images']} images of "
-        f"{result['n_lesions']} lesions, same folds; difference B - A with a 95% paired "
+        f"{result['n_lesions']} lesions, {same}; difference B - A with a 95% paired "
         f"bootstrap interval over lesions ({result['bootstrap']['n_boot']} resamples).",
         "",
         "| metric | A | B | B - A [95% CI] |",
