@@ -106,8 +106,10 @@ def test_predictions_and_metrics(
     out = tmp_path / "out"
     assert evaluate(run, labels, images, out) == 0
     preds = read_predictions(out)
-    assert list(preds.columns) == ["image_id", "dx", *CLASSES, "prediction"]
+    # The labels' lesion ids come along: `skinlesion compare` pairs two evaluations by them.
+    assert list(preds.columns) == ["image_id", "lesion_id", "dx", *CLASSES, "prediction"]
     assert preds["image_id"].tolist() == meta["image_id"].tolist()
+    assert preds["lesion_id"].tolist() == meta["lesion_id"].tolist()
     assert preds["dx"].tolist() == meta["dx"].tolist()
     probs = preds[list(CLASSES)].to_numpy(np.float64)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
