@@ -40,7 +40,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
     n_folds, seed, grouped = args.folds or 5, 42 if args.seed is None else args.seed, True
     if args.config is not None:
         # Any labelled set the config's data section describes (csv, isic2019, ham10000).
-        from skinlesion.training.run_data import load_labelled
+        from skinlesion.training.run_data import load_labelled, warn_ungrouped
 
         # --folds and --seed win over the config (the set is checked against the folds).
         args.overrides += [f"cv.n_folds={args.folds}"] if args.folds else []
@@ -50,11 +50,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
         labelled = load_labelled(cfg)
         df, grouped = labelled.table, labelled.grouped
         if not grouped:
-            logging.getLogger(__name__).warning(
-                "%s names no lesion or patient (group): each image is its own group, so "
-                "LEAKAGE CANNOT BE RULED OUT (set data.columns.group if the file has one)",
-                labelled.source,
-            )
+            warn_ungrouped(labelled.source)
     elif args.overrides:
         raise ConfigError(f"key=value overrides {args.overrides} need --config")
     else:

@@ -36,6 +36,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,9 @@ class MetadataSpec:
     vocab: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (field, sorted values) per category
     sites: str = "as_is"  # "general": sites mapped to ISIC's general sites (SITE_GENERAL)
 
-    @property
+    @cached_property
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
+        # Cached: the encoder looks a field's vocabulary up once per value.
         return dict(self.vocab)
 
     def columns(self) -> list[str]:

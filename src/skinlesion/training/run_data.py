@@ -51,6 +51,16 @@ def load_labelled(cfg: Config) -> LabelledSet:
     return LabelledSet(canonical_metadata(df), CLASSES, True, str(cfg.data.root))
 
 
+def warn_ungrouped(source: str) -> None:
+    """The loud warning for a set without a group column (each image is its own group)."""
+    log.warning(
+        "%s names no lesion or patient (group) for its images: each image is its own group, "
+        "so lesion-level folds are not possible and LEAKAGE CANNOT BE RULED OUT (images of "
+        "one lesion may sit in several folds); set data.columns.group if the file has one",
+        source,
+    )
+
+
 def _folds_table(
     cfg: Config, folds_out: Path | None, labelled: LabelledSet | None = None
 ) -> pd.DataFrame:
@@ -70,12 +80,7 @@ def _folds_table(
             "metrics of this run are inflated by leakage"
         )
     if not labelled.grouped:
-        log.warning(
-            "%s names no lesion or patient (group) for its images: each image is its own group, "
-            "so lesion-level folds are not possible and LEAKAGE CANNOT BE RULED OUT (images of "
-            "one lesion may sit in several folds); set data.columns.group if the file has one",
-            labelled.source,
-        )
+        warn_ungrouped(labelled.source)
     for note in labelled.notes:
         log.info("data: %s", note)
     if folds_out is not None:
