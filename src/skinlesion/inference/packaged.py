@@ -260,9 +260,11 @@ def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]
             f"{path}: weights file is corrupt or truncated (SHA-256 differs from {MODEL_FILE})"
         )
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    # Weights are stored in float16 (models packaged before that: float32); compute in float32.
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
 
 
 def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedModel:
