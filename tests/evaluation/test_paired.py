@@ -145,3 +145,26 @@ def test_a_run_and_an_evaluation_are_not_compared(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="no predictions"):
         compare_runs(run, tmp_path, n_boot=0)
+
+
+def test_melanoma_sensitivity_at_95_specificity_is_a_point_of_the_roc() -> None:
+    from skinlesion.evaluation.paired import sensitivity_at_specificity
+
+    mel = CLASSES.index("mel")
+    # 20 other lesions with p(mel) 0.00..0.19 and 4 melanomas with 0.185, 0.30, 0.05, 0.50:
+    # 95% specificity (19 of 20 below) needs a threshold above 0.18, so 3 of 4 are found.
+    p_other = np.arange(20) / 100
+    p_mel = np.array([0.185, 0.30, 0.05, 0.50])
+    scores = np.r_[p_other, p_mel]
+    probs = np.full((24, K), 0.0)
+    probs[:, mel] = scores
+    probs[:, CLASSES.index("nv")] = 1 - scores
+    y = np.r_[np.full(20, CLASSES.index("nv")), np.full(4, mel)]
+    assert sensitivity_at_specificity(y, probs) == pytest.approx(0.75)
+    assert sensitivity_at_specificity(y, probs, specificity=1.0) == pytest.approx(0.5)
+    assert sensitivity_at_specificity(y, probs, specificity=0.90) == pytest.approx(0.75)
+    assert sensitivity_at_specificity(y, probs, specificity=0.25) == pytest.approx(1.0)
+    assert sensitivity_at_specificity(y[:20], probs[:20]) is None  # no melanoma
+    y2, groups, noisy, good = _data()
+    result = paired_bootstrap(y2, noisy, good, groups, n_boot=50, seed=0)
+    assert result["mel_sensitivity_at_spec95"]["b"] == pytest.approx(1.0)

@@ -34,7 +34,12 @@ def hand_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_identical_predictions_have_zero_inflation() -> None:
     y, groups, probs = hand_data()
     result = paired_inflation(y, probs, probs.copy(), groups, n_boot=100, seed=1)
-    assert set(result) == {*AUDIT_METRICS, "mel_auroc", "mel_sensitivity_argmax"}
+    assert set(result) == {
+        *AUDIT_METRICS,
+        "mel_auroc",
+        "mel_sensitivity_argmax",
+        "mel_sensitivity_at_spec95",
+    }
     for name, r in result.items():
         assert r["inflation"] == 0.0, name
         assert r["ci95"] == [0.0, 0.0], name

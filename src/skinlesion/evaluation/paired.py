@@ -20,7 +20,11 @@ import pandas as pd
 from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.run_folder import RunFolder
-from skinlesion.evaluation.metrics import draw_bootstrap_weights, point_metrics
+from skinlesion.evaluation.metrics import (
+    draw_bootstrap_weights,
+    melanoma_threshold_for_specificity,
+    point_metrics,
+)
 
 PAIRED_METRICS: tuple[str, ...] = (
     "balanced_accuracy",
@@ -35,14 +39,33 @@ PAIRED_METRICS: tuple[str, ...] = (
 def scalar_metrics(
     y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
 ) -> dict[str, float | None]:
-    """The metrics of :data:`PAIRED_METRICS` plus melanoma AUROC and sensitivity at the argmax
-    (``None`` without a ``mel`` class, or without melanomas for the AUROC)."""
+    """The metrics of :data:`PAIRED_METRICS` plus melanoma AUROC, sensitivity at the argmax,
+    and sensitivity at 95% specificity (``None`` without a ``mel`` class, or without melanomas
+    or other lesions)."""
     m = point_metrics(y, probs, classes)
     out = {k: m[k] for k in PAIRED_METRICS}
     mel = m["per_class"].get("mel")
     out["mel_auroc"] = mel["auroc"] if mel else None
     out["mel_sensitivity_argmax"] = m["mel"]["sensitivity_argmax"]
+    out["mel_sensitivity_at_spec95"] = sensitivity_at_specificity(y, probs, classes)
     return out
+
+
+def sensitivity_at_specificity(
+    y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, specificity: float = 0.95
+) -> float | None:
+    """Melanoma-vs-rest sensitivity at the threshold that gives ``specificity`` on these images
+    themselves: a point of their ROC curve, so two models are compared at the same
+    specificity whatever their calibration (the model's own out-of-fold threshold is
+    ``mel.sensitivity_at_threshold`` in the report)."""
+    if "mel" not in classes:
+        return None
+    m = list(classes).index("mel")
+    y = np.asarray(y)
+    if not (y == m).any() or (y == m).all():
+        return None
+    t = melanoma_threshold_for_specificity(y, probs, specificity, classes)
+    return float((np.asarray(probs)[y == m, m] >= t).mean())
 
 
 def paired_bootstrap(
