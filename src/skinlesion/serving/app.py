@@ -38,7 +38,7 @@ from skinlesion.data.tabular import METADATA_FIELDS
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import ensemble_probs
-from skinlesion.inference.refer import refer_decision, refer_rules
+from skinlesion.inference.table import MELANOMA_CLASS, Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
 
@@ -63,27 +63,25 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
-def describe(model: LoadedModel, probs: np.ndarray) -> dict[str, Any]:
-    """The JSON answer for one image's calibrated probabilities."""
-    names = model.class_names
-    top = int(probs.argmax())
-    refer, reasons = refer_decision(probs, refer_rules(model.reference))
-    answer: dict[str, Any] = {
-        "probabilities": {c: float(p) for c, p in zip(names, probs, strict=True)},
-        "prediction": names[top],
-        "confidence": float(probs[top]),
-        "melanoma": None,
-        "refer": refer,
-        "refer_reasons": reasons,
-        "model": {"name": model.name, "version": model.version},
-    }
-    if model.mel_threshold is not None and "mel" in names:
-        p_mel = float(probs[names.index("mel")])
+def describe(
+    model: LoadedModel, probs: np.ndarray, image: str, decisions: Decisions
+) -> dict[str, Any]:
+    """The JSON answer for one image's calibrated probabilities: the predictions table's row
+    (:func:`prediction_rows`, the same keys; the class probabilities under ``probabilities``),
+    with ``confidence``, the ``melanoma`` decision spelled out and the model's name."""
+    (row,) = prediction_rows([image], probs[None], {}, decisions)
+    names = list(decisions.classes)
+    answer: dict[str, Any] = {k: v for k, v in row.items() if k not in names}
+    answer["probabilities"] = {c: row[c] for c in names}
+    answer["confidence"] = float(np.max(probs))
+    answer["melanoma"] = None
+    if row["melanoma_flag"] is not None:
         answer["melanoma"] = {
-            "probability": p_mel,
-            "threshold": float(model.mel_threshold),
-            "flag": p_mel >= model.mel_threshold,
+            "probability": row[MELANOMA_CLASS],
+            "threshold": decisions.mel_threshold,
+            "flag": row["melanoma_flag"],
         }
+    answer["model"] = {"name": model.name, "version": model.version}
     return answer
 
 
@@ -169,6 +167,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         settings.max_wait_ms,
         lock=MODEL_LOCK,
     )
+    decisions = model.decisions()
     started = time.time()
     app = _new_app(model, batcher)
     _add_error_handlers(app)
@@ -213,7 +212,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         if meta is not None:
             arrays[METADATA_KEY] = meta
         probs = await asyncio.wrap_future(batcher.submit(arrays))
-        answer = describe(model, probs)
+        answer = describe(model, probs, file.filename or "<upload>", decisions)
         answer["metadata_used"] = (
             {k: v for k, v in given.items() if v is not None} if meta is not None else None
         )
