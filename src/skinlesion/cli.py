@@ -100,6 +100,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from skinlesion.core.runtime import resolve_runtime
         from skinlesion.inference.packaged import resolve_model
 
+        # The metadata file is checked before the model loads: its faults show in seconds.
         table = _read_predict_metadata(args)
         loaded = resolve_model(args.model, resolve_runtime(args.device))
         df = loaded.predict(
@@ -122,13 +123,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _read_predict_metadata(args: argparse.Namespace) -> Any:
-    """The ``--metadata`` rows of the images (matched by file stem); ``None`` without
-    ``--metadata``."""
+    """The ``--metadata`` rows of the images (``image_id`` matched to a file's stem or name),
+    every fault of the file raised at once; ``None`` without ``--metadata``."""
     if args.metadata is None:
         return None
     from skinlesion.data.tabular import read_metadata_csv
 
-    return read_metadata_csv(args.metadata, [Path(p).stem for p in args.images])
+    return read_metadata_csv(args.metadata, args.images)
 
 
 def _predict_metadata(table: Any, loaded: Any, source: str | None) -> Any:
@@ -452,8 +453,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--metadata",
         default=None,
-        help="CSV with image_id (the file stem) and age, sex, localization, for models fused "
-        "with metadata; images without a row have none",
+        help="CSV with image_id (an image's file stem, file name or path) and age, sex, "
+        "localization, for models fused with metadata; checked before the model loads; images "
+        "without a row are predicted without metadata",
     )
     r.set_defaults(func=_cmd_predict)
 

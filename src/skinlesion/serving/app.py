@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
-from skinlesion.data.tabular import METADATA_FIELDS
+from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import ensemble_probs
@@ -83,6 +83,18 @@ def describe(
         }
     answer["model"] = {"name": model.name, "version": model.version}
     return answer
+
+
+def metadata_used(model: LoadedModel, given: dict[str, Any]) -> dict[str, Any] | None:
+    """The form fields a fused model got (``None`` for an image-only model); a value it never
+    saw in training is reported as such (it encodes as ``unknown``)."""
+    if not model.uses_metadata:
+        return None
+    used = {k: v for k, v in given.items() if v is not None}
+    row = pd.DataFrame([used], columns=list(METADATA_FIELDS))
+    for fld in model.unseen_metadata(row, None):
+        used[fld] = f"{used[fld]} (never seen in training: read as unknown)"
+    return used
 
 
 def _png_base64(image: Any) -> str:
@@ -196,7 +208,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
     async def predict(
         file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
         explain: Annotated[bool, Query(description="add a Grad-CAM overlay (PNG, base64)")] = False,
-        age: Annotated[float | None, Form(ge=0, le=120, description="years")] = None,
+        age: Annotated[float | None, Form(ge=0, le=AGE_MAX, description="years")] = None,
         sex: Annotated[str | None, Form(max_length=32)] = None,
         localization: Annotated[str | None, Form(max_length=64, description="site")] = None,
     ) -> JSONResponse:
@@ -213,9 +225,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
             arrays[METADATA_KEY] = meta
         probs = await asyncio.wrap_future(batcher.submit(arrays))
         answer = describe(model, probs, file.filename or "<upload>", decisions)
-        answer["metadata_used"] = (
-            {k: v for k, v in given.items() if v is not None} if meta is not None else None
-        )
+        answer["metadata_used"] = metadata_used(model, given)
         if explain:
             (ex,) = await run_in_threadpool(explain_sources, [data], members, runtime, tta)
             answer["explanation"] = {
@@ -247,15 +257,35 @@ def _add_body_limit(app: FastAPI, max_bytes: int) -> None:
         return await call_next(request)
 
 
+def _field_problem(error: dict[str, Any]) -> str | None:
+    """What is wrong with a form field or query parameter other than ``file``, in words;
+    ``None`` for the image field or a malformed body (the caller then says how to send the
+    image)."""
+    loc = [str(x) for x in error.get("loc", ())]
+    if len(loc) < 2 or loc[0] not in ("body", "query") or loc[1] == "file":
+        return None
+    kind, name = ("form field" if loc[0] == "body" else "query parameter"), loc[1]
+    why = age_problem(error.get("input")) if name == "age" else None
+    return f"{kind} '{name}': {why or error.get('msg', 'invalid value')}"
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        fields = sorted({".".join(str(x) for x in e.get("loc", ())[1:]) for e in err.errors()})
-        return _error(
-            422,
-            "invalid request: send the image as the multipart field 'file' "
-            f"(problem with: {', '.join(f for f in fields if f) or 'the body'})",
-        )
+        problems, rest = [], []
+        for e in err.errors():
+            why = _field_problem(e)
+            if why:
+                problems.append(why)
+            else:
+                rest.append(e)
+        if rest or not problems:
+            named = sorted({".".join(str(x) for x in e.get("loc", ())[1:]) for e in rest})
+            problems.append(
+                "send the image as the multipart field 'file' "
+                f"(problem with: {', '.join(f for f in named if f) or 'the body'})"
+            )
+        return _error(422, "invalid request: " + "; ".join(dict.fromkeys(problems)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
