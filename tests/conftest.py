@@ -212,6 +212,110 @@ def tiny_packaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_packaged(tmp_path_factory.mktemp("tiny_zoo"))
 
 
+def spread_images(folder: Path, n: int = 10) -> list[Path]:
+    """``n`` synthetic lesions (PNG, lossless) on the same skin, from pale to dark: the images
+    on which :func:`make_spread_packaged`'s p(mel) rises steeply."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, t in enumerate(np.linspace(0.0, 1.0, n)):
+        colour = np.array([205, 160, 140]) * (1 - t) + np.array([50, 25, 35]) * t
+        img = Image.new("RGB", (64, 48), (225, 190, 170))
+        ImageDraw.Draw(img).ellipse((12, 6, 52, 42), fill=tuple(int(c) for c in colour))
+        out.append(folder / f"lesion_{i:02d}.png")
+        img.save(out[-1])
+    return out
+
+
+def _gap_midpoint(values: Any, low: float, high: float, gap: float = 0.02) -> float:
+    """The midpoint of the first gap of at least ``gap`` between sorted ``values`` that lies
+    within (low, high); fails the fixture when there is none."""
+    import numpy as np
+
+    s = np.sort(np.asarray(values))
+    for a, b in zip(s[:-1], s[1:], strict=True):
+        mid = (a + b) / 2
+        if b - a >= gap and low < mid < high:
+            return float(mid)
+    raise AssertionError(f"no gap of {gap} in {s} between {low} and {high}")
+
+
+def make_spread_packaged(root: Path, images: list[Path], name: str = "spread") -> Path:
+    """A packaged model (two 48 px members, TTA 2) whose p(mel) on ``images``
+    (:func:`spread_images`) rises from about 0.05 to 0.9 with the lesion's darkness, and whose
+    card puts the melanoma threshold at about 0.3 (not 0.5), in a gap between the images'
+    p(mel): some images are flagged, some not, and some lie between the threshold and 0.5.
+    The refer rules likewise split the images (some referred, some not).
+
+    Each member's mel logit is a linear read-out of its pooled features along the direction
+    from the palest to the darkest image, so it moves by several units across the images; the
+    other classes have constant logits (nv's the highest of them)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from skinlesion.core.labels import CLASSES
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.data.augment import normalize, to_float
+    from skinlesion.data.preprocess import prepare_with_spec
+    from skinlesion.inference.packaged import (
+        CARD_FILE,
+        MODEL_FILE,
+        WEIGHTS_FILE,
+        load_packaged,
+        sha256_file,
+    )
+    from skinlesion.inference.refer import entropy
+    from skinlesion.training.package import write_weights
+
+    folder = make_tiny_packaged(root, name)
+    model = load_packaged(folder, resolve_runtime("cpu"))
+    spec = model.members[0].spec
+    x = torch.from_numpy(np.stack([prepare_with_spec(p, spec) for p in images]))
+    x = normalize(to_float(x), spec.normalization.mean, spec.normalization.std)
+    mel = CLASSES.index("mel")
+    ckpts = []
+    for m in model.members:
+        net = m.model
+        with torch.no_grad():
+            f = net.forward_head(net.forward_features(x), pre_logits=True).double()
+            d = f[-1] - f[0]
+            direction = d / (d @ d)  # (f - mean) @ direction runs about -0.45 .. 0.6
+            clf = net.get_classifier()
+            clf.weight.zero_()
+            clf.bias.zero_()
+            clf.weight[mel] = (6.0 * direction).float()
+            clf.bias[mel] = float(1.2 - 6.0 * (f.mean(0) @ direction))
+            clf.bias[CLASSES.index("nv")] = 0.4  # pale lesions: nv, not a tie
+        ckpts.append({"fold": m.fold, "state_dict": net.state_dict()})
+    write_weights(ckpts, folder / WEIGHTS_FILE)
+    meta = json.loads((folder / MODEL_FILE).read_text())
+    meta["weights_sha256"] = sha256_file(folder / WEIGHTS_FILE)
+    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+
+    probs, errors = load_packaged(folder, resolve_runtime("cpu")).predict_proba(images)
+    assert not errors
+    p_mel = probs[:, mel]
+    threshold = _gap_midpoint(p_mel, 0.2, 0.4)
+    assert (p_mel < threshold).sum() >= 2 and (p_mel >= 0.5).sum() >= 2
+    assert ((p_mel >= threshold) & (p_mel < 0.5)).sum() >= 1
+    top, ent = probs.max(1), entropy(probs)
+    refer = {
+        "confidence_threshold": _gap_midpoint(top, np.quantile(top, 0.3), 1.0, 0.005),
+        "ood_threshold": _gap_midpoint(ent, np.quantile(ent, 0.7), np.inf, 0.005),
+        "ood_quantile": 0.95,
+    }
+    meta["reference"] = {"mel_threshold": threshold, "refer": refer}
+    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    card = json.loads((folder / CARD_FILE).read_text())
+    card["melanoma_threshold"] = threshold
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    return folder
+
+
 def lesion_images(folder: Path, n: int = 3, seed: int = 0) -> list[Path]:
     """``n`` real HAM10000 images when the shared copy is present, else synthetic lesions."""
     if HAM_DIR.is_dir():

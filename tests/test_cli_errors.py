@@ -94,6 +94,23 @@ def test_unwritable_output_fails_before_inference(
     assert str(blocker) in err
 
 
+def test_bad_metadata_file_fails_before_the_model_loads(
+    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    meta = tmp_path / "meta.csv"
+    meta.write_text("image_id,age,sex\ngood0.jpg,500,male\ngood2.png,40,female\n")
+    argv = ["predict", "--model", str(tmp_path / "no_such_run"), "--metadata", str(meta)]
+    assert main([*argv, "--no-progress", *map(str, images)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no_such_run" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == f"skinlesion predict: error: {meta}: invalid metadata: 2 problem(s)"
+    assert lines[1:] == [
+        "  line 2 (image_id good0.jpg): age 500 is over 120",
+        "  line 3: no image named good2.png; did you mean good2?",
+    ]
+
+
 @pytest.mark.parametrize(
     "argv",
     [

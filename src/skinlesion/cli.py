@@ -95,47 +95,54 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         check_writable_file(args.output, "--output")
     if args.backend == "onnx":
-        df, errors = _predict_onnx(args)
+        df = _predict_onnx(args)
     else:
         from skinlesion.core.runtime import resolve_runtime
         from skinlesion.inference.packaged import resolve_model
-        from skinlesion.inference.predict import predict_table
 
-        runtime = resolve_runtime(args.device)
-        loaded = resolve_model(args.model, runtime)
-        df, errors = predict_table(
+        # The metadata file is checked before the model loads: its faults show in seconds.
+        table = _read_predict_metadata(args)
+        loaded = resolve_model(args.model, resolve_runtime(args.device))
+        df = loaded.predict(
             args.images,
-            loaded.members,
-            runtime,
             tta=args.tta,
+            metadata=_predict_metadata(table, loaded, args.metadata),
             batch_size=args.batch_size,
             progress=not args.no_progress,
-            metadata=_predict_metadata(args, loaded),
         )
+    errors = [e for e in df["error"] if e]
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.output, index=False, float_format="%.6f")
         print(f"wrote {len(df) - len(errors)} prediction(s) to {args.output}")
     else:
         df.to_csv(sys.stdout, index=False, float_format="%.6f")
-    for msg in errors.values():
+    for msg in errors:
         print(f"error: {msg}", file=sys.stderr)
     return 1 if errors else 0
 
 
-def _predict_metadata(args: argparse.Namespace, loaded: Any) -> Any:
-    """The ``--metadata`` rows of the images (matched by file stem), or ``None``; values the
-    model never saw in training are logged."""
+def _read_predict_metadata(args: argparse.Namespace) -> Any:
+    """The ``--metadata`` rows of the images (``image_id`` matched to a file's stem or name),
+    every fault of the file raised at once; ``None`` without ``--metadata``."""
+    if args.metadata is None:
+        return None
     from skinlesion.data.tabular import read_metadata_csv
 
-    if args.metadata is None:
+    return read_metadata_csv(args.metadata, args.images)
+
+
+def _predict_metadata(table: Any, loaded: Any, source: str | None) -> Any:
+    """``table`` for a model fused with metadata (values it never saw in training logged);
+    ``None`` for an image-only model."""
+    if table is None:
         if loaded.uses_metadata:
-            logging.getLogger(__name__).info("no --metadata: predicting from the images alone")
+            log.info("no --metadata: predicting from the images alone")
         return None
     if not loaded.uses_metadata:
-        logging.getLogger(__name__).warning("--metadata ignored: the model uses images only")
-    table = read_metadata_csv(args.metadata, [Path(p).stem for p in args.images])
-    loaded.unseen_metadata(table, str(args.metadata))
+        log.warning("--metadata ignored: the model uses images only")
+        return None
+    loaded.unseen_metadata(table, source)
     return table
 
 
@@ -446,8 +453,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--metadata",
         default=None,
-        help="CSV with image_id (the file stem) and age, sex, localization, for models fused "
-        "with metadata; images without a row have none",
+        help="CSV with image_id (an image's file stem, file name or path) and age, sex, "
+        "localization, for models fused with metadata; checked before the model loads; images "
+        "without a row are predicted without metadata",
     )
     r.set_defaults(func=_cmd_predict)
 
@@ -496,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --- serving, explanation and export (issue 9) ---------------------------------------------
 
 
-def _predict_onnx(args: argparse.Namespace) -> tuple[Any, dict[int, str]]:
+def _predict_onnx(args: argparse.Namespace) -> Any:
     from skinlesion.core.errors import ConfigError
     from skinlesion.inference.onnx_export import OnnxModel
 
@@ -506,18 +514,7 @@ def _predict_onnx(args: argparse.Namespace) -> tuple[Any, dict[int, str]]:
         raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
     if args.metadata is not None:
         raise ConfigError("--metadata: an exported ONNX graph takes images only")
-    model = OnnxModel(args.model)
-    probs, errors = model.predict_proba(args.images, batch_size=args.batch_size)
-    import pandas as pd
-
-    classes = model.class_names
-    df = pd.DataFrame(probs, columns=classes)
-    df.insert(0, "image", [str(p) for p in args.images])
-    df["prediction"] = [
-        classes[int(r.argmax())] if i not in errors else "" for i, r in enumerate(probs)
-    ]
-    df["error"] = [errors.get(i, "") for i in range(len(df))]
-    return df, errors
+    return OnnxModel(args.model).predict(args.images, batch_size=args.batch_size)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

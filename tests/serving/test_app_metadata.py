@@ -84,3 +84,33 @@ def test_model_endpoint_lists_what_a_fused_model_reads(fused, tiny_packaged: Pat
     plain = resolve_model(tiny_packaged, resolve_runtime("cpu"))
     with TestClient(create_app(plain)) as client:
         assert client.get("/model").json()["metadata"] is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"age": "500"}, "invalid request: form field 'age': age 500 is over 120"),
+        ({"age": "-4"}, "invalid request: form field 'age': age -4 is negative"),
+        ({"age": "sixty"}, "invalid request: form field 'age': age 'sixty' is not a number"),
+        ({"sex": "x" * 40}, "invalid request: form field 'sex': String should have at most 32"),
+    ],
+)
+def test_a_bad_form_field_is_named_with_its_problem(
+    fused, image: Path, fields: dict, message: str
+) -> None:
+    files = {"file": ("x.jpg", image.read_bytes(), "application/octet-stream")}
+    with TestClient(create_app(fused)) as client:
+        r = client.post("/predict", files=files, data=fields)
+    assert r.status_code == 422
+    assert r.json()["error"].startswith(message) and "multipart field 'file'" not in r.text
+
+
+def test_values_the_model_never_saw_are_reported_in_metadata_used(fused, image: Path) -> None:
+    files = {"file": ("x.jpg", image.read_bytes(), "application/octet-stream")}
+    with TestClient(create_app(fused)) as client:
+        answer = client.post("/predict", files=files, data={**FIELDS, "sex": "other"}).json()
+    assert answer["metadata_used"] == {
+        "age": 70.0,
+        "sex": "other (never seen in training: read as unknown)",
+        "localization": "face",
+    }

@@ -115,6 +115,35 @@ def parse_age(value: Any) -> float | None:
     return age if math.isfinite(age) and age >= 0 else None
 
 
+AGE_MAX = 120.0
+"""The oldest age in years that metadata may give; an older one is an input mistake."""
+
+
+def age_problem(value: Any) -> str | None:
+    """Why ``value`` is not an age in years (a number from 0 to :data:`AGE_MAX`), or ``None``
+    when it is one or is missing (empty, ``nan``, ``unknown``, ...).
+
+    >>> age_problem("61"), age_problem(""), age_problem("sixty"), age_problem(500)
+    (None, None, "age 'sixty' is not a number", 'age 500 is over 120')
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if text.lower() in MISSING_WORDS:
+        return None
+    try:
+        age = float(text)
+    except ValueError:
+        return f"age {text!r} is not a number"
+    if not math.isfinite(age):
+        return f"age {text!r} is not a number"
+    if age < 0:
+        return f"age {text} is negative"
+    if age > AGE_MAX:
+        return f"age {text} is over {AGE_MAX:g}"
+    return None
+
+
 def check_fields(fields: Sequence[str]) -> tuple[str, ...]:
     """The fields, checked against :data:`METADATA_FIELDS` (each at most once)."""
     unknown = [f for f in fields if f not in METADATA_FIELDS]
@@ -305,15 +334,75 @@ def metadata_table(metadata: MetadataInput, n: int) -> pd.DataFrame | None:
         table = pd.DataFrame([dict(r) if r else {} for r in metadata], index=range(len(metadata)))
     if len(table) != n:
         raise ValueError(f"metadata has {len(table)} rows for {n} images")
+    if "age" in table.columns:
+        ages = [(i, age_problem(v)) for i, v in enumerate(table["age"])]
+        problems = [f"image {i}: {why}" for i, why in ages if why]
+        if problems:
+            raise DataError("metadata", problems)
     return table
 
 
-def read_metadata_csv(path: str | Path, image_ids: Sequence[str]) -> pd.DataFrame:
-    """The rows of a metadata CSV (``image_id`` and any of :data:`METADATA_FIELDS`) for each of
-    ``image_ids`` (file stems), in that order; an image without a row gets missing values.
+def _image_keys(image: str | Path) -> set[str]:
+    """The ``image_id`` values that name an image: its path as given, file name and stem."""
+    path = Path(image)
+    return {str(image), path.name, path.stem}
 
-    Faults (no ``image_id`` column, an id listed twice, no metadata column) are collected and
-    raised together as one :class:`DataError`.
+
+def _near_miss(image_id: str, images: Sequence[str | Path]) -> str | None:
+    """The stem of the image ``image_id`` was likely meant for (same stem up to case, another
+    extension or folder), or ``None``."""
+    wanted = {image_id.lower(), Path(image_id).stem.lower()}
+    for image in images:
+        if Path(image).stem.lower() in wanted:
+            return Path(image).stem
+    return None
+
+
+def _metadata_rows(
+    ids: pd.Series, images: Sequence[str | Path]
+) -> tuple[list[list[int]], list[str], list[int]]:
+    """Per image, the rows (positions) whose id names it; problems (an image named by several
+    rows, a row that looks meant for an image but names none); rows that name no image."""
+    by_key: dict[str, list[int]] = {}
+    for k, image in enumerate(images):
+        for key in _image_keys(image):
+            by_key.setdefault(key, []).append(k)
+    matched: list[list[int]] = [[] for _ in images]
+    problems, unused = [], []
+    for pos, image_id in enumerate(ids):
+        hits = by_key.get(image_id, [])
+        for k in hits:
+            matched[k].append(pos)
+        if hits or not image_id:
+            continue
+        stem = _near_miss(image_id, images)
+        if stem is None:
+            unused.append(pos)
+        else:
+            problems.append(f"line {pos + 2}: no image named {image_id}; did you mean {stem}?")
+    for image, rows in zip(images, matched, strict=True):
+        if len({ids.iloc[r] for r in rows}) > 1:
+            where = ", ".join(f"{r + 2} ({ids.iloc[r]})" for r in rows)
+            problems.append(f"image {image} is named on several lines: {where}")
+    return matched, problems, unused
+
+
+def _listed(items: Sequence[str], limit: int = 10) -> str:
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def read_metadata_csv(path: str | Path, images: Sequence[str | Path]) -> pd.DataFrame:
+    """The rows of a metadata CSV (``image_id`` and any of :data:`METADATA_FIELDS`) for each of
+    ``images`` (paths), in that order. A row's ``image_id`` names an image by its file stem
+    (``a1``), its file name (``a1.jpg``) or its path as given; an image without a row gets
+    missing values (logged), and rows that name none of the images are logged as not used.
+
+    Faults are collected and raised together as one :class:`DataError` naming the file and
+    lines: no ``image_id`` column, no metadata column, an empty or repeated id, an age that is
+    not a number or is outside 0-:data:`AGE_MAX`, an image named by two rows (``a1`` and
+    ``a1.jpg``), and an id that looks meant for an image but names none (``a1.png`` for
+    ``a1.jpg``: "did you mean a1?").
     """
     from skinlesion.data.metadata import read_table
 
@@ -327,9 +416,32 @@ def read_metadata_csv(path: str | Path, image_ids: Sequence[str]) -> pd.DataFram
         problems.append(f"none of the columns {list(METADATA_FIELDS)}; found {list(table.columns)}")
     if problems:
         raise DataError(f"{path}: not a metadata file", problems)
-    ids = table["image_id"].astype(str).str.strip()
-    dup = sorted(set(ids[ids.duplicated()]))
-    if dup:
-        raise DataError(f"{path}: invalid metadata", [f"image_id {i} is listed twice" for i in dup])
-    by_id = table.assign(image_id=ids).set_index("image_id")[fields]
-    return by_id.reindex(list(image_ids)).reset_index(drop=True)
+    ids = table["image_id"].astype(str).str.strip().reset_index(drop=True)
+    problems += [f"line {i + 2}: empty image_id" for i in np.flatnonzero(ids == "")]
+    for image_id in sorted(set(ids[ids.duplicated() & (ids != "")])):
+        lines = ", ".join(str(i + 2) for i in np.flatnonzero(ids == image_id))
+        problems.append(f"image_id {image_id} appears on lines {lines}")
+    if "age" in table.columns:
+        for i, value in enumerate(table["age"]):
+            why = age_problem(value)
+            if why:
+                problems.append(f"line {i + 2} (image_id {ids.iloc[i]}): {why}")
+    matched, mismatched, unused = _metadata_rows(ids, images)
+    problems += mismatched
+    if problems:
+        raise DataError(f"{path}: invalid metadata", problems)
+    if unused:
+        lines = _listed([str(i + 2) for i in unused])
+        log.warning(
+            "%s: %d row(s) name none of the images, not used (lines %s)", path, len(unused), lines
+        )
+    rowless = [str(image) for image, rows in zip(images, matched, strict=True) if not rows]
+    if rowless:
+        log.warning(
+            "%s: no row for %d image(s), predicted without metadata: %s",
+            path,
+            len(rowless),
+            _listed(rowless),
+        )
+    first = [rows[0] if rows else -1 for rows in matched]  # -1: no such row, all missing
+    return table[fields].reset_index(drop=True).reindex(first).reset_index(drop=True)

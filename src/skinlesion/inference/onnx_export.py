@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import Member
+from skinlesion.inference.table import Decisions, predictions_table
 from skinlesion.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         folder = Path(folder)
+        self.folder = folder
         spec_path = folder / SPEC_FILE
         if not spec_path.is_file() or not (folder / ONNX_FILE).is_file():
             raise CheckpointError(
@@ -193,6 +196,16 @@ class OnnxModel:
     def run(self, images_u8: np.ndarray) -> np.ndarray:
         """Probabilities (N, C) for prepared uint8 (N, S, S, 3) images."""
         return self.session.run(["probabilities"], {"images": images_u8})[0]
+
+    def decisions(self) -> Decisions:
+        """Class names, melanoma threshold and refer rules of the exported model's reference."""
+        return Decisions.of(self.class_names, self.meta.get("reference"), str(self.folder))
+
+    def predict(self, sources: Sequence[str | Path], batch_size: int = 32) -> pd.DataFrame:
+        """The predictions table (:mod:`skinlesion.inference.table`), as ``LoadedModel.predict``
+        writes it, from the graph's probabilities."""
+        probs, errors = self.predict_proba(sources, batch_size)
+        return predictions_table([str(s) for s in sources], probs, errors, self.decisions())
 
     def predict_proba(
         self, sources: Sequence[str | Path | bytes], batch_size: int = 32

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -37,6 +38,7 @@ from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
 from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
 from skinlesion.inference.predict import Member, backbone_id, load_ensemble, predict_sources
+from skinlesion.inference.table import Decisions, predictions_table
 from skinlesion.models.factory import build_model, place_model
 
 log = logging.getLogger(__name__)
@@ -125,10 +127,10 @@ class LoadedModel:
             "sites": specs[0].sites,
         }
 
-    def unseen_metadata(self, metadata: Any, source: str) -> dict[str, dict[str, int]]:
+    def unseen_metadata(self, metadata: Any, source: str | None) -> dict[str, dict[str, int]]:
         """The metadata values of ``metadata`` (a table, or ``None``) that a member never saw
         in training (they encode as ``unknown``), the largest count over the members per
-        value; logged as a warning naming ``source``."""
+        value; logged as a warning naming ``source`` (``None``: not logged)."""
         from skinlesion.data.tabular import describe_unseen, unseen_values
 
         merged: dict[str, dict[str, int]] = {}
@@ -140,7 +142,7 @@ class LoadedModel:
                 for value, n in counts.items():
                     seen[value] = max(n, seen.get(value, 0))
         merged = {f: dict(sorted(c.items())) for f, c in sorted(merged.items())}
-        if merged:
+        if merged and source is not None:
             log.warning(
                 "%s: metadata the model never saw in training, encoded as unknown: %s",
                 source,
@@ -148,28 +150,25 @@ class LoadedModel:
             )
         return merged
 
-    def predict(
-        self, images: Sequence[ImageInput], tta: int | None = None, metadata: MetadataInput = None
-    ) -> Any:
-        """A table (pandas) with one row per image: class probabilities, prediction, melanoma
-        decision at the out-of-fold operating threshold, and the error of a failed image.
-        ``metadata`` as for :meth:`predict_proba`."""
-        import pandas as pd
+    def decisions(self) -> Decisions:
+        """Class names, melanoma threshold and refer rules of this model's reference."""
+        return Decisions.of(self.class_names, self.reference, str(self.source))
 
-        probs, errors = self.predict_proba(images, tta, metadata=metadata)
-        df = pd.DataFrame(probs, columns=self.class_names)
-        df.insert(0, "image", [_name(x, i) for i, x in enumerate(images)])
-        df["prediction"] = [
-            "" if i in errors else self.class_names[int(r.argmax())] for i, r in enumerate(probs)
-        ]
-        if self.mel_threshold is not None and "mel" in self.class_names:
-            p_mel = df["mel"].to_numpy()
-            df["melanoma_flag"] = [
-                None if i in errors else bool(p_mel[i] >= self.mel_threshold)
-                for i in range(len(df))
-            ]
-        df["error"] = [errors.get(i, "") for i in range(len(df))]
-        return df
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        tta: int | None = None,
+        metadata: MetadataInput = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """The predictions table (:mod:`skinlesion.inference.table`), one row per image:
+        ``image``, the class probabilities, ``prediction``, ``melanoma_flag`` (at the model's
+        out-of-fold threshold), ``refer``, ``refer_reasons`` and ``error``.
+        ``metadata`` as for :meth:`predict_proba`."""
+        probs, errors = self.predict_proba(images, tta, batch_size, progress, metadata)
+        names = [_name(x, i) for i, x in enumerate(images)]
+        return predictions_table(names, probs, errors, self.decisions())
 
 
 def _as_source(x: ImageInput) -> str | Path | bytes | Image.Image:

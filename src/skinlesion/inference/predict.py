@@ -259,26 +259,3 @@ def predict_sources(
         bar.update(len(idx))
     bar.close()
     return out, errors
-
-
-def predict_table(
-    sources: Sequence[str | Path],
-    members: Sequence[Member],
-    runtime: Runtime,
-    tta: int | None = None,
-    batch_size: int = 32,
-    progress: bool = True,
-    metadata: pd.DataFrame | None = None,
-) -> tuple[pd.DataFrame, dict[int, str]]:
-    """One row per source: ``image``, a probability per class, ``prediction`` and ``error``
-    (empty, or why the source could not be read; its probabilities are then empty).
-    ``metadata`` as for :func:`predict_sources`."""
-    probs, errors = predict_sources(sources, members, runtime, tta, batch_size, progress, metadata)
-    classes = list(members[0].spec.class_names)
-    df = pd.DataFrame(probs, columns=classes)
-    df.insert(0, "image", [str(p) for p in sources])
-    df["prediction"] = [
-        classes[int(r.argmax())] if i not in errors else "" for i, r in enumerate(probs)
-    ]
-    df["error"] = [errors.get(i, "") for i in range(len(df))]
-    return df, errors

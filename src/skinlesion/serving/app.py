@@ -34,11 +34,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
-from skinlesion.data.tabular import METADATA_FIELDS
+from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import ensemble_probs
-from skinlesion.inference.refer import refer_decision, refer_rules
+from skinlesion.inference.table import MELANOMA_CLASS, Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
 
@@ -63,28 +63,38 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
-def describe(model: LoadedModel, probs: np.ndarray) -> dict[str, Any]:
-    """The JSON answer for one image's calibrated probabilities."""
-    names = model.class_names
-    top = int(probs.argmax())
-    refer, reasons = refer_decision(probs, refer_rules(model.reference))
-    answer: dict[str, Any] = {
-        "probabilities": {c: float(p) for c, p in zip(names, probs, strict=True)},
-        "prediction": names[top],
-        "confidence": float(probs[top]),
-        "melanoma": None,
-        "refer": refer,
-        "refer_reasons": reasons,
-        "model": {"name": model.name, "version": model.version},
-    }
-    if model.mel_threshold is not None and "mel" in names:
-        p_mel = float(probs[names.index("mel")])
+def describe(
+    model: LoadedModel, probs: np.ndarray, image: str, decisions: Decisions
+) -> dict[str, Any]:
+    """The JSON answer for one image's calibrated probabilities: the predictions table's row
+    (:func:`prediction_rows`, the same keys; the class probabilities under ``probabilities``),
+    with ``confidence``, the ``melanoma`` decision spelled out and the model's name."""
+    (row,) = prediction_rows([image], probs[None], {}, decisions)
+    names = list(decisions.classes)
+    answer: dict[str, Any] = {k: v for k, v in row.items() if k not in names}
+    answer["probabilities"] = {c: row[c] for c in names}
+    answer["confidence"] = float(np.max(probs))
+    answer["melanoma"] = None
+    if row["melanoma_flag"] is not None:
         answer["melanoma"] = {
-            "probability": p_mel,
-            "threshold": float(model.mel_threshold),
-            "flag": p_mel >= model.mel_threshold,
+            "probability": row[MELANOMA_CLASS],
+            "threshold": decisions.mel_threshold,
+            "flag": row["melanoma_flag"],
         }
+    answer["model"] = {"name": model.name, "version": model.version}
     return answer
+
+
+def metadata_used(model: LoadedModel, given: dict[str, Any]) -> dict[str, Any] | None:
+    """The form fields a fused model got (``None`` for an image-only model); a value it never
+    saw in training is reported as such (it encodes as ``unknown``)."""
+    if not model.uses_metadata:
+        return None
+    used = {k: v for k, v in given.items() if v is not None}
+    row = pd.DataFrame([used], columns=list(METADATA_FIELDS))
+    for fld in model.unseen_metadata(row, None):
+        used[fld] = f"{used[fld]} (never seen in training: read as unknown)"
+    return used
 
 
 def _png_base64(image: Any) -> str:
@@ -169,6 +179,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         settings.max_wait_ms,
         lock=MODEL_LOCK,
     )
+    decisions = model.decisions()
     started = time.time()
     app = _new_app(model, batcher)
     _add_error_handlers(app)
@@ -197,7 +208,7 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
     async def predict(
         file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
         explain: Annotated[bool, Query(description="add a Grad-CAM overlay (PNG, base64)")] = False,
-        age: Annotated[float | None, Form(ge=0, le=120, description="years")] = None,
+        age: Annotated[float | None, Form(ge=0, le=AGE_MAX, description="years")] = None,
         sex: Annotated[str | None, Form(max_length=32)] = None,
         localization: Annotated[str | None, Form(max_length=64, description="site")] = None,
     ) -> JSONResponse:
@@ -213,10 +224,8 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         if meta is not None:
             arrays[METADATA_KEY] = meta
         probs = await asyncio.wrap_future(batcher.submit(arrays))
-        answer = describe(model, probs)
-        answer["metadata_used"] = (
-            {k: v for k, v in given.items() if v is not None} if meta is not None else None
-        )
+        answer = describe(model, probs, file.filename or "<upload>", decisions)
+        answer["metadata_used"] = metadata_used(model, given)
         if explain:
             (ex,) = await run_in_threadpool(explain_sources, [data], members, runtime, tta)
             answer["explanation"] = {
@@ -248,15 +257,35 @@ def _add_body_limit(app: FastAPI, max_bytes: int) -> None:
         return await call_next(request)
 
 
+def _field_problem(error: dict[str, Any]) -> str | None:
+    """What is wrong with a form field or query parameter other than ``file``, in words;
+    ``None`` for the image field or a malformed body (the caller then says how to send the
+    image)."""
+    loc = [str(x) for x in error.get("loc", ())]
+    if len(loc) < 2 or loc[0] not in ("body", "query") or loc[1] == "file":
+        return None
+    kind, name = ("form field" if loc[0] == "body" else "query parameter"), loc[1]
+    why = age_problem(error.get("input")) if name == "age" else None
+    return f"{kind} '{name}': {why or error.get('msg', 'invalid value')}"
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        fields = sorted({".".join(str(x) for x in e.get("loc", ())[1:]) for e in err.errors()})
-        return _error(
-            422,
-            "invalid request: send the image as the multipart field 'file' "
-            f"(problem with: {', '.join(f for f in fields if f) or 'the body'})",
-        )
+        problems, rest = [], []
+        for e in err.errors():
+            why = _field_problem(e)
+            if why:
+                problems.append(why)
+            else:
+                rest.append(e)
+        if rest or not problems:
+            named = sorted({".".join(str(x) for x in e.get("loc", ())[1:]) for e in rest})
+            problems.append(
+                "send the image as the multipart field 'file' "
+                f"(problem with: {', '.join(f for f in named if f) or 'the body'})"
+            )
+        return _error(422, "invalid request: " + "; ".join(dict.fromkeys(problems)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
