@@ -12,10 +12,15 @@ Example::
     img = shades_of_gray(np.asarray(Image.open(path).convert("RGB")))
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Below this an illuminant estimate is treated as zero, so black channels get gain 1, not inf.
 _EPS = 1e-12
@@ -107,6 +112,8 @@ def shades_of_gray_batch(x: torch.Tensor, power: float = 6.0) -> torch.Tensor:
 
     Same maths as `shades_of_gray`; computed in at least float32 and returned in the input dtype.
     """
+    import torch  # here: preparing one image (numpy above) must not load torch
+
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"shades_of_gray_batch expects (B, 3, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():
