@@ -95,7 +95,7 @@ EXACT_MAX_PIXELS = 1 << 21
 """Images of at most this many pixels (2.1 Mpx: HAM10000's 600x450, ISIC 2017, full HD) are prepared
 with full-resolution maths, as every cache and model so far was. Larger ones are decoded at a
 reduced scale where the format allows and colour-corrected from float32 bands, so that preparing
-one costs memory bounded by its decoded size and the output, not eight float64 copies of it."""
+one costs memory bounded by its decoded size and the output, not three float64 copies of it."""
 
 _REDUCING_GAP = 3.0
 # A JPEG over the cap is decoded at 1/2, 1/4 or 1/8 scale only while it stays this many times the
@@ -264,7 +264,7 @@ def _prepare_large(
 ) -> np.ndarray:
     """`prepare_image` of an image over the cap, in its stored orientation, turned at the end.
 
-    A JPEG is decoded by libjpeg at the smallest of 1/8, 1/4, 1/2 scale that keeps
+    A JPEG is decoded by libjpeg at 1/8, 1/4 or 1/2 scale, the smallest that keeps
     ``_REDUCING_GAP`` times the output; the colour-constancy gains come from float32 bands of the
     decoded image and are applied by a table; the resize reads the exact region that the reduced
     decode covers; the EXIF turn is applied to the output, not to the large image.
