@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from skinlesion.data.colour import shades_of_gray, shades_of_gray_batch
+from skinlesion.data.colour import (
+    shades_of_gray,
+    shades_of_gray_batch,
+    shades_of_gray_gains,
+    streamed_gains,
+)
 
 
 def _illuminant(img: np.ndarray, power: float = 6.0) -> np.ndarray:
@@ -82,3 +87,38 @@ def test_invalid_inputs() -> None:
         shades_of_gray(np.zeros((4, 4, 3), dtype=np.uint8), power=0)
     with pytest.raises(ValueError):
         shades_of_gray_batch(torch.zeros(1, 4, 4, 3))
+
+
+def _old_shades_of_gray(img: np.ndarray, power: float) -> np.ndarray:
+    """The per-pixel float64 maths that the gains table replaced."""
+    x = img.astype(np.float64) / 255.0
+    illum = np.mean(x**power, axis=(0, 1)) ** (1.0 / power)
+    gains = np.where(illum > 1e-12, illum.mean() / np.maximum(illum, 1e-12), 1.0)
+    return np.rint(np.clip(x * gains * 255.0, 0.0, 255.0)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("power", [6.0, 2.5, 1.0])
+def test_gains_table_byte_identical_to_per_pixel_maths(power: float) -> None:
+    rng = np.random.default_rng(3)
+    for seed in range(4):
+        img = _textured(37, 53, seed)
+        # Strong casts: some gains > 1 push values past 255, so the clip is exercised.
+        cast = np.clip(img * rng.uniform(0.5, 1.6, 3), 0, 255).astype(np.uint8)
+        cast[0, 0] = [255, 0, 128]
+        assert np.array_equal(shades_of_gray(cast, power), _old_shades_of_gray(cast, power))
+    black_channel = _textured(9, 11)
+    black_channel[..., 2] = 0
+    assert np.array_equal(shades_of_gray(black_channel), _old_shades_of_gray(black_channel, 6.0))
+
+
+def test_streamed_float32_gains_agree_with_float64_gains() -> None:
+    img = np.clip(_textured(90, 70, 5) * np.array([1.3, 1.0, 0.6]), 0, 255).astype(np.uint8)
+    exact = shades_of_gray_gains(img)
+    assert np.ptp(exact) > 0.3  # a cast to remove, not gains near 1
+    for rows in (1, 7, 90):
+        bands = (img[r : r + rows] for r in range(0, img.shape[0], rows))
+        np.testing.assert_allclose(streamed_gains(bands), exact, rtol=1e-6, atol=0)
+    assert np.array_equal(streamed_gains([np.zeros((4, 5, 3), np.uint8)]), np.ones(3))
+    assert np.array_equal(streamed_gains([]), np.ones(3))
+    with pytest.raises(ValueError, match="power"):
+        streamed_gains([img], power=-1)
