@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from skinlesion.cli import main
@@ -99,19 +100,30 @@ def train_cli(args: list[str]) -> int:
 
 @pytest.fixture(scope="session")
 def synthetic_ham(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """``synthetic_ham(lesions_per_class=5, seed=0)``: a synthetic HAM10000 folder, made once
-    per session for each (lesions_per_class, seed) and shared read-only by the tests."""
-    made: dict[tuple[int, int], Path] = {}
+    """``synthetic_ham(lesions_per_class=5, seed=0, **options)``: a synthetic HAM10000 folder,
+    made once per session for each set of arguments and shared read-only by the tests;
+    ``options`` go to :func:`make_synthetic_ham10000` (``weak_metadata``, ``colour_cast``,
+    ``look_noise``)."""
+    made: dict[tuple[Any, ...], Path] = {}
 
-    def get(lesions_per_class: int = 5, seed: int = 0) -> Path:
-        key = (lesions_per_class, seed)
+    def get(lesions_per_class: int = 5, seed: int = 0, **options: Any) -> Path:
+        key = (lesions_per_class, seed, *sorted(options.items()))
         if key not in made:
             root = tmp_path_factory.mktemp(f"syn_{lesions_per_class}_{seed}")
-            make_synthetic_ham10000(root, lesions_per_class=lesions_per_class, seed=seed)
+            make_synthetic_ham10000(root, lesions_per_class=lesions_per_class, seed=seed, **options)
             made[key] = root
         return made[key]
 
     return get
+
+
+def check_not_saturated(probs: np.ndarray, cap: float = 0.99, spread: float = 0.05) -> None:
+    """Fail unless most rows' top probability is below ``cap`` and some class's probability
+    varies across the rows by a standard deviation over ``spread``: a check of values on
+    saturated or near-constant probabilities could not see a skew."""
+    top = probs.max(axis=1)
+    assert np.mean(top < cap) >= 0.9, f"saturated: {np.mean(top >= cap):.0%} of rows >= {cap}"
+    assert probs.std(axis=0).max() > spread, f"near-constant: std {probs.std(axis=0).round(4)}"
 
 
 @pytest.fixture(scope="session")

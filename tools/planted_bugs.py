@@ -35,6 +35,8 @@ class Bug:
     tests: tuple[str, ...]
 
 
+_OOF = "tests/inference/test_oof_reproduction.py"
+
 BUGS: tuple[Bug, ...] = (
     Bug(
         "focal_int_gamma",
@@ -124,6 +126,55 @@ BUGS: tuple[Bug, ...] = (
         ("tests/evaluation/test_calibration.py",),
     ),
     Bug(
+        "colour_constancy_off_at_inference",
+        "src/skinlesion/data/preprocess.py",
+        "prepare_image(source, spec.size, spec.interpolation, spec.colour_constancy)",
+        "prepare_image(source, spec.size, spec.interpolation, False)",
+        (f"{_OOF}::test_fused_finetune_with_colour_constancy_reproduces_its_oof_rows",),
+    ),
+    Bug(
+        "age_not_standardised_at_inference",
+        "src/skinlesion/inference/predict.py",
+        "return encode_metadata(metadata, self.metadata, n)",
+        "m = self.metadata\n"
+        "        raw = MetadataSpec(m.fields, 0.0, 1.0, m.vocab, m.sites)\n"
+        "        return encode_metadata(metadata, raw, n)",
+        (f"{_OOF}::test_fused_finetune_with_colour_constancy_reproduces_its_oof_rows",),
+    ),
+    Bug(
+        "probe_age_not_standardised_at_inference",
+        "src/skinlesion/inference/predict.py",
+        "return encode_metadata(metadata, self.metadata, n)",
+        "m = self.metadata\n"
+        "        raw = MetadataSpec(m.fields, 0.0, 1.0, m.vocab, m.sites)\n"
+        "        return encode_metadata(metadata, raw, n)",
+        (
+            "tests/training/test_fusion_training.py"
+            "::test_probe_with_metadata_reproduces_oof_and_evaluates",
+        ),
+    ),
+    Bug(
+        "body_limit_thousandfold",
+        "src/skinlesion/serving/app.py",
+        "max_body = max_bytes + _MULTIPART_SLACK",
+        "max_body = 1000 * max_bytes + _MULTIPART_SLACK",
+        ("tests/serving/test_app.py::test_request_body_limit_at_the_boundary",),
+    ),
+    Bug(
+        "upload_default_thousandfold",
+        "src/skinlesion/serving/uploads.py",
+        "max_bytes: int = 10 * 1024 * 1024",
+        "max_bytes: int = 10 * 1024 * 1024 * 1000",
+        ("tests/serving/test_app.py::test_serve_command_uses_the_documented_limits",),
+    ),
+    Bug(
+        "pixel_limit_off_by_one",
+        "src/skinlesion/serving/uploads.py",
+        "if w * h > limits.max_pixels:",
+        "if w * h >= limits.max_pixels:",
+        ("tests/serving/test_uploads.py::test_pixel_limit",),
+    ),
+    Bug(
         "bootstrap_ignores_lesions",
         "src/skinlesion/evaluation/metrics.py",
         "    if groups is None:\n        return _row_counts(",
@@ -192,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown bug(s) {unknown}; known: {sorted(known)}")
     chosen = [known[n] for n in args.names] if args.names else list(BUGS)
     missed = []
+    width = max(len(b.name) for b in chosen)
     with tempfile.TemporaryDirectory(prefix="planted-") as tmp:
         for bug in chosen:
             caught, seconds, summary = run_bug(bug, Path(tmp))
             verdict = "caught" if caught else "MISSED"
-            print(f"{bug.name:28s} {verdict:7s} {seconds:6.1f} s  {summary}", flush=True)
+            print(f"{bug.name:{width}s} {verdict:7s} {seconds:6.1f} s  {summary}", flush=True)
             if not caught:
                 missed.append(bug.name)
     print(f"{len(chosen) - len(missed)}/{len(chosen)} planted bugs caught", flush=True)

@@ -18,8 +18,11 @@ from PIL import Image
 from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.inference.packaged import resolve_model
-from skinlesion.serving.app import ServeSettings, create_app
+from skinlesion.serving.app import _MULTIPART_SLACK, ServeSettings, create_app
 from skinlesion.serving.uploads import UploadLimits
+
+MAX_BYTES, MAX_PIXELS = 200_000, 4_000_000  # the client's limits
+BOUNDARY = "skinlesion-test-boundary"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def model(tiny_packaged: Path):
 
 @pytest.fixture(scope="module")
 def client(model):
-    settings = ServeSettings(UploadLimits(max_bytes=200_000, max_pixels=4_000_000))
+    settings = ServeSettings(UploadLimits(max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS))
     with TestClient(create_app(model, settings)) as c:
         yield c
 
@@ -100,6 +103,74 @@ def test_bad_uploads_get_a_json_error_and_the_service_goes_on(
 def test_over_size_body_is_refused_from_its_header(client: TestClient) -> None:
     r = client.post("/predict", content=b"x" * 10, headers={"content-length": "999999999"})
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
+
+
+def _multipart(image: bytes, pad: int) -> bytes:
+    """A multipart body: ``image`` as the field ``file``, then a field ``pad`` of ``pad`` bytes
+    that the service ignores (so the body's size can be set without touching the image)."""
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    mid = f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="pad"\r\n\r\n'.encode()
+    return head + image + mid + b"x" * pad + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def _post_body(client: TestClient, image: bytes, size: int):
+    """POST a multipart body of exactly ``size`` bytes carrying ``image``."""
+    body = _multipart(image, 0)
+    body = _multipart(image, size - len(body))
+    assert len(body) == size
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    return client.post("/predict", content=body, headers=headers)
+
+
+def test_request_body_limit_at_the_boundary(client: TestClient, images: list[Path]) -> None:
+    # The body may carry the image limit plus room for the multipart envelope, not a byte more.
+    limit = MAX_BYTES + _MULTIPART_SLACK
+    image = images[0].read_bytes()
+    r = _post_body(client, image, limit)
+    assert r.status_code == 200 and "probabilities" in r.json()
+    r = _post_body(client, image, limit + 1)
+    assert r.status_code == 413
+    expected = f"request body of {limit + 1} bytes is over the limit of {MAX_BYTES} bytes"
+    assert expected in r.json()["error"]
+
+
+def test_image_byte_limit_at_the_boundary(client: TestClient) -> None:
+    # Trailing bytes after the PNG's end are ignored by the decoder: the size alone decides.
+    png = png_bytes(300, 300)
+    r = _post(client, png + b"\0" * (MAX_BYTES - len(png)))
+    assert r.status_code == 200 and "probabilities" in r.json()
+    r = _post(client, png + b"\0" * (MAX_BYTES + 1 - len(png)))
+    assert r.status_code == 413
+    expected = f"upload of {MAX_BYTES + 1} bytes is over the limit of {MAX_BYTES} bytes"
+    assert expected in r.json()["error"]
+
+
+def test_image_pixel_limit_at_the_boundary(client: TestClient) -> None:
+    side = int(MAX_PIXELS**0.5)
+    assert side * side == MAX_PIXELS
+    r = _post(client, png_bytes(side, side))
+    assert r.status_code == 200 and "probabilities" in r.json()
+    # One pixel over (41 x 97561), refused from the header before any decoding.
+    w, h = 41, 97561
+    assert w * h == MAX_PIXELS + 1
+    r = _post(client, png_header(w, h))
+    assert r.status_code == 413
+    assert f"{MAX_PIXELS + 1} pixels is over the limit of {MAX_PIXELS}" in r.json()["error"]
+
+
+def test_serve_command_uses_the_documented_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # README "Serving": --max-upload-mb 10, --max-pixels 40000000.
+    documented = UploadLimits(max_bytes=10 * 1024 * 1024, max_pixels=40_000_000)
+    assert UploadLimits() == documented and ServeSettings().limits == documented
+    seen = {}
+    monkeypatch.setattr(
+        "skinlesion.serving.server.serve", lambda *a, **kw: seen.update(settings=a[3])
+    )
+    assert main(["serve"]) == 0
+    assert seen["settings"].limits == documented
 
 
 def test_no_request_can_name_a_server_path(client: TestClient, tiny_packaged: Path) -> None:

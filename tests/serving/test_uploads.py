@@ -36,6 +36,16 @@ def test_byte_limit() -> None:
     assert check_upload(data, UploadLimits(max_bytes=len(data)))[0] == "PNG"
 
 
+def test_pixel_limit() -> None:
+    w, h = 300, 200
+    data = png_header(w, h)
+    words = f"{w}x{h} = {w * h} pixels is over the limit of {w * h - 1} pixels"
+    with pytest.raises(UploadError, match=words) as err:
+        check_upload(data, UploadLimits(max_pixels=w * h - 1))
+    assert err.value.status == 413
+    assert check_upload(data, UploadLimits(max_pixels=w * h)) == ("PNG", (w, h))
+
+
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         UploadLimits(max_bytes=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FINETUNE, PROBE, run_overrides, train_cli
+from conftest import FINETUNE, PROBE, check_not_saturated, run_overrides, train_cli
 
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
@@ -28,6 +28,13 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def syn_root(synthetic_ham: Callable[..., Path]) -> Path:
     return synthetic_ham(6)
+
+
+@pytest.fixture(scope="module")
+def weak_root(synthetic_ham: Callable[..., Path]) -> Path:
+    """Lesions that neither the image nor the metadata fix: a linear probe's out-of-fold
+    probabilities stay away from 1, so an encoding that differs from training's shows."""
+    return synthetic_ham(6, weak_metadata=True, look_noise=0.4)
 
 
 def _predict(tmp_path: Path, model: Path, images: list[str], *extra: str) -> pd.DataFrame:
@@ -83,14 +90,16 @@ def test_quick_recipe_with_metadata_finetunes_and_predicts(syn_root: Path, tmp_p
 
 
 def test_probe_with_metadata_reproduces_oof_and_evaluates(
-    syn_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    weak_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    syn_root = weak_root
     out = tmp_path / "probe"
     args = run_overrides({**PROBE, **META, "data.image_size": 48}, syn_root, out, tmp_path / "c")
     assert train_cli(args) == 0
     ckpt = load_checkpoint(out / "fold_0" / "best.pt")
     assert ckpt["metadata"]["hidden"] == 0
     oof = pd.read_csv(out / "oof_predictions.csv", dtype={"image_id": str})
+    check_not_saturated(oof[list(CLASSES)].to_numpy())
     fold0 = oof[oof["fold"] == 0].head(8)
     table = pd.read_csv(syn_root / "HAM10000_metadata.csv")
     meta_csv = tmp_path / "meta.csv"

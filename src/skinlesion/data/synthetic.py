@@ -5,6 +5,11 @@ the patient metadata is informative too (age and anatomical site depend on the c
 not; a few values are missing as in the real data). Lesions have one to three photographs, so
 lesion grouping matters as in the real data. The lesion shape has no symmetry (see
 :func:`_lesion_mask`), so test-time views differ as they do on real images.
+
+Three options make the set harder, for tests that must see a skew between training and
+inference: ``look_noise`` draws some lesions with another class's look, so images do not fix the
+class; ``weak_metadata`` makes age and site move the class without fixing it; ``colour_cast``
+tints each photograph with its own illuminant, which colour constancy removes.
 """
 
 from __future__ import annotations
@@ -51,10 +56,16 @@ def _lesion_mask(xx: np.ndarray, yy: np.ndarray, c: int, rng: np.random.Generato
     return body | satellite
 
 
-def _patient(c: int, rng: np.random.Generator) -> dict[str, object]:
-    """Age (5-year steps, 20 + 10 per class index), sex, site (one per class), some unknown."""
-    age = float(np.clip(5 * round((20 + 10 * c + rng.normal(0, 4)) / 5), 0, 85))
+def _patient(c: int, rng: np.random.Generator, weak: bool = False) -> dict[str, object]:
+    """Age (5-year steps, 20 + 10 per class index), sex, site (one per class), some unknown.
+
+    ``weak``: age spread 20 years around the class's mean instead of 4, and the class's own site
+    on a third of the lesions only (a random site otherwise).
+    """
+    age = float(np.clip(5 * round((20 + 10 * c + rng.normal(0, 20 if weak else 4)) / 5), 0, 85))
     site = _SITES[c] if rng.random() > 0.1 else "unknown"
+    if weak and site != "unknown" and rng.random() > 1 / 3:
+        site = _SITES[int(rng.integers(0, len(_SITES)))]
     return {
         "age": age if rng.random() > 0.05 else "",
         "sex": ("male", "female")[int(rng.integers(0, 2))],
@@ -63,13 +74,29 @@ def _patient(c: int, rng: np.random.Generator) -> dict[str, object]:
 
 
 def make_synthetic_ham10000(
-    root: str | Path, lesions_per_class: int = 6, size: tuple[int, int] = (64, 48), seed: int = 0
+    root: str | Path,
+    lesions_per_class: int = 6,
+    size: tuple[int, int] = (64, 48),
+    seed: int = 0,
+    weak_metadata: bool = False,
+    colour_cast: float = 0.0,
+    look_noise: float = 0.0,
 ) -> pd.DataFrame:
-    """Write ``HAM10000_metadata.csv`` and JPEGs under ``root``; return the metadata."""
+    """Write ``HAM10000_metadata.csv`` and JPEGs under ``root``; return the metadata.
+
+    ``weak_metadata``: age and site correlate with the class without fixing it (see
+    :func:`_patient`). ``colour_cast``: each image's channels are scaled by gains drawn from
+    ``[1 - colour_cast, 1 + colour_cast]``, a cast that differs by image. ``look_noise``: the
+    share of images drawn with the colour, size and orientation of a random class instead of
+    their own. Each option draws from its own generator: with the defaults the set is the same as
+    before the options existed.
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
     # Metadata draws come from their own generator, so the images do not depend on them.
     meta_rng = np.random.default_rng(seed + 10_000)
+    cast_rng = np.random.default_rng(seed + 20_000)
+    look_rng = np.random.default_rng(seed + 30_000)
     parts = [root / "HAM10000_images_part_1", root / "HAM10000_images_part_2"]
     for p in parts:
         p.mkdir(parents=True, exist_ok=True)
@@ -80,13 +107,18 @@ def make_synthetic_ham10000(
     for c, dx in enumerate(CLASSES):
         for j in range(lesions_per_class):
             lesion = f"HAM_{c:02d}{j:04d}"
-            patient = _patient(c, meta_rng)
+            patient = _patient(c, meta_rng, weak_metadata)
             for _ in range(int(rng.integers(1, 4))):
                 image_id = f"ISIC_{9000000 + n:07d}"
-                mask = _lesion_mask(xx, yy, c, rng)
+                look = c
+                if look_noise > 0 and look_rng.random() < look_noise:
+                    look = int(look_rng.integers(0, len(CLASSES)))
+                mask = _lesion_mask(xx, yy, look, rng)
                 img = np.full((h, w, 3), (225, 190, 170), dtype=np.float64)
-                img[mask] = _COLOURS[c]
+                img[mask] = _COLOURS[look]
                 img += rng.normal(0, 8, img.shape)
+                if colour_cast > 0:
+                    img *= cast_rng.uniform(1 - colour_cast, 1 + colour_cast, 3)
                 Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
                     parts[n % 2] / f"{image_id}.jpg", quality=92
                 )
