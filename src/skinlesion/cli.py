@@ -43,7 +43,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
         from skinlesion.training.run_data import load_labelled, warn_ungrouped
 
         # --folds and --seed win over the config (the set is checked against the folds).
-        args.overrides += [f"cv.n_folds={args.folds}"] if args.folds else []
+        # split makes every fold, so the config's folds_to_run (checked against n_folds) is moot.
+        args.overrides += [f"cv.n_folds={args.folds}", "cv.folds_to_run=null"] if args.folds else []
         args.overrides += [f"cv.seed={args.seed}"] if args.seed is not None else []
         cfg = _load_checked_config(args)
         n_folds, seed = cfg.cv.n_folds, cfg.cv.seed
@@ -532,10 +533,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from skinlesion.core.paths import check_writable_dir
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.explain import explain_to_dir
     from skinlesion.inference.packaged import resolve_model
 
+    check_writable_dir(args.output, "--output")
     runtime = resolve_runtime(args.device)
     members = resolve_model(args.model, runtime).members
     rows, errors = explain_to_dir(args.images, members, runtime, Path(args.output), tta=args.tta)
@@ -548,10 +551,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from skinlesion.core.paths import check_writable_dir
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.onnx_export import export_onnx
     from skinlesion.inference.packaged import resolve_model
 
+    check_writable_dir(args.output, "--output")
     model = resolve_model(args.model, resolve_runtime("cpu"))
     path = export_onnx(model, args.output, tta=args.tta)
     print(f"exported {model.name} ({len(model.members)} member(s)) to {path}")

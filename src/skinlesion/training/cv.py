@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from skinlesion.core.config import Config, config_to_dict, save_config
-from skinlesion.core.errors import CheckpointError, ConfigError
+from skinlesion.core.errors import CheckpointError, ConfigError, torch_load_problem
 from skinlesion.core.run_folder import FoldFolder, RunFolder, check_resume_config
 from skinlesion.core.runtime import (
     DistInfo,
@@ -134,7 +135,9 @@ class FoldTrainer:
 
     def restore(self, path: Path) -> None:
         try:
-            last = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                last = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(last["state_dict"])
             self.optimizer.load_state_dict(last["optimizer"])
             self.schedule.load_state_dict(last["scheduler"])
@@ -146,8 +149,8 @@ class FoldTrainer:
             self.state = dict(last["state"])
         except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
             raise CheckpointError(
-                f"{path}: cannot resume from it ({type(err).__name__}: {err}); delete it to "
-                f"restart this fold"
+                f"{path}: cannot resume from it, {torch_load_problem(err, 'training state')}; "
+                f"delete it to restart this fold"
             ) from err
 
 
