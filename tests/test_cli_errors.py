@@ -497,3 +497,54 @@ def test_fold_missing_from_the_folds_file_fails_before_any_work(
     err = one_error_line(capsys.readouterr().err, "train")
     assert f"no fold 4 in cv.folds_file {folds} (its folds: [0, 1, 2])" in err
     assert not out.exists() and not cache.exists()
+
+
+# -- library warnings the project reports itself ------------------------------------------------
+
+
+def test_large_image_is_one_log_line_not_a_warning(
+    tiny_packaged: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    recwarn: pytest.WarningsRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    big = tmp_path / "big.png"
+    Image.new("RGB", (50, 40), (120, 80, 60)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 2000 pixels: over it, under twice it
+    with caplog.at_level(logging.INFO):
+        assert main(["predict", "--no-progress", "--model", str(tiny_packaged), str(big)]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    lines = [r.getMessage() for r in caplog.records if str(big) in r.getMessage()]
+    assert len(lines) == 1 and "2000 pixels, over PIL's decompression-bomb limit" in lines[0]
+
+
+def test_classes_absent_from_the_labels_give_no_warning(
+    run: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    from conftest import lesion_images
+
+    from skinlesion.core.labels import CLASSES
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.inference.packaged import resolve_model
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in lesion_images(tmp_path / "found", 6):
+        shutil.copy(p, folder / p.name)
+    images = sorted(folder.iterdir())
+    predicted = resolve_model(run, resolve_runtime("cpu")).predict(images)["prediction"]
+    # Labels of a class the model never predicts: every predicted class is absent from them.
+    absent = next(c for c in CLASSES if c not in set(predicted))
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"image_id": [p.stem for p in images], "dx": absent}).to_csv(labels, index=False)
+    argv = ["evaluate", "--model", str(run), "--labels", str(labels), "--images", str(folder)]
+    assert main([*argv, "--output", str(tmp_path / "ev"), "--n-boot", "0", "--no-progress"]) == 0
+    assert not [w for w in recwarn if "sklearn" in w.filename or "not in y_true" in str(w.message)]
+
+
+def test_export_gives_no_tracer_warning(
+    tiny_packaged: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    assert main(["export", "--model", str(tiny_packaged), "--output", str(tmp_path / "x")]) == 0
+    assert not [w for w in recwarn if "Converting a tensor to a Python boolean" in str(w.message)]

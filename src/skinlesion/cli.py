@@ -595,6 +595,18 @@ def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
     xp.set_defaults(func=_cmd_export)
 
 
+def _quiet_handled_warnings() -> None:
+    """Library warnings the library already reports as one log line; their own text (file,
+    line, source) would only repeat it. A filter set once here, not around each call: images
+    are decoded in worker threads, where ``warnings.catch_warnings`` is not safe."""
+    import warnings
+
+    from PIL import Image
+
+    # decode_image logs an image over PIL's pixel limit (one over twice the limit is refused).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -603,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
+    _quiet_handled_warnings()
     from skinlesion.core.errors import SkinlesionError
 
     try:

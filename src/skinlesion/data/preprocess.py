@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skinlesion.core.errors import ImageDecodeError
 from skinlesion.core.labels import CLASSES
+
+log = logging.getLogger(__name__)
 
 Size = int | tuple[int, int]
 """An input size: ``S`` (square) or ``(H, W)``."""
@@ -89,6 +92,22 @@ def size_from_plain(value: Any) -> Size:
     return int(value)
 
 
+def _log_large(img: Image.Image, name: str) -> None:
+    """One line for an image over PIL's pixel limit but under twice it (PIL decodes it and
+    warns; twice the limit is refused above)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = img.size[0] * img.size[1]
+    if limit is not None and pixels > limit:
+        log.warning(
+            "%s: %d x %d = %d pixels, over PIL's decompression-bomb limit of %d; decoded",
+            name,
+            img.size[0],
+            img.size[1],
+            pixels,
+            limit,
+        )
+
+
 def decode_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     """Open a file (or bytes) as RGB, honouring EXIF orientation; raise naming the source."""
     if isinstance(source, Image.Image):
@@ -106,6 +125,7 @@ def decode_image(source: str | Path | bytes | Image.Image) -> Image.Image:
             raise ImageDecodeError(f"{name}: refused, too many pixels ({err})") from err
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise ImageDecodeError(f"{name}: not a decodable image ({err})") from err
+        _log_large(img, name)
     # A broken EXIF block must not lose the image.
     with contextlib.suppress(Exception):
         img = ImageOps.exif_transpose(img)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,9 @@ def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) 
     spec = model.members[0].spec
     dummy = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
     path = output / ONNX_FILE
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # _view's shape test is traced as a constant, rightly: only the batch axis is dynamic.
+        warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean")
         torch.onnx.export(
             graph,
             (dummy,),
