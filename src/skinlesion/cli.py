@@ -43,7 +43,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
         from skinlesion.training.run_data import load_labelled, warn_ungrouped
 
         # --folds and --seed win over the config (the set is checked against the folds).
-        args.overrides += [f"cv.n_folds={args.folds}"] if args.folds else []
+        # split makes every fold, so the config's folds_to_run (checked against n_folds) is moot.
+        args.overrides += [f"cv.n_folds={args.folds}", "cv.folds_to_run=null"] if args.folds else []
         args.overrides += [f"cv.seed={args.seed}"] if args.seed is not None else []
         cfg = _load_checked_config(args)
         n_folds, seed = cfg.cv.n_folds, cfg.cv.seed
@@ -529,10 +530,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from skinlesion.core.paths import check_writable_dir
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.explain import explain_to_dir
     from skinlesion.inference.packaged import resolve_model
 
+    check_writable_dir(args.output, "--output")
     runtime = resolve_runtime(args.device)
     members = resolve_model(args.model, runtime).members
     rows, errors = explain_to_dir(args.images, members, runtime, Path(args.output), tta=args.tta)
@@ -545,10 +548,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from skinlesion.core.paths import check_writable_dir
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.onnx_export import export_onnx
     from skinlesion.inference.packaged import resolve_model
 
+    check_writable_dir(args.output, "--output")
     model = resolve_model(args.model, resolve_runtime("cpu"))
     path = export_onnx(model, args.output, tta=args.tta)
     print(f"exported {model.name} ({len(model.members)} member(s)) to {path}")
@@ -587,6 +592,18 @@ def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
     xp.set_defaults(func=_cmd_export)
 
 
+def _quiet_handled_warnings() -> None:
+    """Library warnings the library already reports as one log line; their own text (file,
+    line, source) would only repeat it. A filter set once here, not around each call: images
+    are decoded in worker threads, where ``warnings.catch_warnings`` is not safe."""
+    import warnings
+
+    from PIL import Image
+
+    # decode_image logs an image over PIL's pixel limit (one over twice the limit is refused).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -595,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
+    _quiet_handled_warnings()
     from skinlesion.core.errors import SkinlesionError
 
     try:

@@ -19,7 +19,7 @@ from PIL import Image
 
 import skinlesion
 from skinlesion.cli import main
-from skinlesion.core.errors import CheckpointError
+from skinlesion.core.errors import CheckpointError, OutputError
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.synthetic import make_synthetic_ham10000
@@ -244,7 +244,7 @@ def test_fit_final_trains_on_all_images_and_packages(tiny_run: Path, tmp_path: P
     assert ckpt["fold"] == -1 and ckpt["epoch"] == choice["epochs"]
     assert ckpt["temperature"] == pytest.approx(choice["temperature"])
     assert ckpt["final_fit"]["n_train"] == len(pd.read_csv(tiny_run / "folds.csv"))
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="pass --resume"):
         fit_final(tiny_run, progress=False)
     again = load_checkpoint(fit_final(tiny_run, resume=True, progress=False))
     for k, v in ckpt["state_dict"].items():

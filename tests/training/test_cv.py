@@ -142,13 +142,40 @@ def test_resume_after_interruption_matches_uninterrupted(
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_resume_refuses_changed_config(syn_root: Path, tmp_path: Path) -> None:
+def test_resume_refuses_changed_training_keys_before_any_work(
+    syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     args = tiny_overrides(
         syn_root, out, tmp_path / "cache", **{"cv.folds_to_run": "[0]", "train.epochs": "1"}
     )
     assert train_cli(args) == 0
-    assert train_cli(["--resume", *args, "loss.gamma=0.5"]) == 2
+    kept = {p: p.read_bytes() for p in (out / "config.yaml", out / "train.log")}
+    capsys.readouterr()
+    assert train_cli(["--resume", *args, "train.lr=0.001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "train.lr: 0.0003 -> 0.001" in err and str(out) in err
+    assert train_cli(["--resume", *args, "loss.gamma=0.5", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs: 1 -> 2" in err and "loss.gamma: 2.0 -> 0.5" in err
+    # Refused before the log or the saved config were touched.
+    assert all(p.read_bytes() == data for p, data in kept.items())
+
+
+def test_resume_accepts_machine_settings_and_more_folds(syn_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = tiny_overrides(
+        syn_root, out, tmp_path / "cache", **{"cv.folds_to_run": "[0]", "train.epochs": "1"}
+    )
+    assert train_cli(args) == 0
+    fold0 = (out / "fold_0" / "best.pt").read_bytes()
+    moved = [f"data.cache_dir={tmp_path / 'cache2'}", "train.num_threads=1", "train.device=cpu"]
+    assert train_cli(["--resume", *args, *moved, "cv.folds_to_run=[1]"]) == 0
+    saved = load_config(out / "config.yaml")
+    assert saved.cv.folds_to_run == [0, 1]  # the folder holds both parts' folds
+    assert saved.train.num_threads == 1 and saved.data.cache_dir == str(tmp_path / "cache2")
+    assert (out / "fold_1" / "summary.json").is_file()
+    assert (out / "fold_0" / "best.pt").read_bytes() == fold0
 
 
 def test_bad_config_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:

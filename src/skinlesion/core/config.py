@@ -118,6 +118,26 @@ class CVConfig(_Strict):
     folds_file: str | None = None
     """A ``folds.csv`` from ``skinlesion split``; default: folds are made and saved in the run."""
 
+    @model_validator(mode="after")
+    def _folds_exist(self) -> CVConfig:
+        # Checked here, where n_folds is known, so a fold that does not exist fails before the
+        # data loads and before a run folder exists. The folds of a folds_file are checked
+        # against the file (training.checks).
+        folds = self.folds_to_run
+        if folds is None:
+            return self
+        if not folds:
+            raise ValueError("cv.folds_to_run is empty; give fold numbers, or null for all")
+        if len(set(folds)) != len(folds):
+            raise ValueError(f"cv.folds_to_run={folds} names a fold twice")
+        outside = [f for f in folds if not 0 <= f < self.n_folds]
+        if outside and self.folds_file is None:
+            raise ValueError(
+                f"cv.folds_to_run={folds}: no fold {', '.join(map(str, outside))}; "
+                f"cv.n_folds={self.n_folds} makes folds 0..{self.n_folds - 1}"
+            )
+        return self
+
 
 class ModelConfig(_Strict):
     backbone: str = "efficientnet_b3"
@@ -381,6 +401,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(
                 f"  {key}: unknown value '{e['input']}'; {close_matches(e['input'], choices)}"
             )
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # A check across keys of a section: its message names them, the input adds noise.
+            lines.append(f"  {str(e['msg']).removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     if len(lines) == 2:  # one fault: one line

@@ -7,6 +7,7 @@ that described it before the family existed, so ``except ValueError`` callers ke
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 _MAX_LISTED = 20
@@ -55,3 +56,24 @@ class WeightsUnavailableError(SkinlesionError, RuntimeError):
 
 class OutputError(SkinlesionError):
     """An output path that cannot be written (read-only, not a folder, disk full)."""
+
+
+def torch_load_problem(err: BaseException, what: str = "checkpoint") -> str:
+    """One sentence for what ``torch.load(..., weights_only=True)`` raised on a ``what`` file.
+
+    A pickle that would run code is refused by torch with paragraphs that end by suggesting
+    ``weights_only=False``; keep the one fact that matters (what it tried to load).
+
+    >>> torch_load_problem(RuntimeError("PytorchStreamReader failed. Internal error.\\nMore."))
+    'not a readable checkpoint (PytorchStreamReader failed)'
+    """
+    text = str(err).strip()
+    if text.startswith("Weights only load failed"):
+        found = re.search(r"unsupported (GLOBAL \S+|operand \S+)", text, re.IGNORECASE)
+        detail = f" ({found.group(1).rstrip('.')})" if found else ""
+        return (
+            f"refused: it holds pickled objects that could run code{detail}; skinlesion loads "
+            "plain tensors and types only"
+        )
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
+    return f"not a readable {what} ({first})"

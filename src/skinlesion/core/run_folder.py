@@ -24,14 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from skinlesion.core.config import Config, EvalConfig, build_config
+from skinlesion.core.config import Config, EvalConfig, build_config, config_to_dict, load_config
 from skinlesion.core.errors import ConfigError
 
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 # Config keys that may differ between runs of one recipe: where a part wrote, which folds it ran,
-# and machine settings that do not change the models (the image cache is only a cache).
+# and machine settings that do not change the models (the image cache is only a cache). They are
+# also the only keys --resume may change: output_dir differs only for a moved folder; the image
+# cache is keyed by the source files, size and preprocessing, so any copy holds the same pixels;
+# device and threads change the speed (and float rounding), not the recipe; each fold is
+# seeded by its number alone, so training more (or other) folds leaves the others as they were.
 PER_RUN_KEYS: tuple[tuple[str, ...], ...] = (
     ("cv", "folds_to_run"),
     ("output_dir",),
@@ -217,3 +222,47 @@ def recipe_of(tree: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(path[-1], None)
     return out
+
+
+def config_leaves(tree: dict[str, Any], schema: type[BaseModel] = Config) -> dict[str, Any]:
+    """``{"train.lr": 0.0003, ...}``: every key of the schema with its value in ``tree`` (a
+    config as plain data); a mapping-valued key (``data.where``) is one leaf."""
+    out: dict[str, Any] = {}
+    for name, field in schema.model_fields.items():
+        value = tree.get(name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(value, dict):
+            out.update({f"{name}.{k}": v for k, v in config_leaves(value, ann).items()})
+        else:
+            out[name] = value
+    return out
+
+
+def resume_changes(saved: Config, new: Config) -> list[str]:
+    """``"train.lr: 0.0003 -> 0.001"`` for every key that differs, but the :data:`PER_RUN_KEYS`."""
+    free = {".".join(k) for k in PER_RUN_KEYS}
+    old_leaves = config_leaves(config_to_dict(saved))
+    new_leaves = config_leaves(config_to_dict(new))
+    return [
+        f"{key}: {old_leaves[key]!r} -> {new_leaves[key]!r}"
+        for key in old_leaves
+        if key not in free and old_leaves[key] != new_leaves[key]
+    ]
+
+
+def check_resume_config(saved_path: Path, new: Config, hint: str = "") -> Config:
+    """The config saved at ``saved_path``, if ``new`` changes none of the keys that decide what
+    is trained; else :class:`ConfigError` naming each changed key with its old and new value.
+
+    Read through the schema, so a key added since the file was written compares as its default.
+    """
+    saved = load_config(saved_path)
+    changes = resume_changes(saved, new)
+    if changes:
+        free = ", ".join(".".join(k) for k in PER_RUN_KEYS)
+        raise ConfigError(
+            f"--resume would change what {saved_path} was trained with: {'; '.join(changes)}"
+            f"{hint}; keep the saved values or choose another output folder (only {free} may "
+            f"change on resume)"
+        )
+    return saved

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skinlesion.core.errors import ImageDecodeError
 from skinlesion.core.labels import CLASSES
+
+log = logging.getLogger(__name__)
 
 Size = int | tuple[int, int]
 """An input size: ``S`` (square) or ``(H, W)``."""
@@ -141,7 +144,25 @@ def _open(source: str | Path | bytes | Image.Image) -> tuple[Image.Image, str]:
         return source, "<image>"
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     with _decode_errors(name):
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source), name
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    _log_large(img, name)
+    return img, name
+
+
+def _log_large(img: Image.Image, name: str) -> None:
+    """One line for an image over PIL's pixel limit but under twice it (PIL decodes it and
+    warns; twice the limit is refused when it is opened)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = img.size[0] * img.size[1]
+    if limit is not None and pixels > limit:
+        log.warning(
+            "%s: %d x %d = %d pixels, over PIL's decompression-bomb limit of %d; decoded",
+            name,
+            img.size[0],
+            img.size[1],
+            pixels,
+            limit,
+        )
 
 
 def _load(img: Image.Image, name: str) -> None:

@@ -23,7 +23,8 @@ MAX_TEMPERATURE = 1e2
 def _as_numpy(values: np.ndarray | torch.Tensor, dtype: type = np.float64) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
+    # A copy: a read-only view (a pandas column) makes torch warn when it wraps the array.
+    return np.array(values, dtype=dtype)
 
 
 def softmax(logits: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.paths import check_writable_dir, check_writable_file
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.abstain import plot_risk_coverage, render_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import (
@@ -113,10 +114,19 @@ def _melanoma_threshold(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]
     return melanoma_threshold_for_specificity(y, probs, 0.95, classes)
 
 
+def check_report_writable(run: RunFolder) -> None:
+    """The report's files and ``plots/`` can be written in the run folder (checked before the
+    bootstrap, so a file in the way fails in seconds)."""
+    for path in (run.oof_predictions, run.oof_metrics, run.report):
+        check_writable_file(path, "report")
+    check_writable_dir(run.plots, "report")
+
+
 def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """``oof_predictions.csv``, ``oof_metrics.json``, ``plots/`` and ``report.md`` of a run."""
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
+    check_report_writable(run)
     oof = collect_oof(run_dir)
     path = run.oof_predictions
     oof.to_csv(path, index=False, float_format="%.8g")

@@ -74,7 +74,8 @@ def predict_logits(
     ``metadata`` (encoded, indexed like ``images``) goes to a fused model as ``model(x, m)``.
     """
     model.eval()
-    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    # A copy: the rows may be a read-only view (pandas), which torch warns about.
+    rows = torch.tensor(np.asarray(rows), dtype=torch.long)
     out: list[torch.Tensor] = []
     n_batches = math.ceil(len(rows) / batch_size)
     for b in tqdm(range(n_batches), desc="predict", leave=False, disable=not progress):

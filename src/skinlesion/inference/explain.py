@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.augment import normalize, to_float
 from skinlesion.data.preprocess import (
@@ -156,6 +157,7 @@ def explain_to_dir(
     its probability, overlay file); a bad image is reported and the others go on."""
     import pandas as pd
 
+    check_writable_dir(output, "explanations folder")
     output.mkdir(parents=True, exist_ok=True)
     rows, errors, used = [], {}, set()
     for i, src in enumerate(sources):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
+from skinlesion.core.paths import check_writable_dir
+from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec, size_hw
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import Member
 from skinlesion.inference.table import Decisions, predictions_table
@@ -113,6 +115,7 @@ def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) 
         log.warning("%s uses patient metadata; the ONNX graph takes images only", model.name)
 
     output = Path(output)
+    check_writable_dir(output, "ONNX export folder")
     output.mkdir(parents=True, exist_ok=True)
     tta = model.tta if tta is None else tta
     graph = EnsembleGraph(model.members, tta).cpu().eval()
@@ -120,7 +123,9 @@ def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) 
     spec = model.members[0].spec
     dummy = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
     path = output / ONNX_FILE
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # _view's shape test is traced as a constant, rightly: only the batch axis is dynamic.
+        warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean")
         torch.onnx.export(
             graph,
             (dummy,),
@@ -164,6 +169,40 @@ def _spec_json(model: LoadedModel, spec: PreprocessSpec, tta: int) -> dict[str, 
     }
 
 
+def read_export_spec(path: Path) -> tuple[dict[str, Any], PreprocessSpec]:
+    """``spec.json`` of an export folder and its preprocessing spec; a damaged file is a
+    :class:`CheckpointError` naming it and what was expected."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
+        raise CheckpointError(f"{path}: not a skinlesion ONNX export (format {ONNX_FORMAT!r})")
+    try:
+        spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: preprocessing is not a mapping with size, mean and std ({err!r})"
+        ) from err
+    names = meta.get("class_names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: class_names is {names!r}, expected a list of names")
+    return meta, spec
+
+
+def _check_graph_io(session: Any, graph: Path, spec: PreprocessSpec) -> None:
+    """The graph takes ``images`` of the spec's size and gives ``probabilities``."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    h, w = size_hw(spec.size)
+    shape = inputs.get("images")
+    if shape is None or "probabilities" not in outputs or list(shape[1:]) != [h, w, 3]:
+        raise CheckpointError(
+            f"{graph}: takes {inputs} and gives {outputs}; expected images [batch, {h}, {w}, 3] "
+            f"-> probabilities, as its {SPEC_FILE} says"
+        )
+
+
 class OnnxModel:
     """An exported graph run by onnxruntime on the CPU."""
 
@@ -177,17 +216,23 @@ class OnnxModel:
             raise CheckpointError(
                 f"{folder}: not an exported ONNX model (needs {ONNX_FILE} and {SPEC_FILE})"
             )
-        self.meta = json.loads(spec_path.read_text())
-        if self.meta.get("format") != ONNX_FORMAT:
-            raise CheckpointError(f"{spec_path}: not a skinlesion ONNX export")
-        self.spec = PreprocessSpec.from_dict(self.meta["preprocessing"])
+        self.meta, self.spec = read_export_spec(spec_path)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(folder / ONNX_FILE), opts, providers=["CPUExecutionProvider"]
-        )
+        graph = folder / ONNX_FILE
+        try:
+            self.session = ort.InferenceSession(
+                str(graph), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types per fault
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{graph}: not a loadable ONNX graph, truncated or not written by `skinlesion "
+                f"export` ({first})"
+            ) from err
+        _check_graph_io(self.session, graph, self.spec)
 
     @property
     def class_names(self) -> list[str]:

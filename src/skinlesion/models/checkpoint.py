@@ -9,12 +9,13 @@ code.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from skinlesion.core.errors import CheckpointError
+from skinlesion.core.errors import CheckpointError, torch_load_problem
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.tabular import MetadataSpec
@@ -103,16 +104,25 @@ def checkpoint_metadata(ckpt: dict[str, Any]) -> MetadataSpec | None:
     return MetadataSpec.from_dict(meta["spec"]) if meta else None
 
 
+def load_plain(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file it refuses or cannot read (a
+    pickle that would run code, a truncated file) is a :class:`CheckpointError` in one sentence
+    naming it."""
+    try:
+        with warnings.catch_warnings():
+            # Raised for plain pickles, which are refused anyway (or are tensors only).
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise CheckpointError(f"{path}: {torch_load_problem(err, what)}") from err
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a checkpoint (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from err
+    ckpt = load_plain(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a skinlesion checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

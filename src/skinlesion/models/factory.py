@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from skinlesion.core.errors import WeightsUnavailableError
+from skinlesion.core.errors import CheckpointError, WeightsUnavailableError, torch_load_problem
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.tabular import MetadataSpec, missing_vector
@@ -161,7 +162,13 @@ def load_weights_file(model: nn.Module, path: str | Path) -> bool:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():
+                # Raised for plain pickles, which are refused anyway (or are tensors only).
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
+            raise CheckpointError(f"{path}: {torch_load_problem(err, 'weights file')}") from err
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
     head = {k for k in state if k in own and state[k].shape != own[k].shape}

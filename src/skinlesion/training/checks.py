@@ -13,6 +13,7 @@ from skinlesion.core.config import Config, check_name
 from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.data.cache import default_cache_dir
+from skinlesion.data.folds import read_folds
 from skinlesion.data.sampling import SAMPLERS
 from skinlesion.models.backbones import check_backbone
 from skinlesion.training.losses import LOSSES
@@ -46,6 +47,20 @@ def _check_data_paths(cfg: Config) -> None:
         )
 
 
+def _check_folds_file_folds(cfg: Config) -> None:
+    """``cv.folds_to_run`` names folds of ``cv.folds_file`` (without a file the schema checks
+    them against ``cv.n_folds``)."""
+    if cfg.cv.folds_file is None or cfg.cv.folds_to_run is None:
+        return
+    present = sorted(set(read_folds(Path(cfg.cv.folds_file))["fold"].tolist()))
+    unknown = [f for f in cfg.cv.folds_to_run if f not in present]
+    if unknown:
+        raise ConfigError(
+            f"cv.folds_to_run={cfg.cv.folds_to_run}: no fold {', '.join(map(str, unknown))} in "
+            f"cv.folds_file {cfg.cv.folds_file} (its folds: {present})"
+        )
+
+
 def check_paths(cfg: Config) -> None:
     """Inputs exist; ``output_dir`` and ``data.cache_dir`` can be written."""
     _check_data_paths(cfg)
@@ -56,6 +71,7 @@ def check_paths(cfg: Config) -> None:
     ):
         if value is not None and not Path(value).is_file():
             raise DataError(f"{key}: file {value} not found")
+    _check_folds_file_folds(cfg)
     check_writable_dir(cfg.output_dir, "output_dir")
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     check_writable_dir(cache, "data.cache_dir" if cfg.data.cache_dir else f"image cache {cache}")

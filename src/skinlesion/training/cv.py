@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from skinlesion.core.config import Config, config_to_dict, save_config
-from skinlesion.core.errors import CheckpointError, ConfigError
-from skinlesion.core.run_folder import RECIPE_SECTIONS, FoldFolder, RunFolder
+from skinlesion.core.errors import CheckpointError, ConfigError, torch_load_problem
+from skinlesion.core.run_folder import FoldFolder, RunFolder, check_resume_config
 from skinlesion.core.runtime import (
     DistInfo,
     Runtime,
@@ -134,7 +135,9 @@ class FoldTrainer:
 
     def restore(self, path: Path) -> None:
         try:
-            last = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                last = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(last["state_dict"])
             self.optimizer.load_state_dict(last["optimizer"])
             self.schedule.load_state_dict(last["scheduler"])
@@ -146,8 +149,8 @@ class FoldTrainer:
             self.state = dict(last["state"])
         except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
             raise CheckpointError(
-                f"{path}: cannot resume from it ({type(err).__name__}: {err}); delete it to "
-                f"restart this fold"
+                f"{path}: cannot resume from it, {torch_load_problem(err, 'training state')}; "
+                f"delete it to restart this fold"
             ) from err
 
 
@@ -453,26 +456,25 @@ def setup_logging(run_dir: Path | None, is_main: bool = True) -> logging.Handler
     return None
 
 
-def check_resume(run_dir: Path, cfg: Config, resume: bool) -> None:
-    """Refuse to mix runs: a folder with results needs --resume and the same config."""
+def check_resume(run_dir: Path, cfg: Config, resume: bool) -> Config:
+    """Refuse to mix runs: a folder with results needs --resume, and --resume may change only
+    the keys that do not decide what is trained; the config to save in the run folder."""
     run = RunFolder(run_dir)
     if not run.config.is_file():
-        return
+        return cfg
     if not resume and run.has_results():
         raise ConfigError(
             f"output_dir: {run_dir} already holds a run; pass --resume to continue it, "
             f"or choose another output_dir"
         )
-    if resume:
-        # Through the schema, so keys added since the run was made compare as their defaults.
-        old = config_to_dict(run.read_config())
-        new = config_to_dict(cfg)
-        diff = [k for k in RECIPE_SECTIONS if old.get(k) != new.get(k)]
-        if diff:
-            raise ConfigError(
-                f"--resume with a different config than {run.config} (sections "
-                f"{diff} differ); use the saved config or another output_dir"
-            )
+    if not resume:
+        return cfg
+    saved = check_resume_config(run.config, cfg)
+    # The folder holds the folds of both parts: its config says so.
+    merged = cfg.model_copy(deep=True)
+    old, new = saved.cv.folds_to_run, cfg.cv.folds_to_run
+    merged.cv.folds_to_run = None if old is None or new is None else sorted({*old, *new})
+    return merged
 
 
 def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
@@ -484,11 +486,10 @@ def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     check_config(cfg)
     dist_info = init_distributed()
     run_dir = Path(cfg.output_dir)
-    if dist_info.is_main:
-        check_resume(run_dir, cfg, resume)
+    saved = check_resume(run_dir, cfg, resume) if dist_info.is_main else cfg
     handler = setup_logging(run_dir, dist_info.is_main)
     try:
-        _run_cv(cfg, run_dir, dist_info, resume, progress)
+        _run_cv(cfg, saved, run_dir, dist_info, resume, progress)
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
@@ -518,7 +519,10 @@ def _folds_to_run(cfg: Config, data: RunData) -> list[int]:
     return folds
 
 
-def _run_cv(cfg: Config, run_dir: Path, dist_info: DistInfo, resume: bool, progress: bool) -> None:
+def _run_cv(
+    cfg: Config, saved: Config, run_dir: Path, dist_info: DistInfo, resume: bool, progress: bool
+) -> None:
+    """Train ``cfg``'s folds; ``saved`` is the config the run folder records."""
     runtime = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, dist_info)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -526,7 +530,7 @@ def _run_cv(cfg: Config, run_dir: Path, dist_info: DistInfo, resume: bool, progr
     if cfg.train.scheme == "linear_probe" and dist_info.enabled:
         raise ConfigError("train.scheme=linear_probe runs in one process; drop torchrun")
     if dist_info.is_main:
-        save_config(cfg, run.config)
+        save_config(saved, run.config)
         run.environment.write_text(json.dumps(environment_info(runtime), indent=2))
     data = _shared_data(cfg, run, dist_info, progress)
     if dist_info.is_main:

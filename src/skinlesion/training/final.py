@@ -5,8 +5,9 @@ Cross-validation estimates how good the recipe is; the model to ship sees all th
 is left to validate it on, so its epoch count is the median of the folds' best epochs and its
 temperature the mean of theirs; the run's out-of-fold figures stay the honest estimate of it.
 
-    run_dir/final/best.pt   (fold -1; ``final_fit`` says how it was made)
-    run_dir/final/last.pt   training state for --resume
+    run_dir/final/config.yaml  the config it trains with (the run's, with the chosen epochs)
+    run_dir/final/best.pt      (fold -1; ``final_fit`` says how it was made)
+    run_dir/final/last.pt      training state for --resume
     run_dir/final/summary.json
 """
 
@@ -18,8 +19,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from skinlesion.core.config import config_to_dict, load_config
-from skinlesion.core.errors import CheckpointError
+from skinlesion.core.config import Config, config_to_dict, load_config, save_config
+from skinlesion.core.errors import CheckpointError, OutputError
+from skinlesion.core.paths import check_writable_dir
+from skinlesion.core.run_folder import check_resume_config
 from skinlesion.core.runtime import init_distributed, resolve_runtime
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
 from skinlesion.training.cv import train_epoch, trainer_for_table
@@ -49,11 +52,24 @@ def fold_choices(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def check_final_resume(out: Path, cfg: Config, resume: bool) -> None:
+    """A final model is not overwritten without --resume, and --resume continues it only with
+    the config it started with (the folds' median best epoch may have moved since)."""
+    if (out / "best.pt").is_file() and not resume:
+        raise OutputError(f"{out / 'best.pt'} exists; pass --resume to continue, or remove it")
+    if resume and (out / "last.pt").is_file() and (out / "config.yaml").is_file():
+        hint = " (train.epochs is the median of the folds' best epochs)"
+        check_resume_config(out / "config.yaml", cfg, hint)
+
+
 def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train ``run_dir/final/best.pt`` on all images; returns its path."""
     run_dir = Path(run_dir)
+    out = run_dir / "final"
+    check_writable_dir(out, "fit-final's output folder")
     choice = fold_choices(run_dir)
     cfg = load_config(run_dir / "config.yaml", [f"train.epochs={choice['epochs']}"])
+    check_final_resume(out, cfg, resume)
     runtime = resolve_runtime(
         cfg.train.device, cfg.train.amp, cfg.train.channels_last, init_distributed()
     )
@@ -61,10 +77,8 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
         import torch
 
         torch.set_num_threads(cfg.train.num_threads)
-    out = run_dir / "final"
-    if (out / "best.pt").is_file() and not resume:
-        raise FileExistsError(f"{out / 'best.pt'} exists; pass --resume or remove it")
     out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
     data = load_run_data(cfg, None, progress=progress)
     table = data.table
     tr = trainer_for_table(cfg, data, cfg.cv.n_folds, table, runtime)  # a seed no fold used

@@ -66,8 +66,9 @@ def audit_leakage(
     for scheme, grouped in SCHEMES.items():
         sub = cfg.model_copy(deep=True)
         sub.cv.grouped = grouped
-        sub.cv.folds_file = None
+        # folds_to_run first: it is checked against n_folds once folds_file is gone.
         sub.cv.folds_to_run = None  # both splits must predict every image once
+        sub.cv.folds_file = None
         sub.output_dir = str(out / scheme)
         log.info("leakage audit: %s folds", scheme)
         run_cv(sub, resume=resume, progress=progress)

@@ -43,7 +43,7 @@ def write_metrics_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 def val_figures(criterion: nn.Module, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Selection loss (the training criterion) and headline metrics on validation logits."""
     lt = torch.from_numpy(logits)
-    yt = torch.from_numpy(y).long()
+    yt = torch.tensor(y, dtype=torch.long)  # a copy: y may be a read-only view (pandas)
     probs = torch.softmax(lt.double(), -1).numpy()
     # Only the scalars are read, which do not depend on the class names.
     pm = point_metrics(y, probs, [f"class_{i}" for i in range(probs.shape[1])])

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from skinlesion.core.errors import CheckpointError
-from skinlesion.evaluation.report import write_oof_report
+from skinlesion.core.paths import check_writable_dir
+from skinlesion.core.run_folder import RunFolder
+from skinlesion.evaluation.report import check_report_writable, write_oof_report
 from skinlesion.inference.packaged import (
     CARD_FILE,
     DEFAULT_FILE,
@@ -327,6 +329,8 @@ def package_run(
     if not name or any(ch in name for ch in "/\\") or name.startswith("."):
         raise CheckpointError(f"package name '{name}' must be a plain folder name")
     root = Path(out_root) if out_root else zoo_dir()
+    check_writable_dir(root / name, "package folder")
+    check_report_writable(RunFolder(run_dir))  # the card's figures are recomputed there
     ckpts = _load_members(run_dir, folds, final)
     n_boot = int((ckpts[0].get("config") or {}).get("eval", {}).get("n_boot", 1000))
     oof = write_oof_report(run_dir, n_boot=n_boot)  # recomputed from oof_predictions

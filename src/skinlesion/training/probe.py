@@ -135,7 +135,7 @@ def fit_linear_head(
     xt = torch.from_numpy(x).double()
     mu, sd = xt.mean(0), xt.std(0).clamp(min=1e-6)
     z = (xt - mu) / sd
-    yt = torch.from_numpy(y).long()
+    yt = torch.tensor(y, dtype=torch.long)  # a copy: y may be a read-only view (pandas)
     wt = torch.from_numpy(sample_weight).double()
     wt = wt / wt.mean()
     w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -230,7 +230,7 @@ def _sweep_l2(
         logits = (x_va @ w.T + b).astype(np.float32)
         figs = val_figures(criterion, logits, y_va)
         logits_tr = torch.from_numpy(x_tr @ w.T + b).float()
-        train_loss = float(criterion(logits_tr, torch.from_numpy(y_tr).long()))
+        train_loss = float(criterion(logits_tr, torch.tensor(y_tr, dtype=torch.long)))
         seconds = time.perf_counter() - t0
         rows.append({"epoch": i, "train_loss": train_loss, **figs, "lr": l2, "seconds": seconds})
         if best is None or figs["val_loss"] < best.figs["val_loss"]:
