@@ -20,8 +20,9 @@ from typing import Any
 
 from skinlesion.core.config import config_to_dict, load_config
 from skinlesion.core.errors import CheckpointError
-from skinlesion.core.runtime import init_distributed, resolve_runtime
+from skinlesion.core.runtime import init_distributed, planned_world_size, resolve_runtime
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.training.checks import check_world_size
 from skinlesion.training.cv import train_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
 from skinlesion.training.setup import model_kwargs
@@ -54,6 +55,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
     run_dir = Path(run_dir)
     choice = fold_choices(run_dir)
     cfg = load_config(run_dir / "config.yaml", [f"train.epochs={choice['epochs']}"])
+    check_world_size(cfg, planned_world_size())
     runtime = resolve_runtime(
         cfg.train.device, cfg.train.amp, cfg.train.channels_last, init_distributed()
     )
