@@ -58,9 +58,15 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+def planned_world_size() -> int:
+    """The number of processes ``torchrun`` started (``WORLD_SIZE``), known before joining them,
+    so a config that does not fit it is refused before any work."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = planned_world_size()
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
@@ -119,6 +125,18 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+
+
+def derive_seeds(*keys: int, n: int = 1) -> list[int]:
+    """``n`` independent 63-bit seeds for the stream named by ``keys`` (e.g. seed, fold, epoch,
+    rank): another key, even one apart, gives unrelated streams.
+
+    >>> derive_seeds(42, 0, 1, 0) == derive_seeds(42, 0, 1, 0) != derive_seeds(42, 0, 1, 1)
+    True
+    """
+    entropy = [k % 2**64 for k in keys]  # SeedSequence takes non-negative words
+    words = np.random.SeedSequence(entropy).generate_state(n, dtype=np.uint64)
+    return [int(w >> 1) for w in words]  # torch seeds are signed 64-bit
 
 
 def _version(pkg: str) -> str | None:

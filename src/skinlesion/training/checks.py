@@ -77,6 +77,26 @@ def check_paths(cfg: Config) -> None:
     check_writable_dir(cache, "data.cache_dir" if cfg.data.cache_dir else f"image cache {cache}")
 
 
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The run fits ``world_size`` processes (``torchrun``'s, before joining them): the linear
+    probe runs in one, and ``train.batch_size``, the global batch, splits evenly into at least
+    2 images per process (BatchNorm and the trainer skip a 1-image batch)."""
+    if world_size <= 1:
+        return
+    if cfg.train.scheme == "linear_probe":
+        raise ConfigError(
+            f"train.scheme=linear_probe runs in one process, not {world_size}; drop torchrun"
+        )
+    batch = cfg.train.batch_size
+    if batch % world_size or batch < 2 * world_size:
+        fits = max(2, round(batch / world_size)) * world_size
+        raise ConfigError(
+            f"train.batch_size={batch} (the global batch) does not split evenly across world "
+            f"size {world_size} (torchrun processes) with at least 2 images each; use a "
+            f"multiple of {world_size} from {2 * world_size}, e.g. train.batch_size={fits}"
+        )
+
+
 def check_config(cfg: Config) -> None:
     """:func:`check_names`, then :func:`check_paths`: in seconds, before any work."""
     check_names(cfg)

@@ -29,6 +29,7 @@ from skinlesion.core.runtime import (
     Runtime,
     environment_info,
     init_distributed,
+    planned_world_size,
     resolve_runtime,
     seed_everything,
 )
@@ -46,7 +47,12 @@ from skinlesion.models.checkpoint import (
     model_from_checkpoint,
 )
 from skinlesion.models.freezing import freeze_stages
-from skinlesion.training.checks import check_config
+from skinlesion.training.checks import check_config, check_world_size
+from skinlesion.training.distributed import (
+    convert_sync_batchnorm,
+    rank_share,
+    seed_rank_streams,
+)
 from skinlesion.training.engine import MetadataFeed, train_one_epoch
 from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
 from skinlesion.training.probe import run_linear_probe
@@ -115,9 +121,10 @@ class FoldTrainer:
     schedule: Schedule
     scaler: torch.amp.GradScaler | None
     gen: torch.Generator  # sampler draws (same on every rank)
-    aug_gen: torch.Generator  # augmentation draws (per rank)
-    steps: int  # optimizer steps per epoch on this rank
+    aug_gen: torch.Generator  # augmentation draws (per rank, seeded every epoch)
+    steps: int  # optimizer steps per epoch, on every rank
     state: dict[str, Any]
+    fold: int  # with the seed, epoch and rank, keys the per-rank draws
     metadata: MetadataSpec | None = None  # the encoding a fused model takes
     feed: MetadataFeed | None = None
 
@@ -127,9 +134,8 @@ class FoldTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            # Augmentation and dropout draws are seeded afresh every epoch (seed_epoch).
             "generator": self.gen.get_state(),
-            "aug_generator": self.aug_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),  # dropout / drop-path draws
             "state": self.state,
         }
 
@@ -144,14 +150,18 @@ class FoldTrainer:
             if self.scaler is not None and last.get("scaler"):
                 self.scaler.load_state_dict(last["scaler"])
             self.gen.set_state(last["generator"])
-            self.aug_gen.set_state(last["aug_generator"])
-            torch.set_rng_state(last["torch_rng"])
             self.state = dict(last["state"])
         except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
             raise CheckpointError(
                 f"{path}: cannot resume from it, {torch_load_problem(err, 'training state')}; "
                 f"delete it to restart this fold"
             ) from err
+
+    def seed_epoch(self, seed: int, rank: int) -> None:
+        """Seed the coming epoch's per-rank draws (augmentation, metadata drop, dropout and
+        drop-path) from (seed, fold, epoch, rank): after the weights are broadcast every rank
+        draws its own, and --resume draws what an uninterrupted run would."""
+        seed_rank_streams(self.aug_gen, seed, self.fold, self.state["epoch"], rank)
 
 
 def build_trainer(
@@ -163,21 +173,26 @@ def build_trainer(
     metadata: MetadataSpec | None = None,
     metadata_rows: np.ndarray | None = None,
 ) -> FoldTrainer:
-    """Model (pretrained, frozen stages, DDP/compile), loss, optimizer, schedule, generators.
+    """Model (pretrained, synchronised BatchNorm, frozen stages, DDP/compile), loss, optimizer,
+    schedule, generators.
 
-    A fused model takes ``metadata``'s encoding; ``metadata_rows`` holds it per image row.
+    ``train.batch_size`` is the global batch: the steps per epoch do not depend on the number
+    of processes. A fused model takes ``metadata``'s encoding; ``metadata_rows`` holds it per
+    image row.
     """
     seed_everything(cfg.seed + fold, cfg.train.deterministic)
     model = build_run_model(cfg, spec, runtime, metadata)
+    if runtime.dist.enabled and cfg.train.sync_bn:
+        model = convert_sync_batchnorm(model, runtime.device)
     frozen = freeze_stages(model, cfg.train.freeze_stages)
     train_model: nn.Module = model
     if runtime.dist.enabled:
+        # Broadcasts rank 0's weights and buffers; the ranks' random streams part afterwards.
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
-    per_epoch = cfg.train.steps_per_epoch or math.ceil(n_train / cfg.train.batch_size)
-    steps = math.ceil(per_epoch / runtime.dist.world_size)
+    steps = cfg.train.steps_per_epoch or math.ceil(n_train / cfg.train.batch_size)
     optimizer = build_optimizer(cfg.train, model)
     return FoldTrainer(
         model=model,
@@ -188,9 +203,10 @@ def build_trainer(
         schedule=Schedule(cfg.train, optimizer, steps),
         scaler=torch.amp.GradScaler("cuda") if runtime.needs_scaler else None,
         gen=torch.Generator().manual_seed(cfg.seed * 1000 + fold),
-        aug_gen=torch.Generator().manual_seed(cfg.seed * 1000 + fold + 10_000 * runtime.dist.rank),
+        aug_gen=torch.Generator(),
         steps=steps,
         state={"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0},
+        fold=fold,
         metadata=metadata,
         feed=_feed(metadata, metadata_rows, cfg.model.metadata_drop),
     )
@@ -222,13 +238,15 @@ def train_epoch(
     runtime: Runtime,
     progress: bool,
 ) -> float:
-    """Draw this epoch's weighted sample, train this rank's share; loss averaged over ranks."""
+    """Draw this epoch's global batches (the same on every rank), train this rank's share of
+    each; the loss averaged over ranks."""
     d = runtime.dist
+    tr.seed_epoch(cfg.seed, d.rank)
     picks = draw_indices(
         cfg.sampler.name,
         train_t["label"].to_numpy(),
         len(data.spec.class_names),
-        tr.steps * cfg.train.batch_size * d.world_size,
+        tr.steps * cfg.train.batch_size,
         tr.gen,
         cfg.sampler.power,
     )
@@ -241,8 +259,8 @@ def train_epoch(
         tr.train_model,
         images=data.images,
         labels=labels_by_row,
-        order=rows[picks][d.rank :: d.world_size],
-        batch_size=cfg.train.batch_size,
+        order=rank_share(rows[picks], cfg.train.batch_size, d),
+        batch_size=cfg.train.batch_size // d.world_size,
         criterion=tr.criterion,
         optimizer=tr.optimizer,
         runtime=runtime,
@@ -480,10 +498,12 @@ def check_resume(run_dir: Path, cfg: Config, resume: bool) -> Config:
 def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train every fold of ``cv.folds_to_run``; write the run folder and its OOF report.
 
-    Names and paths are checked first (:func:`~skinlesion.training.checks.check_config`):
-    a typo fails in seconds, before any folder, fold or cache entry exists.
+    Names and paths are checked first (:func:`~skinlesion.training.checks.check_config`), and
+    that the run fits torchrun's processes: a typo fails in seconds, before any folder, fold or
+    cache entry exists.
     """
     check_config(cfg)
+    check_world_size(cfg, planned_world_size())
     dist_info = init_distributed()
     run_dir = Path(cfg.output_dir)
     saved = check_resume(run_dir, cfg, resume) if dist_info.is_main else cfg
@@ -527,8 +547,6 @@ def _run_cv(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     run = RunFolder(run_dir)
-    if cfg.train.scheme == "linear_probe" and dist_info.enabled:
-        raise ConfigError("train.scheme=linear_probe runs in one process; drop torchrun")
     if dist_info.is_main:
         save_config(saved, run.config)
         run.environment.write_text(json.dumps(environment_info(runtime), indent=2))

@@ -23,8 +23,9 @@ from skinlesion.core.config import Config, config_to_dict, load_config, save_con
 from skinlesion.core.errors import CheckpointError, OutputError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.run_folder import check_resume_config
-from skinlesion.core.runtime import init_distributed, resolve_runtime
+from skinlesion.core.runtime import init_distributed, planned_world_size, resolve_runtime
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.training.checks import check_world_size
 from skinlesion.training.cv import train_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
 from skinlesion.training.setup import model_kwargs
@@ -69,6 +70,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
     check_writable_dir(out, "fit-final's output folder")
     choice = fold_choices(run_dir)
     cfg = load_config(run_dir / "config.yaml", [f"train.epochs={choice['epochs']}"])
+    check_world_size(cfg, planned_world_size())
     check_final_resume(out, cfg, resume)
     runtime = resolve_runtime(
         cfg.train.device, cfg.train.amp, cfg.train.channels_last, init_distributed()
