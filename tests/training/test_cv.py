@@ -13,6 +13,7 @@ from conftest import FINETUNE, run_overrides, train_cli
 from skinlesion.cli import main
 from skinlesion.core.config import load_config
 from skinlesion.core.labels import CLASSES
+from skinlesion.inference.table import table_columns
 from skinlesion.models.checkpoint import load_checkpoint
 from skinlesion.training import cv as training
 
@@ -100,7 +101,7 @@ def test_predict_ensemble_and_bad_file(syn_root: Path, tmp_path: Path) -> None:
     ]
     assert main(args) == 1  # one file failed, the others were still predicted
     df = pd.read_csv(csv, keep_default_na=False)
-    assert list(df.columns) == ["image", *CLASSES, "prediction", "error"]
+    assert list(df.columns) == table_columns(CLASSES)
     good = df[df["error"] == ""]
     assert len(good) == 4
     np.testing.assert_allclose(good[list(CLASSES)].astype(float).sum(axis=1), 1.0, atol=1e-5)
