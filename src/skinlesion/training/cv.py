@@ -47,6 +47,7 @@ from skinlesion.models.checkpoint import (
 from skinlesion.models.freezing import freeze_stages
 from skinlesion.training.checks import check_config
 from skinlesion.training.engine import MetadataFeed, train_one_epoch
+from skinlesion.training.fit_familiarity import fit_run_familiarity
 from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
 from skinlesion.training.probe import run_linear_probe
 from skinlesion.training.run_data import RunData, load_run_data, metadata_by_row
@@ -540,6 +541,8 @@ def _run_cv(cfg: Config, run_dir: Path, dist_info: DistInfo, resume: bool, progr
     else:
         for fold in folds:
             fit_fold(cfg, data, fold, run_dir, runtime, resume=resume, progress=progress)
+        if dist_info.is_main:  # each fold's familiarity.safetensors (refer: unlike training)
+            fit_run_familiarity(run_dir, cfg, data, runtime, progress, strict=False)
     if dist_info.is_main:
         write_oof_report(run_dir, n_boot=cfg.eval.n_boot)
     if dist_info.enabled:
