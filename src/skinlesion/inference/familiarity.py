@@ -178,13 +178,13 @@ class Familiarity:
     def tensors(self, prefix: str = "") -> dict[str, np.ndarray]:
         out = {}
         for i, g in enumerate(self.stages):
-            out[f"{prefix}stage{i}.mean"] = g.mean.astype(np.float32)
-            out[f"{prefix}stage{i}.whitener"] = g.whitener.astype(np.float32)
-        norm = [[g.median, g.q99] for g in self.stages]
-        out[f"{prefix}normalisation"] = np.asarray(norm, dtype=np.float32)
-        out[f"{prefix}threshold"] = np.asarray([self.threshold], dtype=np.float32)
-        out[f"{prefix}heldout_scores"] = self.heldout_scores.astype(np.float32)
-        return out
+            out[f"{prefix}stage{i}.mean"] = g.mean
+            out[f"{prefix}stage{i}.whitener"] = g.whitener
+        out[f"{prefix}normalisation"] = np.asarray([[g.median, g.q99] for g in self.stages])
+        out[f"{prefix}threshold"] = np.asarray([self.threshold])
+        out[f"{prefix}heldout_scores"] = self.heldout_scores
+        # safetensors writes the buffer as it lies: C order, or a transpose is read back.
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
     @classmethod
     def from_tensors(
@@ -217,14 +217,19 @@ def _whitener(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cov = (1 - SHRINKAGE) * cov + SHRINKAGE * trace / d * np.eye(d)
     # cov = L L^T, so (x - m)^T cov^-1 (x - m) = |L^-1 (x - m)|^2 = |(x - m) @ L^-T|^2.
     lower = np.linalg.cholesky(cov)
-    return mean, np.linalg.inv(lower).T
+    return mean, np.ascontiguousarray(np.linalg.inv(lower).T)
+
+
+def _f32(x: float) -> float:
+    """``x`` as it is stored (float32), so a fitted familiarity scores as its file does."""
+    return float(np.float32(x))
 
 
 def _stage(fit: np.ndarray, calibration: np.ndarray) -> StageGaussian:
     mean, whitener = _whitener(fit)
     g = StageGaussian(mean.astype(np.float32), whitener.astype(np.float32), 0.0, 1.0)
     d = g.distance(calibration)  # with the float32 values that are stored
-    median, q99 = float(np.median(d)), float(np.quantile(d, CALIBRATION_QUANTILE))
+    median, q99 = _f32(np.median(d)), _f32(np.quantile(d, CALIBRATION_QUANTILE))
     if not q99 > median:
         raise DataError("familiarity", ["the calibration images' distances do not spread"])
     return StageGaussian(g.mean, g.whitener, median, q99)
@@ -253,7 +258,7 @@ def fit_familiarity(
     stages = [_stage(f, c) for f, c in zip(fit, calibration, strict=True)]
     fam = Familiarity(stages, 1.0, np.zeros(0, np.float32))
     held = fam.score(heldout)
-    threshold = float(np.quantile(held, UNFAMILIAR_QUANTILE))
+    threshold = _f32(np.quantile(held, UNFAMILIAR_QUANTILE))
     if not threshold > 0:
         raise DataError("familiarity", [f"held-out threshold {threshold:.3g} is not positive"])
     if len(held) > MAX_HELDOUT_SCORES:

@@ -36,7 +36,8 @@ from skinlesion.core.config import Config, build_config, load_config, parse_over
 from skinlesion.core.errors import CheckpointError, SkinlesionError
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
-from skinlesion.inference.engine import predict_logits
+from skinlesion.data.preprocess import Normalization
+from skinlesion.inference.engine import ImageSource, predict_logits
 from skinlesion.inference.familiarity import (
     FAMILIARITY_FILE,
     Familiarity,
@@ -58,21 +59,23 @@ FINAL_HELDOUT_SHARE = 0.2
 
 def identity_statistics(
     model: nn.Module,
-    data: RunData,
+    images: ImageSource,
     rows: np.ndarray,
     runtime: Runtime,
-    batch_size: int,
+    norm: Normalization,
+    batch_size: int = 64,
     progress: bool = False,
 ) -> list[np.ndarray]:
-    """Per stage, the (N, D) statistics of the cached images ``rows`` (identity view)."""
+    """Per stage, the (N, D) statistics of the prepared uint8 images ``images[rows]`` (an
+    image cache, or an array), identity view."""
     with StageCapture(model) as cap:
         predict_logits(
             model,
-            data.images,
+            images,
             rows,
             batch_size=batch_size,
             runtime=runtime,
-            norm=data.spec.normalization,
+            norm=norm,
             progress=progress,
         )
     return cap.identity_numpy(1)
@@ -125,7 +128,8 @@ def fit_member(
     fit_rows, cal_rows = training_split(train_rows, seed)
 
     def stats(rows: np.ndarray) -> list[np.ndarray]:
-        return identity_statistics(model, data, rows, runtime, batch_size, progress)
+        norm = data.spec.normalization
+        return identity_statistics(model, data.images, rows, runtime, norm, batch_size, progress)
 
     return fit_familiarity(stats(fit_rows), stats(cal_rows), stats(held_rows), how, seed)
 

@@ -379,7 +379,8 @@ def attach_familiarity(folder: Path, fams: dict[str, Familiarity]) -> Path:
         card = json.loads(card_path.read_text())
         card["familiarity"] = familiarity_card(fams)
         card_path.write_text(json.dumps(card, indent=2, allow_nan=False))
-        (folder / "MODEL_CARD.md").write_text(render_card(card))
+        if (folder / "MODEL_CARD.md").is_file():
+            (folder / "MODEL_CARD.md").write_text(render_card(card))
     return folder / FAMILIARITY_FILE
 
 
