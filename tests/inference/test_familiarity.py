@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import make_tiny_packaged, spread_images
+from conftest import attach_tiny_familiarity, make_tiny_packaged, spread_images
 
 from skinlesion.core.errors import CheckpointError, DataError
 from skinlesion.core.runtime import resolve_runtime
@@ -28,12 +28,10 @@ from skinlesion.inference.familiarity import (
     load_familiarity,
     save_familiarities,
 )
-from skinlesion.inference.packaged import LoadedModel, load_packaged
+from skinlesion.inference.packaged import load_packaged
 from skinlesion.inference.predict import ensemble_outputs, predict_images
 from skinlesion.inference.refer import UNFAMILIAR_QUANTILE
 from skinlesion.models.fusion import MetadataFusion
-from skinlesion.training.fit_familiarity import identity_statistics
-from skinlesion.training.package import attach_familiarity
 
 DIMS = (4, 6, 8)
 
@@ -146,20 +144,6 @@ def test_stages_of_timm_fused_and_other_backbones() -> None:
 # -- in prediction ---------------------------------------------------------------------------
 
 
-def _fit_members(model: LoadedModel, train: list[Path], held: list[Path]) -> dict[str, Familiarity]:
-    """Each member fitted on ``train`` (calibration: its last third) and ``held``."""
-    spec = model.members[0].spec
-    runtime = resolve_runtime("cpu")
-    arr = np.stack([prepare_with_spec(p, spec) for p in [*train, *held]])
-    cut, n = 2 * len(train) // 3, len(train)
-    fams = {}
-    for i, m in enumerate(model.members):
-        stats = identity_statistics(m.model, arr, np.arange(len(arr)), runtime, spec.normalization)
-        parts = [[s[a:b] for s in stats] for a, b in ((0, cut), (cut, n), (n, len(arr)))]
-        fams[f"fold{i}."] = fit_familiarity(*parts)
-    return fams
-
-
 @pytest.fixture(scope="module")
 def lesions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return spread_images(tmp_path_factory.mktemp("lesions"), n=36)
@@ -170,9 +154,7 @@ def familiar(tmp_path_factory: pytest.TempPathFactory, lesions: list[Path]) -> P
     """A tiny packaged model (two random test_efficientnet members, 48 px, TTA 2) with a
     familiarity fitted on synthetic lesions."""
     folder = make_tiny_packaged(tmp_path_factory.mktemp("familiar"), "familiar")
-    model = load_packaged(folder, resolve_runtime("cpu"))
-    attach_familiarity(folder, _fit_members(model, lesions[::2], lesions[1::4]))
-    return folder
+    return attach_tiny_familiarity(folder, lesions[::2], lesions[1::4])
 
 
 @pytest.fixture(scope="module")
