@@ -98,7 +98,7 @@ def member_rows(
     if fold >= 0:
         train, held = table[table["fold"] != fold], table[table["fold"] == fold]
         how = {"fold": fold, "heldout": f"fold {fold}'s validation images", "trained_on": False}
-        return train["row"].to_numpy(), held["row"].to_numpy(), how
+        return np.array(train["row"]), np.array(held["row"]), how
     groups = table["lesion_id"] if "lesion_id" in table.columns else table["image_id"]
     unique = np.asarray(sorted(set(groups.astype(str))))
     rng = np.random.default_rng(seed)
@@ -111,7 +111,8 @@ def member_rows(
         "fit, but trained on: its in-distribution refer rate is optimistic)",
         "trained_on": True,
     }
-    return table["row"].to_numpy()[~is_held], table["row"].to_numpy()[is_held], how
+    rows = np.array(table["row"])
+    return rows[~is_held], rows[is_held], how
 
 
 def fit_member(
