@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from torch import nn
 
 from skinlesion.core.config import Config, build_config, load_config, parse_overrides
@@ -90,11 +91,10 @@ def training_split(rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def member_rows(
-    data: RunData, fold: int, seed: int
+    table: pd.DataFrame, fold: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(training rows, held-out rows, how) for the member of ``fold`` (-1: the final model, an
-    80/20 split of its lesions)."""
-    table = data.table
+    80/20 split of its lesions), from a table with ``row`` and ``fold`` (and ``lesion_id``)."""
     if fold >= 0:
         train, held = table[table["fold"] != fold], table[table["fold"] == fold]
         how = {"fold": fold, "heldout": f"fold {fold}'s validation images", "trained_on": False}
@@ -107,8 +107,8 @@ def member_rows(
     is_held = groups.astype(str).isin(held_groups).to_numpy()
     how = {
         "fold": fold,
-        "heldout": f"{FINAL_HELDOUT_SHARE:.0%} of the model's own training lesions (not in the "
-        "fit, but trained on: its in-distribution refer rate is optimistic)",
+        "heldout": f"{FINAL_HELDOUT_SHARE:.0%} of the model's own training lesions, left out "
+        "of the fit but trained on, so its in-distribution refer rate is optimistic",
         "trained_on": True,
     }
     rows = np.array(table["row"])
@@ -125,7 +125,7 @@ def fit_member(
     progress: bool = False,
 ) -> Familiarity:
     """The familiarity of the member of ``fold`` (see the module's docstring)."""
-    train_rows, held_rows, how = member_rows(data, fold, seed)
+    train_rows, held_rows, how = member_rows(data.table, fold, seed)
     fit_rows, cal_rows = training_split(train_rows, seed)
 
     def stats(rows: np.ndarray) -> list[np.ndarray]:
