@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import attach_tiny_familiarity, make_tiny_packaged, spread_images
+from conftest import (
+    HAM_DIR,
+    attach_tiny_familiarity,
+    make_tiny_packaged,
+    requires_ham,
+    spread_images,
+)
 
 from skinlesion.core.errors import CheckpointError, DataError
 from skinlesion.core.runtime import resolve_runtime
@@ -234,3 +240,32 @@ def test_members_sharing_a_backbone_score_as_each_alone(familiar: Path, mixed: l
     np.testing.assert_allclose(u, (alone[0][1] + alone[1][1]) / 2, rtol=1e-5)
     np.testing.assert_allclose(shared, (alone[0][0] + alone[1][0]) / 2, atol=1e-6)
     assert ensemble_outputs([a, b], arr, runtime, tta=2, familiarity=False)[1] is None
+
+
+@requires_ham
+def test_the_shipped_fold_model_refers_what_is_not_dermoscopy() -> None:
+    """The packaged fold-0 Lite0: images that are not dermoscopy (made now: photos, screenshots,
+    textures, cropped or blurred HAM10000 images, noise, flat colours) are unlike its training
+    images; its own held-out (fold 0 validation) images are not."""
+    import skinlesion
+    from skinlesion.data.datasets import canonical_metadata
+    from skinlesion.data.folds import make_folds
+    from skinlesion.data.metadata import load_ham10000
+    from skinlesion.data.nondermoscopy import nondermoscopy_images
+
+    model = skinlesion.load_model("ham10000-lite0-cpu", device="cpu")
+    assert [m.fold for m in model.members] == [0] and model.has_familiarity
+    df = canonical_metadata(load_ham10000(HAM_DIR, None))
+    folds = make_folds(df, 5, 42)  # the model's folds (its card's recipe)
+    held = df.merge(folds[["image_id", "fold"]], on="image_id").query("fold == 0")
+    picks = held.sample(60, random_state=0)["path"].tolist()
+    other = nondermoscopy_images(picks[:10], screenshots=4, noise=2, flat=2)
+    images = [img for _, img in other] + picks[10:]
+    # One view: the unfamiliarity reads the identity view whatever the TTA.
+    table = model.predict(images, tta=1, batch_size=16)
+    unlike = table["refer_reasons"].str.contains("unlike the training images").to_numpy()
+    n = len(other)
+    missed = [name for (name, _), hit in zip(other, unlike[:n], strict=True) if not hit]
+    assert np.mean(unlike[:n]) >= 0.95, f"not referred: {missed}"
+    assert table["refer"][:n].all()
+    assert np.mean(unlike[n:]) <= 0.1  # 50 held-out images: about 1% expected

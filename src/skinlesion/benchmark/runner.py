@@ -849,14 +849,6 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
         help="loader: HAM10000 folder (default: synthetic); familiarity: HAM10000 folder "
         "(default ../shared/data/ham10000)",
     )
-    b.add_argument(
-        "--isic", default=None, help="familiarity: ISIC 2017 folder (labels.csv, images/)"
-    )
-    b.add_argument(
-        "--folds",
-        default=None,
-        help="familiarity: the model's folds.csv (default: made as `skinlesion split` does)",
-    )
     b.add_argument("--cache-dir", default=None, help="loader: cache folder (default: temporary)")
     b.add_argument(
         "--max-images",
@@ -888,7 +880,19 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    _add_familiarity_options(b)
     b.set_defaults(func=benchmark_command)
+
+
+def _add_familiarity_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument(
+        "--isic", default=None, help="familiarity: ISIC 2017 folder (labels.csv, images/)"
+    )
+    b.add_argument(
+        "--folds",
+        default=None,
+        help="familiarity: the model's folds.csv (default: made as `skinlesion split` does)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
