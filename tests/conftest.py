@@ -374,3 +374,29 @@ def png_bytes(w: int = 40, h: int = 30) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (120, 80, 60)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def attach_tiny_familiarity(folder: Path, train: list[Path], heldout: list[Path]) -> Path:
+    """Fit each member of the packaged model in ``folder`` on ``train`` (its last third for the
+    calibration) and ``heldout`` images, and add the familiarity to the package."""
+    import numpy as np
+
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.data.preprocess import prepare_with_spec
+    from skinlesion.inference.familiarity import fit_familiarity
+    from skinlesion.inference.packaged import load_packaged
+    from skinlesion.training.fit_familiarity import identity_statistics
+    from skinlesion.training.package import attach_familiarity
+
+    runtime = resolve_runtime("cpu")
+    model = load_packaged(folder, runtime)
+    spec = model.members[0].spec
+    arr = np.stack([prepare_with_spec(p, spec) for p in [*train, *heldout]])
+    cut, n = 2 * len(train) // 3, len(train)
+    fams = {}
+    for m in model.members:
+        stats = identity_statistics(m.model, arr, np.arange(len(arr)), runtime, spec.normalization)
+        parts = [[s[a:b] for s in stats] for a, b in ((0, cut), (cut, n), (n, len(arr)))]
+        fams[f"fold{m.fold}."] = fit_familiarity(*parts)
+    attach_familiarity(folder, fams)
+    return folder

@@ -90,8 +90,9 @@ BUGS: tuple[Bug, ...] = (
     Bug(
         "failed_rows_uniform",
         "src/skinlesion/inference/predict.py",
-        "    bar.close()\n    return out, errors",
-        "    bar.close()\n    out[list(errors)] = 1.0 / n_classes\n    return out, errors",
+        "    bar.close()\n    return Predictions(out, errors, unfamiliar)",
+        "    bar.close()\n    out[list(errors)] = 1.0 / n_classes\n"
+        "    return Predictions(out, errors, unfamiliar)",
         ("tests/inference/test_ensemble.py",),
     ),
     Bug(

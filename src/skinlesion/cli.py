@@ -171,10 +171,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"{p['balanced_accuracy']:.3f}, macro AUROC {p['macro_auroc'] or float('nan'):.3f}; "
         f"details in {args.output}/metrics.json and report.md"
     )
+    print(_referred_line(result))
     failed = result.get("failed_images") or []
     for msg in failed:
         print(f"error: {msg}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _referred_line(result: dict[str, Any]) -> str:
+    """Evaluate's refer figures in one line."""
+    ref, fam = result["referred"], result.get("familiarity")
+    reasons = ", ".join(f"{k} {v:.1%}" for k, v in ref["by_reason"].items())
+    line = f"referred {ref['rate']:.1%} ({reasons})"
+    if fam and fam.get("auroc_vs_training") is not None:
+        auroc = fam["auroc_vs_training"]
+        line += f"; unfamiliarity AUROC against the training distribution {auroc:.3f}"
+    return line
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -218,6 +230,29 @@ def _cmd_fit_final(args: argparse.Namespace) -> int:
 
     path = fit_final(args.run_dir, resume=args.resume, progress=not args.no_progress)
     print(f"final model: {path}")
+    return 0
+
+
+def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
+    from skinlesion.inference.packaged import MODEL_FILE, zoo_dir
+    from skinlesion.training.fit_familiarity import fit_packaged_familiarity, fit_run_familiarity
+
+    target = Path(args.model)
+    if not target.exists() and (zoo_dir() / args.model / MODEL_FILE).is_file():
+        target = zoo_dir() / args.model
+    progress = not args.no_progress
+    if (target / MODEL_FILE).is_file():
+        path = fit_packaged_familiarity(
+            target, args.overrides, args.device, progress=progress, refit=args.refit
+        )
+        print(f"familiarity: {path}" if path else f"{target} already has a familiarity")
+        return 0
+    if args.overrides:
+        from skinlesion.core.errors import ConfigError
+
+        raise ConfigError(f"key=value overrides {args.overrides} apply to a packaged model only")
+    written = fit_run_familiarity(target, progress=progress, refit=args.refit)
+    print(f"fitted {len(written)} member(s): {', '.join(str(p) for p in written) or 'none left'}")
     return 0
 
 
@@ -432,6 +467,23 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     ff.add_argument("--resume", action="store_true")
     ff.add_argument("--no-progress", action="store_true")
     ff.set_defaults(func=_cmd_fit_final)
+
+    fa = sub.add_parser(
+        "fit-familiarity",
+        help="fit the refer check 'unlike the training images' of a run's members (fold_K/, "
+        "final/) or of a packaged model; members that have one are skipped",
+    )
+    fa.add_argument("model", help="run folder, packaged model folder or packaged name")
+    fa.add_argument(
+        "overrides",
+        nargs="*",
+        help="packaged model: key=value changes to its card's recipe, e.g. data.root=DIR "
+        "data.cache_dir=DIR",
+    )
+    fa.add_argument("--refit", action="store_true", help="fit again members that have one")
+    fa.add_argument("--device", default="auto", help="packaged model (a run uses its own)")
+    fa.add_argument("--no-progress", action="store_true")
+    fa.set_defaults(func=_cmd_fit_familiarity)
 
 
 _MODEL_HELP = (

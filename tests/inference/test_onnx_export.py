@@ -1,5 +1,5 @@
-"""ONNX export: one graph with dynamic batch whose probabilities equal PyTorch's within 1e-4, and
-`predict --backend onnx`."""
+"""ONNX export: one graph with dynamic batch whose probabilities (and unfamiliarity) equal
+PyTorch's within 1e-4, and `predict --backend onnx`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lesion_images
+from conftest import attach_tiny_familiarity, lesion_images, make_tiny_packaged, spread_images
 
 from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
@@ -85,3 +85,27 @@ def test_export_and_onnx_backend_commands(tiny_packaged: Path, tmp_path: Path) -
 def test_onnx_backend_needs_an_export_folder(tiny_packaged: Path, capsys) -> None:
     assert main(["predict", "--backend", "onnx", "--model", str(tiny_packaged), "x.jpg"]) == 2
     assert "not an exported ONNX model" in capsys.readouterr().err
+
+
+def test_unfamiliarity_output_equals_eager(tmp_path: Path) -> None:
+    """The familiarity hooks run while the graph is traced: its second output is the eager
+    unfamiliarity, on images like the training ones and on others."""
+    from skinlesion.data.nondermoscopy import write_nondermoscopy
+
+    lesions = spread_images(tmp_path / "lesions", n=30)
+    folder = make_tiny_packaged(tmp_path / "zoo", "familiar", tta=4)
+    attach_tiny_familiarity(folder, lesions[::2], lesions[1::4])
+    other = write_nondermoscopy(tmp_path / "nd", photos=False, screenshots=2, noise=1, flat=1)
+    images = [*lesions[3::4], *other]
+    model = resolve_model(folder, resolve_runtime("cpu"))
+    export_onnx(model, tmp_path / "onnx")
+    eager = model.predict(images)
+    onnx_model = OnnxModel(tmp_path / "onnx")
+    assert onnx_model.has_familiarity
+    got = onnx_model.predict(images, batch_size=3)
+    u = eager["unfamiliarity"].to_numpy()
+    assert (u < 1).any() and (u > 1).any()  # the images spread across the threshold
+    np.testing.assert_allclose(got["unfamiliarity"].to_numpy(), u, rtol=1e-4, atol=1e-4)
+    assert got["refer_reasons"].tolist() == eager["refer_reasons"].tolist()
+    outputs = json.loads((tmp_path / "onnx" / "spec.json").read_text())["outputs"]
+    assert [o["name"] for o in outputs] == ["probabilities", "unfamiliarity"]

@@ -11,6 +11,7 @@ from skinlesion.inference.refer import (
     refer_decision,
     refer_mask,
     refer_rules,
+    refer_summary,
 )
 
 
@@ -54,3 +55,26 @@ def test_rules_of_older_references_fall_back_to_the_confidence_threshold() -> No
     assert refer_rules({"domain": {"confidence_threshold": 0.3}}) == {"confidence_threshold": 0.3}
     rules = {"confidence_threshold": 0.2, "ood_threshold": 1.5}
     assert refer_rules({"refer": rules, "domain": {"confidence_threshold": 0.3}}) == rules
+
+
+def test_unfamiliarity_rule_in_the_mask_and_the_summary() -> None:
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(7) * 0.5, size=400)
+    rules = fit_refer_reference(probs)
+    u = rng.lognormal(-0.5, 0.6, size=400)
+    u[::50] = np.nan  # no value (e.g. no familiarity for those): no reason from it
+    values = [None if np.isnan(v) else float(v) for v in u]
+    decided = [refer_decision(p, rules, v) for p, v in zip(probs, values, strict=True)]
+    mask = refer_mask(probs, rules, u)
+    assert mask.tolist() == [d[0] for d in decided]
+    assert (mask & ~refer_mask(probs, rules)).sum() > 10  # referred for their features alone
+    summary = refer_summary(probs, rules, u)
+    assert summary["rate"] == pytest.approx(mask.mean())
+    assert summary["by_reason"] == pytest.approx(
+        {
+            "low confidence": (probs.max(1) < rules["confidence_threshold"]).mean(),
+            "out of distribution": (entropy(probs) > rules["ood_threshold"]).mean(),
+            "unlike the training images": (u > 1).mean(),
+        }
+    )
+    assert "unlike the training images" not in refer_summary(probs, rules)["by_reason"]

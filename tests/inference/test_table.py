@@ -160,3 +160,35 @@ def test_without_threshold_or_rules_the_columns_stay_and_are_empty(
         CLASSES, {"mel_threshold": 0.2, "domain": {"confidence_threshold": 0.5}}, "x"
     )
     assert old.rules == {"confidence_threshold": 0.5} and old.mel_threshold == 0.2
+
+
+def test_unfamiliarity_column_and_its_refer_reason_by_hand() -> None:
+    probs = np.vstack([_probs(), _probs()[0]])  # a, b (failed), c, d: sure nv again
+    u = np.array([0.42, np.nan, 0.97, 2.345])
+    df = predictions_table(["a", "b", "c", "d"], probs, {1: "b: not an image"}, _decisions(), u)
+    assert list(df.columns) == table_columns(CLASSES)
+    assert DECISION_COLUMNS.index("unfamiliarity") < DECISION_COLUMNS.index("refer")
+    np.testing.assert_allclose(df["unfamiliarity"], [0.42, np.nan, 0.97, 2.345])
+    # d is as sure as a (no other rule fires): referred for its features alone.
+    assert df["refer"].tolist()[0] is False and df["refer"][3]
+    assert df["refer_reasons"][3] == (
+        "unlike the training images: feature distance 2.35 is beyond the held-out 99th "
+        "percentile (1.00)"
+    )
+    # c: 0.97 is below 1, so its two reasons are the other rules'.
+    assert "unlike the training images" not in df["refer_reasons"][2]
+    assert len(df["refer_reasons"][2].split("; ")) == 2
+    assert pd.isna(df["refer"][1]) and df["error"][1] == "b: not an image"
+    with pytest.raises(ValueError, match="unfamiliarity of shape"):
+        predictions_table(["a", "b", "c", "d"], probs, {1: "x"}, _decisions(), u[:3])
+
+
+def test_without_rules_the_familiarity_alone_decides_refer() -> None:
+    probs = _probs()[[0, 2]]
+    bare = Decisions(tuple(CLASSES), None, {})
+    df = predictions_table(["a", "c"], probs, {}, bare, np.array([0.5, 1.5]))
+    assert df["refer"].tolist() == [False, True]
+    assert df["refer_reasons"][1].startswith("unlike the training images: ")
+    # Neither rules nor a familiarity: refer and unfamiliarity are empty.
+    df = predictions_table(["a", "c"], probs, {}, bare)
+    assert df["refer"].isna().all() and df["unfamiliarity"].isna().all()

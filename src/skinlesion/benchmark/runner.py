@@ -1,4 +1,5 @@
-"""Throughput benchmarks: training (model-only bound vs end to end), data loading, prediction.
+"""Throughput benchmarks: training (model-only bound vs end to end), data loading, prediction;
+and the familiarity check's refer rates (:mod:`skinlesion.benchmark.familiarity`).
 
 Each benchmark returns a dict of plain Python values (``json.dumps`` works) that
 :func:`format_table` renders as a small Markdown table:
@@ -682,10 +683,32 @@ def _format_predict(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _format_familiarity(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            x["set"],
+            str(x["n"]),
+            f"{x['unfamiliar'] * 100:.1f}",
+            f"{x['referred'] * 100:.1f}",
+            "" if x["auroc_vs_heldout"] is None else f"{x['auroc_vs_heldout']:.3f}",
+        ]
+        for x in r["sets"]
+    ]
+    missed = ", ".join(r["not_unfamiliar"]) or "none"
+    return [
+        f"familiarity: {r['model']}",
+        "",
+        *_table(["set", "images", "unfamiliar %", "referred %", "AUROC vs held out"], rows),
+        f"not dermoscopy yet not unfamiliar: {missed}; not referred at all: "
+        f"{', '.join(r['not_referred']) or 'none'}",
+    ]
+
+
 _FORMATTERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "train": _format_train,
     "loader": _format_loader,
     "predict": _format_predict,
+    "familiarity": _format_familiarity,
 }
 
 
@@ -736,6 +759,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             max_images=args.max_images,
             decode_workers=args.decode_workers,
         )
+    if args.kind == "familiarity":
+        from skinlesion.benchmark.familiarity import bench_familiarity
+
+        return bench_familiarity(
+            args.model,
+            args.data or "../shared/data/ham10000",
+            isic=args.isic,
+            folds_file=args.folds,
+            max_heldout=args.max_images,
+            batch_size=args.batch_size or 32,
+            device=args.device,
+            hardware=hardware_info(),
+        )
     if args.model:
         from skinlesion.benchmark.model_predict import bench_model_predict
 
@@ -781,10 +817,11 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``benchmark {train,loader,predict}`` on a sub-command set (the CLI's)."""
     b = sub.add_parser(
         "benchmark",
-        help="throughput: training (model-only vs end to end), data loading, prediction",
+        help="throughput: training (model-only vs end to end), data loading, prediction; "
+        "familiarity: refer rates of the check 'unlike the training images'",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    b.add_argument("kind", choices=("train", "loader", "predict"))
+    b.add_argument("kind", choices=("train", "loader", "predict", "familiarity"))
     b.add_argument("--backbone", default="efficientnet_b3", help="timm model name")
     b.add_argument("--image-size", type=int, default=300)
     b.add_argument(
@@ -806,9 +843,19 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-channels-last", action="store_true")
     b.add_argument("--compile", action="store_true", help="torch.compile the model (train)")
     b.add_argument("--images", type=int, default=2048, help="train: images in the uint8 source")
-    b.add_argument("--data", default=None, help="loader: HAM10000 folder (default: synthetic)")
+    b.add_argument(
+        "--data",
+        default=None,
+        help="loader: HAM10000 folder (default: synthetic); familiarity: HAM10000 folder "
+        "(default ../shared/data/ham10000)",
+    )
     b.add_argument("--cache-dir", default=None, help="loader: cache folder (default: temporary)")
-    b.add_argument("--max-images", type=int, default=2000, help="loader: first N images by id")
+    b.add_argument(
+        "--max-images",
+        type=int,
+        default=2000,
+        help="loader: first N images by id; familiarity: at most N held-out images",
+    )
     b.add_argument(
         "--synthetic-size",
         type=_size_pair,
@@ -825,14 +872,27 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
         "--model",
         default=None,
         help="predict: time a trained model end to end (members, temperatures, its TTA): "
-        "'default', a packaged name, a run folder or a checkpoint; --backbone is then ignored",
+        "'default', a packaged name, a run folder or a checkpoint; --backbone is then ignored; "
+        "familiarity: the model whose refer check is measured",
     )
     b.add_argument(
         "--tta", type=int, default=None, help="predict --model: views (default: its own)"
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    _add_familiarity_options(b)
     b.set_defaults(func=benchmark_command)
+
+
+def _add_familiarity_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument(
+        "--isic", default=None, help="familiarity: ISIC 2017 folder (labels.csv, images/)"
+    )
+    b.add_argument(
+        "--folds",
+        default=None,
+        help="familiarity: the model's folds.csv (default: made as `skinlesion split` does)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

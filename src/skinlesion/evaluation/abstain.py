@@ -1,6 +1,7 @@
 """Risk-coverage: how accuracy on the images a model answers grows as it refers more of them to a
 person. A user picks an operating point from this table; the model's own (stored) refer rules
-are one row of it.
+are one row of it. And the refer figures of a set of images: the share referred, overall and by
+reason, and how well the unfamiliarity tells the set from the training distribution.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from skinlesion.inference.refer import refer_mask
+from skinlesion.inference.refer import UNFAMILIAR_THRESHOLD, refer_mask, refer_summary
 
 COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
 
@@ -45,9 +46,11 @@ def risk_coverage(
     probs: np.ndarray,
     rules: dict[str, Any] | None = None,
     coverages: tuple[float, ...] = COVERAGES,
+    unfamiliarity: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy and balanced accuracy on the accepted images at several coverages (the most
-    confident share of images is answered, the rest referred), plus the model's own rules."""
+    confident share of images is answered, the rest referred), plus the model's own rules
+    (with ``unfamiliarity``, its rule "unlike the training images" too)."""
     y, probs = np.asarray(y), np.asarray(probs, dtype=np.float64)
     conf = probs.max(1)
     order = np.argsort(-conf, kind="stable")
@@ -58,11 +61,39 @@ def risk_coverage(
         row = _row(y, probs, accepted, f"answer top {c:.0%} by confidence")
         row["confidence_threshold"] = float(conf[accepted].min()) if accepted.any() else None
         rows.append(row)
-    if rules:
-        row = _row(y, probs, ~refer_mask(probs, rules), "model's refer rules")
+    if rules or unfamiliarity is not None:
+        row = _row(y, probs, ~refer_mask(probs, rules or {}, unfamiliarity), "model's refer rules")
         row["confidence_threshold"] = rules.get("confidence_threshold")
         rows.append(row)
     return rows
+
+
+def refer_figures(
+    probs: np.ndarray,
+    rules: dict[str, Any],
+    unfamiliarity: np.ndarray | None,
+    heldout: np.ndarray | None,
+) -> dict[str, Any]:
+    """The share of images referred, overall and by reason (:func:`refer_summary`), and for a
+    model with a familiarity: the share unfamiliar, the median unfamiliarity, and the AUROC of
+    the unfamiliarity of these images against the model's stored held-out in-distribution
+    scores (``heldout``): 0.5 when they look like the training distribution, 1 when every
+    image is further from it than every held-out one."""
+    out: dict[str, Any] = {"referred": refer_summary(probs, rules, unfamiliarity)}
+    if unfamiliarity is None or heldout is None or not len(heldout):
+        out["familiarity"] = None
+        return out
+    u = np.asarray(unfamiliarity, dtype=np.float64)
+    labels = np.r_[np.zeros(len(heldout)), np.ones(len(u))]
+    out["familiarity"] = {
+        "auroc_vs_training": float(roc_auc_score(labels, np.r_[heldout, u])) if len(u) else None,
+        "share_unfamiliar": float(np.mean(u > UNFAMILIAR_THRESHOLD)) if len(u) else None,
+        "median_unfamiliarity": float(np.median(u)) if len(u) else None,
+        "n_reference": len(heldout),
+        "reference": "the model's stored held-out in-distribution scores (each member's over "
+        "its threshold; for a fold ensemble, pooled over members, an approximation)",
+    }
+    return out
 
 
 def plot_risk_coverage(y: np.ndarray, probs: np.ndarray, path: Path) -> Path:

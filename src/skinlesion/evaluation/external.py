@@ -4,7 +4,9 @@ Labels come as a CSV with ``image_id`` and ``dx`` (the model's class names, from
 another vocabulary mapped with ``--label-map``); images are
 ``DIR/<image_id>.<jpg|jpeg|png|bmp>``. The melanoma threshold and the confidence reference are
 taken unchanged from the run's out-of-fold report, so the external numbers answer "how does the
-model as shipped do here?".
+model as shipped do here?". So are the refer rules: the report gives the share referred, overall
+and by reason ("unlike the training images" among them), and the AUROC of the images'
+unfamiliarity against the model's held-out in-distribution scores.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.datasets import attach_image_paths, image_id_of
 from skinlesion.data.metadata import DataError, read_table
 from skinlesion.data.tabular import METADATA_FIELDS
-from skinlesion.evaluation.abstain import plot_risk_coverage, risk_coverage
+from skinlesion.evaluation.abstain import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
-from skinlesion.inference.packaged import resolve_model
-from skinlesion.inference.predict import predict_sources
+from skinlesion.inference.packaged import LoadedModel, resolve_model
+from skinlesion.inference.predict import predict_images
 from skinlesion.inference.refer import refer_rules
 
 log = logging.getLogger(__name__)
@@ -110,15 +112,22 @@ def load_labels(
 
 
 def _write_predictions(
-    labels: pd.DataFrame, probs: np.ndarray, classes: Sequence[str], output: Path
+    labels: pd.DataFrame,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    output: Path,
+    unfamiliarity: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``predictions.csv``; the labels and probabilities read back from it (figures from the
-    file, so anyone can recompute them)."""
+    """``predictions.csv`` (with ``unfamiliarity`` for a model that has a familiarity); the
+    labels and probabilities read back from it (figures from the file, so anyone can recompute
+    them)."""
     output.mkdir(parents=True, exist_ok=True)
     preds = labels[[c for c in ("image_id", "lesion_id", "dx") if c in labels.columns]].copy()
     for i, c in enumerate(classes):
         preds[c] = probs[:, i]
     preds["prediction"] = [classes[i] for i in probs.argmax(1)]
+    if unfamiliarity is not None:
+        preds["unfamiliarity"] = unfamiliarity
     pred_path = output / "predictions.csv"
     preds.to_csv(pred_path, index=False, float_format="%.8g")
     preds = pd.read_csv(pred_path, dtype={"image_id": str, "lesion_id": str})
@@ -134,6 +143,18 @@ def _metadata(
         return None, "not used: the model takes images only"
     fields = [f for f in METADATA_FIELDS if f in labels.columns] if use else []
     return (labels[fields] if fields else None), fields
+
+
+def _refer_results(
+    y: np.ndarray, p: np.ndarray, unfamiliarity: np.ndarray | None, loaded: LoadedModel
+) -> dict[str, Any]:
+    """Accuracy on the accepted images against the share referred (at the model's own rules
+    too), the share referred by reason, and the unfamiliarity's AUROC against training."""
+    rules = refer_rules(loaded.reference)
+    return {
+        "risk_coverage": risk_coverage(y, p, rules, unfamiliarity=unfamiliarity),
+        **refer_figures(p, rules, unfamiliarity, loaded.heldout_unfamiliarity()),
+    }
 
 
 def evaluate_external(
@@ -166,12 +187,12 @@ def evaluate_external(
     tta = members[0].tta if tta is None else tta
     metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata)
     unseen = loaded.unseen_metadata(metadata, str(labels_csv)) if metadata is not None else {}
-    probs, errors = predict_sources(
+    out = predict_images(
         labels["path"].tolist(), members, runtime, tta, batch_size, progress, metadata
     )
-    if errors:
-        raise DataError("images failed to decode", list(errors.values()))
-    y, p = _write_predictions(labels, probs, classes, output)
+    if out.errors:
+        raise DataError("images failed to decode", list(out.errors.values()))
+    y, p = _write_predictions(labels, out.probs, classes, output, out.unfamiliarity)
     reference = loaded.reference
     threshold = reference.get("mel_threshold") if reference else None
     groups = labels["lesion_id"].to_numpy() if "lesion_id" in labels.columns else None
@@ -198,8 +219,7 @@ def evaluate_external(
         "domain": domain,
         **metrics,
     }
-    # Accuracy on the accepted images against the share referred, at the model's own rules too.
-    result["risk_coverage"] = risk_coverage(y, p, refer_rules(reference))
+    result.update(_refer_results(y, p, out.unfamiliarity, loaded))
     cm = metrics["point"]["confusion_matrix"]
     result["plots"] = write_plots(y, p, cm, output, classes=classes)
     result["plots"].append(plot_risk_coverage(y, p, output / "risk_coverage.png").name)

@@ -270,9 +270,30 @@ def _notes(result: dict[str, Any]) -> list[str]:
                 f"Out-of-fold reference: {r['mean_max_probability']:.3f} and "
                 f"{r['share_below_threshold'] * 100:.1f}%."
             )
+    lines += _refer_lines(result)
     if result.get("risk_coverage"):
         lines += ["", "Risk-coverage (the least confident images referred to a person):", ""]
         lines += render_risk_coverage(result["risk_coverage"])
+    return lines
+
+
+def _refer_lines(result: dict[str, Any]) -> list[str]:
+    """The share referred by the model's rules, by reason, and the familiarity's AUROC."""
+    refer = result.get("referred")
+    if not refer:
+        return []
+    reasons = ", ".join(f"{k} {v * 100:.1f}%" for k, v in refer["by_reason"].items())
+    lines = ["", f"Referred by the model's rules: {refer['rate'] * 100:.1f}% ({reasons})."]
+    fam = result.get("familiarity")
+    if fam is None:
+        lines.append("No familiarity with the model: no check for images unlike its training's.")
+    elif fam.get("auroc_vs_training") is not None:
+        lines.append(
+            f"Unfamiliarity against the training distribution: AUROC "
+            f"{fam['auroc_vs_training']:.3f} (against {fam['n_reference']} held-out "
+            f"in-distribution scores; 0.5 = alike), median {fam['median_unfamiliarity']:.2f}, "
+            f"{fam['share_unfamiliar'] * 100:.1f}% above 1."
+        )
     return lines
 
 

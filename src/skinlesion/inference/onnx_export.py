@@ -7,6 +7,11 @@ softmaxed; the members' probabilities are averaged. So normalisation, the dihedr
 temperature scaling and the ensemble mean are all inside the graph; decoding and resizing stay
 outside (they are not tensor work). The batch dimension is dynamic.
 
+A model with a fitted familiarity has a second output ``unfamiliarity`` (N,), computed inside the
+graph as in :func:`~skinlesion.inference.predict.ensemble_outputs`: the stage statistics of the
+identity view (captured by the same forward hooks, which run while the graph is traced), each
+member's Mahalanobis score over its threshold, the mean over members.
+
 Folder written by :func:`export_onnx`::
 
     model.onnx   the graph
@@ -26,6 +31,7 @@ import json
 import logging
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from torch import nn
 
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec, size_hw
+from skinlesion.inference.familiarity import FamiliarityScorer, StageCapture
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import Member
 from skinlesion.inference.table import Decisions, predictions_table
@@ -47,6 +54,7 @@ ONNX_FORMAT = "skinlesion-onnx"
 ONNX_FILE = "model.onnx"
 SPEC_FILE = "spec.json"
 OPSET = 17
+UNFAMILIARITY = "unfamiliarity"
 
 
 def _view(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,7 +82,8 @@ def _view(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class EnsembleGraph(nn.Module):
-    """uint8 (N, S, S, 3) -> calibrated ensemble probabilities (N, C)."""
+    """uint8 (N, S, S, 3) -> calibrated ensemble probabilities (N, C), and the unfamiliarity (N,)
+    when a member has a familiarity (then the members without one do not take part in it)."""
 
     def __init__(self, members: Sequence[Member], tta: int) -> None:
         super().__init__()
@@ -89,18 +98,29 @@ class EnsembleGraph(nn.Module):
         self.register_buffer("temperature", torch.tensor([m.temperature for m in members]))
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.scored = [i for i, m in enumerate(members) if m.familiarity is not None]
+        self.scorers = nn.ModuleList(
+            FamiliarityScorer(members[i].familiarity)  # type: ignore[arg-type]
+            for i in self.scored
+        )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
         views = [_view(x, k) for k in range(self.tta)]
-        total = None
+        total, unfamiliar = None, None
         for i, model in enumerate(self.models):
-            logits = torch.stack([model(v) for v in views]).mean(0) / self.temperature[i]
+            scorer = self.scorers[self.scored.index(i)] if i in self.scored else None
+            with StageCapture(model) if scorer is not None else nullcontext() as cap:
+                logits = torch.stack([model(v) for v in views]).mean(0) / self.temperature[i]
             probs = torch.softmax(logits, dim=-1)
             total = probs if total is None else total + probs
+            if scorer is not None:
+                u = scorer(cap.identity(self.tta))
+                unfamiliar = u if unfamiliar is None else unfamiliar + u
         assert total is not None
-        return total / len(self.models)
+        probs = total / len(self.models)
+        return probs if unfamiliar is None else (probs, unfamiliar / len(self.scored))
 
 
 def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) -> Path:
@@ -123,6 +143,7 @@ def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) 
     spec = model.members[0].spec
     dummy = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
     path = output / ONNX_FILE
+    outputs = ["probabilities", *([UNFAMILIARITY] if graph.scored else [])]
     with torch.no_grad(), warnings.catch_warnings():
         # _view's shape test is traced as a constant, rightly: only the batch axis is dynamic.
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean")
@@ -131,13 +152,16 @@ def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) 
             (dummy,),
             str(path),
             input_names=["images"],
-            output_names=["probabilities"],
-            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
             opset_version=OPSET,
             dynamo=False,
         )
     onnx.checker.check_model(str(path))
-    (output / SPEC_FILE).write_text(json.dumps(_spec_json(model, spec, tta), indent=2))
+    spec_json = _spec_json(model, spec, tta)
+    if graph.scored:
+        spec_json["outputs"] = [spec_json["output"], _unfamiliarity_output(len(graph.scored))]
+    (output / SPEC_FILE).write_text(json.dumps(spec_json, indent=2))
     if model.card:
         (output / "card.json").write_text(json.dumps(model.card, indent=2))
     log.info("exported %s to %s", model.name, path)
@@ -203,6 +227,17 @@ def _check_graph_io(session: Any, graph: Path, spec: PreprocessSpec) -> None:
         )
 
 
+def _unfamiliarity_output(members: int) -> dict[str, Any]:
+    return {
+        "name": UNFAMILIARITY,
+        "shape": ["batch"],
+        "meaning": "mean over the members with a familiarity "
+        f"({members}) of their feature-statistics Mahalanobis score (last 3 stages, identity "
+        "view) divided by their held-out 99th-percentile threshold; above 1: unlike the "
+        "training images (skinlesion.inference.familiarity)",
+    }
+
+
 class OnnxModel:
     """An exported graph run by onnxruntime on the CPU."""
 
@@ -238,9 +273,21 @@ class OnnxModel:
     def class_names(self) -> list[str]:
         return list(self.meta["class_names"])
 
+    @property
+    def has_familiarity(self) -> bool:
+        """Whether the graph has the ``unfamiliarity`` output."""
+        return any(o.name == UNFAMILIARITY for o in self.session.get_outputs())
+
     def run(self, images_u8: np.ndarray) -> np.ndarray:
         """Probabilities (N, C) for prepared uint8 (N, S, S, 3) images."""
         return self.session.run(["probabilities"], {"images": images_u8})[0]
+
+    def run_all(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C) and unfamiliarity (N,) (``None``: the graph has none)."""
+        if not self.has_familiarity:
+            return self.run(images_u8), None
+        probs, u = self.session.run(["probabilities", UNFAMILIARITY], {"images": images_u8})
+        return probs, u
 
     def decisions(self) -> Decisions:
         """Class names, melanoma threshold and refer rules of the exported model's reference."""
@@ -248,15 +295,23 @@ class OnnxModel:
 
     def predict(self, sources: Sequence[str | Path], batch_size: int = 32) -> pd.DataFrame:
         """The predictions table (:mod:`skinlesion.inference.table`), as ``LoadedModel.predict``
-        writes it, from the graph's probabilities."""
-        probs, errors = self.predict_proba(sources, batch_size)
-        return predictions_table([str(s) for s in sources], probs, errors, self.decisions())
+        writes it, from the graph's probabilities and unfamiliarity."""
+        probs, errors, u = self._predict(sources, batch_size)
+        names = [str(s) for s in sources]
+        return predictions_table(names, probs, errors, self.decisions(), u)
 
     def predict_proba(
         self, sources: Sequence[str | Path | bytes], batch_size: int = 32
     ) -> tuple[np.ndarray, dict[int, str]]:
         """Like :func:`predict_sources`: NaN rows and ``{index: error}`` for bad images."""
+        probs, errors, _ = self._predict(sources, batch_size)
+        return probs, errors
+
+    def _predict(
+        self, sources: Sequence[str | Path | bytes], batch_size: int
+    ) -> tuple[np.ndarray, dict[int, str], np.ndarray | None]:
         out = np.full((len(sources), len(self.class_names)), np.nan)
+        unfamiliar = np.full(len(sources), np.nan) if self.has_familiarity else None
         errors: dict[int, str] = {}
         ok, arrays = [], []
         for i, s in enumerate(sources):
@@ -267,5 +322,8 @@ class OnnxModel:
                 errors[i] = str(err)
         for start in range(0, len(ok), batch_size):
             rows = ok[start : start + batch_size]
-            out[rows] = self.run(np.stack(arrays[start : start + batch_size]))
-        return out, errors
+            probs, u = self.run_all(np.stack(arrays[start : start + batch_size]))
+            out[rows] = probs
+            if unfamiliar is not None and u is not None:
+                unfamiliar[rows] = u
+        return out, errors, unfamiliar

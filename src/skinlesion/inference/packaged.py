@@ -8,6 +8,8 @@ A packaged model is a folder::
     model.json          backbone, preprocessing spec, class names, TTA views, per-member fold and
                         temperature, the out-of-fold reference (melanoma threshold, confidence
                         indicators) and the weights' SHA-256
+    familiarity.safetensors  the members' familiarity (same key prefixes; optional, listed in
+                        model.json "familiarity" with its SHA-256)
     card.json, MODEL_CARD.md, LICENSE
 
 Example::
@@ -37,7 +39,14 @@ from skinlesion.core.run_folder import RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
 from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
-from skinlesion.inference.predict import Member, backbone_id, load_ensemble, predict_sources
+from skinlesion.inference.familiarity import FAMILIARITY_FILE, Familiarity, load_familiarities
+from skinlesion.inference.predict import (
+    Member,
+    Predictions,
+    backbone_id,
+    load_ensemble,
+    predict_images,
+)
 from skinlesion.inference.table import Decisions, predictions_table
 from skinlesion.models.factory import build_model, place_model
 
@@ -96,10 +105,35 @@ class LoadedModel:
         "back"}``, any key may be missing) or a table with those columns; used by models fused
         with metadata, ignored by image-only ones.
         """
+        out = self._predict(images, tta, batch_size, progress, metadata, familiarity=False)
+        return out.probs, out.errors
+
+    def _predict(
+        self,
+        images: Sequence[ImageInput],
+        tta: int | None,
+        batch_size: int,
+        progress: bool,
+        metadata: MetadataInput,
+        familiarity: bool = True,
+    ) -> Predictions:
         runtime = self.runtime or resolve_runtime("auto")
         sources = [_as_source(x) for x in images]
         table = metadata_table(metadata, len(sources))
-        return predict_sources(sources, self.members, runtime, tta, batch_size, progress, table)
+        return predict_images(
+            sources, self.members, runtime, tta, batch_size, progress, table, familiarity
+        )
+
+    @property
+    def has_familiarity(self) -> bool:
+        """Whether any member has a fitted familiarity (the ``unfamiliarity`` column)."""
+        return any(m.familiarity is not None for m in self.members)
+
+    def heldout_unfamiliarity(self) -> np.ndarray | None:
+        """The members' stored held-out scores, each over its threshold (the reference an
+        evaluated set's unfamiliarity is compared with); ``None`` without a familiarity."""
+        parts = [m.familiarity.heldout_unfamiliarity() for m in self.members if m.familiarity]
+        return np.concatenate(parts) if parts else None
 
     @property
     def uses_metadata(self) -> bool:
@@ -164,11 +198,11 @@ class LoadedModel:
     ) -> pd.DataFrame:
         """The predictions table (:mod:`skinlesion.inference.table`), one row per image:
         ``image``, the class probabilities, ``prediction``, ``melanoma_flag`` (at the model's
-        out-of-fold threshold), ``refer``, ``refer_reasons`` and ``error``.
+        out-of-fold threshold), ``unfamiliarity``, ``refer``, ``refer_reasons`` and ``error``.
         ``metadata`` as for :meth:`predict_proba`."""
-        probs, errors = self.predict_proba(images, tta, batch_size, progress, metadata)
+        out = self._predict(images, tta, batch_size, progress, metadata)
         names = [_name(x, i) for i, x in enumerate(images)]
-        return predictions_table(names, probs, errors, self.decisions())
+        return predictions_table(names, out.probs, out.errors, self.decisions(), out.unfamiliarity)
 
 
 def _as_source(x: ImageInput) -> str | Path | bytes | Image.Image:
@@ -336,12 +370,30 @@ def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]
     return {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
 
 
+def read_familiarity(folder: Path, meta: dict[str, Any]) -> dict[str, Familiarity]:
+    """The members' familiarity of a packaged model, by key prefix (``{}`` when it has none),
+    checked against the SHA-256 in ``model.json``."""
+    entry = meta.get("familiarity")
+    if not entry:
+        log.info("%s: no familiarity, so no unfamiliarity column or refer reason from it", folder)
+        return {}
+    path = folder / entry.get("file", FAMILIARITY_FILE)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: familiarity file listed in {MODEL_FILE} is missing")
+    if sha256_file(path) != entry.get("sha256"):
+        raise CheckpointError(
+            f"{path}: familiarity file is corrupt or truncated (SHA-256 differs from {MODEL_FILE})"
+        )
+    return load_familiarities(path)
+
+
 def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedModel:
     """Load a packaged model folder onto the runtime's device."""
     folder = Path(folder)
     runtime = runtime or resolve_runtime("auto")
     meta = read_packaged_meta(folder)
     tensors = _read_weights(folder, meta)
+    familiarity = read_familiarity(folder, meta)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     members = []
     for m in meta["members"]:
@@ -375,6 +427,7 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
                 tta=int(meta["tta"]),
                 backbone_id=backbone_id(model),
                 metadata=metadata,
+                familiarity=familiarity.get(prefix),
             )
         )
     return LoadedModel(

@@ -1,8 +1,14 @@
 """Inference that uses everything a run learned: fold ensemble, temperatures, TTA, colour constancy.
 
-``predict`` and ``evaluate`` (and serving) share :func:`predict_sources`: images are decoded and
+``predict`` and ``evaluate`` (and serving) share :func:`predict_images`: images are decoded and
 prepared with each model's own preprocessing spec, every TTA view's logits are divided by the
 fold's temperature, and the calibrated probabilities are averaged over views and folds.
+
+In the same forward pass, a member with a fitted familiarity
+(:mod:`skinlesion.inference.familiarity`, ``familiarity.safetensors`` beside its checkpoint)
+scores how unlike its training images each image is, on the identity view; the ensemble's
+``unfamiliarity`` is the mean over those members of their score divided by their threshold, so
+above 1 is unfamiliar (a single member: its own threshold).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,12 @@ from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
 from skinlesion.data.tabular import MetadataSpec, encode_metadata
 from skinlesion.inference.engine import predict_logits
+from skinlesion.inference.familiarity import (
+    FAMILIARITY_FILE,
+    Familiarity,
+    StageCapture,
+    load_familiarity,
+)
 from skinlesion.models.checkpoint import (
     checkpoint_metadata,
     load_checkpoint,
@@ -53,6 +66,7 @@ class Member:
     tta: int = 1  # the views its temperature was fitted on (see calibrated_views)
     backbone_id: str = ""  # hash of every weight but the classifier's
     metadata: MetadataSpec | None = None  # the metadata encoding of a fused model
+    familiarity: Familiarity | None = None  # how unlike its training images an image is
 
     def encode(self, metadata: pd.DataFrame | None, n: int) -> np.ndarray | None:
         """This member's encoding of ``metadata`` (``None``: all missing); ``None`` for an
@@ -148,11 +162,21 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
         temperature = float(ckpt.get("temperature", 1.0))
         bid = backbone_id(model)
         meta = checkpoint_metadata(ckpt)
-        members.append(Member(model, spec, temperature, int(ckpt["fold"]), p, tta, bid, meta))
+        fam = member_familiarity(p)
+        members.append(Member(model, spec, temperature, int(ckpt["fold"]), p, tta, bid, meta, fam))
     classes = {m.spec.class_names for m in members}
     if len(classes) > 1:
         raise CheckpointError(f"{path}: fold models disagree on class names: {classes}")
     return members
+
+
+def member_familiarity(checkpoint: Path) -> Familiarity | None:
+    """The familiarity fitted for a checkpoint (``familiarity.safetensors`` beside it), if any."""
+    path = checkpoint.parent / FAMILIARITY_FILE
+    if not path.is_file():
+        log.info("%s: no %s, so no unfamiliarity from it", checkpoint.parent, FAMILIARITY_FILE)
+        return None
+    return load_familiarity(path)
 
 
 def ensemble_probs(
@@ -163,7 +187,23 @@ def ensemble_probs(
     batch_size: int = 32,
     metadata: pd.DataFrame | None = None,
 ) -> np.ndarray:
-    """Mean calibrated probabilities over members and TTA views for prepared uint8 images.
+    """Mean calibrated probabilities over members and TTA views for prepared uint8 images
+    (:func:`ensemble_outputs` without the unfamiliarity)."""
+    return ensemble_outputs(members, images, runtime, tta, batch_size, metadata, False)[0]
+
+
+def ensemble_outputs(
+    members: Sequence[Member],
+    images: dict[PreprocessSpec, np.ndarray],
+    runtime: Runtime,
+    tta: int = 1,
+    batch_size: int = 32,
+    metadata: pd.DataFrame | None = None,
+    familiarity: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean calibrated probabilities (N, C) over members and TTA views for prepared uint8 images,
+    and the ensemble's unfamiliarity (N,) (``None`` when no member has a familiarity, or
+    ``familiarity=False``).
 
     Members that share a backbone (a linear probe's folds) run it once: the pooled features are
     computed once and each member applies only its own classifier. ``metadata`` (raw columns
@@ -173,11 +213,40 @@ def ensemble_probs(
     groups: dict[tuple[PreprocessSpec, str], list[Member]] = {}
     for m in members:
         groups.setdefault((m.spec, m.backbone_id), []).append(m)
-    total = None
+    total, unfamiliar, scored = None, None, 0
+    settings = (runtime, tta, batch_size, metadata, familiarity)
     for (spec, _), group in groups.items():
-        arr, first = images[spec], group[0].model
-        rows = np.arange(len(arr))
-        kw = {"batch_size": batch_size, "runtime": runtime, "norm": spec.normalization, "tta": tta}
+        per_member, stats = _group_logits(group, images[spec], *settings)
+        for m, logits in zip(group, per_member, strict=True):
+            # Views are averaged in logit space, as when the temperature was fitted.
+            z = torch.from_numpy(logits).double().mean(0) / m.temperature
+            probs = torch.softmax(z, -1).numpy()
+            total = probs if total is None else total + probs
+            if stats is not None and m.familiarity is not None:
+                u = m.familiarity.unfamiliarity(stats)
+                unfamiliar, scored = (u if unfamiliar is None else unfamiliar + u), scored + 1
+    assert total is not None
+    return total / len(members), (None if unfamiliar is None else unfamiliar / scored)
+
+
+def _group_logits(
+    group: Sequence[Member],
+    arr: np.ndarray,
+    runtime: Runtime,
+    tta: int,
+    batch_size: int,
+    metadata: pd.DataFrame | None,
+    familiarity: bool,
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Each member's logits (V, N, C) of one backbone group, and the stage statistics of the
+    identity view (``None`` unless a member of the group has a familiarity)."""
+    first = group[0].model
+    rows = np.arange(len(arr))
+    spec = group[0].spec
+    kw = {"batch_size": batch_size, "runtime": runtime, "norm": spec.normalization, "tta": tta}
+    want = familiarity and any(m.familiarity is not None for m in group)
+    capture = StageCapture(first) if want else None
+    with capture or nullcontext():
         if len(group) == 1:
             meta = group[0].encode(metadata, len(arr))
             per_member = [predict_logits(first, arr, rows, metadata=meta, **kw)]
@@ -185,13 +254,8 @@ def ensemble_probs(
             features = lambda v, f=first: f.forward_head(f.forward_features(v), pre_logits=True)  # noqa: E731
             feats = torch.from_numpy(predict_logits(first, arr, rows, forward=features, **kw))
             per_member = [_head(feats, m, m.encode(metadata, len(arr))) for m in group]
-        for m, logits in zip(group, per_member, strict=True):
-            # Views are averaged in logit space, as when the temperature was fitted.
-            z = torch.from_numpy(logits).double().mean(0) / m.temperature
-            probs = torch.softmax(z, -1).numpy()
-            total = probs if total is None else total + probs
-    assert total is not None
-    return total / len(members)
+    stats = capture.identity_numpy(tta) if capture is not None and len(arr) else None
+    return per_member, stats
 
 
 def _linear(feats: torch.Tensor, clf: nn.Module) -> np.ndarray:
@@ -211,6 +275,15 @@ def _head(feats: torch.Tensor, member: Member, metadata: np.ndarray | None) -> n
     return torch.stack(views).numpy()
 
 
+@dataclass
+class Predictions:
+    """What :func:`predict_images` returns."""
+
+    probs: np.ndarray  # (N, C) calibrated probabilities; NaN rows for sources that failed
+    errors: dict[int, str]  # {index: error message} of the sources that could not be decoded
+    unfamiliarity: np.ndarray | None  # (N,), NaN where failed; None: no member has familiarity
+
+
 def predict_sources(
     sources: Sequence[str | Path | bytes],
     members: Sequence[Member],
@@ -220,42 +293,72 @@ def predict_sources(
     progress: bool = True,
     metadata: pd.DataFrame | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Probabilities (N, C) for each source; rows of sources that failed are NaN.
+    """Probabilities (N, C) for each source and ``{index: error}`` of those that failed (their
+    rows NaN): :func:`predict_images` without the unfamiliarity."""
+    out = predict_images(sources, members, runtime, tta, batch_size, progress, metadata, False)
+    return out.probs, out.errors
+
+
+def predict_images(
+    sources: Sequence[str | Path | bytes],
+    members: Sequence[Member],
+    runtime: Runtime,
+    tta: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    metadata: pd.DataFrame | None = None,
+    familiarity: bool = True,
+) -> Predictions:
+    """Probabilities, errors and unfamiliarity of each source (see :class:`Predictions`).
 
     ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``). ``metadata``:
     a row per source with any of ``age``, ``sex``, ``localization`` (missing values allowed),
-    used by models fused with metadata; ``None``: no metadata for any image.
-
-    Returns the probabilities and ``{index: error message}`` for the sources that could not be
-    decoded, so one bad file never costs the predictions of the others.
+    used by models fused with metadata; ``None``: no metadata for any image. One bad file never
+    costs the predictions of the others.
     """
     if not members:
         raise ValueError("no models to predict with")
     tta = members[0].tta if tta is None else tta
     n_classes = len(members[0].spec.class_names)
     out = np.full((len(sources), n_classes), np.nan)
+    scored = familiarity and any(m.familiarity is not None for m in members)
+    unfamiliar = np.full(len(sources), np.nan) if scored else None
     errors: dict[int, str] = {}
     specs = list(dict.fromkeys(m.spec for m in members))
     chunk = max(batch_size * 4, 64)
     bar = tqdm(total=len(sources), desc="predict", disable=not progress)
     for start in range(0, len(sources), chunk):
         idx = list(range(start, min(start + chunk, len(sources))))
-        prepared: dict[PreprocessSpec, list[np.ndarray]] = {s: [] for s in specs}
-        ok: list[int] = []
-        for i in idx:
-            try:
-                arrays = {s: prepare_with_spec(sources[i], s) for s in specs}
-            except ImageDecodeError as err:
-                errors[i] = str(err)
-                log.error("%s", err)
-                continue
-            ok.append(i)
-            for s in specs:
-                prepared[s].append(arrays[s])
+        stacked, ok = _prepare_chunk(sources, idx, specs, errors)
         if ok:
-            stacked = {s: np.stack(v) for s, v in prepared.items()}
             meta = None if metadata is None else metadata.iloc[ok].reset_index(drop=True)
-            out[ok] = ensemble_probs(members, stacked, runtime, tta, batch_size, meta)
+            probs, u = ensemble_outputs(members, stacked, runtime, tta, batch_size, meta, scored)
+            out[ok] = probs
+            if unfamiliar is not None and u is not None:
+                unfamiliar[ok] = u
         bar.update(len(idx))
     bar.close()
-    return out, errors
+    return Predictions(out, errors, unfamiliar)
+
+
+def _prepare_chunk(
+    sources: Sequence[str | Path | bytes],
+    idx: list[int],
+    specs: list[PreprocessSpec],
+    errors: dict[int, str],
+) -> tuple[dict[PreprocessSpec, np.ndarray], list[int]]:
+    """The sources ``idx`` prepared for each spec, and the indices that decoded; the others'
+    errors go into ``errors``."""
+    prepared: dict[PreprocessSpec, list[np.ndarray]] = {s: [] for s in specs}
+    ok: list[int] = []
+    for i in idx:
+        try:
+            arrays = {s: prepare_with_spec(sources[i], s) for s in specs}
+        except ImageDecodeError as err:
+            errors[i] = str(err)
+            log.error("%s", err)
+            continue
+        ok.append(i)
+        for s in specs:
+            prepared[s].append(arrays[s])
+    return ({s: np.stack(v) for s, v in prepared.items()} if ok else {}), ok

@@ -1,7 +1,8 @@
 """The HTTP service: one loaded model behind ``POST /predict``, with the web page at ``/``.
 
 Every answer's probabilities are those of ``skinlesion predict`` for the same image: the upload is
-prepared by the same function, and a micro-batcher feeds the same ``ensemble_probs``. Errors are
+prepared by the same function, and a micro-batcher feeds the same ``ensemble_outputs`` (the
+probabilities and the unfamiliarity of one forward pass). Errors are
 JSON ``{"error": message, "status": code}``; a request can only send image bytes, never a path.
 Optional form fields ``age``, ``sex`` and ``localization`` reach a model fused with patient
 metadata (each may be left out); an image-only model ignores them and says so.
@@ -37,7 +38,7 @@ from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
 from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
-from skinlesion.inference.predict import ensemble_probs
+from skinlesion.inference.predict import ensemble_outputs
 from skinlesion.inference.table import MELANOMA_CLASS, Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
@@ -64,12 +65,18 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def describe(
-    model: LoadedModel, probs: np.ndarray, image: str, decisions: Decisions
+    model: LoadedModel,
+    probs: np.ndarray,
+    image: str,
+    decisions: Decisions,
+    unfamiliarity: float | None = None,
 ) -> dict[str, Any]:
-    """The JSON answer for one image's calibrated probabilities: the predictions table's row
-    (:func:`prediction_rows`, the same keys; the class probabilities under ``probabilities``),
-    with ``confidence``, the ``melanoma`` decision spelled out and the model's name."""
-    (row,) = prediction_rows([image], probs[None], {}, decisions)
+    """The JSON answer for one image's calibrated probabilities (and unfamiliarity, ``None``
+    for a model without familiarity): the predictions table's row (:func:`prediction_rows`, the
+    same keys; the class probabilities under ``probabilities``), with ``confidence``, the
+    ``melanoma`` decision spelled out and the model's name."""
+    u = None if unfamiliarity is None else np.array([unfamiliarity])
+    (row,) = prediction_rows([image], probs[None], {}, decisions, u)
     names = list(decisions.classes)
     answer: dict[str, Any] = {k: v for k, v in row.items() if k not in names}
     answer["probabilities"] = {c: row[c] for c in names}
@@ -110,13 +117,16 @@ def _prepare(model: LoadedModel, data: bytes, limits: UploadLimits) -> dict[Any,
 
 
 def _batch_fn(model: LoadedModel, runtime: Any, max_batch: int) -> Any:
-    """The micro-batcher's function: stacked images (and raw metadata rows) -> probabilities."""
+    """The micro-batcher's function: stacked images (and raw metadata rows) -> one
+    ``(probabilities, unfamiliarity or None)`` per image."""
 
-    def run(stacked: dict[Any, np.ndarray]) -> np.ndarray:
+    def run(stacked: dict[Any, np.ndarray]) -> list[tuple[np.ndarray, float | None]]:
         images = {k: v for k, v in stacked.items() if k != METADATA_KEY}
         meta = stacked.get(METADATA_KEY)
         table = None if meta is None else pd.DataFrame(meta, columns=list(METADATA_FIELDS))
-        return ensemble_probs(model.members, images, runtime, model.tta, max_batch, table)
+        probs, u = ensemble_outputs(model.members, images, runtime, model.tta, max_batch, table)
+        values = [None] * len(probs) if u is None else [float(v) for v in u]
+        return list(zip(probs, values, strict=True))
 
     return run
 
@@ -223,8 +233,8 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         meta = _metadata_row(model, given)
         if meta is not None:
             arrays[METADATA_KEY] = meta
-        probs = await asyncio.wrap_future(batcher.submit(arrays))
-        answer = describe(model, probs, file.filename or "<upload>", decisions)
+        probs, unfamiliarity = await asyncio.wrap_future(batcher.submit(arrays))
+        answer = describe(model, probs, file.filename or "<upload>", decisions, unfamiliarity)
         answer["metadata_used"] = metadata_used(model, given)
         if explain:
             (ex,) = await run_in_threadpool(explain_sources, [data], members, runtime, tta)

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +22,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BatchFn = Callable[[dict[Any, np.ndarray]], np.ndarray]
+BatchFn = Callable[[dict[Any, np.ndarray]], Sequence[Any]]
 
 
 @dataclass
@@ -33,7 +33,7 @@ class _Item:
 
 class MicroBatcher:
     """Groups single-image requests into batches for ``batch_fn`` (stacked arrays per key ->
-    (N, C) results).
+    one result per item, e.g. an (N, C) array).
 
     Example::
 
@@ -74,7 +74,7 @@ class MicroBatcher:
             self._thread = None
 
     def submit(self, arrays: dict[Any, np.ndarray]) -> Future:
-        """Queue one prepared image; the future's result is its (C,) row."""
+        """Queue one prepared image; the future's result is its item of ``batch_fn``'s output."""
         if self._thread is None:
             raise RuntimeError("MicroBatcher.submit before start()")
         item = _Item(arrays)

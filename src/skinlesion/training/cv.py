@@ -54,6 +54,7 @@ from skinlesion.training.distributed import (
     seed_rank_streams,
 )
 from skinlesion.training.engine import MetadataFeed, train_one_epoch
+from skinlesion.training.fit_familiarity import fit_run_familiarity
 from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
 from skinlesion.training.probe import run_linear_probe
 from skinlesion.training.run_data import RunData, load_run_data, metadata_by_row
@@ -562,6 +563,8 @@ def _run_cv(
     else:
         for fold in folds:
             fit_fold(cfg, data, fold, run_dir, runtime, resume=resume, progress=progress)
+        if dist_info.is_main:  # each fold's familiarity.safetensors (refer: unlike training)
+            fit_run_familiarity(run_dir, cfg, data, runtime, progress, strict=False)
     if dist_info.is_main:
         write_oof_report(run_dir, n_boot=cfg.eval.n_boot)
     if dist_info.enabled:

@@ -9,6 +9,8 @@ temperature the mean of theirs; the run's out-of-fold figures stay the honest es
     run_dir/final/best.pt      (fold -1; ``final_fit`` says how it was made)
     run_dir/final/last.pt      training state for --resume
     run_dir/final/summary.json
+    run_dir/final/familiarity.safetensors   its familiarity, thresholded on a 20% split of its own
+                                            training images (so its refer rate is optimistic)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from skinlesion.core.runtime import init_distributed, planned_world_size, resolv
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
 from skinlesion.training.checks import check_world_size
 from skinlesion.training.cv import train_epoch, trainer_for_table
+from skinlesion.training.fit_familiarity import fit_checkpoint_familiarity
 from skinlesion.training.run_data import load_run_data
 from skinlesion.training.setup import model_kwargs
 
@@ -107,6 +110,9 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
     )
     atomic_torch_save(ckpt, out / "best.pt")
     (out / "summary.json").write_text(json.dumps({**choice, "n_train": len(table)}, indent=2))
+    # Its threshold comes from images it was trained on (there are no others): logged as such.
+    if runtime.dist.is_main:
+        fit_checkpoint_familiarity(out / "best.pt", cfg, data, runtime, progress, strict=False)
     log.info(
         "final model: %s (%d epochs, temperature %.3f)",
         out / "best.pt",

@@ -22,6 +22,13 @@ from skinlesion.core.errors import CheckpointError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.report import check_report_writable, write_oof_report
+from skinlesion.inference.familiarity import (
+    FAMILIARITY_FILE,
+    METHOD,
+    Familiarity,
+    load_familiarity,
+    save_familiarities,
+)
 from skinlesion.inference.packaged import (
     CARD_FILE,
     DEFAULT_FILE,
@@ -163,6 +170,47 @@ def build_card(
     }
 
 
+LEE_2018 = (
+    'Lee, Lee, Lee & Shin, "A simple unified framework for detecting out-of-distribution '
+    'samples and adversarial attacks", NeurIPS 2018'
+)
+
+
+def familiarity_card(fams: dict[str, Familiarity]) -> dict[str, Any]:
+    """The card's ``familiarity`` entry: the method and, per member, what it was fitted on."""
+    keys = ("fold", "n_fit", "n_calibration", "n_heldout", "heldout", "trained_on")
+    return {
+        "method": METHOD,
+        "reference": LEE_2018,
+        "refer_reason": "unlike the training images",
+        "members": [
+            {"prefix": p, "threshold": f.threshold, **{k: f.info[k] for k in keys if k in f.info}}
+            for p, f in fams.items()
+        ],
+    }
+
+
+def _familiarity_line(card: dict[str, Any]) -> str:
+    fam = card.get("familiarity")
+    if not fam:
+        return (
+            '**Familiarity.** None fitted: no refer reason "unlike the training images" '
+            "(`skinlesion fit-familiarity` adds one)."
+        )
+    parts = []
+    for m in fam["members"]:
+        parts.append(
+            f"{m.get('prefix', '').rstrip('.') or 'model'}: Gaussians on {m.get('n_fit')} "
+            f"training images, normalised on {m.get('n_calibration')} others, threshold at the "
+            f"99th percentile of {m.get('n_heldout')} images ({m.get('heldout')})"
+        )
+    return (
+        '**Familiarity** (refer reason "unlike the training images"): feature-statistics '
+        "Mahalanobis distance (per-channel mean and std of the last three stages, after "
+        f"{fam.get('reference', LEE_2018)}); " + "; ".join(parts) + "."
+    )
+
+
 def _final_fit(ckpt: dict[str, Any]) -> dict[str, Any]:
     """How a final fit (fold -1) was set up: its data size and what it took from the folds."""
     fit = ckpt.get("final_fit") or {}
@@ -262,6 +310,8 @@ code is Apache-2.0.
 {head}{body}
 {_threshold_line(card)}
 
+{_familiarity_line(card)}
+
 **Calibration** (out of fold): ECE {_fmt(before.get("ece"))} before and {_fmt(after.get("ece"))}
 after temperature scaling; log loss {_fmt(before.get("log_loss"))} -> {_fmt(after.get("log_loss"))}.
 
@@ -309,6 +359,60 @@ def write_weights(ckpts: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def familiarity_entry(folder: Path, fams: dict[str, Familiarity]) -> dict[str, Any]:
+    """``model.json``'s ``familiarity``: the file (written here) and its SHA-256."""
+    path = save_familiarities(folder / FAMILIARITY_FILE, fams)
+    return {"file": path.name, "sha256": sha256_file(path), "method": METHOD}
+
+
+def attach_familiarity(folder: Path, fams: dict[str, Familiarity]) -> Path:
+    """Add the members' familiarity (keys prefixed as the weights: ``fold0.``, ``final.``) to a
+    packaged model: the file, its entry in ``model.json``, the card's ``familiarity`` and the
+    Markdown card rendered again."""
+    folder = Path(folder)
+    meta = json.loads((folder / MODEL_FILE).read_text())
+    prefixes = [m["prefix"] for m in meta["members"]]
+    if sorted(fams) != sorted(prefixes):
+        raise CheckpointError(f"{folder}: familiarity for {sorted(fams)}, members {prefixes}")
+    meta["familiarity"] = familiarity_entry(folder, fams)
+    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    card_path = folder / CARD_FILE
+    if card_path.is_file():
+        card = json.loads(card_path.read_text())
+        card["familiarity"] = familiarity_card(fams)
+        card_path.write_text(json.dumps(card, indent=2, allow_nan=False))
+        if (folder / "MODEL_CARD.md").is_file():
+            (folder / "MODEL_CARD.md").write_text(render_card(card))
+    return folder / FAMILIARITY_FILE
+
+
+def _store_familiarity(out: Path, meta: dict[str, Any], fams: dict[str, Familiarity]) -> None:
+    if fams:
+        meta["familiarity"] = familiarity_entry(out, fams)
+    elif (out / FAMILIARITY_FILE).is_file():
+        (out / FAMILIARITY_FILE).unlink()  # from an earlier packaging of other members
+
+
+def run_familiarities(run_dir: Path, ckpts: list[dict[str, Any]], final: bool) -> dict[str, Any]:
+    """The members' familiarity from the run folder (``fold_K/`` or ``final/``), by prefix;
+    ``{}`` (logged) unless every member has one."""
+    found = {}
+    for c in ckpts:
+        folder = run_dir / ("final" if final else f"fold_{c['fold']}")
+        path = folder / FAMILIARITY_FILE
+        if not path.is_file():
+            log.warning(
+                "%s: no %s, so the package has no familiarity; run `skinlesion fit-familiarity "
+                "%s` first to add one",
+                folder,
+                FAMILIARITY_FILE,
+                run_dir,
+            )
+            return {}
+        found[_prefix(c)] = load_familiarity(path)
+    return found
+
+
 def package_run(
     run_dir: str | Path,
     name: str,
@@ -337,6 +441,7 @@ def package_run(
     ext = {
         k: json.loads((Path(v) / "metrics.json").read_text()) for k, v in (external or {}).items()
     }
+    fams = run_familiarities(run_dir, ckpts, final)
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     write_weights(ckpts, out / WEIGHTS_FILE)
@@ -367,8 +472,11 @@ def package_run(
         },
         "weights_sha256": sha256_file(out / WEIGHTS_FILE),
     }
+    _store_familiarity(out, meta, fams)
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2))
     card = build_card(name, ckpts, oof, ext, hardware or "unspecified hardware")
+    if fams:
+        card["familiarity"] = familiarity_card(fams)
     (out / CARD_FILE).write_text(json.dumps(card, indent=2, allow_nan=False))
     (out / "MODEL_CARD.md").write_text(render_card(card))
     (out / "LICENSE").write_text(LICENSE_TEXT)
