@@ -78,7 +78,14 @@ def _images(tiny_run: Path, n: int = 6) -> list[str]:
 def test_package_writes_safe_formats_only(zoo: Path) -> None:
     folder = zoo / "tiny"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["LICENSE", "MODEL_CARD.md", "card.json", "model.json", "model.safetensors"]
+    assert names == [
+        "LICENSE",
+        "MODEL_CARD.md",
+        "card.json",
+        "familiarity.safetensors",  # the run's fold_1 familiarity, fitted at the end of training
+        "model.json",
+        "model.safetensors",
+    ]
     assert (zoo / "default.txt").read_text().strip() == "tiny"
     assert (folder / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
     assert "CC BY-NC-SA 4.0" in (folder / "LICENSE").read_text()
