@@ -119,7 +119,9 @@ def test_probe_with_metadata_reproduces_oof_and_evaluates(
     assert packaged.uses_metadata
     records = table.set_index("image_id").loc[fold0["image_id"]].reset_index()
     again = packaged.predict(images, metadata=records)
-    assert np.allclose(again[list(CLASSES)], pred[list(CLASSES)], atol=1e-5)
+    # Packaged weights are float16 (training/package.half_precision): on this small untrained
+    # backbone that moves probabilities by up to 2.5e-3; a wrong encoding moves them by 1e-1.
+    assert np.allclose(again[list(CLASSES)], pred[list(CLASSES)], atol=5e-3)
     # evaluate reads the metadata from the labels file's columns unless told not to.
     part = sorted(syn_root.glob("HAM10000_images_part_1"))[0]
     labels = table[table["image_id"].isin({p.stem for p in part.iterdir()})]

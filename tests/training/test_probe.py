@@ -202,11 +202,12 @@ def test_probe_refuses_torchrun_config_combination(
     def no_probe(*a: object, **k: object) -> None:
         raise AssertionError("the probe ran under torchrun")
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets, read before any work
     monkeypatch.setattr(cv, "init_distributed", lambda: DistInfo(rank=0, world_size=2))
     monkeypatch.setattr(cv.dist, "barrier", lambda: None)  # no process group in this test
     monkeypatch.setattr(cv, "run_linear_probe", no_probe)
     cfg = load_config(None, probe_args(syn_root, tmp_path / "run", tmp_path / "c"))
     assert cfg.train.scheme == "linear_probe"
-    with pytest.raises(ValueError, match="linear_probe runs in one process; drop torchrun"):
+    with pytest.raises(ValueError, match="linear_probe runs in one process, not 2; drop torchrun"):
         cv.run_cv(cfg, progress=False)
     assert not list((tmp_path / "run").glob("fold_*"))

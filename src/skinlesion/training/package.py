@@ -413,6 +413,17 @@ def run_familiarities(run_dir: Path, ckpts: list[dict[str, Any]], final: bool) -
     return found
 
 
+def _member_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A member's entry in ``model.json``; a fused model's metadata encoding and branch width
+    come along as plain JSON."""
+    return {
+        "fold": ckpt["fold"],
+        "prefix": _prefix(ckpt),
+        "temperature": ckpt["temperature"],
+        **({"metadata": ckpt["metadata"]} if ckpt.get("metadata") else {}),
+    }
+
+
 def package_run(
     run_dir: str | Path,
     name: str,
@@ -455,16 +466,7 @@ def package_run(
         "preprocessing": ckpts[0]["preprocessing"],
         "class_names": ckpts[0]["class_names"],
         "tta": _tta(ckpts[0]),
-        "members": [
-            {
-                "fold": c["fold"],
-                "prefix": _prefix(c),
-                "temperature": c["temperature"],
-                # A fused model's metadata encoding and branch width (plain JSON).
-                **({"metadata": c["metadata"]} if c.get("metadata") else {}),
-            }
-            for c in ckpts
-        ],
+        "members": [_member_meta(c) for c in ckpts],
         "reference": {
             "mel_threshold": oof["mel_threshold"],
             "domain": oof["domain"],
