@@ -8,6 +8,7 @@ A run folder explains itself::
       fold_K/best.pt       lowest validation loss (calibrated temperature added at the end)
       fold_K/last.pt       full training state for --resume
       fold_K/val_predictions.csv  fold_K/summary.json
+      fold_K/familiarity.safetensors  the refer check "unlike the training images"
       oof_predictions.csv  oof_metrics.json  report.md  plots/
 
 >>> run = RunFolder(Path("runs/quick"))
