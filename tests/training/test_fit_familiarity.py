@@ -162,7 +162,7 @@ def test_final_model_and_package_carry_their_familiarity(run: Path, tmp_path: Pa
     assert 0.1 * n < fam.info["n_heldout"] < 0.3 * n  # a 20% split of its lesions
     final = package_run(copy, "final", out_root=tmp_path / "zoo", final=True)
     assert (
-        "trained on: its in-distribution refer rate is optimistic"
+        "trained on, so its in-distribution refer rate is optimistic"
         in (final / "MODEL_CARD.md").read_text()
     )
     folds = package_run(copy, "folds", out_root=tmp_path / "zoo")
