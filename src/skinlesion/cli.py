@@ -68,7 +68,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
     check_folds(folds)
     save_folds(folds, Path(args.out))
     worst = float(fold_balance(folds).abs().to_numpy().max())
-    unit = "lesions" if grouped else "groups (one image each)"
+    several = "source" in folds.columns  # some sources may name lesions, others not
+    unit = "lesions" if grouped else "groups" if several else "groups (one image each)"
     print(
         f"wrote {args.out}: {len(folds)} images, {folds['lesion_id'].nunique()} {unit}, "
         f"{n_folds} folds; largest class-share deviation {worst:.2f} points"

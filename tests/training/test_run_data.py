@@ -123,6 +123,7 @@ def test_recipe_keeps_test_split_out_of_training_synthetic(
     _assert_no_test_image(table, out, labels)
     printed = capsys.readouterr().out
     assert "source ham10000:" in printed and "source isic2017: 10 images, 10 groups" in printed
+    assert "(one image each)" not in printed  # ham10000 names its lesions
 
 
 @requires_ham
