@@ -400,3 +400,30 @@ def attach_tiny_familiarity(folder: Path, train: list[Path], heldout: list[Path]
         fams[f"fold{m.fold}."] = fit_familiarity(*parts)
     attach_familiarity(folder, fams)
     return folder
+
+
+def make_csv_source(
+    root: Path, per_class: dict[str, int], prefix: str = "ext", held_out: int = 1
+) -> tuple[Path, Path]:
+    """A tiny ``data.format: csv`` set in ``root``: tinted noise images (one tint a class, PNG)
+    named ``<prefix>_<dx><i>``, and ``labels.csv`` (``image_id, dx, split``, no group column)
+    where the last ``held_out`` images of each class have ``split == test``, the others
+    ``train``. Returns the image folder and the labels file."""
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(len(prefix))
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c, (dx, n) in enumerate(per_class.items()):
+        for i in range(n):
+            img = rng.integers(0, 80, (24, 32, 3), dtype=np.uint8)
+            img[..., c % 3] += 150
+            name = f"{prefix}_{dx}{i}"
+            Image.fromarray(img).save(images / f"{name}.png")
+            rows.append(
+                {"image_id": name, "dx": dx, "split": "test" if i >= n - held_out else "train"}
+            )
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return images, root / "labels.csv"

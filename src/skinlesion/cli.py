@@ -34,13 +34,20 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _cmd_split(args: argparse.Namespace) -> int:
     from skinlesion.core.errors import ConfigError
     from skinlesion.core.paths import check_writable_file
-    from skinlesion.data.folds import check_folds, fold_balance, make_folds, save_folds
+    from skinlesion.data.folds import (
+        check_folds,
+        fold_balance,
+        make_folds,
+        save_folds,
+        source_balance,
+    )
 
     check_writable_file(args.out, "--out")
     n_folds, seed, grouped = args.folds or 5, 42 if args.seed is None else args.seed, True
     if args.config is not None:
-        # Any labelled set the config's data section describes (csv, isic2019, ham10000).
-        from skinlesion.training.run_data import load_labelled, warn_ungrouped
+        # Any labelled set the config's data section describes (csv, isic2019, ham10000), or
+        # several (data.sources: folds stratified by source x diagnosis, with a source column).
+        from skinlesion.training.run_data import load_labelled, warn_ungrouped_sources
 
         # --folds and --seed win over the config (the set is checked against the folds).
         # split makes every fold, so the config's folds_to_run (checked against n_folds) is moot.
@@ -50,8 +57,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
         n_folds, seed = cfg.cv.n_folds, cfg.cv.seed
         labelled = load_labelled(cfg)
         df, grouped = labelled.table, labelled.grouped
-        if not grouped:
-            warn_ungrouped(labelled.source)
+        warn_ungrouped_sources(labelled)
     elif args.overrides:
         raise ConfigError(f"key=value overrides {args.overrides} need --config")
     else:
@@ -62,11 +68,18 @@ def _cmd_split(args: argparse.Namespace) -> int:
     check_folds(folds)
     save_folds(folds, Path(args.out))
     worst = float(fold_balance(folds).abs().to_numpy().max())
-    unit = "lesions" if grouped else "groups (one image each)"
+    several = "source" in folds.columns  # some sources may name lesions, others not
+    unit = "lesions" if grouped else "groups" if several else "groups (one image each)"
     print(
         f"wrote {args.out}: {len(folds)} images, {folds['lesion_id'].nunique()} {unit}, "
         f"{n_folds} folds; largest class-share deviation {worst:.2f} points"
     )
+    for name, deviation in source_balance(folds).items():
+        part = folds[folds["source"] == name]
+        print(
+            f"  source {name}: {len(part)} images, {part['lesion_id'].nunique()} groups; "
+            f"largest class-share deviation within it {deviation:.2f} points"
+        )
     return 0
 
 

@@ -20,6 +20,7 @@ from skinlesion.data.folds import (
     make_folds,
     read_folds,
     save_folds,
+    source_balance,
 )
 from skinlesion.data.metadata import DataError, find_metadata, read_metadata
 
@@ -357,3 +358,87 @@ def test_image_level_folds_are_seeded_and_use_n_folds(rare_images: int) -> None:
         assert (per_fold["nv"] == 10).all() and (per_fold["df"] == 1).all()
     else:  # shuffled, not in file order
         assert folds["fold"].tolist() != sorted(folds["fold"].tolist())
+
+
+# -- several sources: stratified by source x diagnosis, grouped by namespaced lesion --------------
+
+
+def two_sources(meta: pd.DataFrame) -> pd.DataFrame:
+    """``meta`` as source ``ham`` (lesions of 1-4 images) plus a 3-class source ``ext`` of
+    single-image groups, whose raw lesion ids repeat ham's (``HAM_0000000``...): only the
+    namespace tells them apart."""
+    ham = meta.assign(source="ham", lesion_id="ham:" + meta["lesion_id"])
+    dx = np.repeat(["bkl", "mel", "nv"], [40, 60, 200])
+    ext = pd.DataFrame(
+        {
+            "lesion_id": [f"ext:HAM_{i:07d}" for i in range(len(dx))],
+            "image_id": [f"EXT_{i:05d}" for i in range(len(dx))],
+            "dx": dx,
+            "source": "ext",
+        }
+    )
+    return pd.concat([ham, ext], ignore_index=True).sample(frac=1, random_state=2)
+
+
+def _deviation(folds: pd.DataFrame, source: str, n_folds: int) -> float:
+    """Largest gap, in images, between a (source, dx) stratum's count in a fold and its share."""
+    part = folds[folds["source"] == source]
+    counts = part.groupby(["dx", "fold"]).size().unstack(fill_value=0).to_numpy()
+    return float(np.abs(counts - counts.sum(1, keepdims=True) / n_folds).max())
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4])
+def test_sources_folds_stratified_by_source_x_dx(meta: pd.DataFrame, seed: int) -> None:
+    table = two_sources(meta)
+    folds = make_folds(table, 5, seed)
+    assert list(folds.columns) == [*FOLD_COLUMNS, "source"]
+    check_folds(folds)
+    # ext's single-image groups split exactly by source x dx; by dx alone they drift by 2-5
+    # images a fold (the same seeds), as the mix of sources within a class is left to chance.
+    assert _deviation(folds, "ext", 5) <= 1
+    by_dx = make_folds(table.drop(columns="source"), 5, seed).merge(table[["image_id", "source"]])
+    assert _deviation(by_dx, "ext", 5) >= 2
+    assert _deviation(folds, "ham", 5) <= 2
+
+
+def test_sources_folds_group_by_namespaced_lesion(meta: pd.DataFrame) -> None:
+    folds = make_folds(two_sources(meta), 5, 0)
+    assert folds.groupby("lesion_id")["fold"].nunique().max() == 1
+    # ham:HAM_x and ext:HAM_x are two lesions: they are not pulled into one fold.
+    raw = folds.assign(raw=folds["lesion_id"].str.split(":").str[1])
+    shared = raw.groupby("raw").filter(lambda g: g["source"].nunique() == 2)
+    assert shared.groupby("raw")["fold"].nunique().max() == 2
+
+
+def test_one_source_folds_are_the_folds_without_sources(meta: pd.DataFrame) -> None:
+    one = meta.assign(source="ham", lesion_id="ham:" + meta["lesion_id"])
+    np.testing.assert_array_equal(make_folds(one, 5, 42)["fold"], make_folds(meta, 5, 42)["fold"])
+
+
+def test_sources_folds_round_trip_and_align(meta: pd.DataFrame, tmp_path: Path) -> None:
+    table = two_sources(meta)
+    folds = make_folds(table, 5, 0)
+    path = tmp_path / "folds.csv"
+    save_folds(folds, path)
+    assert path.read_text().splitlines()[0] == "image_id,lesion_id,dx,fold,source"
+    read = read_folds(path)
+    pd.testing.assert_frame_equal(read, folds.reset_index(drop=True), check_dtype=False)
+    aligned = align_folds(table, read, str(path))
+    assert (
+        aligned["fold"].to_numpy() == read.set_index("image_id").loc[table["image_id"], "fold"]
+    ).all()
+    moved = table.assign(source=np.where(table["image_id"] == "EXT_00000", "ham", table["source"]))
+    with pytest.raises(DataError, match="sources differ") as info:
+        align_folds(moved, read, str(path))
+    assert "EXT_00000" in str(info.value)
+
+
+def test_source_balance_is_per_source(meta: pd.DataFrame) -> None:
+    folds = make_folds(two_sources(meta), 5, 0)
+    balance = source_balance(folds)
+    assert list(balance) == ["ext", "ham"]
+    assert balance["ext"] == pytest.approx(0.0, abs=1e-9)  # 40/60/200 split exactly in 5
+    assert balance["ham"] == pytest.approx(
+        fold_balance(folds[folds["source"] == "ham"]).abs().to_numpy().max()
+    )
+    assert source_balance(make_folds(meta, 5, 0)) == {}

@@ -156,3 +156,54 @@ def test_single_image_class_and_absent_top_classes() -> None:
 def test_unknown_sampler_names_the_config_key() -> None:
     with pytest.raises(ConfigError, match=r"^sampler\.name: unknown sampler 'balanced'"):
         draw_indices("balanced", ham_labels(), N_CLASSES, 10, torch.Generator())
+
+
+# -- several sources: balanced by source x class ---------------------------------------------------
+
+
+def test_source_weights_known_values() -> None:
+    """(1 / count(source, class)) ** power: class 0 has 2 images in source a, 1 in b."""
+    labels = np.array([0, 0, 1, 0, 1, 2])
+    sources = np.array(["a", "a", "a", "b", "b", "b"])
+    np.testing.assert_allclose(sample_weights(labels, 3, 1.0, sources), [0.5, 0.5, 1, 1, 1, 1])
+    np.testing.assert_allclose(
+        sample_weights(labels, 3, 0.5, sources), [0.5**0.5, 0.5**0.5, 1, 1, 1, 1]
+    )
+    # Without sources the 3 images of class 0 share one count.
+    np.testing.assert_allclose(sample_weights(labels, 3, 1.0), [1 / 3, 1 / 3, 0.5, 1 / 3, 0.5, 1])
+
+
+def test_one_source_is_the_class_sampler() -> None:
+    labels = ham_labels(3)
+    one = np.full(len(labels), "ham10000")
+    assert np.array_equal(
+        sample_weights(labels, N_CLASSES, 0.7, one), sample_weights(labels, N_CLASSES, 0.7)
+    )
+    drawn = [
+        draw_indices("weighted", labels, N_CLASSES, 5000, torch.Generator().manual_seed(1), 1.0, s)
+        for s in (None, one)
+    ]
+    assert torch.equal(drawn[0], drawn[1])
+
+
+def test_power_one_draws_every_source_x_class_equally() -> None:
+    """HAM10000's 7 classes and a 3-class source of other sizes: 10 strata, each 1/10 of draws."""
+    ham = ham_labels()
+    other = np.repeat([2, 4, 5], [296, 404, 1450])  # ISIC 2017's bkl, mel, nv
+    labels = np.concatenate([ham, other])
+    sources = np.array(["ham"] * len(ham) + ["isic2017"] * len(other))
+    g = torch.Generator().manual_seed(0)
+    idx = draw_indices("weighted", labels, N_CLASSES, N_DRAWS, g, 1.0, sources).numpy()
+    strata = np.char.add(sources[idx], labels[idx].astype(str))
+    _, counts = np.unique(strata, return_counts=True)
+    assert len(counts) == 10
+    np.testing.assert_allclose(counts / N_DRAWS, 0.1, atol=0.01)
+    # By class alone mel would be 1 of 7; here it is 2 strata of 10.
+    assert np.mean(labels[idx] == 4) == pytest.approx(0.2, abs=0.01)
+
+
+def test_random_sampler_takes_sources() -> None:
+    labels = ham_labels()[:100]
+    g = torch.Generator().manual_seed(0)
+    idx = draw_indices("random", labels, N_CLASSES, 100, g, 1.0, np.full(100, "a"))
+    assert sorted(idx.tolist()) == list(range(100))

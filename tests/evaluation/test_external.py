@@ -107,7 +107,8 @@ def test_predictions_and_metrics(
     assert evaluate(run, labels, images, out) == 0
     preds = read_predictions(out)
     # The labels' lesion ids come along: `skinlesion compare` pairs two evaluations by them.
-    assert list(preds.columns) == ["image_id", "lesion_id", "dx", *CLASSES, "prediction"]
+    assert list(preds.columns) == ["image_id", "lesion_id", "dx", "source", *CLASSES, "prediction"]
+    assert set(preds["source"]) == {"labels"}  # the labels file's stem
     assert preds["image_id"].tolist() == meta["image_id"].tolist()
     assert preds["lesion_id"].tolist() == meta["lesion_id"].tolist()
     assert preds["dx"].tolist() == meta["dx"].tolist()
@@ -179,7 +180,10 @@ def test_label_map_yaml_and_csv(
 ) -> None:
     images, meta = external
     direct = meta.loc[meta["dx"].isin(["nv", "mel"]), ["image_id", "dx"]]
-    assert evaluate(run, write_labels(direct, tmp_path / "direct.csv"), images, tmp_path / "d") == 0
+    # The same file name as the mapped labels' below: their predictions' source (its stem) too.
+    (tmp_path / "direct").mkdir()
+    direct_csv = write_labels(direct, tmp_path / "direct" / "vocab.csv")
+    assert evaluate(run, direct_csv, images, tmp_path / "d") == 0
 
     vocab = meta[["image_id", "dx"]].copy()
     nevi = vocab.index[vocab["dx"] == "nv"]

@@ -27,7 +27,7 @@ from sklearn.metrics import (
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
 from skinlesion.evaluation.metrics import LOG_LOSS_EPS, evaluate_predictions
-from skinlesion.evaluation.report import render_markdown
+from skinlesion.evaluation.report import per_source_figures, prediction_classes, render_markdown
 
 TOL = 1e-6
 
@@ -329,3 +329,48 @@ def test_render_markdown_from_computed_metrics() -> None:
     assert "| mel | 10 |" in md and "| nv | 30 |" in md
     assert "Melanoma threshold p(mel) >= 0.3000" in md
     assert "absent" not in md.split("| class |")[0].split("| metric |")[1]
+
+
+def test_per_source_figures_known_values() -> None:
+    """Source b has bkl, mel and nv only: its balanced accuracy averages those 3 recalls (the
+    argmax of the full softmax, so a prediction of another class counts as wrong), and its
+    AUROCs are over its own images."""
+    classes = list(CLASSES)
+    bkl, mel, nv, bcc = (classes.index(c) for c in ("bkl", "mel", "nv", "bcc"))
+    rows = [  # (source, true class, class given most probability, its p(mel))
+        ("a", bcc, bcc, 0.1),
+        ("a", mel, mel, 0.6),
+        ("a", mel, nv, 0.3),
+        ("b", mel, mel, 0.7),
+        ("b", mel, bcc, 0.4),  # wrong: a class b does not have
+        ("b", nv, nv, 0.2),
+        ("b", nv, nv, 0.1),
+        ("b", bkl, mel, 0.5),
+    ]
+    probs = np.full((len(rows), 7), 0.02)
+    for i, (_, _, top, p_mel) in enumerate(rows):
+        probs[i, mel] = p_mel
+        probs[i, top] = max(probs[i, top], 0.85 - p_mel if top != mel else p_mel)
+    probs /= probs.sum(1, keepdims=True)
+    sources = np.array([r[0] for r in rows])
+    y = np.array([r[1] for r in rows])
+    assert (probs.argmax(1) == [r[2] for r in rows]).all()
+    figs = per_source_figures(sources, y, probs, classes)
+    b = figs["b"]
+    assert b["n"] == 5 and b["classes_present"] == ["bkl", "mel", "nv"]
+    assert b["balanced_accuracy"] == pytest.approx((0 + 0.5 + 1) / 3)
+    keep = sources == "b"
+    assert b["mel_auroc"] == pytest.approx(roc_auc_score(y[keep] == mel, probs[keep, mel]))
+    assert set(b["per_class"]) == {"bkl", "mel", "nv"}
+    assert b["per_class"]["mel"]["recall"] == pytest.approx(0.5)
+    assert figs["a"]["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)
+    assert "nv" not in figs["a"]["per_class"] and figs["a"]["per_class"]["bcc"]["auroc"] == 1.0
+
+
+def test_prediction_classes_skip_the_source_column() -> None:
+    table = pd.DataFrame(columns=["image_id", "dx", "source", *CLASSES, "prediction"])
+    assert prediction_classes(table) == list(CLASSES)
+    run = pd.DataFrame(
+        columns=["image_id", "lesion_id", "dx", "source", "fold", "mel", "nv", "prediction"]
+    )
+    assert prediction_classes(run) == ["mel", "nv"]

@@ -23,27 +23,17 @@ from pydantic import (
 )
 
 from skinlesion.core.errors import ConfigError
+from skinlesion.core.sources import (
+    SINGLE_SOURCE_KEYS,
+    ColumnsConfig,
+    SourceConfig,
+    check_sources,
+    error_key,
+)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-
-class ColumnsConfig(_Strict):
-    """Column names of a ``data.format: csv`` labels file; the loader renames them to the
-    canonical ``image_id``, ``dx``, ``lesion_id``, ``age``, ``sex`` and ``localization``."""
-
-    image: str = "image_id"
-    """An image id (``ID`` finds ``ID.jpg``/``.jpeg``/``.png``/``.bmp`` in ``data.images``) or a
-    path relative to ``data.images``."""
-    label: str = "dx"
-    group: str | None = None
-    """Lesion or patient id; default ``lesion_id`` when the file has it, else none: each image
-    is then its own group and leakage across folds cannot be ruled out."""
-    age: str | None = None
-    """Default ``age`` when the file has it (as the other two)."""
-    sex: str | None = None
-    localization: str | None = None
 
 
 class DataConfig(_Strict):
@@ -75,6 +65,9 @@ class DataConfig(_Strict):
     colour_constancy: bool = False
     """Shades-of-Gray colour constancy (p=6) applied when images are cached and at inference."""
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    sources: list[SourceConfig] | None = None
+    """Several labelled sets in one run (:mod:`skinlesion.core.sources`), each with its own
+    ``name``, format keys and ``classes``; ``None``: the one set the keys above describe."""
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -91,6 +84,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _format_keys(self) -> DataConfig:
+        check_sources(self)  # first: a single-source key beside sources is named as such
         if self.format == "csv" and (self.images is None or self.labels is None):
             raise ValueError("data.format=csv needs data.images (folder) and data.labels (CSV)")
         if self.format != "csv" and self.classes is not None:
@@ -401,10 +395,12 @@ def _accepts_float_list(ann: Any) -> bool:
     return "list[float]" in text or "tuple[float, float]" in text
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(
+    err: ValidationError, source: str, tree: dict[str, Any] | None = None
+) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key, in_source = error_key(e["loc"], tree)
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         elif e["type"] == "literal_error" and isinstance(e.get("input"), str):
@@ -415,7 +411,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             )
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
             # A check across keys of a section: its message names them, the input adds noise.
-            lines.append(f"  {str(e['msg']).removeprefix('Value error, ')}")
+            prefix = f"{key}: " if in_source else ""  # a source's message names the source
+            lines.append(f"  {prefix}{str(e['msg']).removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     if len(lines) == 2:  # one fault: one line
@@ -428,7 +425,7 @@ def build_config(tree: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(_coerce_numbers(tree, Config))
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, tree)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -459,8 +456,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain types only (lists, not tuples), so it round-trips through YAML and checkpoints."""
-    return _plain(cfg.model_dump(mode="python"))
+    """Plain types only (lists, not tuples), so it round-trips through YAML and checkpoints.
+
+    ``data.sources`` is left out when unset, so a single-source run's config is what it was
+    before the key existed; with sources, the single-source keys (all defaults) are left out.
+    """
+    unused = {"sources"} if cfg.data.sources is None else set(SINGLE_SOURCE_KEYS)
+    return _plain(cfg.model_dump(mode="python", exclude={"data": unused}))
 
 
 def _plain(obj: Any) -> Any:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from skinlesion.core.config import ColumnsConfig, DataConfig
 from skinlesion.core.errors import ConfigError, DataError
+from skinlesion.core.sources import SourceConfig
 from skinlesion.data.metadata import IMAGE_EXTENSIONS, check_image, read_table
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,14 @@ class LabelledSet:
     """The source names a lesion or patient for its images; else each image is its own group."""
     source: str
     notes: tuple[str, ...] = field(default=())
+    sources: tuple[dict[str, Any], ...] = field(default=())
+    """Several sources (``data.sources``): each one's ``name``, ``format``, ``source``,
+    ``classes`` (its label space), ``grouped``, ``n_images`` and ``n_groups``; the table then
+    has a ``source`` column."""
 
     def info(self) -> dict[str, Any]:
         """Plain-type description, saved in the run folder as ``dataset.json``."""
-        return {
+        out = {
             "source": self.source,
             "classes": list(self.classes),
             "grouped": self.grouped,
@@ -79,6 +84,7 @@ class LabelledSet:
             "n_groups": int(self.table["lesion_id"].nunique()),
             "notes": list(self.notes),
         }
+        return {**out, "sources": [dict(s) for s in self.sources]} if self.sources else out
 
 
 def canonical_metadata(df: pd.DataFrame) -> pd.DataFrame:
@@ -327,8 +333,11 @@ def load_isic2019(
     return _finish(table, classes, grouped, str(root), [*notes, note])
 
 
-def load_labelled_set(data: DataConfig, n_folds: int, verify: bool = True) -> LabelledSet:
-    """The set a ``data`` section of format ``csv`` or ``isic2019`` names."""
+def load_labelled_set(
+    data: DataConfig | SourceConfig, n_folds: int, verify: bool = True
+) -> LabelledSet:
+    """The set a ``data`` section (or one of its ``sources``) of format ``csv`` or ``isic2019``
+    names."""
     if data.format == "csv":
         assert data.images is not None and data.labels is not None  # the config checks it
         return load_csv_set(

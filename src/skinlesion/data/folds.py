@@ -1,7 +1,9 @@
 """Cross-validation folds: stratified by diagnosis, grouped by lesion, saved as data.
 
 A lesion photographed several times lives in exactly one fold; otherwise near-duplicate images
-sit on both sides of a split and every validation number is inflated.
+sit on both sides of a split and every validation number is inflated. A table of several
+sources (a ``source`` column, ``data.sources``) is stratified by source x diagnosis, and its
+``folds.csv`` keeps the ``source`` column.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 from skinlesion.data.metadata import DataError, read_table
 
 FOLD_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "fold")
+SOURCE_COLUMN = "source"
+"""Optional column of ``folds.csv`` (after :data:`FOLD_COLUMNS`): the image's source."""
+
+
+def _strata(data: pd.DataFrame) -> np.ndarray:
+    """What folds are stratified by: the diagnosis, or source x diagnosis with several sources."""
+    if SOURCE_COLUMN not in data.columns:
+        return data["dx"].to_numpy()
+    return (data[SOURCE_COLUMN].astype(str) + "|" + data["dx"].astype(str)).to_numpy()
 
 
 def make_folds(
     df: pd.DataFrame, n_folds: int = 5, seed: int = 42, grouped: bool = True
 ) -> pd.DataFrame:
-    """``image_id, lesion_id, dx, fold`` for every image, deterministic for a seed.
+    """``image_id, lesion_id, dx, fold`` (and ``source`` when ``df`` has it) for every image,
+    deterministic for a seed.
 
     ``grouped=False`` gives image-level stratified folds, which leak lesions across folds; it
     exists only so the leakage audit can measure how much that inflates the metrics.
@@ -29,9 +41,10 @@ def make_folds(
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
     # Sort first so the folds depend on the data, not on the row order of the file.
-    data = df[["image_id", "lesion_id", "dx"]].sort_values("image_id").reset_index(drop=True)
+    columns = ["image_id", "lesion_id", "dx"] + [c for c in [SOURCE_COLUMN] if c in df.columns]
+    data = df[columns].sort_values("image_id").reset_index(drop=True)
     fold = np.full(len(data), -1, dtype=int)
-    y = data["dx"].to_numpy()
+    y = _strata(data)
     if grouped:
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         splits = splitter.split(data, y, groups=data["lesion_id"].to_numpy())
@@ -42,7 +55,7 @@ def make_folds(
     for k, (_, val_idx) in enumerate(splits):
         fold[val_idx] = k
     data["fold"] = fold
-    return data
+    return data[[*FOLD_COLUMNS, *columns[3:]]]
 
 
 def check_folds(folds: pd.DataFrame) -> None:
@@ -64,7 +77,8 @@ def check_folds(folds: pd.DataFrame) -> None:
 
 def save_folds(folds: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    folds[list(FOLD_COLUMNS)].to_csv(path, index=False)
+    extra = [SOURCE_COLUMN] if SOURCE_COLUMN in folds.columns else []
+    folds[[*FOLD_COLUMNS, *extra]].to_csv(path, index=False)
 
 
 def read_folds(path: Path) -> pd.DataFrame:
@@ -98,13 +112,27 @@ def align_folds(df: pd.DataFrame, folds: pd.DataFrame, source: str) -> pd.DataFr
         raise DataError(f"{source}: images without a fold", [f"image {i}" for i in missing])
     out = df.copy()
     out["fold"] = lookup.loc[out["image_id"], "fold"].to_numpy()
-    mismatched = out["lesion_id"].to_numpy() != lookup.loc[out["image_id"], "lesion_id"].to_numpy()
-    if mismatched.any():
-        raise DataError(
-            f"{source}: lesion ids differ from the metadata",
-            [f"image {i}" for i in out["image_id"][mismatched]],
-        )
+    for column, what in (("lesion_id", "lesion ids"), (SOURCE_COLUMN, "sources")):
+        if column not in out.columns or column not in lookup.columns:
+            continue  # a folds.csv of one source has no source column
+        mismatched = out[column].to_numpy() != lookup.loc[out["image_id"], column].to_numpy()
+        if mismatched.any():
+            raise DataError(
+                f"{source}: {what} differ from the metadata",
+                [f"image {i}" for i in out["image_id"][mismatched]],
+            )
     return out
+
+
+def source_balance(folds: pd.DataFrame) -> dict[str, float]:
+    """Per source: the largest deviation (percentage points) of a class's share in a fold from
+    its share in the source (:func:`fold_balance` within each source); empty for one source."""
+    if SOURCE_COLUMN not in folds.columns:
+        return {}
+    return {
+        str(name): float(fold_balance(part).abs().to_numpy().max())
+        for name, part in folds.groupby(SOURCE_COLUMN, sort=True)
+    }
 
 
 def fold_balance(folds: pd.DataFrame) -> pd.DataFrame:

@@ -23,9 +23,18 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.
     return w
 
 
-def sample_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
-    """Per-image weights for a weighted random sampler; at ``power=1`` classes are drawn equally."""
-    return class_weights(labels, n_classes, power)[labels]
+def sample_weights(
+    labels: np.ndarray, n_classes: int, power: float = 1.0, sources: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-image weights for a weighted random sampler: ``(1 / count) ** power`` with count the
+    images of the image's class, or of its (source, class) with ``sources`` (one value per
+    image; several labelled sets); at ``power=1`` classes (source x class) are drawn equally.
+    One source gives the weights of none."""
+    if sources is None:
+        return class_weights(labels, n_classes, power)[labels]
+    codes = np.unique(np.asarray(sources), return_inverse=True)[1].reshape(-1)
+    strata = codes * n_classes + labels
+    return class_weights(strata, int(codes.max() + 1) * n_classes, power)[strata]
 
 
 def weighted_indices(
@@ -34,9 +43,11 @@ def weighted_indices(
     num_samples: int,
     generator: torch.Generator,
     power: float = 1.0,
+    sources: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Draw ``num_samples`` indices with replacement, weighted by inverse class frequency."""
-    w = torch.as_tensor(sample_weights(labels, n_classes, power), dtype=torch.float64)
+    """Draw ``num_samples`` indices with replacement, weighted by inverse class (or source x
+    class) frequency."""
+    w = torch.as_tensor(sample_weights(labels, n_classes, power, sources), dtype=torch.float64)
     return torch.multinomial(w, num_samples, replacement=True, generator=generator)
 
 
@@ -46,6 +57,7 @@ def random_indices(
     num_samples: int,
     generator: torch.Generator,
     power: float = 1.0,
+    sources: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Plain shuffling (no rebalancing): repeated permutations up to ``num_samples``."""
     n = len(labels)
@@ -67,7 +79,9 @@ def draw_indices(
     num_samples: int,
     generator: torch.Generator,
     power: float = 1.0,
+    sources: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Indices for one epoch from the sampler called ``name``."""
+    """Indices for one epoch from the sampler called ``name``; ``sources`` (one value per
+    image) balances the weighted sampler by source x class."""
     check_name("sampler.name", name, SAMPLERS, "sampler")
-    return SAMPLERS[name](labels, n_classes, num_samples, generator, power)
+    return SAMPLERS[name](labels, n_classes, num_samples, generator, power, sources=sources)

@@ -61,8 +61,8 @@ def load_labels(
     where: dict[str, str] | None = None,
     classes: Sequence[str] = CLASSES,
 ) -> pd.DataFrame:
-    """Labels with ``label`` (index in the model's ``classes``) and ``path``; every problem
-    reported at once.
+    """Labels with ``label`` (index in the model's ``classes``), ``path`` and ``source`` (the
+    file's stem); every problem reported at once.
 
     ``where`` keeps only rows whose columns equal the given values (e.g. ``{"split": "test"}``).
     """
@@ -107,7 +107,7 @@ def load_labels(
     df = df.assign(image_id=df["image"].map(image_id_of)).drop(columns=["image"])
     if problems:
         raise DataError(f"{labels_csv}: cannot evaluate", problems)
-    df = df.assign(label=df["dx"].map(class_index(classes)))
+    df = df.assign(label=df["dx"].map(class_index(classes)), source=labels_csv.stem)
     return df.reset_index(drop=True)
 
 
@@ -120,9 +120,10 @@ def _write_predictions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``predictions.csv`` (with ``unfamiliarity`` for a model that has a familiarity); the
     labels and probabilities read back from it (figures from the file, so anyone can recompute
-    them)."""
+    them). ``source`` (the labels file's stem) follows ``dx``, as in a run's predictions."""
     output.mkdir(parents=True, exist_ok=True)
-    preds = labels[[c for c in ("image_id", "lesion_id", "dx") if c in labels.columns]].copy()
+    keys = ("image_id", "lesion_id", "dx", "source")
+    preds = labels[[c for c in keys if c in labels.columns]].copy()
     for i, c in enumerate(classes):
         preds[c] = probs[:, i]
     preds["prediction"] = [classes[i] for i in probs.argmax(1)]

@@ -112,7 +112,7 @@ def paired_bootstrap(
 
 EVALUATION_PREDICTIONS = "predictions.csv"
 """What ``skinlesion evaluate`` writes: ``image_id``, ``dx`` (``lesion_id`` when the labels
-have one), a probability column per class, ``prediction``."""
+have one), ``source``, a probability column per class, ``prediction``."""
 
 
 def _predictions(folder: Path) -> tuple[pd.DataFrame, list[str], str]:
@@ -129,7 +129,7 @@ def _predictions(folder: Path) -> tuple[pd.DataFrame, list[str], str]:
         if "lesion_id" not in table.columns:
             table["lesion_id"] = table["image_id"]
         table["fold"] = 0
-        info = {"image_id", "lesion_id", "dx", "prediction", "fold"}
+        info = {"image_id", "lesion_id", "dx", "source", "prediction", "fold"}
         return table, [c for c in table.columns if c not in info], "evaluation"
     raise DataError(
         f"{folder}: no predictions",

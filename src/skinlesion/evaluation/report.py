@@ -47,7 +47,7 @@ def prediction_classes(df: pd.DataFrame) -> list[str]:
     cols = list(df.columns)
     if "prediction" in cols:
         start = cols.index("fold") + 1 if "fold" in cols else cols.index("dx") + 1
-        found = cols[start : cols.index("prediction")]
+        found = [c for c in cols[start : cols.index("prediction")] if c != "source"]
         if found:
             return found
     return list(CLASSES)
@@ -166,6 +166,8 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
             "before": {k: before[k] for k in ("ece", "log_loss", "brier")},
             "after": {k: metrics["point"][k] for k in ("ece", "log_loss", "brier")},
         }
+    if "source" in oof.columns:
+        result["per_source"] = per_source_figures(oof["source"].to_numpy(), y, probs, classes)
     cm = metrics["point"]["confusion_matrix"]
     result["plots"] = write_plots(y, probs, cm, run.plots, raw, classes)
     rc_plot = plot_risk_coverage(y, probs, run.plots / "risk_coverage.png")
@@ -174,6 +176,56 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
     run.report.write_text(render_markdown(result, f"Out-of-fold report: {run_dir}"))
     log.info("report: %s", run.report)
     return result
+
+
+def per_source_figures(
+    sources: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
+    """Point figures of each source's images (full softmax, argmax over every class): balanced
+    accuracy and macro AUROC over the classes the source has, each such class's recall and
+    AUROC, and the melanoma AUROC where it has melanomas."""
+    out: dict[str, Any] = {}
+    for name in sorted(set(sources.tolist())):
+        keep = sources == name
+        p = point_metrics(y[keep], probs[keep], classes)
+        per_class = {
+            c: {"support": v["support"], "recall": v["recall"], "auroc": v["auroc"]}
+            for c, v in p["per_class"].items()
+            if not v["absent"]
+        }
+        out[str(name)] = {
+            "n": p["n"],
+            "classes_present": p["classes_present"],
+            "balanced_accuracy": p["balanced_accuracy"],
+            "macro_auroc": p["macro_auroc"],
+            "mel_auroc": per_class["mel"]["auroc"] if "mel" in per_class else None,
+            "per_class": per_class,
+        }
+    return out
+
+
+def _per_source(result: dict[str, Any]) -> list[str]:
+    """The per-source table of a run of sources (none for one set)."""
+    if not result.get("per_source"):
+        return []
+    lines = [
+        "",
+        "Per source (balanced accuracy and AUROCs over the classes each source has; "
+        "recall / AUROC per class):",
+        "",
+        "| source | n | balanced accuracy (%) | macro AUROC | melanoma AUROC | per class |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, f in result["per_source"].items():
+        classes = ", ".join(
+            f"{c} {_fmt(v['recall'], pct=True)} / {_fmt(v['auroc'])}"
+            for c, v in f["per_class"].items()
+        )
+        lines.append(
+            f"| {name} | {f['n']} | {_fmt(f['balanced_accuracy'], pct=True)} | "
+            f"{_fmt(f['macro_auroc'])} | {_fmt(f['mel_auroc'])} | {classes} |"
+        )
+    return lines
 
 
 def _fmt(value: float | None, ci: list[float] | None = None, pct: bool = False) -> str:
@@ -210,7 +262,7 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
     if "mel" in p["per_class"]:  # melanoma figures only for a class list that has it
         for label, key in _MELANOMA:
             lines.append(f"| {label} | {_fmt(mel.get(key), mel_ci.get(key), True)} |")
-    return "\n".join(lines + _notes(result) + _per_class(p)) + "\n"
+    return "\n".join(lines + _notes(result) + _per_class(p) + _per_source(result)) + "\n"
 
 
 def _leakage_warning(result: dict[str, Any]) -> list[str]:

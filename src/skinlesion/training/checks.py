@@ -12,6 +12,7 @@ from pathlib import Path
 from skinlesion.core.config import Config, check_name
 from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.paths import check_writable_dir
+from skinlesion.core.sources import source_label
 from skinlesion.data.cache import default_cache_dir
 from skinlesion.data.folds import read_folds
 from skinlesion.data.sampling import SAMPLERS
@@ -24,10 +25,38 @@ def check_names(cfg: Config) -> None:
     check_backbone(cfg.model.backbone, "model.backbone")
     check_name("loss.name", cfg.loss.name, LOSSES, "loss")
     check_name("sampler.name", cfg.sampler.name, SAMPLERS, "sampler")
+    if cfg.data.sources is not None and cfg.train.scheme == "linear_probe":
+        raise ConfigError(
+            "train.scheme=linear_probe does not take data.sources (its head is fitted without "
+            "the sources' label spaces); use train.scheme=finetune"
+        )
+
+
+def _check_source_paths(cfg: Config) -> None:
+    """Each of ``data.sources``: its folder, or images folder and labels file, and metadata
+    file exist; a fault names the source (``data.sources[1] (isic2017): ...``)."""
+    for i, src in enumerate(cfg.data.sources or ()):
+        label = source_label(i, src.name)
+        for key, value, folder in (
+            ("root", src.root, True),
+            ("images", src.images, True),
+            ("labels", src.labels, False),
+            ("metadata", src.metadata, False),
+        ):
+            if value is None:
+                continue
+            if folder and not Path(value).is_dir():
+                raise DataError(f"{label}: {key} {value} is not a folder")
+            if not folder and not Path(value).is_file():
+                raise DataError(f"{label}: {key}: file {value} not found")
 
 
 def _check_data_paths(cfg: Config) -> None:
-    """The data section's folder (HAM10000, ISIC 2019) or images folder and labels file (csv)."""
+    """The data section's folder (HAM10000, ISIC 2019) or images folder and labels file (csv),
+    or those of each of its sources."""
+    if cfg.data.sources is not None:
+        _check_source_paths(cfg)
+        return
     if cfg.data.format == "csv":
         if not Path(str(cfg.data.images)).is_dir():
             raise DataError(f"data.images: {cfg.data.images} is not a folder")

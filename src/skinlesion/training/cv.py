@@ -57,7 +57,14 @@ from skinlesion.training.engine import MetadataFeed, train_one_epoch
 from skinlesion.training.fit_familiarity import fit_run_familiarity
 from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
 from skinlesion.training.probe import run_linear_probe
-from skinlesion.training.run_data import RunData, load_run_data, metadata_by_row
+from skinlesion.training.run_data import (
+    RunData,
+    label_mask,
+    load_run_data,
+    metadata_by_row,
+    table_sources,
+    targets_by_row,
+)
 from skinlesion.training.setup import (
     Schedule,
     build_criterion,
@@ -250,12 +257,10 @@ def train_epoch(
         tr.steps * cfg.train.batch_size,
         tr.gen,
         cfg.sampler.power,
+        sources=table_sources(train_t),
     )
     rows = torch.tensor(train_t["row"].to_numpy(), dtype=torch.long)
-    labels_by_row = torch.zeros(len(data.images), dtype=torch.long)
-    labels_by_row[torch.tensor(data.table["row"].to_numpy())] = torch.tensor(
-        data.table["label"].to_numpy()
-    )
+    labels_by_row, masks_by_row = targets_by_row(data)
     loss = train_one_epoch(
         tr.train_model,
         images=data.images,
@@ -274,6 +279,7 @@ def train_epoch(
         progress=progress and d.is_main,
         frozen=tr.frozen,
         metadata=tr.feed,
+        masks=masks_by_row,
     )
     if d.enabled:
         t = torch.tensor([loss], device=runtime.device)
@@ -334,7 +340,7 @@ def _run_epoch(
     rows = val_t["row"].to_numpy()
     meta = tr.feed.by_row.numpy() if tr.feed is not None else None
     logits = validation_logits(tr.model, data, rows, _eval_batch_size(cfg), runtime, 1, meta)[0]
-    figs = val_figures(tr.criterion, logits, val_t["label"].to_numpy())
+    figs = val_figures(tr.criterion, logits, val_t["label"].to_numpy(), label_mask(data, val_t))
     tr.schedule.after_epoch(figs["val_loss"])
     epoch = tr.state["epoch"] + 1
     tr.state["epoch"] = epoch

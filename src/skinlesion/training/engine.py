@@ -40,11 +40,13 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
     metadata: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on a prepared batch (autocast, grad scaler, clipping); the loss."""
+    """One optimisation step on a prepared batch (autocast, grad scaler, clipping); the loss.
+    ``mask`` (bool, per image and class): each image's label space, for a run of sources."""
     with runtime.autocast():
         logits = model(x) if metadata is None else model(x, metadata.to(x.device))
-        loss = criterion(logits, y)
+        loss = criterion(logits, y) if mask is None else criterion(logits, y, mask)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -80,12 +82,15 @@ def train_one_epoch(
     progress: bool = True,
     frozen: Sequence[nn.Module] = (),
     metadata: MetadataFeed | None = None,
+    masks: torch.Tensor | None = None,
 ) -> float:
     """Train over the image rows in ``order`` (already drawn by the sampler); mean loss.
 
     ``labels[row]`` is the class of image row ``row``; ``step_scheduler`` is called after every
     optimizer step. ``frozen`` modules stay in eval mode, so their BatchNorm statistics do not
     drift. A fused model gets each batch's ``metadata``, whole vectors dropped at random.
+    ``masks[row]`` (bool, classes) is the label space of image row ``row`` in a run of sources
+    whose loss is masked; ``None`` trains over every class.
     """
     model.train()
     for m in frozen:
@@ -99,7 +104,8 @@ def train_one_epoch(
         x = prepare(gather(images, rows, runtime.device), norm, runtime, augment, generator)
         y = labels[rows].to(runtime.device, non_blocking=True)
         meta = metadata.batch(rows, generator) if metadata is not None else None
-        loss = train_step(model, x, y, criterion, optimizer, runtime, scaler, grad_clip, meta)
+        mask = masks[rows].to(runtime.device, non_blocking=True) if masks is not None else None
+        loss = train_step(model, x, y, criterion, optimizer, runtime, scaler, grad_clip, meta, mask)
         if step_scheduler is not None:
             step_scheduler()
         total += loss.detach() * len(rows)

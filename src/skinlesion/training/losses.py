@@ -1,14 +1,46 @@
-"""Losses for imbalanced classification: multi-class focal loss and cross-entropy."""
+"""Losses for imbalanced classification: multi-class focal loss and cross-entropy.
+
+Both take an optional ``mask`` (bool, ``[N, C]``): an image's label space where a run has several
+sources (``data.sources``). The logits outside it are set to :data:`MASKED_LOGIT` before the
+log-softmax, so the loss is that of the softmax over the kept classes only and the others get
+no gradient from the image; label smoothing spreads over the kept classes. Without a mask the
+losses are computed as they always were.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from skinlesion.core.config import check_name
+
+MASKED_LOGIT = -1e9
+"""A class outside the image's label space: its ``exp`` is 0 in float32, and 0 times its
+log-probability stays finite (``-inf`` would give NaN)."""
+
+
+def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the classes ``mask`` keeps (float32 at least): the values at the
+    kept classes are those of the sub-softmax, the others about ``MASKED_LOGIT``."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    return F.log_softmax(x.masked_fill(~mask.to(x.device, torch.bool), MASKED_LOGIT), dim=-1)
+
+
+def _targets(
+    target: torch.Tensor, n_classes: int, smoothing: float, mask: torch.Tensor | None, dtype: Any
+) -> torch.Tensor:
+    """One-hot targets, smoothed over all classes (no mask) or over the kept ones."""
+    onehot = F.one_hot(target, n_classes).to(dtype)
+    if not smoothing:
+        return onehot
+    if mask is None:
+        return onehot * (1 - smoothing) + smoothing / n_classes
+    keep = mask.to(onehot.device, dtype)
+    return onehot * (1 - smoothing) + smoothing * keep / keep.sum(-1, keepdim=True)
 
 
 class FocalLoss(nn.Module):
@@ -40,13 +72,16 @@ class FocalLoss(nn.Module):
         alpha_t = torch.as_tensor(alpha, dtype=torch.float32) if alpha is not None else None
         self.register_buffer("alpha", alpha_t, persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # Half-precision logits are upcast; float64 (the linear probe's fit) stays float64.
-        logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+        if mask is None:
+            logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
+        else:
+            logp = masked_log_softmax(logits, mask)
         n_classes = logits.shape[-1]
-        onehot = F.one_hot(target, n_classes).to(logp.dtype)
-        if self.label_smoothing:
-            onehot = onehot * (1 - self.label_smoothing) + self.label_smoothing / n_classes
+        onehot = _targets(target, n_classes, self.label_smoothing, mask, logp.dtype)
         # (1 - p)^gamma per class, weighted by the (smoothed) target distribution.
         modulator = (1 - logp.exp()).clamp(min=0).pow(self.gamma) if self.gamma else 1.0
         per_class = -onehot * modulator * logp
@@ -66,11 +101,36 @@ def _focal(
     return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=label_smoothing, reduction=reduction)
 
 
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """:class:`torch.nn.CrossEntropyLoss`, which also takes a ``mask`` (see the module
+    docstring); class weights and the mean over their sum work as in torch."""
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if mask is None:
+            return super().forward(input, target)
+        logp = masked_log_softmax(input, mask)
+        n_classes = logp.shape[-1]
+        weight = self.weight if self.weight is not None else logp.new_ones(n_classes)
+        weight = weight.to(logp.device, logp.dtype)
+        keep = mask.to(logp.device, logp.dtype)
+        nll = -logp.gather(-1, target[:, None]).squeeze(-1) * weight[target]
+        # torch's smoothing term, -sum_c w_c log p_c / C, over the kept classes only.
+        smooth = -(logp * keep * weight).sum(-1) / keep.sum(-1)
+        per_sample = (1 - self.label_smoothing) * nll + self.label_smoothing * smooth
+        if self.reduction == "none":
+            return per_sample
+        if self.reduction == "sum":
+            return per_sample.sum()
+        return per_sample.sum() / weight[target].sum()
+
+
 def _cross_entropy(
     gamma: float, alpha: Sequence[float] | None, label_smoothing: float, reduction: str
 ) -> nn.Module:
     weight = torch.as_tensor(alpha, dtype=torch.float32) if alpha is not None else None
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing, reduction=reduction)
+    return CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing, reduction=reduction)
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {"focal": _focal, "ce": _cross_entropy}

@@ -40,15 +40,19 @@ def write_metrics_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def val_figures(criterion: nn.Module, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Selection loss (the training criterion) and headline metrics on validation logits."""
+def val_figures(
+    criterion: nn.Module, logits: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """Selection loss (the training criterion, over each image's label space ``mask`` in a run
+    of sources) and headline metrics (of the full softmax) on validation logits."""
     lt = torch.from_numpy(logits)
     yt = torch.tensor(y, dtype=torch.long)  # a copy: y may be a read-only view (pandas)
     probs = torch.softmax(lt.double(), -1).numpy()
     # Only the scalars are read, which do not depend on the class names.
     pm = point_metrics(y, probs, [f"class_{i}" for i in range(probs.shape[1])])
+    loss = criterion(lt, yt) if mask is None else criterion(lt, yt, torch.from_numpy(mask))
     return {
-        "val_loss": float(criterion(lt, yt)),
+        "val_loss": float(loss),
         "val_log_loss": float(nn.functional.cross_entropy(lt.double(), yt)),
         "val_balanced_accuracy": pm["balanced_accuracy"],
         "val_macro_f1": pm["macro_f1"],
@@ -63,10 +67,12 @@ def write_val_predictions(
     path: Path,
     classes: Sequence[str] = CLASSES,
 ) -> None:
-    """Calibrated probabilities (columns named by class) plus the raw ones (``raw_<class>``)."""
+    """Calibrated probabilities (columns named by class) plus the raw ones (``raw_<class>``);
+    a run of sources has the image's ``source`` after ``dx``."""
     probs = apply_temperature(logits, temperature)
     raw = softmax(logits)
-    out = val_t[["image_id", "lesion_id", "dx", "fold"]].reset_index(drop=True).copy()
+    keys = ["image_id", "lesion_id", "dx", *[c for c in ["source"] if c in val_t.columns], "fold"]
+    out = val_t[keys].reset_index(drop=True).copy()
     for i, c in enumerate(classes):
         out[c] = probs[:, i]
     out["prediction"] = [classes[i] for i in probs.argmax(1)]

@@ -236,6 +236,16 @@ def _training_data(cfg: dict[str, Any], class_names: list[str]) -> str:
     """What the models were trained on, from the recipe's ``data`` section and the classes."""
     data = cfg.get("data") or {}
     fmt = data.get("format", "ham10000")
+    if data.get("sources"):
+        parts = [
+            f"{s['name']} ({s['format']} set {s.get('labels') or s.get('root')}; loss over "
+            f"{', '.join(s['classes']) if s.get('classes') else 'the classes it contains'})"
+            for s in data["sources"]
+        ]
+        return (
+            f"{len(parts)} sources: {'; '.join(parts)}; classes {', '.join(class_names)}; folds "
+            "stratified by source x diagnosis, grouped by lesion where a source names them."
+        )
     if fmt == "ham10000":
         return (
             "HAM10000 (10,015 dermoscopic images, 7,470 lesions, 7 diagnoses); "

@@ -10,15 +10,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from skinlesion.core.config import Config
 from skinlesion.core.errors import ConfigError
 from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.sources import source_label
 from skinlesion.data.cache import build_cache
 from skinlesion.data.datasets import LabelledSet, canonical_metadata, load_labelled_set
 from skinlesion.data.folds import align_folds, check_folds, make_folds, read_folds, save_folds
 from skinlesion.data.metadata import load_ham10000, subset_by_lesion
 from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.sources import load_sources
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.inference.engine import ImageSource
 from skinlesion.training.setup import run_spec
@@ -36,10 +39,15 @@ class RunData:
     cache_root: Path
     dataset: dict[str, Any] = field(default_factory=dict)
     """What :meth:`LabelledSet.info` says of the data (saved as the run's ``dataset.json``)."""
+    source_classes: dict[str, tuple[str, ...]] | None = None
+    """A run of sources (``data.sources``): each source's label space; ``None`` for one set."""
 
 
 def load_labelled(cfg: Config) -> LabelledSet:
-    """The ``data`` section's images and labels, validated, with the class list and grouping."""
+    """The ``data`` section's images and labels, validated, with the class list and grouping;
+    with ``data.sources``, every source's (:func:`~skinlesion.data.sources.load_sources`)."""
+    if cfg.data.sources is not None:
+        return load_sources(cfg.data.sources, cfg.cv.n_folds, cfg.cv.seed)
     if cfg.data.format != "ham10000":
         return load_labelled_set(cfg.data, cfg.cv.n_folds)
     if cfg.data.root is None:
@@ -51,13 +59,26 @@ def load_labelled(cfg: Config) -> LabelledSet:
     return LabelledSet(canonical_metadata(df), CLASSES, True, str(cfg.data.root))
 
 
-def warn_ungrouped(source: str) -> None:
+def warn_ungrouped_sources(labelled: LabelledSet) -> None:
+    """:func:`warn_ungrouped` for the set, or for each of its sources that names no groups."""
+    if not labelled.sources:
+        if not labelled.grouped:
+            warn_ungrouped(labelled.source)
+        return
+    for i, s in enumerate(labelled.sources):
+        if not s["grouped"]:
+            label = source_label(i, s["name"])
+            warn_ungrouped(f"{label} ({s['source']})", f"data.sources[{i}].columns.group")
+
+
+def warn_ungrouped(source: str, key: str = "data.columns.group") -> None:
     """The loud warning for a set without a group column (each image is its own group)."""
     log.warning(
         "%s names no lesion or patient (group) for its images: each image is its own group, "
         "so lesion-level folds are not possible and LEAKAGE CANNOT BE RULED OUT (images of "
-        "one lesion may sit in several folds); set data.columns.group if the file has one",
+        "one lesion may sit in several folds); set %s if the file has one",
         source,
+        key,
     )
 
 
@@ -79,8 +100,7 @@ def _folds_table(
             "cv.grouped=false: images of one lesion may sit in several folds; the "
             "metrics of this run are inflated by leakage"
         )
-    if not labelled.grouped:
-        warn_ungrouped(labelled.source)
+    warn_ungrouped_sources(labelled)
     for note in labelled.notes:
         log.info("data: %s", note)
     if folds_out is not None:
@@ -114,5 +134,39 @@ def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) ->
         progress=progress,
     )
     df["row"] = cache.rows(df["image_id"].tolist())
-    info = {"format": cfg.data.format, **labelled.info()}
-    return RunData(table=df, images=cache.images, spec=spec, cache_root=cache.root, dataset=info)
+    fmt = cfg.data.format if cfg.data.sources is None else "sources"
+    info = {"format": fmt, **labelled.info()}
+    spaces = {s["name"]: tuple(s["classes"]) for s in labelled.sources} or None
+    return RunData(df, cache.images, spec, cache.root, info, spaces)
+
+
+def label_mask(data: RunData, table: pd.DataFrame) -> np.ndarray | None:
+    """Each row's label space (bool, rows x classes) in a run of sources; ``None`` where the
+    loss is over every class anyway (one set, or sources that all list every class)."""
+    if data.source_classes is None:
+        return None
+    names = np.asarray(data.spec.class_names)
+    spaces = {s: np.isin(names, list(kept)) for s, kept in data.source_classes.items()}
+    if all(m.all() for m in spaces.values()):
+        return None
+    return np.stack([spaces[s] for s in table["source"]])
+
+
+def table_sources(table: pd.DataFrame) -> np.ndarray | None:
+    """The ``source`` of each row (what the weighted sampler balances with the class); ``None``
+    for one set."""
+    return table["source"].to_numpy() if "source" in table.columns else None
+
+
+def targets_by_row(data: RunData) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each cached image row's class index and, where :func:`label_mask` gives one, its label
+    space (bool, rows x classes)."""
+    rows = torch.tensor(data.table["row"].to_numpy())
+    labels = torch.zeros(len(data.images), dtype=torch.long)
+    labels[rows] = torch.tensor(data.table["label"].to_numpy())
+    mask = label_mask(data, data.table)
+    if mask is None:
+        return labels, None
+    masks = torch.ones(len(data.images), mask.shape[1], dtype=torch.bool)
+    masks[rows] = torch.from_numpy(mask)
+    return labels, masks
