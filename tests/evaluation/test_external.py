@@ -24,6 +24,7 @@ from sklearn.metrics import (
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
 from skinlesion.data.synthetic import make_synthetic_ham10000
+from skinlesion.evaluation.external import reference_domain
 from skinlesion.evaluation.metrics import LOG_LOSS_EPS
 
 TOL = 1e-6
@@ -321,3 +322,27 @@ def test_labels_may_name_images_by_relative_path(
     assert evaluate(run, labels, folder, out, "--n-boot", "0") == 0
     pred = pd.read_csv(out / "predictions.csv")
     assert pred["image_id"].tolist() == [f"sub/{i}" for i in meta["image_id"].head(4)]
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [None, {}, {"domain": {}}, {"domain": {"confidence_threshold": 0.6}}],
+    ids=["none", "empty", "no-figures", "threshold-only"],
+)
+def test_reference_domain_without_out_of_fold_figures(reference: dict[str, Any] | None) -> None:
+    # A model packaged from a run without an out-of-fold report (or an older one) has no or
+    # partial domain figures: the evaluation reports its own, without a reference, and never
+    # fails on the missing keys.
+    probs = np.array([[0.9, 0.1], [0.55, 0.45], [0.3, 0.7]])
+    domain = reference_domain(probs, reference)
+    threshold = ((reference or {}).get("domain") or {}).get("confidence_threshold", 0.5)
+    assert domain["confidence_threshold"] == threshold
+    assert domain["share_below_threshold"] == pytest.approx((probs.max(1) < threshold).mean())
+    assert "reference" not in domain
+
+
+def test_reference_domain_with_out_of_fold_figures() -> None:
+    ref = {"confidence_threshold": 0.6, "mean_max_probability": 0.8, "share_below_threshold": 0.1}
+    domain = reference_domain(np.array([[0.9, 0.1], [0.55, 0.45]]), {"domain": ref})
+    assert domain["reference"] == {"mean_max_probability": 0.8, "share_below_threshold": 0.1}
+    assert domain["share_below_threshold"] == 0.5

@@ -158,6 +158,18 @@ def _refer_results(
     }
 
 
+def reference_domain(probs: np.ndarray, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Confidence indicators of ``probs`` at the reference's confidence threshold (0.5 without
+    one), with the out-of-fold reference figures the reference has (a model packaged from a run
+    without an out-of-fold report has none, or only some)."""
+    ref = (reference or {}).get("domain") or {}
+    domain = confidence_indicators(probs, float(ref.get("confidence_threshold", 0.5)))
+    keys = ("mean_max_probability", "share_below_threshold")
+    if all(k in ref for k in keys):
+        domain["reference"] = {k: ref[k] for k in keys}
+    return domain
+
+
 def evaluate_external(
     model: str | Path | None,
     labels_csv: str | Path,
@@ -200,12 +212,7 @@ def evaluate_external(
     metrics = evaluate_predictions(
         y, p, groups=groups, classes=classes, mel_threshold=threshold, n_boot=n_boot
     )
-    conf_threshold = reference["domain"]["confidence_threshold"] if reference else 0.5
-    domain = confidence_indicators(p, conf_threshold)
-    if reference:
-        domain["reference"] = {
-            k: reference["domain"][k] for k in ("mean_max_probability", "share_below_threshold")
-        }
+    domain = reference_domain(p, reference)
     result = {
         "source": str(labels_csv),
         "filter": where or {},
