@@ -126,6 +126,90 @@ def check_not_saturated(probs: np.ndarray, cap: float = 0.99, spread: float = 0.
     assert probs.std(axis=0).max() > spread, f"near-constant: std {probs.std(axis=0).round(4)}"
 
 
+# -- metrics recomputed independently (sklearn and plain loops) ----------------------------------
+
+ABSENT_CLASS: dict[str, Any] = {
+    "precision": None,
+    "recall": None,
+    "f1": None,
+    "auroc": None,
+    "support": 0,
+    "absent": True,
+}
+"""A class with no image in the set, as the metrics report it: no figure, never 0."""
+
+
+def clip_probs(probs: np.ndarray) -> np.ndarray:
+    """The project clips p(true class) at machine epsilon (``LOG_LOSS_EPS``) for log loss, the
+    floor sklearn uses too (a confident mistake below it was seen on ISIC 2017); sklearn also
+    caps at 1 - eps, which changes a loss by under 1e-15. Clipping here first makes a comparison
+    independent of sklearn's choice of floor."""
+    from skinlesion.evaluation.metrics import LOG_LOSS_EPS
+
+    return np.clip(probs, LOG_LOSS_EPS, 1.0)
+
+
+def plain_ece(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Plain-loop ECE over equal-width (lo, hi] top-class confidence bins."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        in_bin = (conf > lo) & (conf <= hi) if b else conf <= hi
+        if in_bin.any():
+            total += abs((pred[in_bin] == y[in_bin]).mean() - conf[in_bin].mean()) * in_bin.sum()
+    return total / len(y)
+
+
+def check_point_against_sklearn(
+    point: dict[str, Any], y: np.ndarray, probs: np.ndarray, tol: float = 1e-6
+) -> None:
+    """Every point figure of a metrics result (``point``: an out-of-fold report's or an
+    evaluation's) recomputed from the labels ``y`` and probabilities ``probs`` (N, 7) with
+    sklearn: macro averages over the classes present, per-class figures, confusion matrix."""
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        log_loss,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    from skinlesion.core.labels import CLASSES
+
+    pred = probs.argmax(1)
+    present = sorted(set(y.tolist()))
+    labels = list(range(len(CLASSES)))
+    assert point["n"] == len(y)
+    assert point["classes_present"] == [CLASSES[c] for c in present]
+    assert point["classes_absent"] == [c for i, c in enumerate(CLASSES) if i not in present]
+    aurocs = [roc_auc_score(y == c, probs[:, c]) for c in present]
+    onehot = np.eye(len(CLASSES))[y]
+    expected = {
+        "accuracy": accuracy_score(y, pred),
+        "balanced_accuracy": balanced_accuracy_score(y, pred),
+        "macro_f1": f1_score(y, pred, labels=present, average="macro", zero_division=0),
+        "macro_auroc": float(np.mean(aurocs)),
+        "log_loss": log_loss(y, clip_probs(probs), labels=labels),
+        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+        "ece": plain_ece(y, probs),
+    }
+    for key, value in expected.items():
+        assert point[key] == pytest.approx(value, abs=tol), key
+    precision = precision_score(y, pred, labels=present, average=None, zero_division=0)
+    recall = recall_score(y, pred, labels=present, average=None, zero_division=0)
+    for i, c in enumerate(present):
+        entry = point["per_class"][CLASSES[c]]
+        assert entry["auroc"] == pytest.approx(aurocs[i], abs=tol), CLASSES[c]
+        assert entry["precision"] == pytest.approx(precision[i], abs=tol), CLASSES[c]
+        assert entry["recall"] == pytest.approx(recall[i], abs=tol), CLASSES[c]
+        assert entry["support"] == int((y == c).sum()) and entry["absent"] is False
+    assert point["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
+
+
 @pytest.fixture(scope="session")
 def syn_root(synthetic_ham: Callable[..., Path]) -> Path:
     """The default synthetic HAM10000 folder (5 lesions per class)."""

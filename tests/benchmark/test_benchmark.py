@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from skinlesion.benchmark.model_predict import bench_model_predict
 from skinlesion.benchmark.runner import (
     add_benchmark_parser,
     bench_loader,
@@ -18,6 +19,7 @@ from skinlesion.benchmark.runner import (
     bench_train,
     format_table,
 )
+from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.runtime import torch_threads
 
 REPO = Path(__file__).parents[2]
@@ -80,6 +82,21 @@ def test_bench_predict_reports_latency_and_throughput() -> None:
 def test_format_table_refuses_unknown_results() -> None:
     with pytest.raises(ValueError, match="unknown benchmark"):
         format_table({"benchmark": "nope"})
+
+
+def test_bad_arguments_are_the_users_fault_named_before_any_work() -> None:
+    """A ConfigError (one line from the CLI, exit 2) that names the values, raised before a
+    model is built or a cache written; a selection of no images is a DataError."""
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        bench_train("tf_efficientnet_lite0", 64, 1, device="cpu")
+    with pytest.raises(ConfigError, match=r"got \[0\]"):
+        bench_predict("tf_efficientnet_lite0", 64, batch_sizes=[0], device="cpu")
+    with pytest.raises(ConfigError, match="batches >= 1"):
+        bench_loader(None, 64, batches=0)
+    with pytest.raises(ConfigError, match="steps >= 1"):
+        bench_model_predict(None, steps=0)
+    with pytest.raises(DataError, match="no images found"):
+        bench_loader(None, 64, max_images=0, synthetic_size=(16, 12), synthetic_images=7)
 
 
 def test_cli_handler_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

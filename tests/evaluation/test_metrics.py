@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import ABSENT_CLASS
 from sklearn import metrics as skm
 
 from skinlesion.core.labels import CLASSES
@@ -262,14 +263,7 @@ def test_absent_classes_are_none_and_excluded_from_macro() -> None:
     assert m["classes_absent"] == ["akiec", "bcc", "bkl", "df", "vasc"]
     for name in m["classes_absent"]:
         entry = m["per_class"][name]
-        assert entry == {
-            "precision": None,
-            "recall": None,
-            "f1": None,
-            "auroc": None,
-            "support": 0,
-            "absent": True,
-        }
+        assert entry == ABSENT_CLASS
     recalls = [m["per_class"][name]["recall"] for name in ("mel", "nv")]
     f1s = [m["per_class"][name]["f1"] for name in ("mel", "nv")]
     aurocs = [m["per_class"][name]["auroc"] for name in ("mel", "nv")]

@@ -11,22 +11,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROBE, run_overrides, train_cli
-from PIL import Image
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    precision_score,
-    recall_score,
-    roc_auc_score,
+from conftest import (
+    ABSENT_CLASS,
+    PROBE,
+    check_point_against_sklearn,
+    clip_probs,
+    plain_ece,
+    run_overrides,
+    train_cli,
 )
+from PIL import Image
+from sklearn.metrics import log_loss, roc_auc_score
 
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
-from skinlesion.evaluation.metrics import LOG_LOSS_EPS, evaluate_predictions
+from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.report import per_source_figures, prediction_classes, render_markdown
 
 TOL = 1e-6
@@ -50,46 +49,6 @@ def read_oof(run: Path) -> pd.DataFrame:
 def labels_and_probs(df: pd.DataFrame, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
     y = df["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     return y, df[[f"{prefix}{c}" for c in CLASSES]].to_numpy(np.float64)
-
-
-def clip(probs: np.ndarray) -> np.ndarray:
-    """The project clips p(true class) at machine epsilon (``LOG_LOSS_EPS``) for log loss, the
-    floor sklearn uses too; sklearn also caps at 1 - eps, which changes a loss by under 1e-15.
-    Clipping here first makes the comparison independent of sklearn's choice of floor."""
-    return np.clip(probs, LOG_LOSS_EPS, 1.0)
-
-
-def ece(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
-    """Plain-loop ECE over equal-width (lo, hi] top-class confidence bins."""
-    conf, pred = probs.max(1), probs.argmax(1)
-    total = 0.0
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        in_bin = (conf > lo) & (conf <= hi) if b else conf <= hi
-        if in_bin.any():
-            total += abs((pred[in_bin] == y[in_bin]).mean() - conf[in_bin].mean()) * in_bin.sum()
-    return total / len(y)
-
-
-def sklearn_figures(y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """The report's point metrics, recomputed independently (macro over present classes)."""
-    pred = probs.argmax(1)
-    present = sorted(set(y.tolist()))
-    auroc = {c: roc_auc_score(y == c, probs[:, c]) for c in present}
-    onehot = np.eye(len(CLASSES))[y]
-    return {
-        "accuracy": accuracy_score(y, pred),
-        "balanced_accuracy": balanced_accuracy_score(y, pred),
-        "macro_f1": f1_score(y, pred, labels=present, average="macro", zero_division=0),
-        "macro_auroc": float(np.mean(list(auroc.values()))),
-        "log_loss": log_loss(y, clip(probs), labels=list(range(len(CLASSES)))),
-        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
-        "ece": ece(y, probs),
-        "auroc": auroc,
-        "precision": precision_score(y, pred, labels=present, average=None, zero_division=0),
-        "recall": recall_score(y, pred, labels=present, average=None, zero_division=0),
-        "present": present,
-    }
 
 
 def test_oof_predictions_cover_each_image_once(run: Path) -> None:
@@ -117,25 +76,12 @@ def test_oof_predictions_cover_each_image_once(run: Path) -> None:
 def test_oof_metrics_match_sklearn(run: Path) -> None:
     result = json.loads((run / "oof_metrics.json").read_text())
     y, probs = labels_and_probs(read_oof(run))
-    ref = sklearn_figures(y, probs)
-    p = result["point"]
-    assert p["n"] == result["n"] == len(y)
-    assert p["classes_present"] == [CLASSES[c] for c in ref["present"]]
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "log_loss", "brier"):
-        assert p[key] == pytest.approx(ref[key], abs=TOL), key
-    assert p["ece"] == pytest.approx(ref["ece"], abs=TOL)
-    for i, c in enumerate(ref["present"]):
-        entry = p["per_class"][CLASSES[c]]
-        assert entry["auroc"] == pytest.approx(ref["auroc"][c], abs=TOL), CLASSES[c]
-        assert entry["precision"] == pytest.approx(ref["precision"][i], abs=TOL)
-        assert entry["recall"] == pytest.approx(ref["recall"][i], abs=TOL)
-        assert entry["support"] == int((y == c).sum())
-    labels = list(range(len(CLASSES)))
-    assert p["confusion_matrix"] == confusion_matrix(y, probs.argmax(1), labels=labels).tolist()
+    assert result["n"] == len(y)
+    check_point_against_sklearn(result["point"], y, probs, TOL)
     assert result["folds"] == [0, 1]
     assert result["bootstrap_unit"] == "lesion" and result["n_boot"] == 1000
     lo, hi = result["ci95"]["balanced_accuracy"]
-    assert lo <= p["balanced_accuracy"] <= hi
+    assert lo <= result["point"]["balanced_accuracy"] <= hi
 
 
 def test_melanoma_threshold_and_domain_follow_their_rules(run: Path) -> None:
@@ -172,9 +118,9 @@ def test_temperature_scaling_does_not_hurt_calibration(run: Path) -> None:
     cal = result["calibration"]
     labels = list(range(len(CLASSES)))
     for when, probs in (("before", before), ("after", after)):
-        expected = log_loss(y, clip(probs), labels=labels)
+        expected = log_loss(y, clip_probs(probs), labels=labels)
         assert cal[when]["log_loss"] == pytest.approx(expected, abs=TOL), when
-    assert cal["before"]["ece"] == pytest.approx(ece(y, before), abs=TOL)
+    assert cal["before"]["ece"] == pytest.approx(plain_ece(y, before), abs=TOL)
     assert cal["after"] == {k: result["point"][k] for k in ("ece", "log_loss", "brier")}
     assert cal["before"]["ece"] >= cal["after"]["ece"] - 1e-9
     assert cal["after"]["log_loss"] <= cal["before"]["log_loss"] + 1e-9
@@ -243,17 +189,7 @@ def _hand_result() -> dict[str, Any]:
         "ece": 0.125,
         "brier": 0.25,
         "log_loss": 0.5,
-        "per_class": {
-            c: {
-                "precision": None,
-                "recall": None,
-                "f1": None,
-                "auroc": None,
-                "support": 0,
-                "absent": True,
-            }
-            for c in CLASSES
-        },
+        "per_class": {c: dict(ABSENT_CLASS) for c in CLASSES},
         "mel": {
             "sensitivity_argmax": 0.5,
             "specificity_argmax": 1.0,

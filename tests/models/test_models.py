@@ -241,13 +241,13 @@ def test_load_weights_file_rejects_wrong_files(tmp_path: Path) -> None:
 
     foreign = tmp_path / "foreign.pth"
     torch.save({"encoder.layer1.weight": torch.zeros(3, 3)}, foreign)
-    with pytest.raises(RuntimeError, match="foreign.pth"):
+    with pytest.raises(WeightsUnavailableError, match="foreign.pth"):
         load_weights_file(model, foreign)
 
     # Another architecture's weights: lite1 has more blocks than lite0.
     other = tmp_path / "lite1.pth"
     torch.save(timm.create_model("tf_efficientnet_lite1", num_classes=7).state_dict(), other)
-    with pytest.raises(RuntimeError, match="lite1.pth"):
+    with pytest.raises(WeightsUnavailableError, match="lite1.pth"):
         load_weights_file(model, other)
 
     # Right keys but a backbone tensor of the wrong shape must not be skipped silently.
@@ -255,7 +255,7 @@ def test_load_weights_file_rejects_wrong_files(tmp_path: Path) -> None:
     state["conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
     misshapen = tmp_path / "misshapen.pth"
     torch.save(state, misshapen)
-    with pytest.raises(RuntimeError, match="conv_stem.weight"):
+    with pytest.raises(WeightsUnavailableError, match="conv_stem.weight"):
         load_weights_file(model, misshapen)
 
     # Dropping a backbone tensor is an error too.
@@ -263,7 +263,7 @@ def test_load_weights_file_rejects_wrong_files(tmp_path: Path) -> None:
     del state["bn2.weight"]
     partial = tmp_path / "partial.pth"
     torch.save(state, partial)
-    with pytest.raises(RuntimeError, match="bn2.weight"):
+    with pytest.raises(WeightsUnavailableError, match="bn2.weight"):
         load_weights_file(model, partial)
 
 
@@ -284,5 +284,5 @@ def test_load_weights_file_backbone_only(tmp_path: Path) -> None:
     torch.testing.assert_close(model.state_dict()["conv_stem.weight"], backbone["conv_stem.weight"])
     del backbone["bn2.weight"]  # a missing backbone tensor is still an error
     torch.save(backbone, path)
-    with pytest.raises(RuntimeError, match="bn2.weight"):
+    with pytest.raises(WeightsUnavailableError, match="bn2.weight"):
         build_model("tf_efficientnet_lite0", 7, pretrained=False, weights=path)

@@ -162,7 +162,7 @@ def test_image_pixel_limit_at_the_boundary(client: TestClient) -> None:
 
 
 def test_serve_command_uses_the_documented_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    # README "Serving": --max-upload-mb 10, --max-pixels 40000000.
+    # docs/serving.md: --max-upload-mb 10, --max-pixels 40000000.
     documented = UploadLimits(max_bytes=10 * 1024 * 1024, max_pixels=40_000_000)
     assert UploadLimits() == documented and ServeSettings().limits == documented
     seen = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,6 +35,37 @@ def tiny_net(seed: int = 0) -> nn.Sequential:
 
 def cached_images(n: int = 10, size: int = 8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def run_epoch(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    seed: int,
+    **options: Any,
+) -> float:
+    """:func:`train_one_epoch` with what every test here shares: cross-entropy on the CPU,
+    ``MEAN``/``STD``, ``AUGMENT``, a generator seeded with ``seed``, no progress bar; the
+    keyword ``options`` (``step_scheduler``, ``frozen``, ...) go through."""
+    return train_one_epoch(
+        model,
+        images=images,
+        labels=labels,
+        order=order,
+        batch_size=batch_size,
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        runtime=RUNTIME,
+        norm=Normalization(tuple(MEAN), tuple(STD)),
+        augment=AUGMENT,
+        generator=torch.Generator().manual_seed(seed),
+        progress=False,
+        **options,
+    )
 
 
 def test_train_step_returns_the_loss_before_the_step_and_descends() -> None:
@@ -77,20 +109,15 @@ def test_epoch_loss_is_the_sample_weighted_mean_and_skips_single_rows() -> None:
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: losses are recomputable
     steps = []
-    loss = train_one_epoch(
+    loss = run_epoch(
         model,
-        images=images,
-        labels=labels,
-        order=order,
+        images,
+        labels,
+        order,
+        opt,
         batch_size=3,
-        criterion=nn.CrossEntropyLoss(),
-        optimizer=opt,
-        runtime=RUNTIME,
-        norm=Normalization(tuple(MEAN), tuple(STD)),
-        augment=AUGMENT,
-        generator=torch.Generator().manual_seed(5),
+        seed=5,
         step_scheduler=lambda: steps.append(1),
-        progress=False,
     )
     assert len(steps) == 2  # the last batch of one row is skipped (BatchNorm cannot train on it)
     gen = torch.Generator().manual_seed(5)
@@ -112,39 +139,13 @@ def test_epoch_trains_and_frozen_modules_keep_their_statistics() -> None:
     mean_before = frozen_bn.running_mean.clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
-    train_one_epoch(
-        model,
-        images=images,
-        labels=labels,
-        order=order,
-        batch_size=8,
-        criterion=nn.CrossEntropyLoss(),
-        optimizer=opt,
-        runtime=RUNTIME,
-        norm=Normalization(tuple(MEAN), tuple(STD)),
-        augment=AUGMENT,
-        generator=torch.Generator().manual_seed(1),
-        progress=False,
-        frozen=[frozen_bn],
-    )
+    run_epoch(model, images, labels, order, opt, batch_size=8, seed=1, frozen=[frozen_bn])
     assert model.training and not frozen_bn.training
     assert torch.equal(frozen_bn.running_mean, mean_before)
     # Without freezing, the same epoch moves the statistics.
     free = tiny_net()
-    train_one_epoch(
-        free,
-        images=images,
-        labels=labels,
-        order=order,
-        batch_size=8,
-        criterion=nn.CrossEntropyLoss(),
-        optimizer=torch.optim.SGD(free.parameters(), lr=0.05),
-        runtime=RUNTIME,
-        norm=Normalization(tuple(MEAN), tuple(STD)),
-        augment=AUGMENT,
-        generator=torch.Generator().manual_seed(1),
-        progress=False,
-    )
+    opt = torch.optim.SGD(free.parameters(), lr=0.05)
+    run_epoch(free, images, labels, order, opt, batch_size=8, seed=1)
     assert not torch.equal(free[1].running_mean, mean_before)
 
 
@@ -156,20 +157,7 @@ def test_same_generator_same_epoch() -> None:
     for _ in range(2):
         model = tiny_net(3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss = train_one_epoch(
-            model,
-            images=images,
-            labels=labels,
-            order=order,
-            batch_size=4,
-            criterion=nn.CrossEntropyLoss(),
-            optimizer=opt,
-            runtime=RUNTIME,
-            norm=Normalization(tuple(MEAN), tuple(STD)),
-            augment=AUGMENT,
-            generator=torch.Generator().manual_seed(9),
-            progress=False,
-        )
+        loss = run_epoch(model, images, labels, order, opt, batch_size=4, seed=9)
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1], strict=True):

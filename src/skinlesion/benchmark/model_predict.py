@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from skinlesion.benchmark.timing import latency_row
+from skinlesion.core.errors import ConfigError
 
 
 def _time_batch(
@@ -49,7 +50,7 @@ def bench_model_predict(
     from skinlesion.inference.packaged import resolve_model
 
     if not batch_sizes or min(batch_sizes) < 1 or steps < 1 or warmup < 0:
-        raise ValueError(
+        raise ConfigError(
             f"need batch sizes >= 1, steps >= 1, warmup >= 0; got {batch_sizes}, {steps}, {warmup}"
         )
     runtime = resolve_runtime(device)

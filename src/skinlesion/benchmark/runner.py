@@ -6,11 +6,11 @@ Each benchmark returns a dict of plain Python values (``json.dumps`` works) that
 
 - :func:`bench_train` times, in one run, the model alone (forward, backward and AdamW step on a
   batch already on the device: the upper bound) and the real training path
-  (:func:`~skinlesion.engine.train_one_epoch` over a uint8 image source with the weighted sampler
-  and the default augmentation). Their ratio says how much the data path costs.
+  (:func:`~skinlesion.training.engine.train_one_epoch` over a uint8 image source with the
+  weighted sampler and the default augmentation). Their ratio says how much the data path costs.
 - :func:`bench_loader` compares the uint8 cache pipeline with decoding every JPEG per batch.
 - :func:`bench_predict` gives single-image latency and batched throughput of
-  :func:`~skinlesion.engine.predict_logits`.
+  :func:`~skinlesion.inference.engine.predict_logits`.
 
 Models get random weights (``pretrained=False``): weights do not change speed and need no
 download. torch, timm and the training modules are imported inside the functions, so that
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from skinlesion.benchmark.timing import latency_row, timed
+from skinlesion.core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -235,7 +236,7 @@ def bench_train(
     from skinlesion.core.runtime import resolve_runtime, seed_everything
 
     if batch_size < 2 or steps < 1 or warmup < 0:
-        raise ValueError(
+        raise ConfigError(
             f"need batch_size >= 2 (BatchNorm trains on 2+ samples), steps >= 1 and "
             f"warmup >= 0; got {batch_size}, {steps} and {warmup}"
         )
@@ -357,7 +358,7 @@ def bench_loader(
     from skinlesion.data.cache import build_cache, cache_key
 
     if batch_size < 1 or batches < 1:
-        raise ValueError(f"need batch_size >= 1 and batches >= 1, got {batch_size}, {batches}")
+        raise ConfigError(f"need batch_size >= 1 and batches >= 1, got {batch_size}, {batches}")
     runtime = resolve_runtime("cpu", amp=False, channels_last=False)
     hw = hardware_info()
     workers = decode_workers or torch.get_num_threads()
@@ -367,7 +368,7 @@ def bench_loader(
             data_root, tmp, max_images, synthetic_size, synthetic_images, seed
         )
         if not ids:
-            raise ValueError(f"no images found in {what}")
+            raise DataError(f"no images found in {what}")
         cdir = Path(cache_dir) if cache_dir else tmp / "cache"
         key = cache_key(ids, paths, image_size, interpolation, False)
         reused = (cdir / key / "index.json").is_file()
@@ -517,8 +518,9 @@ def bench_predict(
     channels_last: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Latency (median, p95) and images/s of :func:`~skinlesion.engine.predict_logits` per batch
-    size; batch 1 is the single-image latency.
+    """Latency (median, p95) and images/s of
+    :func:`~skinlesion.inference.engine.predict_logits` per batch size; batch 1 is the
+    single-image latency.
 
     Inputs are prepared uint8 images in a NumPy array, as ``inference.predict_sources`` hands
     them over, so each call includes the host-to-device copy; JPEG decoding is not included.
@@ -528,7 +530,7 @@ def bench_predict(
     from skinlesion.models.factory import default_spec
 
     if not batch_sizes or min(batch_sizes) < 1 or steps < 1 or warmup < 0:
-        raise ValueError(
+        raise ConfigError(
             f"need batch sizes >= 1, steps >= 1, warmup >= 0; got {batch_sizes}, {steps}, {warmup}"
         )
     runtime = resolve_runtime(device, amp, channels_last)

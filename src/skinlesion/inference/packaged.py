@@ -199,6 +199,7 @@ class LoadedModel:
         """The predictions table (:mod:`skinlesion.inference.table`), one row per image:
         ``image``, the class probabilities, ``prediction``, ``melanoma_flag`` (at the model's
         out-of-fold threshold), ``unfamiliarity``, ``refer``, ``refer_reasons`` and ``error``.
+        An image that cannot be read gets its ``error`` and empty probabilities and decisions.
         ``metadata`` as for :meth:`predict_proba`."""
         out = self._predict(images, tta, batch_size, progress, metadata)
         names = [_name(x, i) for i, x in enumerate(images)]

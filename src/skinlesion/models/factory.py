@@ -117,7 +117,7 @@ def _lite_provider(model: nn.Module, name: str) -> bool:
         del state["classifier.weight"], state["classifier.bias"]
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"classifier.weight", "classifier.bias"}:
-            raise RuntimeError(
+            raise WeightsUnavailableError(
                 f"{path}: weights do not fit {name} (missing {missing}, unexpected {unexpected})"
             )
         log.info("loaded offline ImageNet weights for %s from %s", name, path)
@@ -178,7 +178,7 @@ def load_weights_file(model: nn.Module, path: str | Path) -> bool:
         f"{name}.{k}" for name, m in model.named_modules() if m is clf for k in m.state_dict()
     }
     if head - clf_keys:
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"{path} does not fit {type(model).__name__}: shapes differ for "
             f"{sorted(head - clf_keys)[:5]}"
         )
@@ -186,7 +186,7 @@ def load_weights_file(model: nn.Module, path: str | Path) -> bool:
         del state[k]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - clf_keys:
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"{path} does not fit {type(model).__name__}: missing "
             f"{sorted(set(missing) - clf_keys)[:5]}, unexpected {unexpected[:5]}"
         )

@@ -106,13 +106,6 @@ def _prefix(ckpt: dict[str, Any]) -> str:
     return "final." if ckpt["fold"] < 0 else f"fold{ckpt['fold']}."
 
 
-def _read_metrics(eval_dir: Path) -> dict[str, Any]:
-    path = eval_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no `skinlesion evaluate` output here")
-    return json.loads(path.read_text())
-
-
 def _tta(ckpt: dict[str, Any]) -> int:
     if "tta" in ckpt:
         return int(ckpt["tta"])
