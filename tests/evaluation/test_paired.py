@@ -88,8 +88,11 @@ def test_runs_on_other_folds_are_refused(tmp_path: Path) -> None:
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
 
 
-def _evaluation(folder: Path, y: np.ndarray, probs: np.ndarray, lesions: bool) -> Path:
-    """An ``evaluate`` output folder: predictions.csv over the 7 classes, 3 of them present."""
+def _evaluation(
+    folder: Path, y: np.ndarray, probs: np.ndarray, lesions: bool, familiar: bool = False
+) -> Path:
+    """An ``evaluate`` output folder: predictions.csv over the 7 classes, 3 of them present;
+    ``familiar``: of a model with a familiarity, whose table ends with ``unfamiliarity``."""
     pred = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(len(y))]})
     if lesions:
         pred["lesion_id"] = [f"L{i // 2}" for i in range(len(y))]
@@ -97,6 +100,8 @@ def _evaluation(folder: Path, y: np.ndarray, probs: np.ndarray, lesions: bool) -
     for i, c in enumerate(CLASSES):
         pred[c] = probs[:, i]
     pred["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
+    if familiar:
+        pred["unfamiliarity"] = np.linspace(0.1, 2.0, len(y))
     folder.mkdir(parents=True)
     pred.to_csv(folder / "predictions.csv", index=False)
     return folder
@@ -110,7 +115,8 @@ def test_two_evaluations_of_one_set_are_compared(
     keep = np.isin(y, [CLASSES.index(c) for c in ("bkl", "mel", "nv")])  # ISIC 2017's classes
     y, noisy, good = y[keep], noisy[keep], good[keep]
     a = _evaluation(tmp_path / "a", y, noisy, lesions)
-    b = _evaluation(tmp_path / "b", y, good, lesions)
+    # B's model has a familiarity (its table ends with ``unfamiliarity``), A's has none.
+    b = _evaluation(tmp_path / "b", y, good, lesions, familiar=True)
     result = compare_runs(a, b, n_boot=50)
     assert result["kind"] == "evaluation"
     assert result["n_images"] == len(y)

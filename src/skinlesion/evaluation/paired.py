@@ -129,8 +129,11 @@ def _predictions(folder: Path) -> tuple[pd.DataFrame, list[str], str]:
         if "lesion_id" not in table.columns:
             table["lesion_id"] = table["image_id"]
         table["fold"] = 0
-        info = {"image_id", "lesion_id", "dx", "source", "prediction", "fold"}
-        return table, [c for c in table.columns if c not in info], "evaluation"
+        # The class columns precede ``prediction``; what follows it (``unfamiliarity``) is not one.
+        cols = list(table.columns)
+        end = cols.index("prediction") if "prediction" in cols else len(cols)
+        info = {"image_id", "lesion_id", "dx", "source", "fold"}
+        return table, [c for c in cols[:end] if c not in info], "evaluation"
     raise DataError(
         f"{folder}: no predictions",
         [f"neither {oof} (a training run) nor {evaluated} (an evaluation) exists"],
