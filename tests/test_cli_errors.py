@@ -219,7 +219,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(args: argparse.Namespace) -> int:
         raise ValueError("an internal bug, not the user's fault")
 
-    monkeypatch.setattr(cli, "_cmd_report", broken)
+    monkeypatch.setattr(cli.train, "_cmd_report", broken)  # the report command's handler
     with pytest.raises(ValueError, match="internal bug"):
         main(["report", "somewhere"])
 

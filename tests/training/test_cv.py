@@ -15,7 +15,8 @@ from skinlesion.core.config import load_config
 from skinlesion.core.labels import CLASSES
 from skinlesion.inference.table import table_columns
 from skinlesion.models.checkpoint import load_checkpoint
-from skinlesion.training import cv as training
+from skinlesion.training import fold_trainer as training
+from skinlesion.training.run_data import load_run_data
 
 
 def tiny_overrides(root: Path, out: Path, cache: Path, **extra: str) -> list[str]:
@@ -220,7 +221,7 @@ def test_config_run_reads_cache_not_jpegs(
     syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = load_config(None, tiny_overrides(syn_root, tmp_path / "r1", tmp_path / "cache"))
-    data = training.load_run_data(cfg, None, progress=False)
+    data = load_run_data(cfg, None, progress=False)
     assert data.images.dtype == np.uint8 and data.images.shape[1:] == (32, 32, 3)
     # Once cached, building the run data again decodes nothing.
     from skinlesion.data import cache as cache_mod
@@ -229,7 +230,7 @@ def test_config_run_reads_cache_not_jpegs(
         raise AssertionError("decoded a JPEG although the cache exists")
 
     monkeypatch.setattr(cache_mod, "prepare_image", boom)
-    again = training.load_run_data(cfg, None, progress=False)
+    again = load_run_data(cfg, None, progress=False)
     assert np.array_equal(np.asarray(again.images), np.asarray(data.images))
 
 

@@ -228,9 +228,21 @@ def evaluate_external(
         **metrics,
     }
     result.update(_refer_results(y, p, out.unfamiliarity, loaded))
-    cm = metrics["point"]["confusion_matrix"]
+    _write_report(result, y, p, classes, output, f"External evaluation: {labels_csv}")
+    return result
+
+
+def _write_report(
+    result: dict[str, Any],
+    y: np.ndarray,
+    p: np.ndarray,
+    classes: Sequence[str],
+    output: Path,
+    title: str,
+) -> None:
+    """The plots (their names into ``result``), ``metrics.json`` and ``report.md``."""
+    cm = result["point"]["confusion_matrix"]
     result["plots"] = write_plots(y, p, cm, output, classes=classes)
     result["plots"].append(plot_risk_coverage(y, p, output / "risk_coverage.png").name)
     (output / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
-    (output / "report.md").write_text(render_markdown(result, f"External evaluation: {labels_csv}"))
-    return result
+    (output / "report.md").write_text(render_markdown(result, title))

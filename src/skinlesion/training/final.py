@@ -28,8 +28,8 @@ from skinlesion.core.run_folder import check_resume_config
 from skinlesion.core.runtime import init_distributed, planned_world_size, resolve_runtime
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
 from skinlesion.training.checks import check_world_size
-from skinlesion.training.cv import train_epoch, trainer_for_table
 from skinlesion.training.fit_familiarity import fit_checkpoint_familiarity
+from skinlesion.training.fold_trainer import train_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
 from skinlesion.training.setup import model_kwargs
 
