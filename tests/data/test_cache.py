@@ -14,7 +14,7 @@ from PIL import Image
 
 from skinlesion.data import cache as cache_mod
 from skinlesion.data.cache import ImageCache, build_cache, cache_key, load_cache
-from skinlesion.data.metadata import DataError
+from skinlesion.data.ham10000 import DataError
 from skinlesion.data.preprocess import prepare_image
 
 SIZE = 16

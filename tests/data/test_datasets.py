@@ -274,5 +274,5 @@ def test_cli_split_any_labelled_set_from_a_config(
     assert "14 images, 14 groups (one image each)" in capsys.readouterr().out
     assert "LEAKAGE CANNOT BE RULED OUT" in caplog.text
     # Overrides need a config.
-    assert main(["split", "--metadata", str(labels), "--out", str(out), "cv.seed=1"]) == 2
+    assert main(["split", "--labels", str(labels), "--out", str(out), "cv.seed=1"]) == 2
     assert "key=value overrides ['cv.seed=1'] need --config" in capsys.readouterr().err

@@ -191,7 +191,7 @@ def test_folds_file_is_used(syn_root: Path, tmp_path: Path) -> None:
         main(
             [
                 "split",
-                "--metadata",
+                "--labels",
                 str(syn_root / "HAM10000_metadata.csv"),
                 "--folds",
                 "3",

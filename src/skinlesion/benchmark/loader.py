@@ -31,7 +31,7 @@ def _loader_images(
     seed: int,
 ) -> tuple[list[str], list[str], str]:
     """(image ids, paths, description) of the images to benchmark, sorted by image id."""
-    from skinlesion.data.metadata import load_ham10000
+    from skinlesion.data.ham10000 import load_ham10000
     from skinlesion.data.synthetic import make_synthetic_ham10000
 
     if data_root is None:

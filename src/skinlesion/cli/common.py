@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("skinlesion")
+
+
+class DeprecatedOption(argparse.Action):
+    """An option's old spelling: stores into the new option's ``dest``, with a warning that
+    names the new spelling (``new=`` when the option is added)."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        text = f"{option_string} is deprecated; use {self.new}"
+        warnings.warn(text, DeprecationWarning, stacklevel=2)
+        log.warning("%s", text)
+        setattr(namespace, self.dest, values)
 
 
 def load_checked_config(args: argparse.Namespace) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from skinlesion.cli.common import int_at_least, load_checked_config
+from skinlesion.cli.common import DeprecatedOption, int_at_least, load_checked_config
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -52,9 +52,9 @@ def _cmd_split(args: argparse.Namespace) -> int:
     elif args.overrides:
         raise ConfigError(f"key=value overrides {args.overrides} need --config")
     else:
-        from skinlesion.data.metadata import read_metadata
+        from skinlesion.data.ham10000 import read_labels
 
-        df = read_metadata(Path(args.metadata))
+        df = read_labels(Path(args.labels))
     folds = make_folds(df, n_folds, seed)
     check_folds(folds)
     save_folds(folds, Path(args.out))
@@ -101,7 +101,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("split", help="lesion-grouped stratified folds -> folds.csv")
     source = s.add_mutually_exclusive_group(required=True)
-    source.add_argument("--metadata", help="HAM10000's metadata CSV")
+    source.add_argument("--labels", help="HAM10000's labels file (HAM10000_metadata.csv)")
+    source.add_argument(
+        "--metadata", dest="labels", action=DeprecatedOption, new="--labels", help=argparse.SUPPRESS
+    )
     source.add_argument("--config", help="a config whose data section names any labelled set")
     s.add_argument("--folds", type=int_at_least(2), default=None, help="default 5 or cv.n_folds")
     s.add_argument("--seed", type=int, default=None, help="default 42 or cv.seed")

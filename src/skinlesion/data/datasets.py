@@ -28,7 +28,7 @@ import pandas as pd
 from skinlesion.core.config import ColumnsConfig, DataConfig
 from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.sources import SourceConfig
-from skinlesion.data.metadata import IMAGE_EXTENSIONS, check_image, read_table
+from skinlesion.data.ham10000 import IMAGE_EXTENSIONS, check_image, read_table
 
 log = logging.getLogger(__name__)
 

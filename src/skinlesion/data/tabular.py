@@ -404,7 +404,7 @@ def read_metadata_csv(path: str | Path, images: Sequence[str | Path]) -> pd.Data
     ``a1.jpg``), and an id that looks meant for an image but names none (``a1.png`` for
     ``a1.jpg``: "did you mean a1?").
     """
-    from skinlesion.data.metadata import read_table
+    from skinlesion.data.ham10000 import read_table
 
     path = Path(path)
     table = read_table(path)

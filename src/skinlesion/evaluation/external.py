@@ -25,7 +25,7 @@ from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.datasets import attach_image_paths, image_id_of
-from skinlesion.data.metadata import DataError, read_table
+from skinlesion.data.ham10000 import DataError, read_table
 from skinlesion.data.tabular import METADATA_FIELDS
 from skinlesion.evaluation.abstain import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions

@@ -1,4 +1,8 @@
-"""Reading and validating the HAM10000 release: metadata table plus image folders.
+"""Reading and validating the HAM10000 release: its label table plus image folders.
+
+The release calls its label table ``HAM10000_metadata`` (lesion, image, diagnosis, and the
+patient's age, sex and site); here it is the *labels file*, and "metadata" means the patient
+fields alone (:mod:`skinlesion.data.tabular`).
 
 Accepts the official layout (``HAM10000_metadata.csv`` or the ``.tab`` that Dataverse serves,
 images in ``HAM10000_images_part_1/`` and ``_part_2/``) or any folder tree holding
@@ -22,24 +26,25 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
-METADATA_NAMES: tuple[str, ...] = (
+LABELS_FILES: tuple[str, ...] = (
     "HAM10000_metadata.csv",
     "HAM10000_metadata.tab",
     "HAM10000_metadata",
 )
 
 
-def find_metadata(root: Path) -> Path:
-    """The metadata file of a HAM10000 folder (CSV preferred over the Dataverse ``.tab``)."""
-    for name in METADATA_NAMES:
+def find_labels_file(root: Path) -> Path:
+    """The labels file (``HAM10000_metadata``) of a HAM10000 folder (CSV preferred over the
+    Dataverse ``.tab``)."""
+    for name in LABELS_FILES:
         if (root / name).is_file():
             return root / name
     found = sorted(root.glob("*metadata*.csv")) + sorted(root.glob("*metadata*.tab"))
     if found:
         return found[0]
     raise DataError(
-        f"no metadata in {root}",
-        [f"expected one of {', '.join(METADATA_NAMES)} (run `skinlesion download --dest {root}`)"],
+        f"no labels file in {root}",
+        [f"expected one of {', '.join(LABELS_FILES)} (run `skinlesion download --dest {root}`)"],
     )
 
 
@@ -59,7 +64,7 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
-def validate_metadata(
+def validate_labels(
     df: pd.DataFrame,
     source: str,
     classes: Sequence[str] = CLASSES,
@@ -104,13 +109,13 @@ def validate_metadata(
                 f"{sorted(set(df.loc[df['lesion_id'] == lesion, 'dx']))}"
             )
     if problems:
-        raise DataError(f"{source}: invalid metadata", problems)
+        raise DataError(f"{source}: invalid labels file", problems)
     return df
 
 
-def read_metadata(path: Path) -> pd.DataFrame:
-    """Read and validate a HAM10000 metadata file."""
-    return validate_metadata(read_table(path), str(path))
+def read_labels(path: Path) -> pd.DataFrame:
+    """Read and validate a HAM10000 labels file (``HAM10000_metadata.csv``)."""
+    return validate_labels(read_table(path), str(path))
 
 
 def index_images(root: Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> dict[str, Path]:
@@ -166,9 +171,10 @@ def attach_paths(
 
 
 def load_ham10000(
-    root: str | Path, metadata: str | Path | None = None, verify: bool = True
+    root: str | Path, labels: str | Path | None = None, verify: bool = True
 ) -> pd.DataFrame:
-    """Validated metadata of a HAM10000 folder with a ``path`` column for each image.
+    """The validated labels file of a HAM10000 folder (``labels``, default: found in ``root``)
+    with a ``path`` column for each image.
 
     >>> df = load_ham10000("../shared/data/ham10000")  # doctest: +SKIP
     >>> df.columns[:3].tolist()  # doctest: +SKIP
@@ -180,9 +186,9 @@ def load_ham10000(
             "data folder not found",
             [f"{root} does not exist (set data.root, or run `skinlesion download --dest {root}`)"],
         )
-    meta_path = Path(metadata) if metadata else find_metadata(root)
-    df = read_metadata(meta_path)
-    df = attach_paths(df, root, str(meta_path), verify=verify)
+    labels_path = Path(labels) if labels else find_labels_file(root)
+    df = read_labels(labels_path)
+    df = attach_paths(df, root, str(labels_path), verify=verify)
     log.info("HAM10000: %d images, %d lesions from %s", len(df), df["lesion_id"].nunique(), root)
     return df.reset_index(drop=True)
 
