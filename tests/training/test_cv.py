@@ -120,7 +120,7 @@ def test_resume_after_interruption_matches_uninterrupted(
     assert train_cli(tiny_overrides(syn_root, full, cache, **extra)) == 0
 
     crashed = tmp_path / "crashed"
-    real_epoch = training.train_one_epoch
+    real_epoch = training.train_batches
     calls = {"n": 0}
 
     def crash_on_third(*args: object, **kwargs: object) -> float:
@@ -129,10 +129,10 @@ def test_resume_after_interruption_matches_uninterrupted(
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", crash_on_third)
+    monkeypatch.setattr(training, "train_batches", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         train_cli(tiny_overrides(syn_root, crashed, cache, **extra))
-    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(training, "train_batches", real_epoch)
     assert pd.read_csv(crashed / "fold_0" / "metrics.csv")["epoch"].tolist() == [1, 2]
     # Without --resume the folder is protected.
     assert train_cli(tiny_overrides(syn_root, crashed, cache, **extra)) == 2

@@ -43,7 +43,7 @@ def rising() -> Iterator[float]:
 
 def crash_on_call(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], None]:
     """The n-th training epoch of the process raises KeyboardInterrupt; returns the undo."""
-    real = fold_trainer.train_one_epoch
+    real = fold_trainer.train_batches
     calls = {"n": 0}
 
     def crashing(*args: Any, **kwargs: Any) -> float:
@@ -52,8 +52,8 @@ def crash_on_call(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], None]
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fold_trainer, "train_one_epoch", crashing)
-    return lambda: monkeypatch.setattr(fold_trainer, "train_one_epoch", real)
+    monkeypatch.setattr(fold_trainer, "train_batches", crashing)
+    return lambda: monkeypatch.setattr(fold_trainer, "train_batches", real)
 
 
 def assert_same_best(a: Path, b: Path) -> None:

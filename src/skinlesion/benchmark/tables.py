@@ -46,7 +46,7 @@ def _format_train(r: dict[str, Any]) -> list[str]:
                     f"{mo['ms_per_step']:.1f}",
                 ],
                 [
-                    "end to end (train_one_epoch: gather, augment, step)",
+                    "end to end (train_batches: gather, augment, step)",
                     f"{e2e['images_per_s']:.1f}",
                     f"{e2e['ms_per_step']:.1f}",
                 ],

@@ -29,12 +29,10 @@ from skinlesion.core.config import ColumnsConfig, DataConfig
 from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.sources import SourceConfig
 from skinlesion.data.ham10000 import IMAGE_EXTENSIONS, check_image, read_table
+from skinlesion.data.tabular import METADATA_FIELDS, MISSING_WORDS, NUMERIC_FIELDS
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
-"""The canonical metadata columns, the names every format's table uses."""
-_UNKNOWN = {"", "unknown", "nan", "na", "n/a", "none", "null"}
 
 ISIC2019_GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
 ISIC2019_METADATA = "ISIC_2019_Training_Metadata.csv"
@@ -92,10 +90,10 @@ def canonical_metadata(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     if "age" in out.columns:
         out["age"] = pd.to_numeric(out["age"].astype(str).str.strip(), errors="coerce")
-    for col in ("sex", "localization"):
+    for col in (f for f in METADATA_FIELDS if f not in NUMERIC_FIELDS):
         if col in out.columns:
             text = out[col].astype(str).str.strip()
-            out[col] = text.where(~text.str.lower().isin(_UNKNOWN), np.nan)
+            out[col] = text.where(~text.str.lower().isin(MISSING_WORDS), np.nan)
     return out
 
 
@@ -194,7 +192,7 @@ def _finish(
 def _column_names(columns: ColumnsConfig, header: Sequence[str]) -> dict[str, str | None]:
     """Canonical name -> the file's column; defaults are taken only where the file has them."""
     names: dict[str, str | None] = {"image_id": columns.image, "dx": columns.label}
-    defaults = {"lesion_id": columns.group, **{m: getattr(columns, m) for m in META_COLUMNS}}
+    defaults = {"lesion_id": columns.group, **{m: getattr(columns, m) for m in METADATA_FIELDS}}
     for canonical, given in defaults.items():
         if given is not None:
             names[canonical] = given
@@ -214,7 +212,7 @@ def _canonical_frame(df: pd.DataFrame, names: Mapping[str, str | None]) -> pd.Da
     out["lesion_id"] = df[group].astype(str).str.strip() if group else out["image_id"]
     if group:  # an image with an empty group cell is its own group
         out["lesion_id"] = out["lesion_id"].where(out["lesion_id"] != "", out["image_id"])
-    for meta in META_COLUMNS:
+    for meta in METADATA_FIELDS:
         column = names[meta]
         if column is not None:
             out[meta] = df[column]

@@ -27,8 +27,8 @@ from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.datasets import attach_image_paths, image_id_of
 from skinlesion.data.ham10000 import DataError, read_table
 from skinlesion.data.tabular import METADATA_FIELDS
-from skinlesion.evaluation.abstain import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
+from skinlesion.evaluation.refer_figures import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import LoadedModel, resolve_model
 from skinlesion.inference.predict import predict_images

@@ -26,9 +26,10 @@ from skinlesion.models.checkpoint import (
     make_checkpoint,
     model_from_checkpoint,
 )
+from skinlesion.training.builders import model_kwargs
 from skinlesion.training.fold_trainer import (
     FoldTrainer,
-    train_epoch,
+    train_fold_epoch,
     trainer_for_table,
     validation_logits,
 )
@@ -38,7 +39,6 @@ from skinlesion.training.run_data import (
     label_mask,
     metadata_by_row,
 )
-from skinlesion.training.setup import model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _save_epoch(
     atomic_torch_save(tr.snapshot(), folder.last)
 
 
-def _run_epoch(
+def train_and_validate_epoch(
     cfg: Config,
     data: RunData,
     tr: FoldTrainer,
@@ -95,10 +95,11 @@ def _run_epoch(
     runtime: Runtime,
     progress: bool,
 ) -> dict[str, Any]:
-    """Train one epoch, validate, step the schedule and early-stopping state; the metrics row."""
+    """:func:`~skinlesion.training.fold_trainer.train_fold_epoch`, then validate, step the
+    schedule and the early-stopping state; the epoch's metrics row."""
     train_t, val_t = split
     t0 = time.perf_counter()
-    train_loss = train_epoch(cfg, data, tr, train_t, runtime, progress)
+    train_loss = train_fold_epoch(cfg, data, tr, train_t, runtime, progress)
     rows = val_t["row"].to_numpy()
     meta = tr.feed.by_row.numpy() if tr.feed is not None else None
     logits = validation_logits(tr.model, data, rows, _eval_batch_size(cfg), runtime, 1, meta)[0]
@@ -142,7 +143,7 @@ def fit_fold(
         log.info("fold %d: resuming after epoch %d", fold, tr.state["epoch"])
     rows = _read_metrics(folder.metrics, tr.state["epoch"])
     while tr.state["epoch"] < cfg.train.epochs:
-        rows.append(_run_epoch(cfg, data, tr, split, runtime, progress))
+        rows.append(train_and_validate_epoch(cfg, data, tr, split, runtime, progress))
         if runtime.dist.is_main:
             _save_epoch(cfg, data, tr, folder, rows[-1])
             write_metrics_rows(folder.metrics, rows)

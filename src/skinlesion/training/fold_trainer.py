@@ -26,24 +26,24 @@ from skinlesion.data.sampling import draw_indices
 from skinlesion.data.tabular import MetadataSpec, missing_vector
 from skinlesion.inference.engine import predict_logits
 from skinlesion.models.freezing import freeze_stages
-from skinlesion.training.distributed import (
-    convert_sync_batchnorm,
-    rank_share,
-    seed_rank_streams,
-)
-from skinlesion.training.engine import MetadataFeed, train_one_epoch
-from skinlesion.training.run_data import (
-    RunData,
-    metadata_by_row,
-    table_sources,
-    targets_by_row,
-)
-from skinlesion.training.setup import (
+from skinlesion.training.builders import (
     Schedule,
     build_criterion,
     build_optimizer,
     build_run_model,
     run_metadata_spec,
+)
+from skinlesion.training.distributed import (
+    convert_sync_batchnorm,
+    rank_share,
+    seed_rank_streams,
+)
+from skinlesion.training.engine import MetadataFeed, train_batches
+from skinlesion.training.run_data import (
+    RunData,
+    metadata_by_row,
+    table_sources,
+    targets_by_row,
 )
 
 
@@ -201,7 +201,7 @@ def validation_logits(
     return out
 
 
-def train_epoch(
+def train_fold_epoch(
     cfg: Config,
     data: RunData,
     tr: FoldTrainer,
@@ -209,8 +209,9 @@ def train_epoch(
     runtime: Runtime,
     progress: bool,
 ) -> float:
-    """Draw this epoch's global batches (the same on every rank), train this rank's share of
-    each; the loss averaged over ranks."""
+    """One training epoch of a fold: draw its global batches with the fold's sampler (the same
+    on every rank), :func:`~skinlesion.training.engine.train_batches` on this rank's share of
+    each; the loss averaged over ranks. No validation."""
     d = runtime.dist
     tr.seed_epoch(cfg.seed, d.rank)
     picks = draw_indices(
@@ -224,7 +225,7 @@ def train_epoch(
     )
     rows = torch.tensor(train_t["row"].to_numpy(), dtype=torch.long)
     labels_by_row, masks_by_row = targets_by_row(data)
-    loss = train_one_epoch(
+    loss = train_batches(
         tr.train_model,
         images=data.images,
         labels=labels_by_row,

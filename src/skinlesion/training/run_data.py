@@ -24,7 +24,7 @@ from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.sources import load_sources
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.inference.engine import ImageSource
-from skinlesion.training.setup import run_spec
+from skinlesion.training.builders import run_spec
 
 log = logging.getLogger(__name__)
 
