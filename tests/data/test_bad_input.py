@@ -14,7 +14,8 @@ from PIL import Image
 from skinlesion.core.errors import DataError, DownloadError, ImageDecodeError, OutputError
 from skinlesion.core.paths import check_writable_dir, check_writable_file
 from skinlesion.data import download
-from skinlesion.data.ham10000 import check_image, read_labels
+from skinlesion.data.ham10000 import read_labels
+from skinlesion.data.labelled_table import check_image
 from skinlesion.data.preprocess import decode_image, prepare_image
 
 

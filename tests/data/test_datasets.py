@@ -135,7 +135,7 @@ def test_every_fault_is_reported_with_file_and_line(tmp_path: Path) -> None:
         load_csv_set(images, labels, classes=["mel", "nv"], n_folds=2)
     text = str(err.value)
     assert f"{labels} line 8: no image 'ghost'" in text
-    assert "image nv_00 on lines 2, 9" in text
+    assert "image_id nv_00 on lines 2, 9" in text
     assert f"{labels} line 10 (image odd_0): unknown label 'scc'" in text
     assert f"{labels} line 6:" in text and "not a readable image" in text
     assert len(err.value.problems) == 4

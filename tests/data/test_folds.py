@@ -239,7 +239,7 @@ def test_cli_split_bad_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[st
     metadata.write_text("lesion_id,image_id,dx\nL1,a,cancer\n")
     out = tmp_path / "folds.csv"
     assert main(["split", "--labels", str(metadata), "--out", str(out)]) == 2
-    assert "unknown dx 'cancer'" in capsys.readouterr().err
+    assert "unknown label 'cancer'" in capsys.readouterr().err
     assert not out.exists()
 
 

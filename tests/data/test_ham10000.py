@@ -136,10 +136,10 @@ def test_empty_values_are_reported(tmp_path: Path) -> None:
     rows[0][0] = ""  # line 2: empty lesion_id
     rows[2][2] = "  "  # line 4: blank dx
     with pytest.raises(DataError) as info:
-        read_labels(write_table(tmp_path / "m.csv", rows))
+        read_labels(path := write_table(tmp_path / "m.csv", rows))
     problems = info.value.problems
-    assert "line 2: empty lesion_id" in problems
-    assert "line 4: empty dx" in problems
+    assert f"{path} line 2: empty lesion_id" in problems
+    assert f"{path} line 4: empty dx" in problems
 
 
 def test_whitespace_around_values_is_stripped(tmp_path: Path) -> None:
@@ -187,8 +187,8 @@ def test_missing_and_corrupt_images_reported_together(tmp_path: Path) -> None:
     err = info.value
     assert len(err.problems) == 3
     msg = str(err)
-    assert "line 2: image ISIC_0000001 not found" in msg
-    assert "line 5: image ISIC_0000004 not found" in msg
+    assert f"line 2: no image 'ISIC_0000001' (.jpg/.png/...) under {root}" in msg
+    assert f"line 5: no image 'ISIC_0000004' (.jpg/.png/...) under {root}" in msg
     assert "ISIC_0000005.jpg" in msg and "not a readable image" in msg
 
 
