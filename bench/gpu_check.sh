@@ -73,13 +73,9 @@ run_step() {
     return 0
 }
 
-# The benchmark sub-command, through the main CLI if it registers it, else the module itself.
+# The benchmark sub-command of the main CLI.
 sl_bench() {
-    if python3 -m skinlesion benchmark --help >/dev/null 2>&1; then
-        python3 -m skinlesion benchmark "$@"
-    else
-        python3 -m skinlesion.benchmark.runner "$@"
-    fi
+    python3 -m skinlesion benchmark "$@"
 }
 
 env_report() {

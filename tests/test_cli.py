@@ -74,7 +74,7 @@ def test_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_missing_metadata_for_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     meta = tmp_path / "meta.csv"
-    assert main(["split", "--metadata", str(meta), "--out", str(tmp_path / "f.csv")]) == 2
+    assert main(["split", "--labels", str(meta), "--out", str(tmp_path / "f.csv")]) == 2
     assert "meta.csv" in one_error_line(capsys.readouterr().err, "split")
 
 
@@ -97,9 +97,22 @@ def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_split_succeeds(syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "folds.csv"
     meta = syn_root / "HAM10000_metadata.csv"
-    assert main(["split", "--metadata", str(meta), "--folds", "3", "--out", str(out)]) == 0
+    assert main(["split", "--labels", str(meta), "--folds", "3", "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert sorted(pd.read_csv(out)["fold"].unique()) == [0, 1, 2]
+
+
+def test_split_old_metadata_flag_still_works(
+    syn_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--metadata``, the old name of ``--labels``: the same folds, and a warning."""
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    meta = str(syn_root / "HAM10000_metadata.csv")
+    assert main(["split", "--labels", meta, "--folds", "3", "--out", str(new)]) == 0
+    with pytest.warns(DeprecationWarning, match="--metadata is deprecated; use --labels"):
+        assert main(["split", "--metadata", meta, "--folds", "3", "--out", str(old)]) == 0
+    assert "--metadata is deprecated; use --labels" in caplog.text
+    assert new.read_text() == old.read_text()
 
 
 def test_bad_image_exits_1_and_predicts_the_others(

@@ -219,7 +219,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(args: argparse.Namespace) -> int:
         raise ValueError("an internal bug, not the user's fault")
 
-    monkeypatch.setattr(cli, "_cmd_report", broken)
+    monkeypatch.setattr(cli.train, "_cmd_report", broken)  # the report command's handler
     with pytest.raises(ValueError, match="internal bug"):
         main(["report", "somewhere"])
 
@@ -498,7 +498,7 @@ def test_fold_missing_from_the_folds_file_fails_before_any_work(
     syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     folds = tmp_path / "folds.csv"
-    split = ["split", "--metadata", str(syn_root / "HAM10000_metadata.csv"), "--folds", "3"]
+    split = ["split", "--labels", str(syn_root / "HAM10000_metadata.csv"), "--folds", "3"]
     assert main([*split, "--out", str(folds)]) == 0
     capsys.readouterr()
     out, cache = tmp_path / "run", tmp_path / "cache"

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from skinlesion.benchmark.loader import bench_loader
 from skinlesion.benchmark.model_predict import bench_model_predict
-from skinlesion.benchmark.runner import (
-    add_benchmark_parser,
-    bench_loader,
-    bench_predict,
-    bench_train,
-    format_table,
-)
+from skinlesion.benchmark.predict import bench_predict
+from skinlesion.benchmark.tables import format_table
+from skinlesion.benchmark.train import bench_train
+from skinlesion.cli.bench import add_benchmark_parser
 from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.runtime import torch_threads
 

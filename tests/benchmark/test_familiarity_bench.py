@@ -13,7 +13,7 @@ from conftest import attach_tiny_familiarity, make_tiny_packaged
 
 import skinlesion
 from skinlesion.benchmark.familiarity import _ham_table, bench_familiarity, heldout_images
-from skinlesion.benchmark.runner import format_table
+from skinlesion.benchmark.tables import format_table
 from skinlesion.cli import main
 
 

@@ -14,6 +14,7 @@ from skinlesion.core.config import (
     parse_overrides,
     save_config,
 )
+from skinlesion.core.run_folder import recipe_of
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -216,3 +217,25 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_there_are_shipped_configs() -> None:
     assert len(CONFIGS) >= 1
+
+
+def test_old_metadata_key_is_the_labels_file(tmp_path: Path) -> None:
+    """``data.metadata`` (HAM10000's label table, before "metadata" meant patient fields only)
+    still loads, as ``data.labels``, with a warning; a saved ``metadata: null`` loads silently."""
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  root: ham\n  metadata: ham/HAM10000_metadata.csv\n")
+    with pytest.warns(DeprecationWarning, match="data.metadata is deprecated"):
+        cfg = load_config(str(path), [])
+    assert cfg.data.labels == "ham/HAM10000_metadata.csv"
+    assert "metadata" not in config_to_dict(cfg)["data"]
+    path.write_text("data:\n  root: ham\n  metadata: null\n  labels: null\n")
+    assert load_config(str(path), []).data.labels is None
+    with pytest.raises(ConfigError, match="name different files"):
+        load_config(None, ["data.metadata=a.csv", "data.labels=b.csv"])
+
+
+def test_saved_config_with_old_metadata_key_compares_as_the_same_recipe() -> None:
+    old = {"data": {"root": "r", "labels": None, "metadata": "m.csv"}, "seed": 1}
+    new = {"data": {"root": "r", "labels": "m.csv"}, "seed": 1}
+    assert recipe_of(old) == recipe_of(new)
+    assert recipe_of({"data": {"metadata": None, "labels": None}}) == {"data": {"labels": None}}

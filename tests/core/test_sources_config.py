@@ -54,7 +54,6 @@ def test_duplicate_name_names_both_sources() -> None:
         "data.images=x",
         "data.labels=x.csv",
         "data.classes=[mel, nv]",
-        "data.metadata=m.csv",
         "data.max_images=100",
         "data.columns.group=lesion",
         "data.where={split: train}",
@@ -64,6 +63,12 @@ def test_single_source_key_beside_sources_is_named(override: str) -> None:
     key = override.split("=")[0].split(".")[1]
     msg = _error(_sources(HAM), override)
     assert f"data.{key}: describes one labelled set" in msg
+
+
+def test_old_metadata_key_beside_sources_is_named_by_its_new_name() -> None:
+    with pytest.warns(DeprecationWarning, match="data.metadata is deprecated"):
+        msg = _error(_sources(HAM), "data.metadata=m.csv")
+    assert "data.labels: describes one labelled set" in msg
 
 
 def test_format_keys_of_a_source_name_it() -> None:

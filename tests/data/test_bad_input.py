@@ -14,7 +14,8 @@ from PIL import Image
 from skinlesion.core.errors import DataError, DownloadError, ImageDecodeError, OutputError
 from skinlesion.core.paths import check_writable_dir, check_writable_file
 from skinlesion.data import download
-from skinlesion.data.metadata import check_image, read_metadata
+from skinlesion.data.ham10000 import read_labels
+from skinlesion.data.labelled_table import check_image
 from skinlesion.data.preprocess import decode_image, prepare_image
 
 
@@ -73,9 +74,9 @@ def test_empty_or_header_only_metadata_names_the_file(tmp_path: Path, text: str)
     path = tmp_path / "meta.csv"
     path.write_text(text)
     with pytest.raises(DataError, match="meta.csv"):
-        read_metadata(path)
+        read_labels(path)
     with pytest.raises(DataError, match="missing.csv: file not found"):
-        read_metadata(tmp_path / "missing.csv")
+        read_labels(tmp_path / "missing.csv")
 
 
 def test_outputs_checked_writable(tmp_path: Path) -> None:

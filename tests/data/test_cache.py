@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from skinlesion.core.errors import DataError
 from skinlesion.data import cache as cache_mod
 from skinlesion.data.cache import ImageCache, build_cache, cache_key, load_cache
-from skinlesion.data.metadata import DataError
 from skinlesion.data.preprocess import prepare_image
 
 SIZE = 16

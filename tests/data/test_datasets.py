@@ -135,7 +135,7 @@ def test_every_fault_is_reported_with_file_and_line(tmp_path: Path) -> None:
         load_csv_set(images, labels, classes=["mel", "nv"], n_folds=2)
     text = str(err.value)
     assert f"{labels} line 8: no image 'ghost'" in text
-    assert "image nv_00 on lines 2, 9" in text
+    assert "image_id nv_00 on lines 2, 9" in text
     assert f"{labels} line 10 (image odd_0): unknown label 'scc'" in text
     assert f"{labels} line 6:" in text and "not a readable image" in text
     assert len(err.value.problems) == 4
@@ -274,5 +274,5 @@ def test_cli_split_any_labelled_set_from_a_config(
     assert "14 images, 14 groups (one image each)" in capsys.readouterr().out
     assert "LEAKAGE CANNOT BE RULED OUT" in caplog.text
     # Overrides need a config.
-    assert main(["split", "--metadata", str(labels), "--out", str(out), "cv.seed=1"]) == 2
+    assert main(["split", "--labels", str(labels), "--out", str(out), "cv.seed=1"]) == 2
     assert "key=value overrides ['cv.seed=1'] need --config" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from skinlesion.data.folds import (
     save_folds,
     source_balance,
 )
-from skinlesion.data.metadata import DataError, find_metadata, read_metadata
+from skinlesion.data.ham10000 import DataError, find_labels_file, read_labels
 
 # Lesions per class, imbalanced like HAM10000 but with >= 5 lesions in every class.
 LESIONS_PER_CLASS = {"akiec": 10, "bcc": 14, "bkl": 26, "df": 6, "mel": 27, "nv": 150, "vasc": 7}
@@ -226,7 +226,7 @@ def test_cli_split(meta: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFix
     metadata = tmp_path / "meta.csv"
     meta.to_csv(metadata, index=False)
     out = tmp_path / "out" / "folds.csv"
-    args = ["split", "--metadata", str(metadata), "--folds", "5", "--seed", "42"]
+    args = ["split", "--labels", str(metadata), "--folds", "5", "--seed", "42"]
     assert main([*args, "--out", str(out)]) == 0
     assert out.read_text().splitlines()[0] == "image_id,lesion_id,dx,fold"
     written = read_folds(out)
@@ -238,8 +238,8 @@ def test_cli_split_bad_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[st
     metadata = tmp_path / "meta.csv"
     metadata.write_text("lesion_id,image_id,dx\nL1,a,cancer\n")
     out = tmp_path / "folds.csv"
-    assert main(["split", "--metadata", str(metadata), "--out", str(out)]) == 2
-    assert "unknown dx 'cancer'" in capsys.readouterr().err
+    assert main(["split", "--labels", str(metadata), "--out", str(out)]) == 2
+    assert "unknown label 'cancer'" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -248,7 +248,7 @@ def test_cli_split_bad_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 @requires_ham
 def test_real_folds(ham_dir: Path, tmp_path: Path) -> None:
-    df = read_metadata(find_metadata(ham_dir))
+    df = read_labels(find_labels_file(ham_dir))
     folds = make_folds(df, n_folds=5, seed=42)
     assert len(folds) == len(df) == 10015
     assert sorted(folds["image_id"]) == sorted(df["image_id"])
@@ -260,7 +260,7 @@ def test_real_folds(ham_dir: Path, tmp_path: Path) -> None:
     assert balance.abs().to_numpy().max() <= 1.5
     # The CLI with seed 42 writes exactly the same folds again.
     out = tmp_path / "folds.csv"
-    assert main(["split", "--metadata", str(find_metadata(ham_dir)), "--out", str(out)]) == 0
+    assert main(["split", "--labels", str(find_labels_file(ham_dir)), "--out", str(out)]) == 0
     pd.testing.assert_frame_equal(read_folds(out), folds)
 
 

@@ -11,7 +11,7 @@ from conftest import make_csv_source
 from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.sources import SourceConfig
-from skinlesion.data.metadata import read_metadata
+from skinlesion.data.ham10000 import read_labels
 from skinlesion.data.sources import load_sources
 
 EXT = {"bkl": 6, "mel": 6, "nv": 8}
@@ -45,7 +45,7 @@ def test_two_sources_in_one_table(syn_root: Path, ext_files: tuple[Path, Path]) 
     t = s.table
     assert s.classes == CLASSES  # the sorted union
     assert sorted(t["source"].unique()) == ["ext", "ham"]
-    ham_meta = read_metadata(syn_root / "HAM10000_metadata.csv")
+    ham_meta = read_labels(syn_root / "HAM10000_metadata.csv")
     own = t[t["source"] == "ham"].set_index("image_id").loc[ham_meta["image_id"]]
     assert (own["lesion_id"] == "ham:" + ham_meta["lesion_id"].to_numpy()).all()
     mine = t[t["source"] == "ext"]

@@ -197,11 +197,11 @@ def test_metadata_faults_are_listed_together_with_their_lines(tmp_path) -> None:
             "line 4 (image_id a3): age 500 is over 120",
             "line 5: no image named A4.png; did you mean a4?",
             "image a3.jpg is named on several lines: 4 (a3), 6 (a3.jpg)",
-            "line 7: empty image_id",
+            f"{path} line 7: empty image_id",
         ]
     )
     dup = _meta_csv(tmp_path, "image_id,age\na1,50\na1,51\n")
-    with pytest.raises(DataError, match="image_id a1 appears on lines 2, 3"):
+    with pytest.raises(DataError, match="image_id a1 on lines 2, 3"):
         read_metadata_csv(dup, images)
 
 

@@ -191,8 +191,8 @@ def test_unknown_labels_fail_naming_the_line(
     out = tmp_path / "out"
     assert evaluate(run, labels, images, out) == 2
     err = capsys.readouterr().err
-    assert "line 5" in err and "unknown dx 'melanoma'" in err
-    assert "line 7" in err and "unknown dx 'common nevus'" in err
+    assert "line 5" in err and "unknown label 'melanoma'" in err
+    assert "line 7" in err and "unknown label 'common nevus'" in err
     assert "--label-map" in err and "2 problem(s)" in err
     assert not out.exists()
     # Line numbers refer to the file, also when --where drops rows before them.

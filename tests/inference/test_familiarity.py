@@ -250,7 +250,7 @@ def test_the_shipped_fold_model_refers_what_is_not_dermoscopy() -> None:
     import skinlesion
     from skinlesion.data.datasets import canonical_metadata
     from skinlesion.data.folds import make_folds
-    from skinlesion.data.metadata import load_ham10000
+    from skinlesion.data.ham10000 import load_ham10000
     from skinlesion.data.nondermoscopy import nondermoscopy_images
 
     model = skinlesion.load_model("ham10000-lite0-cpu", device="cpu")

@@ -15,7 +15,8 @@ from skinlesion.core.config import load_config
 from skinlesion.core.labels import CLASSES
 from skinlesion.inference.table import table_columns
 from skinlesion.models.checkpoint import load_checkpoint
-from skinlesion.training import cv as training
+from skinlesion.training import fold_trainer as training
+from skinlesion.training.run_data import load_run_data
 
 
 def tiny_overrides(root: Path, out: Path, cache: Path, **extra: str) -> list[str]:
@@ -119,7 +120,7 @@ def test_resume_after_interruption_matches_uninterrupted(
     assert train_cli(tiny_overrides(syn_root, full, cache, **extra)) == 0
 
     crashed = tmp_path / "crashed"
-    real_epoch = training.train_one_epoch
+    real_epoch = training.train_batches
     calls = {"n": 0}
 
     def crash_on_third(*args: object, **kwargs: object) -> float:
@@ -128,10 +129,10 @@ def test_resume_after_interruption_matches_uninterrupted(
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", crash_on_third)
+    monkeypatch.setattr(training, "train_batches", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         train_cli(tiny_overrides(syn_root, crashed, cache, **extra))
-    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(training, "train_batches", real_epoch)
     assert pd.read_csv(crashed / "fold_0" / "metrics.csv")["epoch"].tolist() == [1, 2]
     # Without --resume the folder is protected.
     assert train_cli(tiny_overrides(syn_root, crashed, cache, **extra)) == 2
@@ -190,7 +191,7 @@ def test_folds_file_is_used(syn_root: Path, tmp_path: Path) -> None:
         main(
             [
                 "split",
-                "--metadata",
+                "--labels",
                 str(syn_root / "HAM10000_metadata.csv"),
                 "--folds",
                 "3",
@@ -220,7 +221,7 @@ def test_config_run_reads_cache_not_jpegs(
     syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = load_config(None, tiny_overrides(syn_root, tmp_path / "r1", tmp_path / "cache"))
-    data = training.load_run_data(cfg, None, progress=False)
+    data = load_run_data(cfg, None, progress=False)
     assert data.images.dtype == np.uint8 and data.images.shape[1:] == (32, 32, 3)
     # Once cached, building the run data again decodes nothing.
     from skinlesion.data import cache as cache_mod
@@ -229,7 +230,7 @@ def test_config_run_reads_cache_not_jpegs(
         raise AssertionError("decoded a JPEG although the cache exists")
 
     monkeypatch.setattr(cache_mod, "prepare_image", boom)
-    again = training.load_run_data(cfg, None, progress=False)
+    again = load_run_data(cfg, None, progress=False)
     assert np.array_equal(np.asarray(again.images), np.asarray(data.images))
 
 

@@ -14,7 +14,7 @@ from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.augment import AugmentConfig
 from skinlesion.data.preprocess import Normalization
 from skinlesion.inference.engine import gather, prepare
-from skinlesion.training.engine import train_one_epoch, train_step
+from skinlesion.training.engine import train_batches, train_step
 
 RUNTIME = resolve_runtime("cpu", channels_last=False)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -48,10 +48,10 @@ def run_epoch(
     seed: int,
     **options: Any,
 ) -> float:
-    """:func:`train_one_epoch` with what every test here shares: cross-entropy on the CPU,
+    """:func:`train_batches` with what every test here shares: cross-entropy on the CPU,
     ``MEAN``/``STD``, ``AUGMENT``, a generator seeded with ``seed``, no progress bar; the
     keyword ``options`` (``step_scheduler``, ``frozen``, ...) go through."""
-    return train_one_epoch(
+    return train_batches(
         model,
         images=images,
         labels=labels,

@@ -18,8 +18,8 @@ import torch
 from conftest import FINETUNE, run_overrides, train_cli
 
 from skinlesion.models.checkpoint import load_checkpoint
-from skinlesion.training import cv as training
-from skinlesion.training import outputs
+from skinlesion.training import fold as fold_module
+from skinlesion.training import fold_trainer, outputs
 
 
 def script_val_loss(monkeypatch: pytest.MonkeyPatch, offsets: Iterator[float]) -> None:
@@ -30,7 +30,7 @@ def script_val_loss(monkeypatch: pytest.MonkeyPatch, offsets: Iterator[float]) -
         figs = real(*args, **kwargs)
         return {**figs, "val_loss": figs["val_loss"] + next(offsets)}
 
-    monkeypatch.setattr(training, "val_figures", scripted)
+    monkeypatch.setattr(fold_module, "val_figures", scripted)
 
 
 def rising() -> Iterator[float]:
@@ -43,7 +43,7 @@ def rising() -> Iterator[float]:
 
 def crash_on_call(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], None]:
     """The n-th training epoch of the process raises KeyboardInterrupt; returns the undo."""
-    real = training.train_one_epoch
+    real = fold_trainer.train_batches
     calls = {"n": 0}
 
     def crashing(*args: Any, **kwargs: Any) -> float:
@@ -52,8 +52,8 @@ def crash_on_call(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], None]
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", crashing)
-    return lambda: monkeypatch.setattr(training, "train_one_epoch", real)
+    monkeypatch.setattr(fold_trainer, "train_batches", crashing)
+    return lambda: monkeypatch.setattr(fold_trainer, "train_batches", real)
 
 
 def assert_same_best(a: Path, b: Path) -> None:

@@ -36,7 +36,7 @@ def _ham_table(root: Path, folds_file: Path | None, n_folds: int, seed: int) -> 
     ``row`` (the table's index)."""
     from skinlesion.data.datasets import canonical_metadata
     from skinlesion.data.folds import align_folds, make_folds, read_folds
-    from skinlesion.data.metadata import load_ham10000
+    from skinlesion.data.ham10000 import load_ham10000
 
     df = canonical_metadata(load_ham10000(root, None))
     if folds_file is not None:

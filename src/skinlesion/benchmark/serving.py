@@ -194,3 +194,118 @@ def _time_backends(
             }
         )
     return rows
+
+
+def _ham10000_files(data: str | Path | None, n: int) -> list[Path]:
+    """The first ``n`` JPEGs of HAM10000's first image folder under ``data``; none when absent."""
+    if data is None:
+        return []
+    return sorted((Path(data) / "HAM10000_images_part_1").glob("*.jpg"))[:n]
+
+
+def bench_onnx(
+    model: str | None,
+    data: str | Path | None = None,
+    batch_sizes: Sequence[int] = (1, 32),
+    threads: int = 2,
+    seconds: float = 5.0,
+) -> dict[str, Any]:
+    """:func:`onnx_vs_torch` for a model exported to a temporary folder, on 32 prepared
+    HAM10000 images from ``data`` (random pixels where it holds none)."""
+    import tempfile
+
+    from skinlesion.benchmark.workload import hardware_info
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.data.preprocess import prepare_with_spec
+    from skinlesion.inference.onnx_export import export_onnx
+    from skinlesion.inference.packaged import resolve_model
+
+    loaded = resolve_model(model, resolve_runtime("cpu"))
+    spec = loaded.members[0].spec
+    files = _ham10000_files(data, 32)
+    if files:
+        images = np.stack([prepare_with_spec(f, spec) for f in files])
+    else:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 255, (32, spec.size, spec.size, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(loaded, tmp)
+        result = onnx_vs_torch(loaded, tmp, images, batch_sizes, threads, seconds)
+    images_used = "HAM10000" if files else "synthetic"
+    return {"benchmark": "onnx", **result, "images": images_used, "hardware": hardware_info()}
+
+
+def _payloads(data: str | Path | None, n: int) -> list[bytes]:
+    """``n`` JPEG files to upload: HAM10000's where ``data`` holds them, else random 600x450."""
+    import io
+
+    from PIL import Image
+
+    found = _ham10000_files(data, n)
+    if found:
+        return [p.read_bytes() for p in found]
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (450, 600, 3), dtype=np.uint8)).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(server: Any, url: str, timeout_s: float = 600) -> None:
+    import httpx
+
+    from skinlesion.core.errors import SkinlesionError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SkinlesionError(f"the server exited with {server.returncode} before serving")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SkinlesionError(f"the server did not answer {url}/health within {timeout_s:.0f} s")
+
+
+def bench_serve(
+    model: str | None,
+    data: str | Path | None = None,
+    clients: int = 50,
+    duration_s: float = 60.0,
+    max_requests: int = 20_000,
+    images: int = 16,
+) -> dict[str, Any]:
+    """:func:`load_test` of ``skinlesion serve`` started on 127.0.0.1 (a free port) for
+    ``model``, with ``images`` distinct uploads; the server's batch counts and its stop after."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from skinlesion.benchmark.workload import hardware_info
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "skinlesion", "serve", "--port", str(port)]
+    cmd += ["--model", str(model)] if model else []
+    server = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(server, url)
+        payloads = _payloads(data, images)
+        result = load_test(url, payloads, clients, duration_s, max_requests, server.pid)
+        result["server_batches"] = httpx.get(url + "/health", timeout=10).json()
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {"benchmark": "serve", **result, "hardware": hardware_info()}

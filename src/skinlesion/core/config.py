@@ -29,6 +29,7 @@ from skinlesion.core.sources import (
     SourceConfig,
     check_sources,
     error_key,
+    renamed_metadata_key,
 )
 
 
@@ -45,7 +46,9 @@ class DataConfig(_Strict):
     images: str | None = None
     """``format: csv``: the image folder."""
     labels: str | None = None
-    """``format: csv``: the labels CSV (one row per image)."""
+    """``format: csv``: the labels CSV (one row per image); ``ham10000``: its metadata (label)
+    file, ``HAM10000_metadata.csv``; default: found in ``root``. (``data.metadata``, its old
+    name, is still read, with a warning.)"""
     columns: ColumnsConfig = ColumnsConfig()
     classes: list[str] | None = None
     """``format: csv``: the class list, in output order (a label outside it is an error);
@@ -53,8 +56,6 @@ class DataConfig(_Strict):
     where: dict[str, list[str]] | None = None
     """``format: csv`` or ``isic2019``: keep only rows whose column holds one of the values,
     e.g. ``{split: [train, val]}``."""
-    metadata: str | None = None
-    """Metadata file; default: found in ``root``."""
     image_size: int | tuple[int, int] = 300
     """Input size: ``S`` for S x S, or ``[H, W]`` (HAM10000 is 4:3, e.g. ``[192, 256]``), so a
     lesion need not be squashed. Non-square inputs use the 4 TTA views that keep the shape."""
@@ -68,6 +69,11 @@ class DataConfig(_Strict):
     sources: list[SourceConfig] | None = None
     """Several labelled sets in one run (:mod:`skinlesion.core.sources`), each with its own
     ``name``, format keys and ``classes``; ``None``: the one set the keys above describe."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: Any) -> Any:
+        return renamed_metadata_key(values, "data")
 
     @field_validator("image_size", mode="before")
     @classmethod

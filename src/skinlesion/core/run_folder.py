@@ -213,9 +213,22 @@ def saved_eval_settings(tree: dict[str, Any] | None, source: str) -> EvalConfig:
         raise ConfigError(f"{source}: its eval settings do not fit ({err})") from None
 
 
+def _current_names(tree: dict[str, Any]) -> dict[str, Any]:
+    """A saved config tree with renamed keys under their current names (``data.metadata``, and
+    a source's ``metadata``, are ``labels``), so configs saved before a rename compare equal."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    for section in [data, *[s for s in data.get("sources") or () if isinstance(s, dict)]]:
+        old = section.pop("metadata", None)
+        if old is not None and section.get("labels") is None:
+            section["labels"] = old
+    return tree
+
+
 def recipe_of(tree: dict[str, Any]) -> dict[str, Any]:
     """A saved config without its :data:`PER_RUN_KEYS`: equal for runs of one recipe."""
-    out = json.loads(json.dumps(tree))
+    out = _current_names(json.loads(json.dumps(tree)))
     for path in PER_RUN_KEYS:
         node = out
         for key in path[:-1]:

@@ -14,6 +14,8 @@ True
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -41,6 +43,31 @@ class ColumnsConfig(_Strict):
     localization: str | None = None
 
 
+log = logging.getLogger(__name__)
+
+
+def renamed_metadata_key(values: Any, where: str) -> Any:
+    """``metadata``, the old name of HAM10000's label table (its ``HAM10000_metadata.csv``), as
+    ``labels``: "metadata" now means patient age, sex and site only. A saved config's
+    ``metadata: null`` is dropped silently; a file is moved to ``labels`` with a warning."""
+    if not isinstance(values, dict) or "metadata" not in values:
+        return values
+    values = dict(values)
+    old = values.pop("metadata")
+    if old is None:
+        return values
+    if values.get("labels") not in (None, old):
+        raise ValueError(
+            f"{where}.metadata (the old name of {where}.labels) and {where}.labels name "
+            f"different files; keep {where}.labels only"
+        )
+    text = f"{where}.metadata is deprecated: HAM10000's label table is now {where}.labels"
+    warnings.warn(text, DeprecationWarning, stacklevel=2)
+    log.warning("%s", text)
+    values["labels"] = old
+    return values
+
+
 SINGLE_SOURCE_KEYS: tuple[str, ...] = (
     "format",
     "root",
@@ -49,7 +76,6 @@ SINGLE_SOURCE_KEYS: tuple[str, ...] = (
     "columns",
     "classes",
     "where",
-    "metadata",
     "max_images",
 )
 """The keys of ``data`` that describe one labelled set; with ``data.sources`` each source has
@@ -58,8 +84,9 @@ its own."""
 
 class SourceConfig(_Strict):
     """One labelled set of a multi-source run: the keys of a single-source ``data`` section
-    (``format`` with its ``root``, or ``images`` + ``labels`` + ``columns``; ``where``,
-    ``max_images``, ``metadata``) plus a ``name`` and its own label space ``classes``."""
+    (``format`` with its ``root`` and, for ``ham10000``, ``labels``; or ``images`` + ``labels``
+    + ``columns``; ``where``, ``max_images``) plus a ``name`` and its own label space
+    ``classes``."""
 
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
     """A short identifier (a letter, then letters, digits, ``_`` or ``-``; at most 32): the
@@ -70,7 +97,8 @@ class SourceConfig(_Strict):
     images: str | None = None
     """``csv``: the image folder."""
     labels: str | None = None
-    """``csv``: the labels CSV."""
+    """``csv``: the labels CSV; ``ham10000``: its metadata (label) file, default: found in
+    ``root``."""
     columns: ColumnsConfig = ColumnsConfig()
     classes: list[str] | None = None
     """The source's label space: its loss is a softmax over these classes only, so it teaches
@@ -79,10 +107,13 @@ class SourceConfig(_Strict):
     ``isic2019`` its 8)."""
     where: dict[str, list[str]] | None = None
     """``csv`` or ``isic2019``: keep only rows whose column holds one of the values."""
-    metadata: str | None = None
-    """``ham10000``: the metadata file; default: found in ``root``."""
     max_images: int | None = Field(None, ge=10)
     """Lesion-grouped stratified subset of this source; ``None`` = all its images."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: Any) -> Any:
+        return renamed_metadata_key(values, "data.sources[i]")
 
     @field_validator("where", mode="before")
     @classmethod
@@ -100,9 +131,9 @@ class SourceConfig(_Strict):
 
     @model_validator(mode="after")
     def _format_keys(self) -> SourceConfig:
-        given = {k for k in ("root", "images", "labels", "metadata") if getattr(self, k)}
+        given = {k for k in ("root", "images", "labels") if getattr(self, k)}
         needs = {"csv": {"images", "labels"}, "ham10000": {"root"}, "isic2019": {"root"}}
-        takes = {"csv": {"images", "labels"}, "ham10000": {"root", "metadata"}}
+        takes = {"csv": {"images", "labels"}, "ham10000": {"root", "labels"}}
         wanted = needs[self.format]
         if wanted - given:
             raise ValueError(f"format={self.format} needs {' and '.join(sorted(wanted - given))}")

@@ -9,7 +9,7 @@ Example::
 
     x = to_float(batch_u8.to(device))
     x = augment_batch(x, AugmentConfig(), generator=gen)
-    x = normalize(x, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    x = normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # from skinlesion.data.preprocess
 """
 
 import math

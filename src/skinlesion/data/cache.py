@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from skinlesion.data.metadata import DataError
+from skinlesion.core.errors import DataError
 from skinlesion.data.preprocess import ImageDecodeError, Size, prepare_image, size_hw, size_label
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +28,22 @@ import pandas as pd
 from skinlesion.core.config import ColumnsConfig, DataConfig
 from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.sources import SourceConfig
-from skinlesion.data.metadata import IMAGE_EXTENSIONS, check_image, read_table
+from skinlesion.data.labelled_table import (
+    FolderImages,
+    attach_images,
+    check_columns,
+    duplicate_images,
+    empty_cells,
+    image_id_of,
+    keep_rows,
+    number_lines,
+    read_table,
+    unknown_labels,
+)
+from skinlesion.data.tabular import METADATA_FIELDS, MISSING_WORDS, NUMERIC_FIELDS
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
-"""The canonical metadata columns, the names every format's table uses."""
-_UNKNOWN = {"", "unknown", "nan", "na", "n/a", "none", "null"}
 
 ISIC2019_GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
 ISIC2019_METADATA = "ISIC_2019_Training_Metadata.csv"
@@ -92,56 +101,11 @@ def canonical_metadata(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     if "age" in out.columns:
         out["age"] = pd.to_numeric(out["age"].astype(str).str.strip(), errors="coerce")
-    for col in ("sex", "localization"):
+    for col in (f for f in METADATA_FIELDS if f not in NUMERIC_FIELDS):
         if col in out.columns:
             text = out[col].astype(str).str.strip()
-            out[col] = text.where(~text.str.lower().isin(_UNKNOWN), np.nan)
+            out[col] = text.where(~text.str.lower().isin(MISSING_WORDS), np.nan)
     return out
-
-
-def _keep_rows(df: pd.DataFrame, where: Mapping[str, Sequence[str]] | None) -> pd.DataFrame:
-    for col, values in (where or {}).items():
-        df = df[df[col].astype(str).str.strip().isin([str(v) for v in values])]
-    return df
-
-
-def _image_path(value: str, folder: Path) -> Path | None:
-    """``folder/value`` when ``value`` has an image extension, else the first ``ID.<ext>``."""
-    if PurePosixPath(value).suffix.lower() in IMAGE_EXTENSIONS:
-        path = folder / value
-        return path if path.is_file() else None
-    for ext in IMAGE_EXTENSIONS:
-        for variant in (ext, ext.upper()):
-            path = folder / f"{value}{variant}"
-            if path.is_file():
-                return path
-    return None
-
-
-def image_id_of(value: str) -> str:
-    """The id of an image named by id or relative path: the path without its extension."""
-    path = PurePosixPath(value)
-    return str(path.with_suffix("")) if path.suffix.lower() in IMAGE_EXTENSIONS else value
-
-
-def attach_image_paths(
-    df: pd.DataFrame, folder: Path, source: str, verify: bool = True
-) -> tuple[pd.DataFrame, list[str]]:
-    """Add ``path`` (from the ``image`` column) and the problems: missing or unreadable images."""
-    problems: list[str] = []
-    if not folder.is_dir():
-        return df.assign(path=""), [f"image folder {folder} does not exist"]
-    paths = []
-    for line, value in zip(df["line"], df["image"], strict=True):
-        path = _image_path(value, folder) if value else None
-        if path is None and value:
-            problems.append(f"{source} line {line}: no image '{value}' (.jpg/.png/...) in {folder}")
-        elif path is not None and verify:
-            bad = check_image(path)
-            if bad:
-                problems.append(f"{source} line {line}: {bad}")
-        paths.append(str(path) if path else "")
-    return df.assign(path=paths), problems
 
 
 def check_table(
@@ -149,23 +113,10 @@ def check_table(
 ) -> list[str]:
     """Empty cells, unknown labels, duplicate images, and labels with fewer groups than folds
     (each fold must be able to hold one)."""
-    problems = [
-        f"{source} line {r.line}: empty {what}"
-        for r in df.itertuples()
-        for what, value in (("image", r.image_id), ("label", r.dx))
-        if value == ""
-    ]
+    problems = empty_cells(df, {"image_id": "image", "dx": "label"}, source)
     if classes is not None:
-        known = set(classes)
-        problems += [
-            f"{source} line {r.line} (image {r.image_id}): unknown label '{r.dx}', expected one "
-            f"of {list(classes)}"
-            for r in df.itertuples()
-            if r.dx and r.dx not in known
-        ]
-    for image_id, rows in df[df["image_id"] != ""].groupby("image_id")["line"]:
-        if len(rows) > 1:
-            problems.append(f"{source}: image {image_id} on lines {', '.join(map(str, rows))}")
+        problems += unknown_labels(df, classes, source)
+    problems += duplicate_images(df, source)
     # A group may hold several labels: a patient can have a naevus and a melanoma.
     labelled = df[df["dx"] != ""]
     groups = labelled.groupby("dx")["lesion_id"].nunique()
@@ -194,7 +145,7 @@ def _finish(
 def _column_names(columns: ColumnsConfig, header: Sequence[str]) -> dict[str, str | None]:
     """Canonical name -> the file's column; defaults are taken only where the file has them."""
     names: dict[str, str | None] = {"image_id": columns.image, "dx": columns.label}
-    defaults = {"lesion_id": columns.group, **{m: getattr(columns, m) for m in META_COLUMNS}}
+    defaults = {"lesion_id": columns.group, **{m: getattr(columns, m) for m in METADATA_FIELDS}}
     for canonical, given in defaults.items():
         if given is not None:
             names[canonical] = given
@@ -214,7 +165,7 @@ def _canonical_frame(df: pd.DataFrame, names: Mapping[str, str | None]) -> pd.Da
     out["lesion_id"] = df[group].astype(str).str.strip() if group else out["image_id"]
     if group:  # an image with an empty group cell is its own group
         out["lesion_id"] = out["lesion_id"].where(out["lesion_id"] != "", out["image_id"])
-    for meta in META_COLUMNS:
+    for meta in METADATA_FIELDS:
         column = names[meta]
         if column is not None:
             out[meta] = df[column]
@@ -239,19 +190,11 @@ def load_csv_set(
     df = read_table(labels)
     names = _column_names(columns, list(df.columns))
     wanted = [c for c in names.values() if c is not None] + list(where or {})
-    missing = [c for c in dict.fromkeys(wanted) if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{labels}: wrong columns",
-            [f"missing column(s) {missing}; found {list(df.columns)} (set data.columns)"],
-        )
-    df["line"] = np.arange(len(df)) + 2  # the file's lines (header = 1), before any filter
-    df = _keep_rows(df, where)
-    if df.empty:
-        raise DataError(f"{labels}: no rows", [f"no row matches data.where {dict(where or {})}"])
+    check_columns(df, wanted, str(labels), "set data.columns")
+    df = keep_rows(number_lines(df), where, str(labels), "data.where")
     table = _canonical_frame(df, names)
     table["line"] = df["line"]
-    table, problems = attach_image_paths(table, folder, str(labels), verify)
+    table, problems = attach_images(table, FolderImages(folder), str(labels), verify)
     problems += check_table(table, classes, n_folds, str(labels))
     if problems:
         raise DataError(f"{labels}: invalid labelled set", problems)
@@ -261,7 +204,7 @@ def load_csv_set(
 
 def _isic2019_labels(gt: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[str], list[str]]:
     """``image``, ``image_id``, ``dx`` and ``line`` from the one-hot table; problems; notes."""
-    df = gt.assign(line=np.arange(len(gt)) + 2)
+    df = gt
     notes, problems = [], []
     onehot = df[list(ISIC2019_CLASSES)].apply(pd.to_numeric, errors="coerce")
     if "UNK" in df.columns:
@@ -320,9 +263,11 @@ def load_isic2019(
         missing.append(f"{meta_path}: missing column image")
     if missing:
         raise DataError(f"{root}: wrong columns", missing)
-    labels, problems, notes = _isic2019_labels(_keep_rows(gt, where), str(gt_path))
+    kept = keep_rows(number_lines(gt), where, str(gt_path), "data.where")
+    labels, problems, notes = _isic2019_labels(kept, str(gt_path))
     table, note = _isic2019_metadata(labels, meta)
-    table, bad_images = attach_image_paths(table, root / ISIC2019_IMAGES, str(gt_path), verify)
+    images = FolderImages(root / ISIC2019_IMAGES)
+    table, bad_images = attach_images(table, images, str(gt_path), verify)
     classes = tuple(sorted(ISIC2019_CLASSES.values()))
     problems += bad_images + check_table(table, classes, n_folds, str(gt_path))
     if problems:

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
-from skinlesion.data.metadata import DataError, read_table
+from skinlesion.core.errors import DataError
+from skinlesion.data.labelled_table import read_table
 
 FOLD_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "fold")
 SOURCE_COLUMN = "source"

@@ -38,6 +38,12 @@ class Normalization:
     std: tuple[float, float, float]
 
 
+# ImageNet's per-channel statistics: timm's default for a backbone without its own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """Input size, normalisation, interpolation, colour constancy and class names of a model."""

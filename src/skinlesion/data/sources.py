@@ -20,7 +20,7 @@ from skinlesion.core.errors import DataError, SkinlesionError
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.sources import SourceConfig, source_label
 from skinlesion.data.datasets import LabelledSet, canonical_metadata, load_labelled_set
-from skinlesion.data.metadata import load_ham10000, subset_by_lesion
+from skinlesion.data.ham10000 import load_ham10000, subset_by_lesion
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _load_one(src: SourceConfig, verify: bool) -> LabelledSet:
     """The source as a set of its own; its groups are counted with the others (n_folds=0)."""
     if src.format == "ham10000":
         assert src.root is not None  # the schema requires it
-        df = load_ham10000(src.root, src.metadata, verify)
+        df = load_ham10000(src.root, src.labels, verify)
         return LabelledSet(canonical_metadata(df), CLASSES, True, str(src.root))
     return load_labelled_set(src, 0, verify)
 

@@ -73,6 +73,24 @@ def _patient(c: int, rng: np.random.Generator, weak: bool = False) -> dict[str, 
     }
 
 
+def _draw(
+    xx: np.ndarray,
+    yy: np.ndarray,
+    look: int,
+    rng: np.random.Generator,
+    cast_rng: np.random.Generator,
+    colour_cast: float,
+) -> np.ndarray:
+    """One image (float pixels) of a lesion that looks like class ``look``, on skin."""
+    mask = _lesion_mask(xx, yy, look, rng)
+    img = np.full((*xx.shape, 3), (225, 190, 170), dtype=np.float64)
+    img[mask] = _COLOURS[look]
+    img += rng.normal(0, 8, img.shape)
+    if colour_cast > 0:
+        img *= cast_rng.uniform(1 - colour_cast, 1 + colour_cast, 3)
+    return img
+
+
 def make_synthetic_ham10000(
     root: str | Path,
     lesions_per_class: int = 6,
@@ -113,12 +131,7 @@ def make_synthetic_ham10000(
                 look = c
                 if look_noise > 0 and look_rng.random() < look_noise:
                     look = int(look_rng.integers(0, len(CLASSES)))
-                mask = _lesion_mask(xx, yy, look, rng)
-                img = np.full((h, w, 3), (225, 190, 170), dtype=np.float64)
-                img[mask] = _COLOURS[look]
-                img += rng.normal(0, 8, img.shape)
-                if colour_cast > 0:
-                    img *= cast_rng.uniform(1 - colour_cast, 1 + colour_cast, 3)
+                img = _draw(xx, yy, look, rng, cast_rng, colour_cast)
                 Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
                     parts[n % 2] / f"{image_id}.jpg", quality=92
                 )

@@ -404,7 +404,12 @@ def read_metadata_csv(path: str | Path, images: Sequence[str | Path]) -> pd.Data
     ``a1.jpg``), and an id that looks meant for an image but names none (``a1.png`` for
     ``a1.jpg``: "did you mean a1?").
     """
-    from skinlesion.data.metadata import read_table
+    from skinlesion.data.labelled_table import (
+        duplicate_images,
+        empty_cells,
+        number_lines,
+        read_table,
+    )
 
     path = Path(path)
     table = read_table(path)
@@ -417,10 +422,9 @@ def read_metadata_csv(path: str | Path, images: Sequence[str | Path]) -> pd.Data
     if problems:
         raise DataError(f"{path}: not a metadata file", problems)
     ids = table["image_id"].astype(str).str.strip().reset_index(drop=True)
-    problems += [f"line {i + 2}: empty image_id" for i in np.flatnonzero(ids == "")]
-    for image_id in sorted(set(ids[ids.duplicated() & (ids != "")])):
-        lines = ", ".join(str(i + 2) for i in np.flatnonzero(ids == image_id))
-        problems.append(f"image_id {image_id} appears on lines {lines}")
+    lined = number_lines(pd.DataFrame({"image_id": ids}))
+    problems += empty_cells(lined, {"image_id": "image_id"}, str(path))
+    problems += duplicate_images(lined, str(path))
     if "age" in table.columns:
         for i, value in enumerate(table["age"]):
             why = age_problem(value)

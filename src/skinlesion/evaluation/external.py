@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,32 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
-from skinlesion.data.datasets import attach_image_paths, image_id_of
-from skinlesion.data.metadata import DataError, read_table
+from skinlesion.data.labelled_table import (
+    FolderImages,
+    apply_label_map,
+    attach_images,
+    check_columns,
+    duplicate_images,
+    image_id_of,
+    keep_rows,
+    number_lines,
+    read_table,
+    strip,
+    unknown_labels,
+)
 from skinlesion.data.tabular import METADATA_FIELDS
-from skinlesion.evaluation.abstain import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.metrics import evaluate_predictions
+from skinlesion.evaluation.refer_figures import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import LoadedModel, resolve_model
 from skinlesion.inference.predict import predict_images
 from skinlesion.inference.refer import refer_rules
 
 log = logging.getLogger(__name__)
-
-DROP = {"", "-", "drop", "ignore"}
 
 
 def read_label_map(path: Path) -> dict[str, str]:
@@ -58,50 +68,28 @@ def load_labels(
     labels_csv: Path,
     images_dir: Path,
     label_map: dict[str, str] | None = None,
-    where: dict[str, str] | None = None,
+    where: Mapping[str, str | Sequence[str]] | None = None,
     classes: Sequence[str] = CLASSES,
 ) -> pd.DataFrame:
     """Labels with ``label`` (index in the model's ``classes``), ``path`` and ``source`` (the
-    file's stem); every problem reported at once.
+    file's stem), through :mod:`skinlesion.data.labelled_table`'s steps; every problem reported
+    at once.
 
-    ``where`` keeps only rows whose columns equal the given values (e.g. ``{"split": "test"}``).
+    ``where`` keeps only rows whose columns hold the given values (e.g. ``{"split": "test"}``).
     """
+    source = str(labels_csv)
     df = read_table(labels_csv)
-    missing = [c for c in ("image_id", "dx", *(where or {})) if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{labels_csv}: wrong columns",
-            [f"missing {missing}; found {list(df.columns)}; expected image_id, dx"],
-        )
-    # Line numbers of the file (header = line 1), fixed before --where drops rows.
-    df["line"] = np.arange(len(df)) + 2
-    for col, value in (where or {}).items():
-        df = df[df[col].astype(str) == value]
-    if df.empty:
-        raise DataError(f"{labels_csv}: no rows", [f"no row matches {where}"])
-    df["image_id"] = df["image_id"].astype(str).str.strip()
-    df["dx"] = df["dx"].astype(str).str.strip()
+    check_columns(df, ["image_id", "dx", *(where or {})], source, "expected image_id, dx")
+    df = keep_rows(number_lines(df), where, source, "--where")
+    df = strip(df, ["image_id", "dx"])
     if label_map:
-        unmapped = sorted(set(df["dx"]) - set(label_map) - set(classes))
-        df["dx"] = df["dx"].map(lambda d: label_map.get(d, d))
-        if unmapped:
-            log.info("labels not in the map kept as they are: %s", unmapped)
-        dropped = df["dx"].isin(DROP)
-        if dropped.any():
-            log.info("dropping %d image(s) whose label maps to 'drop'", int(dropped.sum()))
-        df = df[~dropped]
-    problems = [
-        f"line {r.line} (image {r.image_id}): unknown dx '{r.dx}', expected one of "
-        f"{list(classes)}" + (" (use --label-map)" if not label_map else "")
-        for r in df.itertuples()
-        if r.dx not in classes
-    ]
-    dup = df["image_id"][df["image_id"].duplicated()]
-    problems += [f"image_id {i} is listed more than once" for i in sorted(set(dup))]
+        df = apply_label_map(df, label_map, classes)
+    problems = unknown_labels(df, classes, source, "" if label_map else " (use --label-map)")
+    problems += duplicate_images(df, source)
     # The same lookup as a training set's (data.format csv): an id finds ID.jpg/.png/... in
     # the folder, a value with an extension is a path relative to it.
-    df, missing_images = attach_image_paths(
-        df.assign(image=df["image_id"]), images_dir, f"{labels_csv}", verify=True
+    df, missing_images = attach_images(
+        df.assign(image=df["image_id"]), FolderImages(images_dir), source, verify=True
     )
     problems += missing_images
     df = df.assign(image_id=df["image"].map(image_id_of)).drop(columns=["image"])
@@ -228,9 +216,21 @@ def evaluate_external(
         **metrics,
     }
     result.update(_refer_results(y, p, out.unfamiliarity, loaded))
-    cm = metrics["point"]["confusion_matrix"]
+    _write_report(result, y, p, classes, output, f"External evaluation: {labels_csv}")
+    return result
+
+
+def _write_report(
+    result: dict[str, Any],
+    y: np.ndarray,
+    p: np.ndarray,
+    classes: Sequence[str],
+    output: Path,
+    title: str,
+) -> None:
+    """The plots (their names into ``result``), ``metrics.json`` and ``report.md``."""
+    cm = result["point"]["confusion_matrix"]
     result["plots"] = write_plots(y, p, cm, output, classes=classes)
     result["plots"].append(plot_risk_coverage(y, p, output / "risk_coverage.png").name)
     (output / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
-    (output / "report.md").write_text(render_markdown(result, f"External evaluation: {labels_csv}"))
-    return result
+    (output / "report.md").write_text(render_markdown(result, title))

@@ -19,7 +19,6 @@ from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir, check_writable_file
 from skinlesion.core.run_folder import RunFolder
-from skinlesion.evaluation.abstain import plot_risk_coverage, render_risk_coverage, risk_coverage
 from skinlesion.evaluation.metrics import (
     evaluate_predictions,
     melanoma_threshold_for_specificity,
@@ -29,6 +28,11 @@ from skinlesion.evaluation.plots import (
     plot_confusion_matrices,
     plot_reliability_diagram,
     plot_roc_curves,
+)
+from skinlesion.evaluation.refer_figures import (
+    plot_risk_coverage,
+    render_risk_coverage,
+    risk_coverage,
 )
 from skinlesion.inference.refer import fit_refer_reference
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from skinlesion.core.errors import CheckpointError, WeightsUnavailableError, torch_load_problem
 from skinlesion.core.runtime import Runtime
-from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from skinlesion.data.tabular import MetadataSpec, missing_vector
 from skinlesion.models.backbones import check_backbone
 from skinlesion.models.fusion import MetadataFusion
@@ -283,8 +283,8 @@ def default_spec(
 ) -> PreprocessSpec:
     """The preprocessing spec for a backbone: timm's mean/std, the run's size."""
     cfg = timm.get_pretrained_cfg(name)
-    mean = tuple(cfg.mean) if cfg else (0.485, 0.456, 0.406)
-    std = tuple(cfg.std) if cfg else (0.229, 0.224, 0.225)
+    mean = tuple(cfg.mean) if cfg else IMAGENET_MEAN
+    std = tuple(cfg.std) if cfg else IMAGENET_STD
     interp = interpolation or (cfg.interpolation if cfg else "bicubic")
     kw = {"class_names": class_names} if class_names else {}
     return PreprocessSpec(

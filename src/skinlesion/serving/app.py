@@ -178,22 +178,9 @@ def _new_app(model: LoadedModel, batcher: MicroBatcher) -> FastAPI:
     )
 
 
-def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``model`` (loaded once, shared by every request)."""
-    settings = settings or ServeSettings()
-    runtime = model.runtime or resolve_runtime("auto")
-    members, tta = model.members, model.tta
-    batcher = MicroBatcher(
-        _batch_fn(model, runtime, settings.max_batch),
-        settings.max_batch,
-        settings.max_wait_ms,
-        lock=MODEL_LOCK,
-    )
-    decisions = model.decisions()
+def _add_info_routes(app: FastAPI, model: LoadedModel, batcher: MicroBatcher) -> None:
+    """The web page, ``/health`` (with the batches served) and ``/model`` (the card)."""
     started = time.time()
-    app = _new_app(model, batcher)
-    _add_error_handlers(app)
-    _add_body_limit(app, settings.limits.max_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -213,6 +200,24 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
     @app.get("/model")
     async def model_card() -> dict[str, Any]:
         return _card_summary(model)
+
+
+def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (loaded once, shared by every request)."""
+    settings = settings or ServeSettings()
+    runtime = model.runtime or resolve_runtime("auto")
+    members, tta = model.members, model.tta
+    batcher = MicroBatcher(
+        _batch_fn(model, runtime, settings.max_batch),
+        settings.max_batch,
+        settings.max_wait_ms,
+        lock=MODEL_LOCK,
+    )
+    decisions = model.decisions()
+    app = _new_app(model, batcher)
+    _add_error_handlers(app)
+    _add_body_limit(app, settings.limits.max_bytes)
+    _add_info_routes(app, model, batcher)
 
     @app.post("/predict")
     async def predict(

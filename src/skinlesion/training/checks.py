@@ -41,7 +41,6 @@ def _check_source_paths(cfg: Config) -> None:
             ("root", src.root, True),
             ("images", src.images, True),
             ("labels", src.labels, False),
-            ("metadata", src.metadata, False),
         ):
             if value is None:
                 continue
@@ -94,7 +93,7 @@ def check_paths(cfg: Config) -> None:
     """Inputs exist; ``output_dir`` and ``data.cache_dir`` can be written."""
     _check_data_paths(cfg)
     for key, value in (
-        ("data.metadata", cfg.data.metadata),
+        ("data.labels", cfg.data.labels if cfg.data.format == "ham10000" else None),
         ("cv.folds_file", cfg.cv.folds_file),
         ("model.weights", cfg.model.weights),
     ):

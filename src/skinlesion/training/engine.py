@@ -63,7 +63,7 @@ def train_step(
     return loss
 
 
-def train_one_epoch(
+def train_batches(
     model: nn.Module,
     *,
     images: ImageSource,
@@ -84,7 +84,8 @@ def train_one_epoch(
     metadata: MetadataFeed | None = None,
     masks: torch.Tensor | None = None,
 ) -> float:
-    """Train over the image rows in ``order`` (already drawn by the sampler); mean loss.
+    """Train on the image rows in ``order`` (drawn by the caller), batch by batch: gather,
+    augment, step; the mean loss. No sampling, no ranks: one process's share of an epoch.
 
     ``labels[row]`` is the class of image row ``row``; ``step_scheduler`` is called after every
     optimizer step. ``frozen`` modules stay in eval mode, so their BatchNorm statistics do not

@@ -27,11 +27,11 @@ from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.run_folder import check_resume_config
 from skinlesion.core.runtime import init_distributed, planned_world_size, resolve_runtime
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.training.builders import model_kwargs
 from skinlesion.training.checks import check_world_size
-from skinlesion.training.cv import train_epoch, trainer_for_table
 from skinlesion.training.fit_familiarity import fit_checkpoint_familiarity
+from skinlesion.training.fold_trainer import train_fold_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
-from skinlesion.training.setup import model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
         tr.restore(out / "last.pt")
         log.info("final fit: resuming after epoch %d", tr.state["epoch"])
     for epoch in range(tr.state["epoch"] + 1, choice["epochs"] + 1):
-        loss = train_epoch(cfg, data, tr, table, runtime, progress)
+        loss = train_fold_epoch(cfg, data, tr, table, runtime, progress)
         tr.state["epoch"] = epoch
         atomic_torch_save(tr.snapshot(), out / "last.pt")
         log.info("final fit epoch %d/%d: train_loss %.4f", epoch, choice["epochs"], loss)

@@ -427,6 +427,30 @@ def _member_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _model_meta(
+    name: str, version: str, ckpts: list[dict[str, Any]], oof: dict[str, Any], sha256: str
+) -> dict[str, Any]:
+    """``model.json`` of a packaged model (its familiarity is added by the caller)."""
+    return {
+        "format": PACKAGED_FORMAT,
+        "format_version": PACKAGED_VERSION,
+        "name": name,
+        "version": version,
+        "backbone": ckpts[0]["backbone"],
+        "model_kwargs": ckpts[0].get("model_kwargs", {}),
+        "preprocessing": ckpts[0]["preprocessing"],
+        "class_names": ckpts[0]["class_names"],
+        "tta": _tta(ckpts[0]),
+        "members": [_member_meta(c) for c in ckpts],
+        "reference": {
+            "mel_threshold": oof["mel_threshold"],
+            "domain": oof["domain"],
+            "refer": oof.get("refer"),
+        },
+        "weights_sha256": sha256,
+    }
+
+
 def package_run(
     run_dir: str | Path,
     name: str,
@@ -459,24 +483,7 @@ def package_run(
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     write_weights(ckpts, out / WEIGHTS_FILE)
-    meta = {
-        "format": PACKAGED_FORMAT,
-        "format_version": PACKAGED_VERSION,
-        "name": name,
-        "version": version,
-        "backbone": ckpts[0]["backbone"],
-        "model_kwargs": ckpts[0].get("model_kwargs", {}),
-        "preprocessing": ckpts[0]["preprocessing"],
-        "class_names": ckpts[0]["class_names"],
-        "tta": _tta(ckpts[0]),
-        "members": [_member_meta(c) for c in ckpts],
-        "reference": {
-            "mel_threshold": oof["mel_threshold"],
-            "domain": oof["domain"],
-            "refer": oof.get("refer"),
-        },
-        "weights_sha256": sha256_file(out / WEIGHTS_FILE),
-    }
+    meta = _model_meta(name, version, ckpts, oof, sha256_file(out / WEIGHTS_FILE))
     _store_familiarity(out, meta, fams)
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2))
     card = build_card(name, ckpts, oof, ext, hardware or "unspecified hardware")

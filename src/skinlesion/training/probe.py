@@ -43,14 +43,14 @@ from skinlesion.evaluation.calibration import fit_temperature
 from skinlesion.inference.engine import prepare
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
 from skinlesion.models.factory import fuse_metadata
-from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
-from skinlesion.training.run_data import RunData
-from skinlesion.training.setup import (
+from skinlesion.training.builders import (
     build_criterion,
     build_run_model,
     model_kwargs,
     run_metadata_spec,
 )
+from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
+from skinlesion.training.run_data import RunData
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ from skinlesion.core.sources import source_label
 from skinlesion.data.cache import build_cache
 from skinlesion.data.datasets import LabelledSet, canonical_metadata, load_labelled_set
 from skinlesion.data.folds import align_folds, check_folds, make_folds, read_folds, save_folds
-from skinlesion.data.metadata import load_ham10000, subset_by_lesion
+from skinlesion.data.ham10000 import load_ham10000, subset_by_lesion
 from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.sources import load_sources
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.inference.engine import ImageSource
-from skinlesion.training.setup import run_spec
+from skinlesion.training.builders import run_spec
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_labelled(cfg: Config) -> LabelledSet:
             "data.root is not set: point it at a HAM10000 folder "
             "(or run `skinlesion download --dest DIR`)"
         )
-    df = load_ham10000(cfg.data.root, cfg.data.metadata)
+    df = load_ham10000(cfg.data.root, cfg.data.labels)
     return LabelledSet(canonical_metadata(df), CLASSES, True, str(cfg.data.root))
 
 

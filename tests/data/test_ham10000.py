@@ -12,13 +12,13 @@ from conftest import requires_ham
 from PIL import Image
 
 from skinlesion.core.labels import CLASSES
-from skinlesion.data.metadata import (
+from skinlesion.data.ham10000 import (
     DataError,
-    find_metadata,
+    find_labels_file,
     load_ham10000,
-    read_metadata,
+    read_labels,
     subset_by_lesion,
-    validate_metadata,
+    validate_labels,
 )
 
 HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
@@ -81,28 +81,28 @@ def test_happy_path_adds_paths(tmp_path: Path) -> None:
 
 
 def test_tab_reads_like_csv(tmp_path: Path) -> None:
-    csv_df = read_metadata(write_table(tmp_path / "m.csv", ROWS))
+    csv_df = read_labels(write_table(tmp_path / "m.csv", ROWS))
     tab_path = write_table(tmp_path / "m.tab", ROWS)
     assert tab_path.read_text().startswith('"lesion_id"\t"image_id"')
-    tab_df = read_metadata(tab_path)
+    tab_df = read_labels(tab_path)
     pd.testing.assert_frame_equal(csv_df, tab_df)
 
 
 def test_tab_only_folder_is_found_and_loaded(tmp_path: Path) -> None:
     root = make_ham(tmp_path, tab=True)
-    assert find_metadata(root).name == "HAM10000_metadata.tab"
+    assert find_labels_file(root).name == "HAM10000_metadata.tab"
     assert load_ham10000(root)["image_id"].tolist() == [r[1] for r in ROWS]
 
 
 def test_csv_preferred_over_tab(tmp_path: Path) -> None:
     root = make_ham(tmp_path, tab=True)
     write_table(root / "HAM10000_metadata.csv", ROWS)
-    assert find_metadata(root).name == "HAM10000_metadata.csv"
+    assert find_labels_file(root).name == "HAM10000_metadata.csv"
 
 
 def test_no_metadata_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="skinlesion download"):
-        find_metadata(tmp_path)
+        find_labels_file(tmp_path)
 
 
 def test_missing_column_named_with_found_columns(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_missing_column_named_with_found_columns(tmp_path: Path) -> None:
     rows = [[v for h, v in zip(HEADER, r, strict=True) if h != "dx"] for r in ROWS]
     path = write_table(tmp_path / "m.csv", rows, header)
     with pytest.raises(DataError) as info:
-        read_metadata(path)
+        read_labels(path)
     msg = str(info.value)
     assert "'dx'" in msg
     assert "found" in msg
@@ -123,7 +123,7 @@ def test_unknown_dx_on_two_rows_one_error(tmp_path: Path) -> None:
     rows[1][2] = "melanoma"  # line 3
     rows[4][2] = "NV?"  # line 6
     with pytest.raises(DataError) as info:
-        read_metadata(write_table(tmp_path / "m.csv", rows))
+        read_labels(write_table(tmp_path / "m.csv", rows))
     err = info.value
     assert len(err.problems) == 2
     assert "line 3" in err.problems[0] and "melanoma" in err.problems[0]
@@ -136,16 +136,16 @@ def test_empty_values_are_reported(tmp_path: Path) -> None:
     rows[0][0] = ""  # line 2: empty lesion_id
     rows[2][2] = "  "  # line 4: blank dx
     with pytest.raises(DataError) as info:
-        read_metadata(write_table(tmp_path / "m.csv", rows))
+        read_labels(path := write_table(tmp_path / "m.csv", rows))
     problems = info.value.problems
-    assert "line 2: empty lesion_id" in problems
-    assert "line 4: empty dx" in problems
+    assert f"{path} line 2: empty lesion_id" in problems
+    assert f"{path} line 4: empty dx" in problems
 
 
 def test_whitespace_around_values_is_stripped(tmp_path: Path) -> None:
     rows = [list(r) for r in ROWS]
     rows[0][2] = " nv "
-    df = read_metadata(write_table(tmp_path / "m.csv", rows))
+    df = read_labels(write_table(tmp_path / "m.csv", rows))
     assert df.loc[0, "dx"] == "nv"
 
 
@@ -153,7 +153,7 @@ def test_duplicate_image_id(tmp_path: Path) -> None:
     rows = [list(r) for r in ROWS]
     rows[4][1] = "ISIC_0000002"  # lines 3 and 6
     with pytest.raises(DataError) as info:
-        read_metadata(write_table(tmp_path / "m.csv", rows))
+        read_labels(write_table(tmp_path / "m.csv", rows))
     assert any("ISIC_0000002" in p and "3, 6" in p for p in info.value.problems)
 
 
@@ -161,7 +161,7 @@ def test_duplicate_lines_use_file_lines_whatever_the_index() -> None:
     df = pd.DataFrame([r[:3] for r in ROWS], columns=HEADER[:3], index=range(10, 16))
     df.iloc[4, 1] = "ISIC_0000002"
     with pytest.raises(DataError) as info:
-        validate_metadata(df, "frame")
+        validate_labels(df, "frame")
     assert any("lines 3, 6" in p for p in info.value.problems)
 
 
@@ -169,7 +169,7 @@ def test_lesion_with_two_diagnoses(tmp_path: Path) -> None:
     rows = [list(r) for r in ROWS]
     rows[1][2] = "mel"  # HAM_0000001 is now nv and mel
     with pytest.raises(DataError) as info:
-        read_metadata(write_table(tmp_path / "m.csv", rows))
+        read_labels(write_table(tmp_path / "m.csv", rows))
     assert len(info.value.problems) == 1
     assert "HAM_0000001" in info.value.problems[0]
     assert "['mel', 'nv']" in info.value.problems[0]
@@ -187,8 +187,8 @@ def test_missing_and_corrupt_images_reported_together(tmp_path: Path) -> None:
     err = info.value
     assert len(err.problems) == 3
     msg = str(err)
-    assert "line 2: image ISIC_0000001 not found" in msg
-    assert "line 5: image ISIC_0000004 not found" in msg
+    assert f"line 2: no image 'ISIC_0000001' (.jpg/.png/...) under {root}" in msg
+    assert f"line 5: no image 'ISIC_0000004' (.jpg/.png/...) under {root}" in msg
     assert "ISIC_0000005.jpg" in msg and "not a readable image" in msg
 
 
@@ -211,10 +211,10 @@ def test_missing_data_folder_mentions_download(tmp_path: Path) -> None:
     assert "nowhere" in str(info.value)
 
 
-def test_explicit_metadata_path(tmp_path: Path) -> None:
+def test_explicit_labels_file_path(tmp_path: Path) -> None:
     root = make_ham(tmp_path / "data")
     meta = write_table(tmp_path / "elsewhere.csv", ROWS[:3])
-    assert load_ham10000(root, metadata=meta)["image_id"].tolist() == [r[1] for r in ROWS[:3]]
+    assert load_ham10000(root, labels=meta)["image_id"].tolist() == [r[1] for r in ROWS[:3]]
 
 
 # -- subset_by_lesion ------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_subset_none_or_large_is_everything() -> None:
 
 @requires_ham
 def test_real_metadata_is_valid(ham_dir: Path) -> None:
-    df = read_metadata(find_metadata(ham_dir))
+    df = read_labels(find_labels_file(ham_dir))
     assert len(df) == 10015
     assert df["lesion_id"].nunique() == 7470
     assert set(df["dx"]) == set(CLASSES)

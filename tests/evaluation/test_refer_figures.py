@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skinlesion.evaluation.abstain import plot_risk_coverage, render_risk_coverage, risk_coverage
+from skinlesion.evaluation.refer_figures import (
+    plot_risk_coverage,
+    render_risk_coverage,
+    risk_coverage,
+)
 
 
 def _example() -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,169 @@
+"""Training commands: ``train``, ``merge``, ``report``, ``package``, ``fit-final`` and
+``fit-familiarity``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from skinlesion.cli.common import int_at_least, key_value, load_checked_config, run_n_boot
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_checked_config(args)
+    from skinlesion.training.cv import run_cv
+
+    run_dir = run_cv(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from skinlesion.training.merge import merge_runs
+
+    out = merge_runs(args.runs, args.out, n_boot=run_n_boot(args.runs[0], args.n_boot))
+    print(f"merged {len(args.runs)} run(s) into {out} (report: {out}/report.md)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from skinlesion.evaluation.report import write_oof_report
+
+    result = write_oof_report(Path(args.run_dir), n_boot=run_n_boot(args.run_dir, args.n_boot))
+    print(
+        f"{args.run_dir}/report.md: balanced accuracy "
+        f"{result['point']['balanced_accuracy']:.3f} over {result['point']['n']} images"
+    )
+    return 0
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from skinlesion.training.package import package_run
+
+    external = dict(key_value(x) for x in args.external)
+    out = package_run(
+        args.run_dir,
+        args.name,
+        out_root=args.out_root,
+        external=external,
+        hardware=args.hardware,
+        make_default=args.default,
+        folds=[int(f) for f in args.folds.split(",")] if args.folds else None,
+        final=args.final,
+    )
+    print(f"packaged model: {out}")
+    return 0
+
+
+def _cmd_fit_final(args: argparse.Namespace) -> int:
+    from skinlesion.training.final import fit_final
+
+    path = fit_final(args.run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"final model: {path}")
+    return 0
+
+
+def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
+    from skinlesion.inference.packaged import MODEL_FILE, zoo_dir
+    from skinlesion.training.fit_familiarity import fit_packaged_familiarity, fit_run_familiarity
+
+    target = Path(args.model)
+    if not target.exists() and (zoo_dir() / args.model / MODEL_FILE).is_file():
+        target = zoo_dir() / args.model
+    progress = not args.no_progress
+    if (target / MODEL_FILE).is_file():
+        path = fit_packaged_familiarity(
+            target, args.overrides, args.device, progress=progress, refit=args.refit
+        )
+        print(f"familiarity: {path}" if path else f"{target} already has a familiarity")
+        return 0
+    if args.overrides:
+        from skinlesion.core.errors import ConfigError
+
+        raise ConfigError(f"key=value overrides {args.overrides} apply to a packaged model only")
+    written = fit_run_familiarity(target, progress=progress, refit=args.refit)
+    print(f"fitted {len(written)} member(s): {', '.join(str(p) for p in written) or 'none left'}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="cross-validated training from a config")
+    t.add_argument("--config", default=None)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=3")
+    t.set_defaults(func=_cmd_train)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("merge", help="join runs of different folds into one run folder")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument(
+        "--n-boot", type=int_at_least(0), default=None, help="default: the runs' eval.n_boot"
+    )
+    m.set_defaults(func=_cmd_merge)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    rp = sub.add_parser("report", help="regenerate a run's out-of-fold report")
+    rp.add_argument("run_dir")
+    rp.add_argument(
+        "--n-boot", type=int_at_least(0), default=None, help="default: the run's eval.n_boot"
+    )
+    rp.set_defaults(func=_cmd_report)
+
+
+def _add_package(sub: argparse._SubParsersAction) -> None:
+    pk = sub.add_parser("package", help="package a run as a model inside skinlesion")
+    pk.add_argument("run_dir")
+    pk.add_argument("--name", required=True)
+    pk.add_argument("--out-root", default=None, help="default: the package's zoo folder")
+    pk.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="NAME=EVAL_DIR",
+        help="an `evaluate` output folder whose metrics go into the card; repeatable",
+    )
+    pk.add_argument("--hardware", default="", help="what trained it, for the card")
+    pk.add_argument("--default", action="store_true", help="make it the default model")
+    pk.add_argument("--folds", default=None, help="comma-separated folds to package (default all)")
+    pk.add_argument("--final", action="store_true", help="package RUN/final/best.pt (fit-final)")
+    pk.set_defaults(func=_cmd_package)
+
+
+def _add_fit_final(sub: argparse._SubParsersAction) -> None:
+    ff = sub.add_parser("fit-final", help="train the run's recipe on all images (final model)")
+    ff.add_argument("run_dir")
+    ff.add_argument("--resume", action="store_true")
+    ff.add_argument("--no-progress", action="store_true")
+    ff.set_defaults(func=_cmd_fit_final)
+
+
+def _add_fit_familiarity(sub: argparse._SubParsersAction) -> None:
+    fa = sub.add_parser(
+        "fit-familiarity",
+        help="fit the refer check 'unlike the training images' of a run's members (fold_K/, "
+        "final/) or of a packaged model; members that have one are skipped",
+    )
+    fa.add_argument("model", help="run folder, packaged model folder or packaged name")
+    fa.add_argument(
+        "overrides",
+        nargs="*",
+        help="packaged model: key=value changes to its card's recipe, e.g. data.root=DIR "
+        "data.cache_dir=DIR",
+    )
+    fa.add_argument("--refit", action="store_true", help="fit again members that have one")
+    fa.add_argument("--device", default="auto", help="packaged model (a run uses its own)")
+    fa.add_argument("--no-progress", action="store_true")
+    fa.set_defaults(func=_cmd_fit_familiarity)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_train(sub)
+    _add_merge(sub)
+    _add_report(sub)
+    _add_package(sub)
+    _add_fit_final(sub)
+    _add_fit_familiarity(sub)

@@ -1,0 +1,218 @@
+"""One fold from start to finish: epochs with validation and early stopping, the best checkpoint
+kept, then calibrated on the fold's validation images. The files it writes are described in
+:mod:`skinlesion.core.run_folder`."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch.distributed as dist
+
+from skinlesion.core.config import Config, config_to_dict
+from skinlesion.core.errors import ConfigError
+from skinlesion.core.run_folder import FoldFolder, RunFolder
+from skinlesion.core.runtime import Runtime
+from skinlesion.evaluation.calibration import fit_temperature
+from skinlesion.models.checkpoint import (
+    atomic_torch_save,
+    checkpoint_metadata,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+)
+from skinlesion.training.builders import model_kwargs
+from skinlesion.training.fold_trainer import (
+    FoldTrainer,
+    train_fold_epoch,
+    trainer_for_table,
+    validation_logits,
+)
+from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
+from skinlesion.training.run_data import (
+    RunData,
+    label_mask,
+    metadata_by_row,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path) as fh:
+        return [r for r in csv.DictReader(fh) if int(r["epoch"]) <= upto_epoch]
+
+
+def _split(data: RunData, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    table = data.table
+    train_t, val_t = table[table["fold"] != fold], table[table["fold"] == fold]
+    if len(train_t) == 0 or len(val_t) == 0:
+        raise ConfigError(
+            f"fold {fold} has {len(train_t)} training and {len(val_t)} validation "
+            f"images; check cv.n_folds and cv.folds_to_run"
+        )
+    return train_t, val_t
+
+
+def _eval_batch_size(cfg: Config) -> int:
+    return cfg.train.eval_batch_size or cfg.train.batch_size * 2
+
+
+def _save_epoch(
+    cfg: Config, data: RunData, tr: FoldTrainer, folder: FoldFolder, row: dict[str, Any]
+) -> None:
+    """best.pt first (if improved), then last.pt, then metrics.csv: a crash between two writes
+    leaves a state that --resume continues from consistently."""
+    if tr.state["best_epoch"] == row["epoch"]:
+        metrics = {k: v for k, v in row.items() if k.startswith("val_")}
+        ckpt = make_checkpoint(
+            tr.model,
+            backbone=cfg.model.backbone,
+            spec=data.spec,
+            fold=folder.number,
+            epoch=row["epoch"],
+            metrics=metrics,
+            config=config_to_dict(cfg),
+            model_kwargs=model_kwargs(cfg.model),
+            metadata=tr.metadata,
+        )
+        atomic_torch_save(ckpt, folder.best)
+    atomic_torch_save(tr.snapshot(), folder.last)
+
+
+def train_and_validate_epoch(
+    cfg: Config,
+    data: RunData,
+    tr: FoldTrainer,
+    split: tuple[pd.DataFrame, pd.DataFrame],
+    runtime: Runtime,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`~skinlesion.training.fold_trainer.train_fold_epoch`, then validate, step the
+    schedule and the early-stopping state; the epoch's metrics row."""
+    train_t, val_t = split
+    t0 = time.perf_counter()
+    train_loss = train_fold_epoch(cfg, data, tr, train_t, runtime, progress)
+    rows = val_t["row"].to_numpy()
+    meta = tr.feed.by_row.numpy() if tr.feed is not None else None
+    logits = validation_logits(tr.model, data, rows, _eval_batch_size(cfg), runtime, 1, meta)[0]
+    figs = val_figures(tr.criterion, logits, val_t["label"].to_numpy(), label_mask(data, val_t))
+    tr.schedule.after_epoch(figs["val_loss"])
+    epoch = tr.state["epoch"] + 1
+    tr.state["epoch"] = epoch
+    if figs["val_loss"] < tr.state["best_val_loss"]:
+        tr.state.update(best_val_loss=figs["val_loss"], best_epoch=epoch, bad_epochs=0)
+    else:
+        tr.state["bad_epochs"] += 1
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        **figs,
+        "lr": tr.optimizer.param_groups[0]["lr"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def fit_fold(
+    cfg: Config,
+    data: RunData,
+    fold: int,
+    run_dir: Path,
+    runtime: Runtime,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one fold, keep the lowest-validation-loss checkpoint, calibrate it; its summary."""
+    folder = RunFolder(run_dir).fold(fold)
+    if resume and folder.finished:
+        log.info("fold %d already complete, skipping", fold)
+        return folder.read_summary()
+    if runtime.dist.is_main:
+        folder.root.mkdir(parents=True, exist_ok=True)
+    split = _split(data, fold)
+    tr = trainer_for_table(cfg, data, fold, split[0], runtime)
+    if resume and folder.last.is_file():
+        tr.restore(folder.last)
+        log.info("fold %d: resuming after epoch %d", fold, tr.state["epoch"])
+    rows = _read_metrics(folder.metrics, tr.state["epoch"])
+    while tr.state["epoch"] < cfg.train.epochs:
+        rows.append(train_and_validate_epoch(cfg, data, tr, split, runtime, progress))
+        if runtime.dist.is_main:
+            _save_epoch(cfg, data, tr, folder, rows[-1])
+            write_metrics_rows(folder.metrics, rows)
+        _log_epoch(fold, cfg.train.epochs, rows[-1], tr.state["best_epoch"] == rows[-1]["epoch"])
+        if runtime.dist.enabled:
+            dist.barrier()
+        if cfg.train.patience and tr.state["bad_epochs"] >= cfg.train.patience:
+            log.info(
+                "fold %d: early stop after %d epochs without a lower val_loss",
+                fold,
+                cfg.train.patience,
+            )
+            break
+    return finish_fold(cfg, data, fold, folder.root, runtime, split[1])
+
+
+def _log_epoch(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> None:
+    log.info(
+        "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f bal_acc %.3f macro_f1 %.3f (%.0fs)%s",
+        fold,
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["val_loss"],
+        row["val_balanced_accuracy"],
+        row["val_macro_f1"],
+        row["seconds"],
+        " *" if improved else "",
+    )
+
+
+def finish_fold(
+    cfg: Config, data: RunData, fold: int, fold_dir: Path, runtime: Runtime, val_t: pd.DataFrame
+) -> dict[str, Any]:
+    """Reload the best checkpoint, fit its temperature, save validation predictions."""
+    folder = FoldFolder(fold_dir)
+    if runtime.dist.enabled:
+        dist.barrier()
+    ckpt = load_checkpoint(folder.best)
+    model, _ = model_from_checkpoint(ckpt, runtime)
+    # Out-of-fold predictions use the same TTA as inference (eval.tta), views averaged in logit
+    # space, so the temperature is fitted on exactly the output it will calibrate.
+    rows = val_t["row"].to_numpy()
+    meta = metadata_by_row(data, checkpoint_metadata(ckpt))
+    batch = _eval_batch_size(cfg)
+    logits = validation_logits(model, data, rows, batch, runtime, cfg.eval.tta, meta)
+    logits = logits.mean(0).astype(np.float64)
+    y = val_t["label"].to_numpy()
+    temperature = fit_temperature(logits, y) if cfg.eval.calibrate else 1.0
+    summary = {
+        "fold": fold,
+        "best_epoch": ckpt["epoch"],
+        "metrics": ckpt["metrics"],
+        "temperature": temperature,
+        "n_train": int((data.table["fold"] != fold).sum()),
+        "n_val": len(val_t),
+    }
+    if runtime.dist.is_main:
+        ckpt["temperature"] = float(temperature)
+        ckpt["tta"] = int(cfg.eval.tta)  # the views the temperature was fitted on
+        atomic_torch_save(ckpt, folder.best)
+        classes = data.spec.class_names
+        write_val_predictions(val_t, logits, temperature, folder.val_predictions, classes)
+        folder.write_summary(summary)
+    log.info(
+        "fold %d done: best epoch %d, val_loss %.4f, temperature %.3f",
+        fold,
+        ckpt["epoch"],
+        ckpt["metrics"]["val_loss"],
+        temperature,
+    )
+    return summary
