@@ -41,6 +41,7 @@ from skinlesion.inference.packaged import (
 )
 from skinlesion.inference.predict import checkpoint_paths
 from skinlesion.models.checkpoint import load_checkpoint
+from skinlesion.training.card_text import INTENDED_USE, LICENSE_TEXT, known_limits
 
 log = logging.getLogger(__name__)
 
@@ -48,34 +49,6 @@ MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
 _FLOAT16_MIN_ELEMENTS = 16_384
 _FLOAT32_SUFFIXES = ("running_mean", "running_var")
 WEIGHTS_LICENSE = "CC-BY-NC-SA-4.0"
-
-INTENDED_USE = (
-    "Research and education: studying dermoscopic image classification, domain shift and "
-    "calibration. Not a medical device and not for diagnosis, triage or any clinical decision."
-)
-KNOWN_LIMITS = [
-    "Trained on HAM10000 only (two sites, Vienna and Queensland, mostly fair skin): skin types "
-    "IV-VI, acral and mucosal sites, and non-pigmented lesions are under-represented.",
-    "Domain shift: other sites, dermatoscopes and framings lower accuracy and calibration; the "
-    "ISIC 2017 figures in the model card show by how much on one external set. Check the domain "
-    "indicators (`skinlesion evaluate`) before trusting the probabilities on new data.",
-    "Seven HAM10000 diagnoses only: any other lesion is forced into one of them.",
-    "The melanoma operating threshold was fixed at 95% out-of-fold specificity on HAM10000; its "
-    "sensitivity and specificity elsewhere differ.",
-]
-
-LICENSE_TEXT = """\
-The trained weights in this folder are licensed under the Creative Commons
-Attribution-NonCommercial-ShareAlike 4.0 International licence (CC BY-NC-SA 4.0),
-https://creativecommons.org/licenses/by-nc-sa/4.0/ , inherited from their training data:
-
-  HAM10000: Tschandl P., Rosendahl C., Kittler H. "The HAM10000 dataset, a large collection of
-  multi-source dermatoscopic images of common pigmented skin lesions". Sci. Data 5, 180161
-  (2018), doi:10.1038/sdata.2018.161. Harvard Dataverse, doi:10.7910/DVN/DBW86T.
-
-The ImageNet initialisation comes from the EfficientNet-Lite weights (Apache-2.0).
-The skinlesion source code is licensed separately under Apache-2.0.
-"""
 
 
 def _load_members(run_dir: Path, folds: list[int] | None, final: bool) -> list[dict[str, Any]]:
@@ -159,7 +132,7 @@ def build_card(
         "calibration": oof.get("calibration"),
         "melanoma_threshold": oof["mel_threshold"],
         "melanoma_threshold_rule": oof.get("mel_threshold_rule"),
-        "known_limits": KNOWN_LIMITS,
+        "known_limits": known_limits(cfg),
     }
 
 
