@@ -242,7 +242,8 @@ def make_tiny_packaged(
         sha256_file,
     )
     from skinlesion.models.factory import build_model, default_spec
-    from skinlesion.training.package import INTENDED_USE, KNOWN_LIMITS, write_weights
+    from skinlesion.training.card_text import INTENDED_USE, KNOWN_LIMITS
+    from skinlesion.training.package import write_weights
 
     spec = default_spec("test_efficientnet", size)
     gen = torch.Generator().manual_seed(seed)
