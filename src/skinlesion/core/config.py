@@ -30,6 +30,7 @@ from skinlesion.core.sources import (
     check_sources,
     error_key,
     renamed_metadata_key,
+    where_lists,
 )
 
 
@@ -83,10 +84,7 @@ class DataConfig(_Strict):
     @field_validator("where", mode="before")
     @classmethod
     def _where_lists(cls, v: Any) -> Any:
-        # ``data.where={split: test}`` means the one value.
-        if isinstance(v, dict):
-            return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
-        return v
+        return where_lists(v)
 
     @model_validator(mode="after")
     def _format_keys(self) -> DataConfig:

@@ -46,6 +46,13 @@ class ColumnsConfig(_Strict):
 log = logging.getLogger(__name__)
 
 
+def where_lists(v: Any) -> Any:
+    """A ``where`` filter with every value a list: ``{split: test}`` means the one value."""
+    if isinstance(v, dict):
+        return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
+    return v
+
+
 def renamed_metadata_key(values: Any, where: str) -> Any:
     """``metadata``, the old name of HAM10000's label table (its ``HAM10000_metadata.csv``), as
     ``labels``: "metadata" now means patient age, sex and site only. A saved config's
@@ -118,9 +125,7 @@ class SourceConfig(_Strict):
     @field_validator("where", mode="before")
     @classmethod
     def _where_lists(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
-        return v
+        return where_lists(v)
 
     @field_validator("classes")
     @classmethod
