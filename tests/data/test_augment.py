@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from skinlesion.data.augment import (
     adjust_saturation,
     affine_theta,
     augment_batch,
+    gaussian_blur,
     grayscale,
     normalize,
     to_float,
@@ -249,3 +251,80 @@ def test_cuda_matches_cpu() -> None:
     assert torch.equal(a, b)
     for dtype in (torch.float16, torch.bfloat16):
         assert augment_batch(x.cuda().to(dtype), AugmentConfig()).dtype == dtype
+
+
+def test_camera_draws_keep_the_random_stream() -> None:
+    # The camera transforms draw after the others: switched on with a vanishing blur, every
+    # geometry and colour parameter of a seed stays the same.
+    x = _batch(6, 32, 32)
+    plain = augment_batch(x, AugmentConfig(), generator=_gen(3))
+    near_identity = AugmentConfig(blur=1.0, blur_sigma=(1e-4, 1e-4))
+    torch.testing.assert_close(
+        augment_batch(x, near_identity, generator=_gen(3)), plain, atol=1e-5, rtol=0
+    )
+
+
+def test_gaussian_blur_matches_torchvision() -> None:
+    from torchvision.transforms.functional import gaussian_blur as tv_blur
+
+    x = _batch(2, 24, 30)
+    ours = gaussian_blur(x, torch.tensor([0.8, 1.6]))
+    for i, sigma in enumerate((0.8, 1.6)):
+        # Same reflected borders; torchvision's kernel of 2 * ceil(3 * sigma) + 1 taps.
+        k = 2 * math.ceil(3 * 1.6) + 1
+        ref = tv_blur(x[i : i + 1], kernel_size=[k, k], sigma=[sigma, sigma])
+        torch.testing.assert_close(ours[i : i + 1], ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="too large"):
+        gaussian_blur(x, torch.tensor([9.0, 1.0]))
+
+
+def test_blur_probability_blurs_some_samples_only() -> None:
+    x = _batch(32, 32, 32)
+    cfg = AugmentConfig(**{**vars(IDENTITY), "blur": 0.5, "blur_sigma": (1.0, 2.0)})
+    y = augment_batch(x, cfg, generator=_gen(4))
+    same = [(y[i] - x[i]).abs().max() < 1e-6 for i in range(32)]
+    assert 4 < sum(same) < 28
+    # A blurred sample of white noise loses most of its high-frequency energy.
+    diffs = [
+        float(y[i].diff(dim=-1).abs().mean() / x[i].diff(dim=-1).abs().mean()) for i in range(32)
+    ]
+    assert all(d < 0.6 for d, s in zip(diffs, same, strict=True) if not s)
+
+
+def test_gamma_is_a_power_curve() -> None:
+    x = _batch(3, 16, 16)
+    y = augment_batch(
+        x, AugmentConfig(**{**vars(IDENTITY), "gamma": (2.0, 2.0)}), generator=_gen(0)
+    )
+    torch.testing.assert_close(y, x.clamp(min=1e-6) ** 2, atol=1e-6, rtol=0)
+
+
+def test_channel_gain_is_a_cast_not_a_brightness_change() -> None:
+    x = torch.full((64, 3, 8, 8), 0.5)
+    y = augment_batch(
+        x, AugmentConfig(**{**vars(IDENTITY), "channel_gain": 0.2}), generator=_gen(5)
+    )
+    gains = y.mean(dim=(2, 3)) / 0.5  # (B, 3)
+    torch.testing.assert_close(gains.mean(dim=1), torch.ones(64), atol=1e-5, rtol=0)
+    assert gains.std(dim=1).min() > 1e-3  # every sample gets a cast
+    assert gains.max() <= 1.2 / 0.8 + 1e-5 and gains.min() >= 0.8 / 1.2 - 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_camera_transforms_keep_dtype_and_range(dtype: torch.dtype) -> None:
+    cfg = AugmentConfig(blur=0.5, gamma=(0.7, 1.4), channel_gain=0.15)
+    y = augment_batch(_batch(8, 24, 40).to(dtype), cfg, generator=_gen(6))
+    assert y.dtype == dtype and not torch.isnan(y).any()
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_camera_config_validation() -> None:
+    for bad in (
+        {"blur_sigma": (1.5, 0.3)},
+        {"gamma": (0.0, 1.0)},
+        {"channel_gain": 1.0},
+        {"blur": 1.5},
+    ):
+        with pytest.raises(ValueError):
+            AugmentConfig(**bad)
+    assert AugmentConfig.model_validate({"gamma": [0.8, 1.2]}).gamma == (0.8, 1.2)

@@ -250,13 +250,23 @@ class AugmentConfig(_Strict):
     vignette: float = Field(0.0, ge=0, le=1)
     """Probability of a dark circular field of view (a contact dermatoscope's vignette), its
     radius uniform between the shorter half-side and the half-diagonal."""
+    blur: float = Field(0.0, ge=0, le=1)
+    """Probability of a Gaussian blur (an out-of-focus or lower-resolution camera)."""
+    blur_sigma: tuple[float, float] = (0.3, 1.5)
+    """Range of the blur's standard deviation, in pixels of the model input; uniform."""
+    gamma: tuple[float, float] = (1.0, 1.0)
+    """Range of a gamma curve ``x ** gamma``, log-uniform; (1, 1) is off. Cameras differ in their
+    tone curve."""
+    channel_gain: float = Field(0.0, ge=0, lt=1)
+    """Per-channel gains uniform in [1-g, 1+g], rescaled to keep the mean gain 1: a colour cast of
+    another illuminant or white balance; 0 is off."""
 
-    @field_validator("scale", "aspect", mode="before")
+    @field_validator("scale", "aspect", "blur_sigma", "gamma", mode="before")
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
 
-    @field_validator("scale", "aspect")
+    @field_validator("scale", "aspect", "blur_sigma", "gamma")
     @classmethod
     def _ordered_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
         if not 0.0 < v[0] <= v[1]:

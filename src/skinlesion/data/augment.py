@@ -1,4 +1,5 @@
-"""Batched on-device augmentation: geometry, colour jitter, normalisation and TTA views.
+"""Batched on-device augmentation: geometry, camera (blur, tone, cast), colour jitter,
+normalisation and TTA views.
 
 Images come from a uint8 cache already resized to the model's input size, so a batch is moved to
 the device once and every random transform below runs there, batched, with per-sample parameters.
@@ -36,6 +37,10 @@ _HFLIP, _VFLIP, _ANGLE, _SCALE, _P_COLOUR, _BRIGHT, _CONTRAST, _SAT, _HUE = rang
 # so configs without them keep their random stream.
 _N_EXTRA = 5
 _X_ASPECT, _X_P_VIGNETTE, _X_RADIUS, _X_SOFT, _X_DARK = range(_N_EXTRA)
+# Draws of the camera transforms (blur, tone curve, colour cast), taken after those above and only
+# when one of them is switched on, for the same reason.
+_N_CAMERA = 6
+_C_P_BLUR, _C_SIGMA, _C_GAMMA, _C_GAIN_R, _C_GAIN_G, _C_GAIN_B = range(_N_CAMERA)
 
 
 def to_float(
@@ -226,10 +231,57 @@ def _colour(x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig) -> torch.Tenso
     return torch.where(_per_sample(u[:, _P_COLOUR] < cfg.p_colour), out, x)
 
 
+def _camera_on(cfg: AugmentConfig) -> bool:
+    return cfg.blur > 0 or cfg.gamma != (1.0, 1.0) or cfg.channel_gain > 0
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each sample of a (B, C, H, W) batch with its own (B,) standard deviation in pixels,
+    a separable Gaussian with reflected borders; a sigma of 0 leaves the sample as it is."""
+    b, c, h, w = x.shape
+    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    if radius >= min(h, w):
+        raise ValueError(f"gaussian_blur: sigma {float(sigma.max()):.2f} is too large for {h}x{w}")
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).clamp(min=1e-6).view(-1, 1)
+    kernel = torch.exp(-0.5 * (taps.view(1, -1) / s) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K); sigma ~0 gives a unit impulse
+    kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (sample, channel) group
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.pad(flat, (radius, radius, 0, 0), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(b * c, 1, 1, -1), groups=b * c)
+    flat = F.pad(flat, (0, 0, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(b * c, 1, -1, 1), groups=b * c)
+    return flat.view(b, c, h, w)
+
+
+def _camera(x: torch.Tensor, cfg: AugmentConfig, cam: torch.Tensor | None) -> torch.Tensor:
+    """Colour cast, tone curve and blur: what another camera or illuminant changes."""
+    if cam is None:
+        return x
+    out = x
+    if cfg.channel_gain > 0:
+        gains = 1.0 + (2.0 * cam[:, _C_GAIN_R : _C_GAIN_B + 1] - 1.0) * cfg.channel_gain
+        gains = gains / gains.mean(dim=1, keepdim=True)  # a cast, not a brightness change
+        out = (out * gains.view(-1, 3, 1, 1)).clamp_(0.0, 1.0)
+    if cfg.gamma != (1.0, 1.0):
+        g_lo, g_hi = (math.log(v) for v in cfg.gamma)
+        gamma = torch.exp(g_lo + (g_hi - g_lo) * cam[:, _C_GAMMA])
+        out = out.clamp(min=1e-6) ** _per_sample(gamma)
+    if cfg.blur > 0:
+        lo, hi = cfg.blur_sigma
+        sigma = lo + (hi - lo) * cam[:, _C_SIGMA]
+        sigma = torch.where(cam[:, _C_P_BLUR] < cfg.blur, sigma, torch.zeros_like(sigma))
+        if bool((sigma > 0).any()):
+            out = torch.where(_per_sample(sigma > 0), gaussian_blur(out, sigma), out)
+    return out
+
+
 def augment_batch(
     x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Randomly flip, rotate, zoom and colour-jitter a float (B, 3, H, W) batch in [0, 1].
+    """Randomly flip, rotate, zoom, blur, cast and colour-jitter a float (B, 3, H, W) batch in
+    [0, 1].
 
     Every sample gets its own parameters, drawn on the generator's device (the input's device if
     no generator) and moved to the input's, so a seeded generator reproduces the batch. Returns a
@@ -249,8 +301,13 @@ def augment_batch(
     if cfg.aspect != (1.0, 1.0) or cfg.vignette > 0:
         extra = torch.rand(x.shape[0], _N_EXTRA, generator=generator, device=draw_device)
         extra = extra.to(device=x.device, dtype=work)
+    cam = None
+    if _camera_on(cfg):
+        cam = torch.rand(x.shape[0], _N_CAMERA, generator=generator, device=draw_device)
+        cam = cam.to(device=x.device, dtype=work)
     out = x.to(work)
     out = _geometry(out, u, cfg, extra)
+    out = _camera(out, cfg, cam)
     out = _colour(out, u, cfg)
     out = _vignette(out, cfg, extra)
     # clamp also covers the identity config, where inputs slightly outside [0, 1] pass through.
