@@ -58,6 +58,22 @@ def test_training_fits_each_folds_familiarity(run: Path) -> None:
         assert fam.info["trained_on"] is False and fam.threshold > 0
 
 
+def test_familiarity_off_skips_the_fit(
+    synthetic_ham: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    extra = {"train.epochs": 1, "cv.folds_to_run": "[0]", "eval.familiarity": "false"}
+    assert (
+        train_cli(run_overrides(FINETUNE, synthetic_ham(5), out, tmp_path / "cache", **extra)) == 0
+    )
+    assert (out / "fold_0" / "best.pt").is_file()
+    assert not (out / "fold_0" / FAMILIARITY_FILE).exists()
+    # Fitted later on demand, as for a run trained before the check existed.
+    assert main(["fit-familiarity", str(out), "--no-progress"]) == 0
+    assert "fitted 1 member(s)" in capsys.readouterr().out
+    assert (out / "fold_0" / FAMILIARITY_FILE).is_file()
+
+
 def test_fit_familiarity_skips_members_that_have_one_and_fits_the_same_again(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

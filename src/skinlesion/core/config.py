@@ -282,6 +282,10 @@ class EvalConfig(_Strict):
     calibrate: bool = True
     """Fit a temperature per fold on its validation predictions and store it in the checkpoint."""
     n_boot: int = Field(1000, ge=0)
+    familiarity: bool = True
+    """Fit each model's familiarity (``refer``: "unlike the training images") after training, one
+    more pass over the fold's images; ``false`` skips it, and ``skinlesion fit-familiarity`` fits
+    it later."""
 
 
 class Config(_Strict):

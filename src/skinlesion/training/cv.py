@@ -150,7 +150,8 @@ def _run_cv(
     else:
         for fold in folds:
             fit_fold(cfg, data, fold, run_dir, runtime, resume=resume, progress=progress)
-        if dist_info.is_main:  # each fold's familiarity.safetensors (refer: unlike training)
+        # Each fold's familiarity.safetensors (refer: unlike the training images).
+        if dist_info.is_main and cfg.eval.familiarity:
             fit_run_familiarity(run_dir, cfg, data, runtime, progress, strict=False)
     if dist_info.is_main:
         write_oof_report(run_dir, n_boot=cfg.eval.n_boot)

@@ -111,7 +111,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
     atomic_torch_save(ckpt, out / "best.pt")
     (out / "summary.json").write_text(json.dumps({**choice, "n_train": len(table)}, indent=2))
     # Its threshold comes from images it was trained on (there are no others): logged as such.
-    if runtime.dist.is_main:
+    if runtime.dist.is_main and cfg.eval.familiarity:
         fit_checkpoint_familiarity(out / "best.pt", cfg, data, runtime, progress, strict=False)
     log.info(
         "final model: %s (%d epochs, temperature %.3f)",
