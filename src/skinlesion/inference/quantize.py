@@ -86,18 +86,32 @@ def _probability_nodes(model: Any) -> tuple[list[str], list[str]]:
     return [n for n in names if n in wanted], [n for n in names if n not in wanted]
 
 
+def _quantize(source: Path, output: Path, reader: Any) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+        _, fp32_only = _probability_nodes(onnx.load(str(pre)))
+        quantize_static(
+            str(pre),
+            str(output),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=fp32_only,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+
 def quantize_export(source: Path, output: Path, images: Sequence[Path]) -> Path:
     """Write an int8 copy of the export folder ``source`` into ``output`` (``model.onnx``,
     ``spec.json`` with a ``quantization`` entry, ``card.json``), calibrated on ``images``."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     meta, spec = read_export_spec(source / SPEC_FILE)
     batches = _batches(images, spec)
@@ -107,21 +121,13 @@ def quantize_export(source: Path, output: Path, images: Sequence[Path]) -> Path:
             return next(batches, None)
 
     output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output) as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(source / ONNX_FILE), str(pre), skip_symbolic_shape=True)
-        _, fp32_only = _probability_nodes(onnx.load(str(pre)))
-        quantize_static(
-            str(pre),
-            str(output / ONNX_FILE),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=fp32_only,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+    # onnxruntime's quantizer logs a line per node on the root logger.
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        _quantize(source / ONNX_FILE, output / ONNX_FILE, Reader())
+    finally:
+        logging.getLogger().setLevel(root_level)
     meta["quantization"] = {
         "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 "
         "activations, MinMax calibration; unfamiliarity-only nodes kept fp32",
