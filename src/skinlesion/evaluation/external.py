@@ -183,10 +183,9 @@ def evaluate_external(
     mapping = read_label_map(Path(label_map)) if label_map else None
     runtime = resolve_runtime(device)
     loaded = resolve_model(model, runtime, backend, tta)
-    members = loaded.members
-    classes = members[0].spec.class_names
+    classes = loaded.members[0].spec.class_names
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
-    tta = members[0].tta if tta is None else tta
+    tta = loaded.tta if tta is None else tta
     metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata)
     unseen = loaded.unseen_metadata(metadata, str(labels_csv)) if metadata is not None else {}
     out = loaded.predictions(labels["path"].tolist(), tta, batch_size, progress, metadata)
