@@ -49,6 +49,16 @@ def real_data_dir(path: Path, marker: Path, name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``$SKINLESION_CACHE`` for the session: tests never write to the user's cache (exported
+    ONNX graphs, timm's name list), and every session starts with an empty one."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("skinlesion_cache")
+        mp.setenv("SKINLESION_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def ham_dir() -> Path:
     """The real HAM10000 folder; skips the test when it (or its metadata) is absent."""
@@ -234,8 +244,8 @@ def make_tiny_packaged(
     import torch
 
     from skinlesion.data.tabular import fit_metadata_spec
-    from skinlesion.inference.packaged import (
-        CARD_FILE,
+    from skinlesion.inference.packaged import CARD_FILE
+    from skinlesion.inference.packaged_meta import (
         MODEL_FILE,
         PACKAGED_FORMAT,
         WEIGHTS_FILE,

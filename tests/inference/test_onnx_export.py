@@ -39,7 +39,7 @@ def test_graph_views_are_the_tta_views() -> None:
 
 def test_parity_with_pytorch(exported: Path, tiny_packaged: Path, tmp_path: Path) -> None:
     images = lesion_images(tmp_path / "imgs", 6)
-    model = resolve_model(tiny_packaged, resolve_runtime("cpu"))
+    model = resolve_model(tiny_packaged, resolve_runtime("cpu"), backend="torch")
     expected, errors = model.predict_proba(images)
     got, onnx_errors = OnnxModel(exported).predict_proba(images, batch_size=4)
     assert not errors and not onnx_errors
@@ -73,7 +73,8 @@ def test_export_and_onnx_backend_commands(tiny_packaged: Path, tmp_path: Path) -
     a, b = tmp_path / "torch.csv", tmp_path / "onnx.csv"
     common = ["predict", "--no-progress", *images]
     assert (
-        main([*common, "--model", str(tiny_packaged), "--device", "cpu", "--output", str(a)]) == 0
+        main([*common, "--model", str(tiny_packaged), "--backend", "torch", "--output", str(a)])
+        == 0
     )
     assert main([*common, "--backend", "onnx", "--model", str(out), "--output", str(b)]) == 0
     ta, tb = pd.read_csv(a), pd.read_csv(b)
@@ -82,9 +83,9 @@ def test_export_and_onnx_backend_commands(tiny_packaged: Path, tmp_path: Path) -
     assert (ta["prediction"] == tb["prediction"]).all()
 
 
-def test_onnx_backend_needs_an_export_folder(tiny_packaged: Path, capsys) -> None:
-    assert main(["predict", "--backend", "onnx", "--model", str(tiny_packaged), "x.jpg"]) == 2
-    assert "not an exported ONNX model" in capsys.readouterr().err
+def test_torch_backend_refuses_an_export_folder(exported: Path, capsys) -> None:
+    assert main(["predict", "--backend", "torch", "--model", str(exported), "x.jpg"]) == 2
+    assert "is an ONNX export" in capsys.readouterr().err
 
 
 def test_unfamiliarity_output_equals_eager(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ def test_unfamiliarity_output_equals_eager(tmp_path: Path) -> None:
     attach_tiny_familiarity(folder, lesions[::2], lesions[1::4])
     other = write_nondermoscopy(tmp_path / "nd", photos=False, screenshots=2, noise=1, flat=1)
     images = [*lesions[3::4], *other]
-    model = resolve_model(folder, resolve_runtime("cpu"))
+    model = resolve_model(folder, resolve_runtime("cpu"), backend="torch")
     export_onnx(model, tmp_path / "onnx")
     eager = model.predict(images)
     onnx_model = OnnxModel(tmp_path / "onnx")

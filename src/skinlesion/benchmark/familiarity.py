@@ -122,7 +122,7 @@ def bench_familiarity(
     from skinlesion.inference.packaged import resolve_model
 
     runtime = resolve_runtime(device)
-    loaded = resolve_model(None if model in (None, "default") else model, runtime)
+    loaded = resolve_model(None if model in (None, "default") else model, runtime, "torch")
     if not loaded.has_familiarity:
         raise CheckpointError(f"{loaded.source}: no familiarity; run `skinlesion fit-familiarity`")
     held, what = heldout_images(loaded, _table_of(loaded, Path(data), folds_file), max_heldout)

@@ -54,7 +54,7 @@ def bench_model_predict(
             f"need batch sizes >= 1, steps >= 1, warmup >= 0; got {batch_sizes}, {steps}, {warmup}"
         )
     runtime = resolve_runtime(device)
-    loaded = resolve_model(None if model in (None, "default") else model, runtime)
+    loaded = resolve_model(None if model in (None, "default") else model, runtime, "torch")
     views = loaded.tta if tta is None else tta
     spec = loaded.members[0].spec
     h, w = spec.hw

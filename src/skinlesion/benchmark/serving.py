@@ -220,7 +220,7 @@ def bench_onnx(
     from skinlesion.inference.onnx_export import export_onnx
     from skinlesion.inference.packaged import resolve_model
 
-    loaded = resolve_model(model, resolve_runtime("cpu"))
+    loaded = resolve_model(model, resolve_runtime("cpu"), "torch")
     spec = loaded.members[0].spec
     files = _ham10000_files(data, 32)
     if files:

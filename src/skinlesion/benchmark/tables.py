@@ -175,12 +175,39 @@ def _format_serve(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _format_predict_e2e(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for x in r["results"]:
+        if "skipped" in x:
+            rows.append([x["backend"], "-", "-", "-", "-", "-", f"skipped: {x['skipped']}"])
+            continue
+        diff = x.get("max_abs_diff_vs_torch")
+        rows.append(
+            [
+                x["backend"],
+                f"{x['load_s']:.2f}",
+                f"{x['total_s']:.2f}",
+                f"{x['images_per_s']:.1f}",
+                f"{x.get('speedup_vs_torch', float('nan')):.2f}x",
+                "-" if diff is None else f"{diff:.1e}",
+                "",
+            ]
+        )
+    head = (
+        f"predict end to end: {r['model']}, {r['n_images']} JPEGs of {r['image_size']} "
+        f"({r['images']}), batch {r['batch_size']}, model load and decoding included"
+    )
+    cols = ["backend", "load s", "total s", "images/s", "vs torch", "max |p - p_torch|", "note"]
+    return [head, "", *_table(cols, rows), ""]
+
+
 _FORMATTERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "train": _format_train,
     "loader": _format_loader,
     "predict": _format_predict,
     "familiarity": _format_familiarity,
     "onnx": _format_onnx,
+    "predict-e2e": _format_predict_e2e,
     "serve": _format_serve,
 }
 

@@ -117,6 +117,18 @@ def _onnx(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _predict_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    from skinlesion.benchmark.predict_e2e import bench_predict_e2e
+
+    return bench_predict_e2e(
+        None if args.model in (None, "default") else args.model,
+        args.data or DEFAULT_HAM10000,
+        n_images=args.images or 300,
+        size=args.synthetic_size,
+        batch_size=args.batch_size or 32,
+    )
+
+
 def _serve(args: argparse.Namespace) -> dict[str, Any]:
     from skinlesion.benchmark.serving import bench_serve
 
@@ -136,6 +148,7 @@ KINDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "predict": _predict,
     "familiarity": _familiarity,
     "onnx": _onnx,
+    "predict-e2e": _predict_e2e,
     "serve": _serve,
 }
 
@@ -197,7 +210,7 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="train: images in the uint8 source (default 2048); serve: distinct images sent "
-        "(default 16)",
+        "(default 16); predict-e2e: JPEGs predicted (default 300)",
     )
     b.add_argument(
         "--threads",
@@ -242,7 +255,8 @@ def _add_data_options(b: argparse.ArgumentParser) -> None:
         type=_size_pair,
         default=(600, 450),
         metavar="WxH",
-        help="loader without --data: JPEG size (default 600x450, the official release's)",
+        help="loader without --data, predict-e2e: JPEG size (default 600x450, the official "
+        "release's)",
     )
     b.add_argument("--synthetic-images", type=int, default=500, help="loader without --data")
     b.add_argument("--decode-workers", type=int, default=None, help="loader: decoding threads")

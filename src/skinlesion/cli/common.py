@@ -101,3 +101,14 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx", "onnx-int8"),
+        default="auto",
+        help="engine of the forward pass; auto: onnxruntime on a CPU (the model's graph, "
+        "exported once into $SKINLESION_CACHE), PyTorch on CUDA; onnx-int8: the graph of "
+        "`skinlesion export --int8`; with --model an export folder, that graph",
+    )

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from skinlesion.cli.common import MODEL_HELP, add_inference_options, int_at_least, key_value
+from skinlesion.cli.common import (
+    MODEL_HELP,
+    add_backend_option,
+    add_inference_options,
+    int_at_least,
+    key_value,
+)
 
 log = logging.getLogger("skinlesion")
 
@@ -19,7 +25,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from skinlesion.core.paths import check_writable_file
 
         check_writable_file(args.output, "--output")
-    if args.backend == "onnx":
+    if _is_export_folder(args.model):
         df = _predict_onnx(args)
     else:
         from skinlesion.core.runtime import resolve_runtime
@@ -27,7 +33,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         # The metadata file is checked before the model loads: its faults show in seconds.
         table = _read_predict_metadata(args)
-        loaded = resolve_model(args.model, resolve_runtime(args.device))
+        runtime = resolve_runtime(args.device)
+        loaded = resolve_model(args.model, runtime, args.backend, args.tta)
         df = loaded.predict(
             args.images,
             tta=args.tta,
@@ -71,12 +78,23 @@ def _predict_metadata(table: Any, loaded: Any, source: str | None) -> Any:
     return table
 
 
+def _is_export_folder(model: str | None) -> bool:
+    """Whether ``--model`` is a `skinlesion export` folder (run as it is by onnxruntime)."""
+    from skinlesion.inference.onnx_export import ONNX_FILE, SPEC_FILE
+
+    return (
+        model is not None
+        and (Path(model) / SPEC_FILE).is_file()
+        and (Path(model) / ONNX_FILE).is_file()
+    )
+
+
 def _predict_onnx(args: argparse.Namespace) -> Any:
     from skinlesion.core.errors import ConfigError
     from skinlesion.inference.onnx_export import OnnxModel
 
-    if args.model is None:
-        raise ConfigError("--backend onnx needs --model EXPORT_DIR (from `skinlesion export`)")
+    if args.backend == "torch":
+        raise ConfigError(f"--backend torch: {args.model} is an ONNX export; pass the model")
     if args.tta is not None:
         raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
     if args.metadata is not None:
@@ -101,6 +119,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         where=where,
         progress=not args.no_progress,
         use_metadata=not args.no_metadata,
+        backend=args.backend,
     )
     p = result["point"]
     print(
@@ -162,9 +181,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from skinlesion.inference.packaged import resolve_model
 
     check_writable_dir(args.output, "--output")
-    model = resolve_model(args.model, resolve_runtime("cpu"))
-    path = export_onnx(model, args.output, tta=args.tta)
-    print(f"exported {model.name} ({len(model.members)} member(s)) to {path}")
+    if not args.int8:
+        model = resolve_model(args.model, resolve_runtime("cpu"), backend="torch")
+        path = export_onnx(model, args.output, tta=args.tta)
+        print(f"exported {model.name} ({len(model.members)} member(s)) to {path}")
+        return 0
+    return _export_int8(args)
+
+
+def _export_int8(args: argparse.Namespace) -> int:
+    import shutil
+
+    from skinlesion.core.errors import ConfigError
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.inference.backend import cached_graph
+    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.quantize import calibration_images
+
+    if args.calibration_images is None:
+        raise ConfigError("--int8 needs --calibration-images DIR (training images of the model)")
+    images = calibration_images(args.calibration_images, args.calibration_count)
+    model = resolve_model(args.model, resolve_runtime("cpu"), backend="torch")
+    folder = cached_graph(model, args.tta, calibration=images)
+    shutil.copytree(folder, args.output, dirs_exist_ok=True)
+    print(
+        f"exported {model.name} as int8 (calibrated on {len(images)} image(s) of "
+        f"{args.calibration_images}) to {args.output}; `--backend onnx-int8` now uses it"
+    )
     return 0
 
 
@@ -189,12 +232,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("predict", help="class probabilities for images")
     add_inference_options(r)
-    r.add_argument(
-        "--backend",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="onnx: --model is a `skinlesion export` folder, run with onnxruntime",
-    )
+    add_backend_option(r)
     r.add_argument("images", nargs="+")
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
     r.add_argument(
@@ -210,6 +248,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
     add_inference_options(e)
+    add_backend_option(e)
     e.add_argument("--labels", required=True, help="CSV with image_id and dx")
     e.add_argument("--images", required=True, help="folder with <image_id>.<jpg|png|...>")
     e.add_argument("--output", required=True)
@@ -247,6 +286,23 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--format", choices=("onnx",), default="onnx")
     xp.add_argument("--output", required=True)
     xp.add_argument("--tta", type=int, default=None, help="views inside the graph (default: run's)")
+    xp.add_argument(
+        "--int8",
+        action="store_true",
+        help="static int8 quantization (onnxruntime, QDQ, per-channel), calibrated on "
+        "--calibration-images; also stored in the cache for `--backend onnx-int8`",
+    )
+    xp.add_argument(
+        "--calibration-images",
+        default=None,
+        help="folder of training images of the model (searched recursively), for --int8",
+    )
+    xp.add_argument(
+        "--calibration-count",
+        type=int_at_least(1),
+        default=100,
+        help="images taken from --calibration-images, evenly spaced in name order",
+    )
     xp.set_defaults(func=_cmd_export)
 
 

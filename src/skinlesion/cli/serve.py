@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from skinlesion.cli.common import MODEL_HELP
+from skinlesion.cli.common import MODEL_HELP, add_backend_option
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     limits = UploadLimits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels)
     settings = ServeSettings(limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    serve(args.model, args.host, args.port, settings, device=args.device)
+    serve(args.model, args.host, args.port, settings, device=args.device, backend=args.backend)
     return 0
 
 
@@ -32,4 +32,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits to fill"
     )
     sv.add_argument("--device", default="auto")
+    add_backend_option(sv)
     sv.set_defaults(func=_cmd_serve)

@@ -48,3 +48,10 @@ def check_writable_file(path: str | Path, what: str, min_free: int = MIN_FREE_BY
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{what}: {path} is not writable")
     check_writable_dir(path.parent if str(path.parent) else Path("."), what, min_free)
+
+
+def user_cache_dir() -> Path:
+    """The user cache: ``$SKINLESION_CACHE``, else ``~/.cache/skinlesion`` (decoded images, timm's
+    name list, exported ONNX graphs)."""
+    env = os.environ.get("SKINLESION_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "skinlesion"

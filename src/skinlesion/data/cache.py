@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from skinlesion.core.errors import DataError
+from skinlesion.core.paths import user_cache_dir
 from skinlesion.data.preprocess import ImageDecodeError, Size, prepare_image, size_hw, size_label
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,7 @@ class ImageCache:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("SKINLESION_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "skinlesion"
+    return user_cache_dir()
 
 
 def cache_key(

@@ -43,7 +43,6 @@ from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.refer_figures import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import LoadedModel, resolve_model
-from skinlesion.inference.predict import predict_images
 from skinlesion.inference.refer import refer_rules
 
 log = logging.getLogger(__name__)
@@ -171,26 +170,25 @@ def evaluate_external(
     where: dict[str, str] | None = None,
     progress: bool = True,
     use_metadata: bool = True,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report.
 
     A model fused with patient metadata takes it from the labels file's ``age``, ``sex`` and
     ``localization`` columns (those present); ``use_metadata=False`` gives it images only.
+    ``backend``: see :mod:`skinlesion.inference.backend`.
     """
     output = Path(output)
     check_writable_dir(output, "--output")
     mapping = read_label_map(Path(label_map)) if label_map else None
     runtime = resolve_runtime(device)
-    loaded = resolve_model(model, runtime)
-    members = loaded.members
-    classes = members[0].spec.class_names
+    loaded = resolve_model(model, runtime, backend, tta)
+    classes = loaded.members[0].spec.class_names
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
-    tta = members[0].tta if tta is None else tta
+    tta = loaded.tta if tta is None else tta
     metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata)
     unseen = loaded.unseen_metadata(metadata, str(labels_csv)) if metadata is not None else {}
-    out = predict_images(
-        labels["path"].tolist(), members, runtime, tta, batch_size, progress, metadata
-    )
+    out = loaded.predictions(labels["path"].tolist(), tta, batch_size, progress, metadata)
     if out.errors:
         raise DataError("images failed to decode", list(out.errors.values()))
     y, p = _write_predictions(labels, out.probs, classes, output, out.unfamiliarity)
@@ -206,6 +204,7 @@ def evaluate_external(
         "filter": where or {},
         "model": str(loaded.source),
         "tta": tta,
+        "backend": loaded.backend,
         "metadata": used,
         "metadata_unseen": unseen,
         "mel_threshold": threshold,

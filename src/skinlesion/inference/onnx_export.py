@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,6 @@ from torch import nn
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec, size_hw
 from skinlesion.inference.familiarity import FamiliarityScorer, StageCapture
-from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.predict import Member
 from skinlesion.inference.table import Decisions, predictions_table
 from skinlesion.models.checkpoint import CheckpointError
@@ -55,6 +54,22 @@ ONNX_FILE = "model.onnx"
 SPEC_FILE = "spec.json"
 OPSET = 17
 UNFAMILIARITY = "unfamiliarity"
+
+
+class Exportable(Protocol):
+    """What :func:`export_onnx` reads of a loaded model (``LoadedModel`` has it)."""
+
+    name: str
+    members: list[Member]
+    reference: dict[str, Any] | None
+    card: dict[str, Any] | None
+    version: str
+
+    @property
+    def tta(self) -> int: ...
+
+    @property
+    def uses_metadata(self) -> bool: ...
 
 
 def _view(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,7 +138,7 @@ class EnsembleGraph(nn.Module):
         return probs if unfamiliar is None else (probs, unfamiliar / len(self.scored))
 
 
-def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) -> Path:
+def export_onnx(model: Exportable, output: str | Path, tta: int | None = None) -> Path:
     """Write ``model.onnx``, ``spec.json`` (and ``card.json``) into ``output``.
 
     The graph takes images only: a model fused with patient metadata is exported as it predicts
@@ -168,7 +183,7 @@ def export_onnx(model: LoadedModel, output: str | Path, tta: int | None = None) 
     return path
 
 
-def _spec_json(model: LoadedModel, spec: PreprocessSpec, tta: int) -> dict[str, Any]:
+def _spec_json(model: Exportable, spec: PreprocessSpec, tta: int) -> dict[str, Any]:
     return {
         "format": ONNX_FORMAT,
         "name": model.name,
@@ -274,6 +289,11 @@ class OnnxModel:
         return list(self.meta["class_names"])
 
     @property
+    def tta(self) -> int:
+        """The TTA views inside the graph."""
+        return int(self.meta["tta"])
+
+    @property
     def has_familiarity(self) -> bool:
         """Whether the graph has the ``unfamiliarity`` output."""
         return any(o.name == UNFAMILIARITY for o in self.session.get_outputs())
@@ -287,6 +307,18 @@ class OnnxModel:
         if not self.has_familiarity:
             return self.run(images_u8), None
         probs, u = self.session.run(["probabilities", UNFAMILIARITY], {"images": images_u8})
+        return probs, u
+
+    def run_batched(
+        self, images_u8: np.ndarray, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`run_all` over prepared images in batches of ``batch_size``."""
+        starts = range(0, len(images_u8), batch_size)
+        parts = [self.run_all(images_u8[i : i + batch_size]) for i in starts]
+        if not parts:
+            return np.zeros((0, len(self.class_names)), np.float32), None
+        probs = np.concatenate([p for p, _ in parts])
+        u = None if parts[0][1] is None else np.concatenate([u for _, u in parts])  # type: ignore[misc]
         return probs, u
 
     def decisions(self) -> Decisions:

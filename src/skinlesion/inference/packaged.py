@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -39,11 +38,20 @@ from skinlesion.core.run_folder import RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
 from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
+from skinlesion.inference.backend import attach_backend, usable_graph
 from skinlesion.inference.familiarity import FAMILIARITY_FILE, Familiarity, load_familiarities
+from skinlesion.inference.onnx_export import OnnxModel
+from skinlesion.inference.packaged_meta import (
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    read_packaged_meta,
+    sha256_file,
+)
 from skinlesion.inference.predict import (
     Member,
     Predictions,
     backbone_id,
+    ensemble_outputs,
     load_ensemble,
     predict_images,
 )
@@ -52,10 +60,6 @@ from skinlesion.models.factory import build_model, place_model
 
 log = logging.getLogger(__name__)
 
-PACKAGED_FORMAT = "skinlesion-packaged-model"
-PACKAGED_VERSION = 1
-MODEL_FILE = "model.json"
-WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 DEFAULT_FILE = "default.txt"
 
@@ -78,6 +82,11 @@ class LoadedModel:
     card: dict[str, Any] | None = None
     version: str = ""
     runtime: Runtime | None = field(default=None, repr=False)
+    # The engine (skinlesion.inference.backend): torch, or an ONNX graph run by onnxruntime.
+    backend: str = "torch"
+    backend_forced: bool = False
+    graph: OnnxModel | None = field(default=None, repr=False)
+    fallbacks_logged: set[str] = field(default_factory=set, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -105,10 +114,10 @@ class LoadedModel:
         "back"}``, any key may be missing) or a table with those columns; used by models fused
         with metadata, ignored by image-only ones.
         """
-        out = self._predict(images, tta, batch_size, progress, metadata, familiarity=False)
+        out = self.predictions(images, tta, batch_size, progress, metadata, familiarity=False)
         return out.probs, out.errors
 
-    def _predict(
+    def predictions(
         self,
         images: Sequence[ImageInput],
         tta: int | None,
@@ -117,12 +126,45 @@ class LoadedModel:
         metadata: MetadataInput,
         familiarity: bool = True,
     ) -> Predictions:
-        runtime = self.runtime or resolve_runtime("auto")
+        """Probabilities, errors and unfamiliarity (``familiarity=True``) of each image, from
+        the model's backend; ``metadata`` as for :meth:`predict_proba`."""
         sources = [_as_source(x) for x in images]
         table = metadata_table(metadata, len(sources))
+        tta = self.tta if tta is None else tta
+
+        def outputs(prepared: Any, meta: Any) -> tuple[np.ndarray, np.ndarray | None]:
+            return self.outputs(prepared, tta, batch_size, meta, familiarity)
+
         return predict_images(
-            sources, self.members, runtime, tta, batch_size, progress, table, familiarity
+            sources,
+            self.members,
+            self.runtime or resolve_runtime("auto"),
+            tta,
+            batch_size,
+            progress,
+            table,
+            familiarity,
+            outputs=outputs,
         )
+
+    def outputs(
+        self,
+        images: dict[PreprocessSpec, np.ndarray],
+        tta: int,
+        batch_size: int,
+        metadata: pd.DataFrame | None,
+        familiarity: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C) and unfamiliarity (N,) or ``None`` of prepared images, from the
+        model's backend (:mod:`skinlesion.inference.backend`)."""
+        graph = usable_graph(self, tta, metadata)
+        if graph is None:
+            runtime = self.runtime or resolve_runtime("auto")
+            return ensemble_outputs(
+                self.members, images, runtime, tta, batch_size, metadata, familiarity
+            )
+        probs, u = graph.run_batched(images[self.members[0].spec], batch_size)
+        return probs.astype(np.float64), (u if familiarity else None)
 
     @property
     def has_familiarity(self) -> bool:
@@ -201,7 +243,7 @@ class LoadedModel:
         out-of-fold threshold), ``unfamiliarity``, ``refer``, ``refer_reasons`` and ``error``.
         An image that cannot be read gets its ``error`` and empty probabilities and decisions.
         ``metadata`` as for :meth:`predict_proba`."""
-        out = self._predict(images, tta, batch_size, progress, metadata)
+        out = self.predictions(images, tta, batch_size, progress, metadata)
         names = [_name(x, i) for i, x in enumerate(images)]
         return predictions_table(names, out.probs, out.errors, self.decisions(), out.unfamiliarity)
 
@@ -253,103 +295,6 @@ def default_name(root: Path | None = None) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_packaged_meta(folder: Path) -> dict[str, Any]:
-    """``model.json`` of a packaged model folder, checked: every key the loader reads is there
-    with the type it needs, so a damaged file is one :class:`CheckpointError` naming it."""
-    path = folder / MODEL_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; not a packaged model folder")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != PACKAGED_FORMAT:
-        raise CheckpointError(f"{path}: not a skinlesion packaged model")
-    version = meta.get("format_version", 0)
-    if isinstance(version, int) and version > PACKAGED_VERSION:
-        raise CheckpointError(
-            f"{path}: format {meta['format_version']} is newer than this skinlesion "
-            f"understands ({PACKAGED_VERSION}); upgrade skinlesion"
-        )
-    if "weights_sha256" not in meta:
-        raise CheckpointError(
-            f"{folder}: {MODEL_FILE} has no weights_sha256, so {WEIGHTS_FILE} cannot be "
-            f"verified; package the run again"
-        )
-    problems = _meta_problems(meta)
-    if problems:
-        raise CheckpointError(f"{path}: {'; '.join(problems)}")
-    return meta
-
-
-_MISSING = object()
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_preprocessing(value: Any) -> bool:
-    try:
-        PreprocessSpec.from_dict(value)
-    except (KeyError, TypeError, ValueError):
-        return False
-    return True
-
-
-# The keys of model.json the loader reads: what each must be, and the test of it.
-_META_KEYS: dict[str, tuple[str, Any]] = {
-    "format_version": ("an integer", lambda v: v is _MISSING or _is_int(v)),
-    "name": ("a string", lambda v: isinstance(v, str)),
-    "backbone": ("a string", lambda v: isinstance(v, str)),
-    "preprocessing": ("a mapping with size, mean and std", _is_preprocessing),
-    "tta": ("an integer 1..8", lambda v: _is_int(v) and 1 <= v <= 8),
-    "model_kwargs": ("a mapping", lambda v: v is _MISSING or isinstance(v, dict)),
-    "weights_sha256": ("a SHA-256 hex string", lambda v: isinstance(v, str) and len(v) == 64),
-    "members": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
-}
-_MEMBER_KEYS: dict[str, tuple[str, Any]] = {
-    "fold": ("an integer", _is_int),
-    "prefix": ("a string", lambda v: isinstance(v, str)),
-    "temperature": ("a positive number", lambda v: _is_number(v) and 0 < v < float("inf")),
-}
-
-
-def _shown(value: Any) -> str:
-    return "missing" if value is _MISSING else repr(value)
-
-
-def _meta_problems(meta: dict[str, Any]) -> list[str]:
-    """What is missing or of the wrong type in ``model.json``, each as ``key is X, expected Y``."""
-    problems = []
-    for key, (what, ok) in _META_KEYS.items():
-        value = meta.get(key, _MISSING)
-        if not ok(value):
-            problems.append(f"{key} is {_shown(value)}, expected {what}")
-    members = meta.get("members")
-    for i, m in enumerate(members if isinstance(members, list) else []):
-        if not isinstance(m, dict):
-            problems.append(f"members[{i}] is {m!r}, expected a mapping")
-            continue
-        for key, (what, ok) in _MEMBER_KEYS.items():
-            value = m.get(key, _MISSING)
-            if not ok(value):
-                problems.append(f"members[{i}].{key} is {_shown(value)}, expected {what}")
-    return problems
 
 
 def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -455,10 +400,22 @@ def run_reference(path: Path) -> dict[str, Any] | None:
     return json.loads(run.oof_metrics.read_text())
 
 
-def resolve_model(model: str | Path | None, runtime: Runtime | None = None) -> LoadedModel:
+def resolve_model(
+    model: str | Path | None,
+    runtime: Runtime | None = None,
+    backend: str = "auto",
+    tta: int | None = None,
+) -> LoadedModel:
     """``None``: the default packaged model; a packaged name; a packaged folder; a run folder or
-    a checkpoint file."""
+    a checkpoint file. ``backend`` (:mod:`skinlesion.inference.backend`): ``auto`` runs the
+    model's ONNX graph (exported once into the user cache, for ``tta`` views) on a CPU."""
     runtime = runtime or resolve_runtime("auto")
+    loaded = _resolve(model, runtime)
+    attach_backend(loaded, backend, tta)
+    return loaded
+
+
+def _resolve(model: str | Path | None, runtime: Runtime) -> LoadedModel:
     root = zoo_dir()
     if model is None:
         name = default_name(root)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +277,12 @@ def _head(feats: torch.Tensor, member: Member, metadata: np.ndarray | None) -> n
     return torch.stack(views).numpy()
 
 
+# Prepared images per spec and their metadata rows -> (probabilities, unfamiliarity or None).
+Outputs = Callable[
+    [dict[PreprocessSpec, np.ndarray], pd.DataFrame | None], tuple[np.ndarray, np.ndarray | None]
+]
+
+
 @dataclass
 class Predictions:
     """What :func:`predict_images` returns."""
@@ -308,13 +316,16 @@ def predict_images(
     progress: bool = True,
     metadata: pd.DataFrame | None = None,
     familiarity: bool = True,
+    outputs: Outputs | None = None,
 ) -> Predictions:
     """Probabilities, errors and unfamiliarity of each source (see :class:`Predictions`).
 
     ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``). ``metadata``:
     a row per source with any of ``age``, ``sex``, ``localization`` (missing values allowed),
     used by models fused with metadata; ``None``: no metadata for any image. One bad file never
-    costs the predictions of the others.
+    costs the predictions of the others. ``outputs`` replaces :func:`ensemble_outputs` on each
+    chunk of prepared images (another backend, e.g. an ONNX graph). Images are decoded and
+    prepared by a thread pool (PIL releases the GIL while it decodes and resizes).
     """
     if not members:
         raise ValueError("no models to predict with")
@@ -326,19 +337,38 @@ def predict_images(
     errors: dict[int, str] = {}
     specs = list(dict.fromkeys(m.spec for m in members))
     chunk = max(batch_size * 4, 64)
+
+    def run(stacked: dict[PreprocessSpec, np.ndarray], meta: pd.DataFrame | None) -> Any:
+        return ensemble_outputs(members, stacked, runtime, tta, batch_size, meta, scored)
+
     bar = tqdm(total=len(sources), desc="predict", disable=not progress)
-    for start in range(0, len(sources), chunk):
-        idx = list(range(start, min(start + chunk, len(sources))))
-        stacked, ok = _prepare_chunk(sources, idx, specs, errors)
-        if ok:
-            meta = None if metadata is None else metadata.iloc[ok].reset_index(drop=True)
-            probs, u = ensemble_outputs(members, stacked, runtime, tta, batch_size, meta, scored)
-            out[ok] = probs
-            if unfamiliar is not None and u is not None:
-                unfamiliar[ok] = u
-        bar.update(len(idx))
+    with ThreadPoolExecutor(decode_workers()) as pool:
+        for start in range(0, len(sources), chunk):
+            idx = list(range(start, min(start + chunk, len(sources))))
+            stacked, ok = _prepare_chunk(sources, idx, specs, errors, pool)
+            if ok:
+                meta = None if metadata is None else metadata.iloc[ok].reset_index(drop=True)
+                probs, u = (outputs or run)(stacked, meta)
+                out[ok] = probs
+                if unfamiliar is not None and u is not None:
+                    unfamiliar[ok] = u
+            bar.update(len(idx))
     bar.close()
     return Predictions(out, errors, unfamiliar)
+
+
+def decode_workers() -> int:
+    """Threads that decode and prepare images: the CPUs this process may use, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def _prepare_one(
+    source: str | Path | bytes, specs: list[PreprocessSpec]
+) -> dict[PreprocessSpec, np.ndarray] | ImageDecodeError:
+    try:
+        return {s: prepare_with_spec(source, s) for s in specs}
+    except ImageDecodeError as err:
+        return err
 
 
 def _prepare_chunk(
@@ -346,17 +376,17 @@ def _prepare_chunk(
     idx: list[int],
     specs: list[PreprocessSpec],
     errors: dict[int, str],
+    pool: Executor,
 ) -> tuple[dict[PreprocessSpec, np.ndarray], list[int]]:
-    """The sources ``idx`` prepared for each spec, and the indices that decoded; the others'
-    errors go into ``errors``."""
+    """The sources ``idx`` prepared for each spec (on ``pool``), and the indices that decoded;
+    the others' errors go into ``errors``."""
     prepared: dict[PreprocessSpec, list[np.ndarray]] = {s: [] for s in specs}
     ok: list[int] = []
-    for i in idx:
-        try:
-            arrays = {s: prepare_with_spec(sources[i], s) for s in specs}
-        except ImageDecodeError as err:
-            errors[i] = str(err)
-            log.error("%s", err)
+    results = pool.map(lambda i: _prepare_one(sources[i], specs), idx)
+    for i, arrays in zip(idx, results, strict=True):
+        if isinstance(arrays, ImageDecodeError):
+            errors[i] = str(arrays)
+            log.error("%s", arrays)
             continue
         ok.append(i)
         for s in specs:

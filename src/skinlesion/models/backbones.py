@@ -10,6 +10,7 @@ from pathlib import Path
 
 from skinlesion.core.config import close_matches
 from skinlesion.core.errors import ConfigError
+from skinlesion.core.paths import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,7 @@ PROVIDER_BACKBONES: tuple[str, ...] = ()
 
 
 def _names_file() -> Path:
-    env = os.environ.get("SKINLESION_CACHE")
-    root = Path(env) if env else Path.home() / ".cache" / "skinlesion"
+    root = user_cache_dir()
     try:
         version = metadata.version("timm")
     except metadata.PackageNotFoundError:

@@ -38,7 +38,6 @@ from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
 from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
-from skinlesion.inference.predict import ensemble_outputs
 from skinlesion.inference.table import MELANOMA_CLASS, Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
@@ -124,7 +123,7 @@ def _batch_fn(model: LoadedModel, runtime: Any, max_batch: int) -> Any:
         images = {k: v for k, v in stacked.items() if k != METADATA_KEY}
         meta = stacked.get(METADATA_KEY)
         table = None if meta is None else pd.DataFrame(meta, columns=list(METADATA_FIELDS))
-        probs, u = ensemble_outputs(model.members, images, runtime, model.tta, max_batch, table)
+        probs, u = model.outputs(images, model.tta, max_batch, table)
         values = [None] * len(probs) if u is None else [float(v) for v in u]
         return list(zip(probs, values, strict=True))
 

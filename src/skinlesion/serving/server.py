@@ -18,11 +18,15 @@ def serve(
     port: int = 8000,
     settings: ServeSettings | None = None,
     device: str = "auto",
+    backend: str = "auto",
 ) -> None:
     """Load ``model`` (see :func:`resolve_model`) and serve it until interrupted."""
     import uvicorn
 
-    loaded = resolve_model(model, resolve_runtime(device))
+    loaded = resolve_model(model, resolve_runtime(device), backend)
     app = create_app(loaded, settings)
-    log.info("serving %s (version %s) on http://%s:%d", loaded.name, loaded.version, host, port)
+    log.info(
+        "serving %s (version %s, backend %s) on http://%s:%d",
+        *(loaded.name, loaded.version, loaded.backend, host, port),
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

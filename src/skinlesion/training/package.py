@@ -29,15 +29,13 @@ from skinlesion.inference.familiarity import (
     load_familiarity,
     save_familiarities,
 )
-from skinlesion.inference.packaged import (
-    CARD_FILE,
-    DEFAULT_FILE,
+from skinlesion.inference.packaged import CARD_FILE, DEFAULT_FILE, zoo_dir
+from skinlesion.inference.packaged_meta import (
     MODEL_FILE,
     PACKAGED_FORMAT,
     PACKAGED_VERSION,
     WEIGHTS_FILE,
     sha256_file,
-    zoo_dir,
 )
 from skinlesion.inference.predict import checkpoint_paths
 from skinlesion.models.checkpoint import load_checkpoint

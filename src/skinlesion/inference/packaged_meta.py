@@ -1,0 +1,114 @@
+"""``model.json`` of a packaged model folder, read and checked: every key the loader reads is
+there with the type it needs, so a damaged file is one :class:`CheckpointError` naming it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from skinlesion.core.errors import CheckpointError
+from skinlesion.data.preprocess import PreprocessSpec
+
+PACKAGED_FORMAT = "skinlesion-packaged-model"
+PACKAGED_VERSION = 1
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_packaged_meta(folder: Path) -> dict[str, Any]:
+    """``model.json`` of a packaged model folder, checked: every key the loader reads is there
+    with the type it needs, so a damaged file is one :class:`CheckpointError` naming it."""
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; not a packaged model folder")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != PACKAGED_FORMAT:
+        raise CheckpointError(f"{path}: not a skinlesion packaged model")
+    version = meta.get("format_version", 0)
+    if isinstance(version, int) and version > PACKAGED_VERSION:
+        raise CheckpointError(
+            f"{path}: format {meta['format_version']} is newer than this skinlesion "
+            f"understands ({PACKAGED_VERSION}); upgrade skinlesion"
+        )
+    if "weights_sha256" not in meta:
+        raise CheckpointError(
+            f"{folder}: {MODEL_FILE} has no weights_sha256, so {WEIGHTS_FILE} cannot be "
+            f"verified; package the run again"
+        )
+    problems = _meta_problems(meta)
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}")
+    return meta
+
+
+_MISSING = object()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_preprocessing(value: Any) -> bool:
+    try:
+        PreprocessSpec.from_dict(value)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+# The keys of model.json the loader reads: what each must be, and the test of it.
+_META_KEYS: dict[str, tuple[str, Any]] = {
+    "format_version": ("an integer", lambda v: v is _MISSING or _is_int(v)),
+    "name": ("a string", lambda v: isinstance(v, str)),
+    "backbone": ("a string", lambda v: isinstance(v, str)),
+    "preprocessing": ("a mapping with size, mean and std", _is_preprocessing),
+    "tta": ("an integer 1..8", lambda v: _is_int(v) and 1 <= v <= 8),
+    "model_kwargs": ("a mapping", lambda v: v is _MISSING or isinstance(v, dict)),
+    "weights_sha256": ("a SHA-256 hex string", lambda v: isinstance(v, str) and len(v) == 64),
+    "members": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
+}
+_MEMBER_KEYS: dict[str, tuple[str, Any]] = {
+    "fold": ("an integer", _is_int),
+    "prefix": ("a string", lambda v: isinstance(v, str)),
+    "temperature": ("a positive number", lambda v: _is_number(v) and 0 < v < float("inf")),
+}
+
+
+def _shown(value: Any) -> str:
+    return "missing" if value is _MISSING else repr(value)
+
+
+def _meta_problems(meta: dict[str, Any]) -> list[str]:
+    """What is missing or of the wrong type in ``model.json``, each as ``key is X, expected Y``."""
+    problems = []
+    for key, (what, ok) in _META_KEYS.items():
+        value = meta.get(key, _MISSING)
+        if not ok(value):
+            problems.append(f"{key} is {_shown(value)}, expected {what}")
+    members = meta.get("members")
+    for i, m in enumerate(members if isinstance(members, list) else []):
+        if not isinstance(m, dict):
+            problems.append(f"members[{i}] is {m!r}, expected a mapping")
+            continue
+        for key, (what, ok) in _MEMBER_KEYS.items():
+            value = m.get(key, _MISSING)
+            if not ok(value):
+                problems.append(f"members[{i}].{key} is {_shown(value)}, expected {what}")
+    return problems

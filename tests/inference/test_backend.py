@@ -1,0 +1,204 @@
+"""Backends: onnxruntime by default on a CPU, with the same predictions table as eager PyTorch;
+graphs exported once into the cache, atomically, rebuilt when damaged; int8 behind a flag."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import (
+    attach_tiny_familiarity,
+    make_spread_packaged,
+    make_tiny_packaged,
+    spread_images,
+)
+
+from skinlesion.cli import main
+from skinlesion.core.errors import ConfigError
+from skinlesion.core.runtime import Runtime, resolve_runtime
+from skinlesion.inference.backend import (
+    COMPLETE_FILE,
+    _publish,
+    cached_graph,
+    entry_is_complete,
+    onnx_cache_dir,
+    resolve_backend,
+)
+from skinlesion.inference.onnx_export import ONNX_FILE, export_onnx
+from skinlesion.inference.packaged import resolve_model
+
+CPU = resolve_runtime("cpu")
+
+
+@pytest.fixture(scope="module")
+def lesions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return spread_images(tmp_path_factory.mktemp("lesions"), n=24)
+
+
+@pytest.fixture(scope="module")
+def spread(lesions: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model whose p(mel) and unfamiliarity spread across their thresholds on ``lesions``."""
+    folder = make_spread_packaged(tmp_path_factory.mktemp("zoo"), lesions[::2])
+    return attach_tiny_familiarity(folder, lesions[::2], lesions[1::4])
+
+
+def _probs(table: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    return table[classes].to_numpy(dtype=float)
+
+
+def test_auto_is_onnx_on_cpu_torch_on_cuda() -> None:
+    cuda = Runtime(torch.device("cuda"), None, False)
+    assert resolve_backend("auto", CPU) == "onnx" and resolve_backend("auto", cuda) == "torch"
+    assert resolve_backend("torch", CPU) == "torch"
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        resolve_backend("onnx", cuda)
+    with pytest.raises(ConfigError, match="not one of auto, torch, onnx, onnx-int8"):
+        resolve_backend("tensorrt", CPU)
+
+
+def test_default_backend_gives_the_eager_table(spread: Path, lesions: list[Path]) -> None:
+    eager = resolve_model(spread, CPU, backend="torch")
+    default = resolve_model(spread, CPU)
+    assert eager.graph is None and default.backend == "onnx" and default.graph is not None
+    a, b = eager.predict(lesions, batch_size=5), default.predict(lesions, batch_size=5)
+    classes = eager.class_names
+    # The fixture is informative: flags, refer decisions and unfamiliarity on both sides.
+    assert a["melanoma_flag"].nunique() == 2 and (a["unfamiliarity"] > 1).any()
+    assert np.abs(_probs(a, classes) - _probs(b, classes)).max() <= 1e-4
+    np.testing.assert_allclose(b["unfamiliarity"], a["unfamiliarity"], rtol=1e-4, atol=1e-4)
+    rest = [c for c in a.columns if c not in (*classes, "unfamiliarity")]
+    pd.testing.assert_frame_equal(a[rest], b[rest])
+
+
+def test_cli_predict_default_matches_torch(spread: Path, lesions: list[Path], tmp_path) -> None:
+    images = [str(p) for p in lesions[:6]]
+    a, b = tmp_path / "torch.csv", tmp_path / "auto.csv"
+    common = ["predict", "--no-progress", "--model", str(spread), *images]
+    assert main([*common, "--backend", "torch", "--output", str(a)]) == 0
+    assert main([*common, "--output", str(b)]) == 0
+    ta, tb = pd.read_csv(a), pd.read_csv(b)
+    classes = resolve_model(spread, CPU, backend="torch").class_names
+    assert np.abs(_probs(ta, classes) - _probs(tb, classes)).max() <= 1e-4
+    assert ta["prediction"].tolist() == tb["prediction"].tolist()
+
+
+def test_graph_is_exported_once_per_model_and_tta(tiny_packaged: Path) -> None:
+    resolve_model(tiny_packaged, CPU)
+    entries = sorted(p for p in onnx_cache_dir().iterdir() if not p.name.startswith("."))
+    stamp = {p: (p / ONNX_FILE).stat().st_mtime_ns for p in entries}
+    model = resolve_model(tiny_packaged, CPU)
+    assert {p: (p / ONNX_FILE).stat().st_mtime_ns for p in entries} == stamp
+    assert model.graph is not None and model.graph.folder in entries
+    other = resolve_model(tiny_packaged, CPU, tta=1)
+    assert other.graph is not None and other.graph.tta == 1
+    assert other.graph.folder != model.graph.folder
+
+
+def test_truncated_graph_in_the_cache_is_rebuilt(tmp_path: Path) -> None:
+    folder = make_tiny_packaged(tmp_path / "zoo", "trunc")
+    model = resolve_model(folder, CPU, backend="torch")
+    entry = cached_graph(model, root=tmp_path / "cache")
+    graph = entry / ONNX_FILE
+    size = graph.stat().st_size
+    graph.write_bytes(graph.read_bytes()[: size // 2])
+    assert not entry_is_complete(entry)
+    again = cached_graph(model, root=tmp_path / "cache")
+    assert again == entry and entry_is_complete(entry) and graph.stat().st_size == size
+    (entry / COMPLETE_FILE).unlink()  # an entry without its completion record: rebuilt too
+    assert cached_graph(model, root=tmp_path / "cache") == entry and entry_is_complete(entry)
+
+
+def test_a_loser_of_the_race_uses_the_winners_entry(tiny_packaged: Path, tmp_path: Path) -> None:
+    model = resolve_model(tiny_packaged, CPU, backend="torch")
+    first, second, final = tmp_path / ".tmp-a", tmp_path / ".tmp-b", tmp_path / "entry"
+    export_onnx(model, first)
+    export_onnx(model, second)
+    assert _publish(first, final, replace=False) == final
+    winner = (final / ONNX_FILE).read_bytes()
+    assert _publish(second, final, replace=False) == final
+    assert (final / ONNX_FILE).read_bytes() == winner and not second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+
+_EXPORT = """
+import sys
+from skinlesion.core.runtime import resolve_runtime
+from skinlesion.inference.backend import cached_graph
+from skinlesion.inference.packaged import resolve_model
+model = resolve_model(sys.argv[1], resolve_runtime("cpu"), backend="torch")
+print(cached_graph(model))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_exporting_at_once_share_one_entry(tmp_path: Path) -> None:
+    folder = make_tiny_packaged(tmp_path / "zoo", "race", members=1, size=32)
+    env = {**os.environ, "SKINLESION_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _EXPORT, str(folder)], env=env, stdout=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0].decode().strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1]
+    assert [p.name for p in (tmp_path / "cache" / "onnx").iterdir()] == [Path(outs[0]).name]
+    assert entry_is_complete(Path(outs[0]))
+
+
+def test_fused_model_falls_back_or_refuses(tmp_path: Path, lesions: list[Path], caplog) -> None:
+    folder = make_tiny_packaged(tmp_path / "zoo", "fused", metadata=True)
+    with pytest.raises(ConfigError, match="fused with patient metadata"):
+        resolve_model(folder, CPU, backend="onnx")
+    eager, auto = resolve_model(folder, CPU, backend="torch"), resolve_model(folder, CPU)
+    meta = [{"age": 70, "sex": "female", "localization": "face"}] * 4
+    with caplog.at_level(logging.INFO, logger="skinlesion.inference.backend"):
+        got, _ = auto.predict_proba(lesions[:4], metadata=meta)
+    assert "running on PyTorch, not ONNX: patient metadata" in caplog.text
+    expected, _ = eager.predict_proba(lesions[:4], metadata=meta)
+    np.testing.assert_array_equal(got, expected)  # the eager path itself
+    without, _ = eager.predict_proba(lesions[:4])
+    assert np.abs(got - without).max() > 1e-3  # the metadata moves the prediction
+    graph, _ = auto.predict_proba(lesions[:4])
+    assert np.abs(graph - without).max() <= 1e-4
+
+
+def test_forced_onnx_refuses_another_tta(tiny_packaged: Path, lesions: list[Path]) -> None:
+    model = resolve_model(tiny_packaged, CPU, backend="onnx")
+    with pytest.raises(ConfigError, match="TTA 1 differs from the graph's 2"):
+        model.predict_proba(lesions[:2], tta=1)
+
+
+def test_int8_export_and_backend(tiny_packaged: Path, lesions: list[Path], tmp_path) -> None:
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for p in lesions[::2]:
+        (calib / p.name).write_bytes(p.read_bytes())
+    images = [str(p) for p in lesions[1::3]]
+    predict = ["predict", "--no-progress", "--model", str(tiny_packaged), *images]
+    assert main([*predict, "--backend", "onnx-int8"]) == 2  # no int8 graph yet
+    out = tmp_path / "int8"
+    export = ["export", "--model", str(tiny_packaged), "--int8", "--output", str(out)]
+    assert main(export) == 2  # --calibration-images is required
+    assert main([*export, "--calibration-images", str(calib), "--calibration-count", "8"]) == 0
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["quantization"]["calibration_images"] == 8
+    a, b = tmp_path / "fp32.csv", tmp_path / "int8.csv"
+    assert main([*predict, "--backend", "onnx", "--output", str(a)]) == 0
+    assert main([*predict, "--backend", "onnx-int8", "--output", str(b)]) == 0
+    classes = resolve_model(tiny_packaged, CPU, backend="torch").class_names
+    diff = np.abs(_probs(pd.read_csv(a), classes) - _probs(pd.read_csv(b), classes)).max()
+    assert 0 < diff < 0.05  # quantized (not the fp32 graph), and close to it
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / ONNX_FILE)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
