@@ -274,6 +274,28 @@ class EvalConfig(_Strict):
     n_boot: int = Field(1000, ge=0)
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking (:mod:`skinlesion.training.tracking`): TensorBoard event files in the
+    run folder, and optionally an MLflow run. A tracker that fails warns once and the training
+    goes on; only the main process of a distributed run logs."""
+
+    tensorboard: bool = True
+    """Per-epoch scalars and each fold's confusion matrix in ``fold_K/tensorboard/``
+    (``tensorboard --logdir RUN``); ``false`` writes nothing."""
+    mlflow_uri: str | None = None
+    """An MLflow tracking URI: ``sqlite:///mlflow.db``, ``file:./mlruns`` or a server's
+    ``http(s)://host:port``; ``None``: no MLflow. Needs ``pip install skinlesion[tracking]``."""
+    mlflow_experiment: str = Field("skinlesion", min_length=1)
+    """The MLflow experiment the run is logged under (created when missing)."""
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _uri_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("give an MLflow tracking URI, or null for no MLflow")
+        return v
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
     cv: CVConfig = CVConfig()
@@ -283,6 +305,7 @@ class Config(_Strict):
     sampler: SamplerConfig = SamplerConfig()
     augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/default"
     seed: int = 42
 
