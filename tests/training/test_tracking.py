@@ -15,8 +15,10 @@ import pytest
 from conftest import FINETUNE, run_overrides, train_cli
 
 from skinlesion.core.config import load_config
+from skinlesion.core.errors import ConfigError
 from skinlesion.core.run_folder import RunFolder
-from skinlesion.training import fold_trainer
+from skinlesion.training import checks, fold_trainer
+from skinlesion.training.checks import check_tracking_packages
 from skinlesion.training.tracking import (
     MLflowTracker,
     Tracker,
@@ -105,6 +107,25 @@ def test_params_are_the_resolved_config_without_the_uri() -> None:
     params = config_params(cfg)
     assert params["train.lr"] == "0.001" and params["cv.n_folds"] == "5"
     assert "tracking.mlflow_uri" not in params and "secret" not in "".join(params.values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "missing", "key"),
+    [
+        (["tracking.mlflow_uri=http://h:5000"], "mlflow", "tracking.mlflow_uri"),
+        (["tracking.mlflow_uri=sqlite:///m.db"], "alembic", "tracking.mlflow_uri"),
+        ([], "tensorboard", "tracking.tensorboard"),
+    ],
+)
+def test_a_missing_tracking_package_fails_before_any_work(
+    overrides: list[str], missing: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(None, overrides)
+    check_tracking_packages(cfg)  # all installed here
+    monkeypatch.setattr(checks, "_installed", lambda name: name != missing)
+    with pytest.raises(ConfigError, match=rf"^{key}: needs {missing}, not installed; pip"):
+        check_tracking_packages(cfg)
+    check_tracking_packages(load_config(None, ["tracking.tensorboard=false"]))
 
 
 def test_sqlite_store_holds_parent_child_metrics_and_params(tmp_path: Path) -> None:

@@ -282,18 +282,11 @@ class TrackingConfig(_Strict):
     tensorboard: bool = True
     """Per-epoch scalars and each fold's confusion matrix in ``fold_K/tensorboard/``
     (``tensorboard --logdir RUN``); ``false`` writes nothing."""
-    mlflow_uri: str | None = None
+    mlflow_uri: str | None = Field(None, pattern=r"\S")
     """An MLflow tracking URI: ``sqlite:///mlflow.db``, ``file:./mlruns`` or a server's
     ``http(s)://host:port``; ``None``: no MLflow. Needs ``pip install skinlesion[tracking]``."""
-    mlflow_experiment: str = Field("skinlesion", min_length=1)
+    mlflow_experiment: str = Field("skinlesion", pattern=r"\S")
     """The MLflow experiment the run is logged under (created when missing)."""
-
-    @field_validator("mlflow_uri")
-    @classmethod
-    def _uri_not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("give an MLflow tracking URI, or null for no MLflow")
-        return v
 
 
 class Config(_Strict):
