@@ -14,7 +14,7 @@ from skinlesion.core.config import (
     parse_overrides,
     save_config,
 )
-from skinlesion.core.run_folder import recipe_of
+from skinlesion.core.run_folder import recipe_of, resume_changes
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -75,7 +75,12 @@ def test_empty_override_value_is_null() -> None:
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("bogus=1", "bogus"), ("train.lrr=1e-3", "train.lrr"), ("augment.flipp=0.5", "augment.flipp")],
+    [
+        ("bogus=1", "bogus"),
+        ("train.lrr=1e-3", "train.lrr"),
+        ("augment.flipp=0.5", "augment.flipp"),
+        ("tracking.tensorbord=false", "tracking.tensorbord"),
+    ],
 )
 def test_unknown_key_is_named(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"{key}: unknown key"):
@@ -99,12 +104,27 @@ def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
         ("cv.folds_to_run=[0,x]", "cv.folds_to_run"),
         ("train.optimizer=adam", "train.optimizer"),
         ("train.lr=-1", "train.lr"),
+        ("tracking.tensorboard=maybe", "tracking.tensorboard"),
+        ("tracking.mlflow_uri=' '", "tracking.mlflow_uri"),
+        ("tracking.mlflow_uri=5", "tracking.mlflow_uri"),
+        ("tracking.mlflow_experiment=", "tracking.mlflow_experiment"),
     ],
 )
 def test_wrong_type_or_value_is_named(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert key in str(info.value)
+
+
+def test_tracking_defaults_and_keys_a_resume_may_change() -> None:
+    cfg = load_config(None, ["tracking.mlflow_uri=sqlite:///m.db"])
+    assert Config().tracking.tensorboard and Config().tracking.mlflow_uri is None
+    assert cfg.tracking.mlflow_uri == "sqlite:///m.db" and cfg.tracking.mlflow_experiment
+    # Tracking records a run; it does not decide what is trained.
+    off = load_config(None, ["tracking.tensorboard=false"])
+    assert recipe_of(config_to_dict(cfg)) == recipe_of(config_to_dict(off))
+    assert resume_changes(cfg, off) == []
+    assert resume_changes(cfg, load_config(None, ["train.lr=1"])) != []
 
 
 def test_several_bad_keys_reported_together() -> None:

@@ -288,6 +288,21 @@ class EvalConfig(_Strict):
     it later."""
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking (:mod:`skinlesion.training.tracking`): TensorBoard event files in the
+    run folder, and optionally an MLflow run. A tracker that fails warns once and the training
+    goes on; only the main process of a distributed run logs."""
+
+    tensorboard: bool = True
+    """Per-epoch scalars and each fold's confusion matrix in ``fold_K/tensorboard/``
+    (``tensorboard --logdir RUN``); ``false`` writes nothing."""
+    mlflow_uri: str | None = Field(None, pattern=r"\S")
+    """An MLflow tracking URI: ``sqlite:///mlflow.db``, ``file:./mlruns`` or a server's
+    ``http(s)://host:port``; ``None``: no MLflow. Needs ``pip install skinlesion[tracking]``."""
+    mlflow_experiment: str = Field("skinlesion", pattern=r"\S")
+    """The MLflow experiment the run is logged under (created when missing)."""
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
     cv: CVConfig = CVConfig()
@@ -297,6 +312,7 @@ class Config(_Strict):
     sampler: SamplerConfig = SamplerConfig()
     augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/default"
     seed: int = 42
 

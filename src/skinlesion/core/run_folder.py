@@ -9,6 +9,8 @@ A run folder explains itself::
       fold_K/last.pt       full training state for --resume
       fold_K/val_predictions.csv  fold_K/summary.json
       fold_K/familiarity.safetensors  the refer check "unlike the training images"
+      fold_K/tensorboard/  TensorBoard event files (tracking.tensorboard)
+      tracking.json        the MLflow run ids, which --resume continues (tracking.mlflow_uri)
       oof_predictions.csv  oof_metrics.json  report.md  plots/
 
 >>> run = RunFolder(Path("runs/quick"))
@@ -37,13 +39,17 @@ _FOLD_RE = re.compile(r"^fold_(\d+)$")
 # also the only keys --resume may change: output_dir differs only for a moved folder; the image
 # cache is keyed by the source files, size and preprocessing, so any copy holds the same pixels;
 # device and threads change the speed (and float rounding), not the recipe; each fold is
-# seeded by its number alone, so training more (or other) folds leaves the others as they were.
+# seeded by its number alone, so training more (or other) folds leaves the others as they were;
+# tracking only records what is trained.
 PER_RUN_KEYS: tuple[tuple[str, ...], ...] = (
     ("cv", "folds_to_run"),
     ("output_dir",),
     ("train", "device"),
     ("train", "num_threads"),
     ("data", "cache_dir"),
+    ("tracking", "tensorboard"),
+    ("tracking", "mlflow_uri"),
+    ("tracking", "mlflow_experiment"),
 )
 
 
@@ -90,6 +96,10 @@ class FoldFolder:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     @property
     def finished(self) -> bool:
@@ -153,6 +163,11 @@ class RunFolder:
     @property
     def plots(self) -> Path:
         return self.root / "plots"
+
+    @property
+    def tracking(self) -> Path:
+        """``tracking.json``: the MLflow run ids of the run and its folds."""
+        return self.root / "tracking.json"
 
     def fold(self, k: int) -> FoldFolder:
         return FoldFolder(self.root / f"fold_{k}")

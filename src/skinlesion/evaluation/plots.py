@@ -49,6 +49,11 @@ def _draw_matrix(
 def plot_confusion_matrices(
     cm: list[list[int]] | np.ndarray, classes: Sequence[str], path: Path
 ) -> Path:
+    """:func:`confusion_figure` saved as a PNG."""
+    return _save(confusion_figure(cm, classes), path)
+
+
+def confusion_figure(cm: list[list[int]] | np.ndarray, classes: Sequence[str]) -> Figure:
     """Counts and row-normalised (recall) confusion matrices side by side; rows are true classes.
 
     Rows of absent classes are left blank in the normalised panel rather than shown as zeros.
@@ -63,7 +68,7 @@ def plot_confusion_matrices(
     left, right = fig.subplots(1, 2)
     _draw_matrix(left, counts, classes, "counts", ".0f")
     _draw_matrix(right, normalised, classes, "row-normalised (recall)", ".2f")
-    return _save(fig, path)
+    return fig
 
 
 def _reliability_bars(ax: Axes, bins: dict, label: str, color: str, filled: bool) -> None:

@@ -7,6 +7,7 @@ close matches; input paths must exist and output folders must be writable.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from skinlesion.core.config import Config, check_name
@@ -25,11 +26,32 @@ def check_names(cfg: Config) -> None:
     check_backbone(cfg.model.backbone, "model.backbone")
     check_name("loss.name", cfg.loss.name, LOSSES, "loss")
     check_name("sampler.name", cfg.sampler.name, SAMPLERS, "sampler")
+    check_tracking_packages(cfg)
     if cfg.data.sources is not None and cfg.train.scheme == "linear_probe":
         raise ConfigError(
             "train.scheme=linear_probe does not take data.sources (its head is fitted without "
             "the sources' label spaces); use train.scheme=finetune"
         )
+
+
+def check_tracking_packages(cfg: Config) -> None:
+    """The packages ``cfg.tracking`` needs are installed (a server that is down is only a
+    warning when the run starts; a missing package is the user's to fix before it)."""
+    needed = {"tensorboard": cfg.tracking.tensorboard, "mlflow": cfg.tracking.mlflow_uri}
+    uri = cfg.tracking.mlflow_uri or ""
+    if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        needed.update(sqlalchemy=True, alembic=True)  # MLflow's database stores
+    missing = [name for name, wanted in needed.items() if wanted and not _installed(name)]
+    if missing:
+        key = "tracking.tensorboard" if missing == ["tensorboard"] else "tracking.mlflow_uri"
+        raise ConfigError(
+            f"{key}: needs {', '.join(missing)}, not installed; pip install 'skinlesion[tracking]'"
+            f" (or set {key}={'false' if key == 'tracking.tensorboard' else 'null'})"
+        )
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
 
 
 def _check_source_paths(cfg: Config) -> None:

@@ -18,6 +18,7 @@ from skinlesion.core.errors import ConfigError
 from skinlesion.core.run_folder import RunFolder, check_resume_config
 from skinlesion.core.runtime import (
     DistInfo,
+    Runtime,
     environment_info,
     init_distributed,
     planned_world_size,
@@ -32,6 +33,7 @@ from skinlesion.training.run_data import (
     RunData,
     load_run_data,
 )
+from skinlesion.training.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +147,37 @@ def _run_cv(
         # The whole uint8 cache lives on the GPU (HAM10000 at 300 px: ~2.7 GB).
         data.images = torch.from_numpy(np.ascontiguousarray(data.images)).to(runtime.device)
     folds = _folds_to_run(cfg, data)
-    if cfg.train.scheme == "linear_probe":
-        run_linear_probe(cfg, data, run_dir, runtime, folds, resume, progress)
-    else:
-        for fold in folds:
-            fit_fold(cfg, data, fold, run_dir, runtime, resume=resume, progress=progress)
-        # Each fold's familiarity.safetensors (refer: unlike the training images).
-        if dist_info.is_main and cfg.eval.familiarity:
-            fit_run_familiarity(run_dir, cfg, data, runtime, progress, strict=False)
-    if dist_info.is_main:
-        write_oof_report(run_dir, n_boot=cfg.eval.n_boot)
+    tracker = open_tracker(saved, run, dist_info.is_main, resume)
+    try:
+        _train_folds(cfg, data, run_dir, runtime, folds, resume, progress, tracker)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
     if dist_info.enabled:
         dist.barrier()
+
+
+def _train_folds(
+    cfg: Config,
+    data: RunData,
+    run_dir: Path,
+    runtime: Runtime,
+    folds: list[int],
+    resume: bool,
+    progress: bool,
+    tracker: Tracker,
+) -> None:
+    """Every fold, then (main process) familiarity and the out-of-fold report."""
+    is_main = runtime.dist.is_main
+    if cfg.train.scheme == "linear_probe":
+        run_linear_probe(cfg, data, run_dir, runtime, folds, resume, progress, tracker)
+    else:
+        for fold in folds:
+            fit_fold(cfg, data, fold, run_dir, runtime, resume, progress, tracker)
+        # Each fold's familiarity.safetensors (refer: unlike the training images).
+        if is_main and cfg.eval.familiarity:
+            fit_run_familiarity(run_dir, cfg, data, runtime, progress, strict=False)
+    if is_main:
+        write_oof_report(run_dir, n_boot=cfg.eval.n_boot)
+        tracker.end_run()

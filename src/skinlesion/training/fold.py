@@ -39,6 +39,7 @@ from skinlesion.training.run_data import (
     label_mask,
     metadata_by_row,
 )
+from skinlesion.training.tracking import Tracker, end_fold_tracking
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,11 @@ def fit_fold(
     runtime: Runtime,
     resume: bool = False,
     progress: bool = True,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Train one fold, keep the lowest-validation-loss checkpoint, calibrate it; its summary."""
+    """Train one fold, keep the lowest-validation-loss checkpoint, calibrate it; its summary.
+    Each epoch's metrics row, and the fold's end, go to ``tracker``."""
+    tracker = tracker or Tracker()
     folder = RunFolder(run_dir).fold(fold)
     if resume and folder.finished:
         log.info("fold %d already complete, skipping", fold)
@@ -147,6 +151,7 @@ def fit_fold(
         if runtime.dist.is_main:
             _save_epoch(cfg, data, tr, folder, rows[-1])
             write_metrics_rows(folder.metrics, rows)
+            tracker.log_epoch(fold, rows[-1])
         _log_epoch(fold, cfg.train.epochs, rows[-1], tr.state["best_epoch"] == rows[-1]["epoch"])
         if runtime.dist.enabled:
             dist.barrier()
@@ -157,7 +162,7 @@ def fit_fold(
                 cfg.train.patience,
             )
             break
-    return finish_fold(cfg, data, fold, folder.root, runtime, split[1])
+    return finish_fold(cfg, data, fold, folder.root, runtime, split[1], tracker)
 
 
 def _log_epoch(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> None:
@@ -176,7 +181,13 @@ def _log_epoch(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> N
 
 
 def finish_fold(
-    cfg: Config, data: RunData, fold: int, fold_dir: Path, runtime: Runtime, val_t: pd.DataFrame
+    cfg: Config,
+    data: RunData,
+    fold: int,
+    fold_dir: Path,
+    runtime: Runtime,
+    val_t: pd.DataFrame,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Reload the best checkpoint, fit its temperature, save validation predictions."""
     folder = FoldFolder(fold_dir)
@@ -208,6 +219,7 @@ def finish_fold(
         classes = data.spec.class_names
         write_val_predictions(val_t, logits, temperature, folder.val_predictions, classes)
         folder.write_summary(summary)
+        end_fold_tracking(tracker, summary, y, logits, classes, folder.root)
     log.info(
         "fold %d done: best epoch %d, val_loss %.4f, temperature %.3f",
         fold,

@@ -25,6 +25,7 @@ METRIC_COLUMNS = (
     "val_log_loss",
     "val_balanced_accuracy",
     "val_macro_f1",
+    "val_macro_auroc",
     "val_accuracy",
     "lr",
     "seconds",
@@ -42,7 +43,7 @@ def write_metrics_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def val_figures(
     criterion: nn.Module, logits: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Selection loss (the training criterion, over each image's label space ``mask`` in a run
     of sources) and headline metrics (of the full softmax) on validation logits."""
     lt = torch.from_numpy(logits)
@@ -56,6 +57,7 @@ def val_figures(
         "val_log_loss": float(nn.functional.cross_entropy(lt.double(), yt)),
         "val_balanced_accuracy": pm["balanced_accuracy"],
         "val_macro_f1": pm["macro_f1"],
+        "val_macro_auroc": pm["macro_auroc"],  # None where no class has both outcomes
         "val_accuracy": pm["accuracy"],
     }
 

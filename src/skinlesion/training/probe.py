@@ -51,6 +51,7 @@ from skinlesion.training.builders import (
 )
 from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
 from skinlesion.training.run_data import RunData
+from skinlesion.training.tracking import Tracker, end_fold_tracking
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +248,16 @@ def _sweep_l2(
 
 
 def probe_fold(
-    cfg: Config, data: RunData, emb: np.ndarray, fold: int, run_dir: Path, backbone: nn.Module
+    cfg: Config,
+    data: RunData,
+    emb: np.ndarray,
+    fold: int,
+    run_dir: Path,
+    backbone: nn.Module,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Fit the head of one fold over the L2 grid; keep the lowest validation loss."""
+    """Fit the head of one fold over the L2 grid; keep the lowest validation loss. The grid's
+    rows (one "epoch" per L2 value), and the fold's end, go to ``tracker``."""
     folder = RunFolder(run_dir).fold(fold)
     folder.root.mkdir(parents=True, exist_ok=True)
     table = data.table
@@ -258,6 +266,8 @@ def probe_fold(
     n_classes = len(data.spec.class_names)
     rows, best = _sweep_l2(cfg, probe_set(cfg, emb, tr, va, n_classes, metadata), n_classes, fold)
     write_metrics_rows(folder.metrics, rows)
+    for row in rows if tracker is not None else ():
+        tracker.log_epoch(fold, row)
     if metadata is not None:
         # Each fold's head joins its own encoding; the shared backbone stays untouched.
         backbone = fuse_metadata(copy.deepcopy(backbone), metadata, hidden=0)
@@ -280,6 +290,7 @@ def probe_fold(
         "n_val": len(va),
     }
     folder.write_summary(summary)
+    end_fold_tracking(tracker, summary, y_va, logits, data.spec.class_names, folder.root)
     return summary
 
 
@@ -318,6 +329,7 @@ def run_linear_probe(
     folds: list[int],
     resume: bool = False,
     progress: bool = True,
+    tracker: Tracker | None = None,
 ) -> None:
     """Embed every image once, then fit and save one linear head per fold."""
     backbone = build_run_model(cfg, data.spec, runtime)
@@ -331,4 +343,4 @@ def run_linear_probe(
         if resume and run.fold(fold).finished:
             log.info("fold %d already complete, skipping", fold)
             continue
-        probe_fold(cfg, data, emb, fold, run_dir, backbone)
+        probe_fold(cfg, data, emb, fold, run_dir, backbone, tracker)
