@@ -202,3 +202,34 @@ def test_int8_export_and_backend(tiny_packaged: Path, lesions: list[Path], tmp_p
 
     ops = {n.op_type for n in onnx.load(str(out / ONNX_FILE)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_decode_workers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinlesion.inference.predict import DECODE_WORKERS_ENV, decode_workers
+
+    monkeypatch.setenv(DECODE_WORKERS_ENV, "3")
+    assert decode_workers() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(DECODE_WORKERS_ENV, bad)
+        with pytest.raises(ConfigError, match=DECODE_WORKERS_ENV):
+            decode_workers()
+    monkeypatch.delenv(DECODE_WORKERS_ENV)
+    assert 1 <= decode_workers() <= 8
+
+
+def test_predict_e2e_benchmark_times_each_backend_and_one_decode_thread(spread: Path) -> None:
+    from skinlesion.benchmark.predict_e2e import bench_predict_e2e
+    from skinlesion.benchmark.tables import format_table
+    from skinlesion.inference.predict import DECODE_WORKERS_ENV
+
+    result = bench_predict_e2e(
+        str(spread), None, n_images=6, size=(64, 48), backends=("torch", "onnx", "onnx-int8")
+    )
+    rows = result["results"]
+    assert [r["backend"] for r in rows] == ["torch", "onnx", "onnx-int8", "onnx"]
+    assert "int8" in rows[2]["skipped"]  # no int8 graph was made for this model
+    assert rows[3]["decode_threads"] == 1 and rows[1]["decode_threads"] >= 1
+    for r in (rows[1], rows[3]):
+        assert r["max_abs_diff_vs_torch"] <= 1e-4 and r["speedup_vs_torch"] > 0
+    assert DECODE_WORKERS_ENV not in os.environ  # restored after the one-thread run
+    assert "decode threads" in format_table(result)

@@ -179,12 +179,13 @@ def _format_predict_e2e(r: dict[str, Any]) -> list[str]:
     rows = []
     for x in r["results"]:
         if "skipped" in x:
-            rows.append([x["backend"], "-", "-", "-", "-", "-", f"skipped: {x['skipped']}"])
+            rows.append([x["backend"], "-", "-", "-", "-", "-", "-", f"skipped: {x['skipped']}"])
             continue
         diff = x.get("max_abs_diff_vs_torch")
         rows.append(
             [
                 x["backend"],
+                str(x["decode_threads"]),
                 f"{x['load_s']:.2f}",
                 f"{x['total_s']:.2f}",
                 f"{x['images_per_s']:.1f}",
@@ -197,7 +198,8 @@ def _format_predict_e2e(r: dict[str, Any]) -> list[str]:
         f"predict end to end: {r['model']}, {r['n_images']} JPEGs of {r['image_size']} "
         f"({r['images']}), batch {r['batch_size']}, model load and decoding included"
     )
-    cols = ["backend", "load s", "total s", "images/s", "vs torch", "max |p - p_torch|", "note"]
+    cols = ["backend", "decode threads", "load s", "total s", "images/s", "vs torch"]
+    cols += ["max |p - p_torch|", "note"]
     return [head, "", *_table(cols, rows), ""]
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from skinlesion.core.errors import CheckpointError
+from skinlesion.core.errors import CheckpointError, ConfigError
 from skinlesion.core.run_folder import (
     RECIPE_SECTIONS,
     RunFolder,
@@ -357,8 +357,17 @@ def predict_images(
     return Predictions(out, errors, unfamiliar)
 
 
+DECODE_WORKERS_ENV = "SKINLESION_DECODE_WORKERS"
+
+
 def decode_workers() -> int:
-    """Threads that decode and prepare images: the CPUs this process may use, at most 8."""
+    """Threads that decode and prepare images: ``$SKINLESION_DECODE_WORKERS`` if set, else the
+    CPUs this process may use, at most 8."""
+    raw = os.environ.get(DECODE_WORKERS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{DECODE_WORKERS_ENV}={raw!r}: expected a whole number >= 1")
+        return int(raw)
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 
