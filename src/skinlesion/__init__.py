@@ -22,10 +22,13 @@ __all__ = ["CLASSES", "load_model"]
 __version__ = "0.1.0"
 
 
-def load_model(name: str | Path | None = None, device: str = "auto") -> LoadedModel:
+def load_model(
+    name: str | Path | None = None, device: str = "auto", backend: str = "auto"
+) -> LoadedModel:
     """A packaged model by name (``None``: the default one), a packaged folder, a run folder or a
-    checkpoint, loaded for prediction. Imports torch only when called."""
+    checkpoint, loaded for prediction. ``backend``: ``auto`` (onnxruntime on a CPU, PyTorch on
+    CUDA), ``torch``, ``onnx`` or ``onnx-int8``. Imports torch only when called."""
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.packaged import resolve_model
 
-    return resolve_model(name, resolve_runtime(device))
+    return resolve_model(name, resolve_runtime(device), backend)

@@ -233,3 +233,12 @@ def test_predict_e2e_benchmark_times_each_backend_and_one_decode_thread(spread: 
         assert r["max_abs_diff_vs_torch"] <= 1e-4 and r["speedup_vs_torch"] > 0
     assert DECODE_WORKERS_ENV not in os.environ  # restored after the one-thread run
     assert "decode threads" in format_table(result)
+
+
+def test_load_model_takes_the_backend(spread: Path) -> None:
+    import skinlesion
+
+    assert skinlesion.load_model(spread, device="cpu").backend == "onnx"
+    assert skinlesion.load_model(spread, device="cpu", backend="torch").backend == "torch"
+    with pytest.raises(ConfigError, match="backend 'tensorrt'"):
+        skinlesion.load_model(spread, device="cpu", backend="tensorrt")
