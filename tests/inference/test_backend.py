@@ -164,12 +164,14 @@ def test_fused_model_falls_back_or_refuses(tmp_path: Path, lesions: list[Path], 
     with caplog.at_level(logging.INFO, logger="skinlesion.inference.backend"):
         got, _ = auto.predict_proba(lesions[:4], metadata=meta)
     assert "running on PyTorch, not ONNX: patient metadata" in caplog.text
+    assert auto.backend == "onnx" and auto.engines_used == {"torch"}  # what ran is recorded
     expected, _ = eager.predict_proba(lesions[:4], metadata=meta)
     np.testing.assert_array_equal(got, expected)  # the eager path itself
     without, _ = eager.predict_proba(lesions[:4])
     assert np.abs(got - without).max() > 1e-3  # the metadata moves the prediction
     graph, _ = auto.predict_proba(lesions[:4])
     assert np.abs(graph - without).max() <= 1e-4
+    assert auto.engines_used == {"onnx", "torch"}
 
 
 def test_forced_onnx_refuses_another_tta(tiny_packaged: Path, lesions: list[Path]) -> None:

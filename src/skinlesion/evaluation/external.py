@@ -204,7 +204,7 @@ def evaluate_external(
         "filter": where or {},
         "model": str(loaded.source),
         "tta": tta,
-        "backend": loaded.backend,
+        "backend": ", ".join(sorted(loaded.engines_used)) or loaded.backend,  # what ran
         "metadata": used,
         "metadata_unseen": unseen,
         "mel_threshold": threshold,

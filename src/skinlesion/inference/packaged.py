@@ -87,6 +87,8 @@ class LoadedModel:
     backend_forced: bool = False
     graph: OnnxModel | None = field(default=None, repr=False)
     fallbacks_logged: set[str] = field(default_factory=set, repr=False)
+    # The engines that computed this model's outputs so far (a fallback runs torch).
+    engines_used: set[str] = field(default_factory=set, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -158,6 +160,7 @@ class LoadedModel:
         """Probabilities (N, C) and unfamiliarity (N,) or ``None`` of prepared images, from the
         model's backend (:mod:`skinlesion.inference.backend`)."""
         graph = usable_graph(self, tta, metadata)
+        self.engines_used.add(self.backend if graph is not None else "torch")
         if graph is None:
             runtime = self.runtime or resolve_runtime("auto")
             return ensemble_outputs(
