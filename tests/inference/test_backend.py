@@ -100,6 +100,13 @@ def test_graph_is_exported_once_per_model_and_tta(tiny_packaged: Path) -> None:
     other = resolve_model(tiny_packaged, CPU, tta=1)
     assert other.graph is not None and other.graph.tta == 1
     assert other.graph.folder != model.graph.folder
+    from skinlesion.inference import backend
+
+    key = backend.graph_key(model.members, 2, True)
+    assert key != backend.graph_key(model.members, 2, False)
+    with pytest.MonkeyPatch.context() as mp:  # quantized another way: another int8 entry
+        mp.setattr(backend, "QUANTIZATION_ID", "another-quantization")
+        assert backend.graph_key(model.members, 2, True) != key
 
 
 def test_truncated_graph_in_the_cache_is_rebuilt(tmp_path: Path) -> None:
@@ -200,6 +207,8 @@ def test_int8_export_and_backend(tiny_packaged: Path, lesions: list[Path], tmp_p
     classes = resolve_model(tiny_packaged, CPU, backend="torch").class_names
     diff = np.abs(_probs(pd.read_csv(a), classes) - _probs(pd.read_csv(b), classes)).max()
     assert 0 < diff < 0.05  # quantized (not the fp32 graph), and close to it
+    sums = _probs(pd.read_csv(b), classes).sum(axis=1)
+    np.testing.assert_allclose(sums, 1.0, atol=1e-5)  # the softmax tail stays fp32
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / ONNX_FILE)).graph.node}

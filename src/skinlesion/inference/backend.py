@@ -5,10 +5,11 @@ onnxruntime (fp32, or int8 from ``skinlesion export --int8``).
 ``onnx`` on a CPU device and ``torch`` on CUDA. The graph is exported once per model into the
 user cache (``$SKINLESION_CACHE/onnx/KEY``), keyed by the SHA-256 of the weights files (with the
 familiarity and ``model.json`` beside them), the TTA views, the opset and the versions of
-skinlesion and torch (the exporter); int8 graphs have their own key. An entry is written in a
-temporary folder of the cache and renamed into place with a completion record holding the
-graph's SHA-256; an entry without one, or whose graph does not match it, is rebuilt, never
-used. Two processes exporting at once both succeed: the loser uses the winner's folder.
+skinlesion and torch (the exporter); int8 graphs have their own key, which names how they are
+quantized. An entry is written in a temporary folder of the cache and renamed into place with a
+completion record holding the graph's SHA-256; an entry without one, or whose graph does not
+match it, is rebuilt, never used. Two processes exporting at once both succeed: the loser uses
+the winner's folder.
 
 What a graph cannot express runs on PyTorch: a model fused with patient metadata given
 metadata values, a TTA other than the graph's, Grad-CAM. Under ``auto`` that falls back with
@@ -44,7 +45,7 @@ from skinlesion.inference.onnx_export import (
 )
 from skinlesion.inference.packaged_meta import MODEL_FILE, sha256_file
 from skinlesion.inference.predict import Member
-from skinlesion.inference.quantize import calibration_id, quantize_export
+from skinlesion.inference.quantize import QUANTIZATION_ID, calibration_id, quantize_export
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ def graph_key(members: Sequence[Member], tta: int, int8: bool) -> str | None:
                 files.append(f)
     h = hashlib.sha256()
     parts = [CACHE_VERSION, __version__, torch.__version__, OPSET, tta, int(int8)]
+    if int8:
+        parts.append(QUANTIZATION_ID)
     h.update(json.dumps(parts).encode())
     for m in members:
         h.update(json.dumps([m.fold, m.temperature, m.spec.to_dict()], default=str).encode())

@@ -1,11 +1,11 @@
 """Static int8 quantization of an exported graph with onnxruntime's tools, calibrated on images.
 
 The fp32 graph of :func:`~skinlesion.inference.onnx_export.export_onnx` is quantized in QDQ
-format (per-channel int8 weights, uint8 activations, MinMax calibration), which onnxruntime's
-CPU kernels run as int8 convolutions on x86. Only the nodes that lead to ``probabilities`` are
-quantized: the nodes that only feed ``unfamiliarity`` (stage statistics, Mahalanobis distances)
-stay fp32, so that output keeps its scale; it still reads the int8 backbone's features, so it
-moves a little with the probabilities.
+format (per-channel int8 weights, uint8 activations, MinMax calibration), convolutions only, which
+onnxruntime's CPU kernels run as int8 convolutions on x86; the heads, temperatures, softmax and
+ensemble mean stay fp32, so probabilities still sum to 1. The nodes that only feed
+``unfamiliarity`` (stage statistics, Mahalanobis distances) stay fp32 too, so that output keeps its
+scale; it still reads the int8 backbone's features, so it moves a little with the probabilities.
 
 Calibration images should be training images of the model (for the packaged HAM10000 models,
 HAM10000 images): decoded and prepared exactly as at prediction time.
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CALIBRATION_BATCH = 8
+QUANTIZED_OPS = ["Conv"]
+# Names how the graph is quantized; part of an int8 graph's cache key, so that a change here
+# never reuses a graph quantized the old way.
+QUANTIZATION_ID = "qdq-s8-per-channel-weights-u8-activations-minmax-conv-only"
 
 
 def calibration_images(folder: str | Path, count: int) -> list[Path]:
@@ -104,6 +108,10 @@ def _quantize(source: Path, output: Path, reader: Any) -> None:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=fp32_only,
+            # Convolutions only: they are nearly all the work. Quantizing the tail as well
+            # (temperature, softmax, the members' mean) rounds the probabilities to uint8 steps,
+            # so that a row no longer sums to 1.
+            op_types_to_quantize=QUANTIZED_OPS,
             calibrate_method=CalibrationMethod.MinMax,
         )
 
@@ -130,9 +138,10 @@ def quantize_export(source: Path, output: Path, images: Sequence[Path]) -> Path:
         logging.getLogger().setLevel(root_level)
     meta["quantization"] = {
         "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 "
-        "activations, MinMax calibration; unfamiliarity-only nodes kept fp32",
+        "activations, MinMax calibration, convolutions only; unfamiliarity-only nodes kept fp32",
         "calibration_images": len(images),
         "calibration_id": calibration_id(images),
+        "quantization_id": QUANTIZATION_ID,
     }
     (output / SPEC_FILE).write_text(json.dumps(meta, indent=2))
     if (source / "card.json").is_file():
