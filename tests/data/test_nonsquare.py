@@ -112,3 +112,9 @@ def test_a_run_at_h_w_trains_and_predicts(tmp_path: Path) -> None:
 
     row = pd.read_csv(pred).iloc[0]
     assert abs(sum(row[c] for c in ckpt["class_names"]) - 1.0) < 1e-5
+    # The default CPU backend (its ONNX graph, exported at H x W) gives the eager probabilities.
+    eager = tmp_path / "eager.csv"
+    args = ["predict", "--model", str(out), "--no-progress", str(img), "--output", str(eager)]
+    assert main([*args, "--backend", "torch"]) == 0
+    other = pd.read_csv(eager).iloc[0]
+    assert max(abs(row[c] - other[c]) for c in ckpt["class_names"]) < 1e-4

@@ -156,7 +156,8 @@ def export_onnx(model: Exportable, output: str | Path, tta: int | None = None) -
     graph = EnsembleGraph(model.members, tta).cpu().eval()
     graph = graph.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     spec = model.members[0].spec
-    dummy = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
+    height, width = size_hw(spec.size)
+    dummy = torch.zeros(2, height, width, 3, dtype=torch.uint8)
     path = output / ONNX_FILE
     outputs = ["probabilities", *([UNFAMILIARITY] if graph.scored else [])]
     with torch.no_grad(), warnings.catch_warnings():
@@ -196,7 +197,7 @@ def _spec_json(model: Exportable, spec: PreprocessSpec, tta: int) -> dict[str, A
         "input": {
             "name": "images",
             "dtype": "uint8",
-            "shape": ["batch", spec.size, spec.size, 3],
+            "shape": ["batch", *size_hw(spec.size), 3],
             "prepared_by": "skinlesion.data.preprocess.prepare_with_spec (decode, "
             "colour constancy if set, resize without crop)",
         },
