@@ -164,10 +164,14 @@ def test_two_processes_exporting_at_once_share_one_entry(tmp_path: Path) -> None
 
 def test_fused_model_falls_back_or_refuses(tmp_path: Path, lesions: list[Path], caplog) -> None:
     folder = make_tiny_packaged(tmp_path / "zoo", "fused", metadata=True)
-    with pytest.raises(ConfigError, match="fused with patient metadata"):
-        resolve_model(folder, CPU, backend="onnx")
-    eager, auto = resolve_model(folder, CPU, backend="torch"), resolve_model(folder, CPU)
+    # Forced onnx: images alone run on the graph; metadata values are refused, never dropped.
+    forced = resolve_model(folder, CPU, backend="onnx")
     meta = [{"age": 70, "sex": "female", "localization": "face"}] * 4
+    with pytest.raises(ConfigError, match="patient metadata was given, which the graph"):
+        forced.predict_proba(lesions[:4], metadata=meta)
+    images_only, _ = forced.predict_proba(lesions[:4])
+    assert forced.engines_used == {"onnx"}
+    eager, auto = resolve_model(folder, CPU, backend="torch"), resolve_model(folder, CPU)
     with caplog.at_level(logging.INFO, logger="skinlesion.inference.backend"):
         got, _ = auto.predict_proba(lesions[:4], metadata=meta)
     assert "running on PyTorch, not ONNX: patient metadata" in caplog.text
@@ -178,6 +182,7 @@ def test_fused_model_falls_back_or_refuses(tmp_path: Path, lesions: list[Path], 
     assert np.abs(got - without).max() > 1e-3  # the metadata moves the prediction
     graph, _ = auto.predict_proba(lesions[:4])
     assert np.abs(graph - without).max() <= 1e-4
+    assert np.abs(images_only - without).max() <= 1e-4
     assert auto.engines_used == {"onnx", "torch"}
 
 

@@ -206,12 +206,6 @@ def attach_backend(model: Any, backend: str, tta: int | None = None) -> None:
     model.backend, model.backend_forced, model.graph = chosen, backend != "auto", None
     if chosen == "torch":
         return
-    if model.uses_metadata and backend != "auto":
-        raise ConfigError(
-            f"--backend {backend}: {model.name} is fused with patient metadata, which its ONNX "
-            "graph cannot take; use --backend torch (or auto, which uses the graph for images "
-            "without metadata)"
-        )
     if graph_key(model.members, model.tta if tta is None else tta, False) is None:
         if backend != "auto":
             raise ConfigError(f"--backend {backend}: {model.name} has no weights file to export")
