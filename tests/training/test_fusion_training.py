@@ -117,6 +117,13 @@ def test_probe_with_metadata_reproduces_oof_and_evaluates(
     folder = package_run(out, "fused", out_root=tmp_path / "zoo", folds=[0])
     packaged = resolve_model(folder, resolve_runtime("cpu"))
     assert packaged.uses_metadata
+    # Its card says what it takes: a reader of the card alone knows to give metadata.
+    card = json.loads((folder / "card.json").read_text())
+    assert card["metadata"]["fields"] == ["age", "sex", "localization"]
+    assert (
+        "Fused with patient metadata (age, sex, localization"
+        in (folder / "MODEL_CARD.md").read_text()
+    )
     records = table.set_index("image_id").loc[fold0["image_id"]].reset_index()
     again = packaged.predict(images, metadata=records)
     # Packaged weights are float16 (training/package.half_precision): on this small untrained

@@ -121,6 +121,7 @@ def build_card(
         "input": ckpts[0]["preprocessing"],
         "members": [{"fold": c["fold"], "epoch": c["epoch"], **_final_fit(c)} for c in ckpts],
         "tta_views": _tta(ckpts[0]),
+        "metadata": _metadata(cfg),
         "hardware": hardware,
         "recipe": cfg,
         "metrics": {
@@ -180,6 +181,25 @@ def _final_fit(ckpt: dict[str, Any]) -> dict[str, Any]:
     fit = ckpt.get("final_fit") or {}
     keys = ("n_train", "folds", "fold_best_epochs", "epochs", "temperature")
     return {"final_fit": {k: fit[k] for k in keys if k in fit}} if fit else {}
+
+
+def _metadata(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The patient metadata a fused model takes, from its recipe; ``None`` for image-only."""
+    model = cfg.get("model") or {}
+    fields = model.get("metadata")
+    if not fields:
+        return None
+    return {"fields": list(fields), "dropout": model.get("metadata_drop")}
+
+
+def _metadata_line(card: dict[str, Any]) -> str:
+    meta = card.get("metadata")
+    if not meta:
+        return ""
+    return (
+        f" Fused with patient metadata ({', '.join(meta['fields'])}; whole-vector dropout "
+        f"{meta.get('dropout')} in training): it predicts from the image alone when none is given."
+    )
 
 
 def _members_line(card: dict[str, Any]) -> str:
@@ -275,7 +295,7 @@ code is Apache-2.0.
 **Model.** {card["backbone"]}, ImageNet-initialised, fine-tuned; input {_hw(spec["size"])} (H x W)
 ({spec["interpolation"]}), Shades-of-Gray colour constancy: {spec["colour_constancy"]};
 {_members_line(card)}; TTA over
-{card["tta_views"]} dihedral views; temperature-scaled probabilities.
+{card["tta_views"]} dihedral views; temperature-scaled probabilities.{_metadata_line(card)}
 
 **Training data.** {card["training_data"]} Trained on {card["hardware"]}.
 
