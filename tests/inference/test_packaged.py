@@ -214,6 +214,27 @@ def test_shipped_default_model_predicts_from_outside_the_repo(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(_shipped() is None, reason="no packaged model in this checkout")
+def test_shipped_default_model_reads_metadata_when_it_is_fused() -> None:
+    """The default is fused with age, sex and site: records given change its probabilities, and
+    a record with nothing known predicts as no metadata at all (the image-only path)."""
+    model = skinlesion.load_model(device="cpu", backend="torch")
+    if not model.uses_metadata:
+        pytest.skip(f"{model.name} is image-only")
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (150, 200, 3), dtype=np.uint8) for _ in range(2)]
+    none, _ = model.predict_proba(images, tta=1)
+    unknown, _ = model.predict_proba(images, tta=1, metadata=[{}, {}])
+    records = [
+        {"age": 75, "sex": "male", "localization": "back"},
+        {"age": 20, "sex": "female", "localization": "face"},
+    ]
+    given, _ = model.predict_proba(images, tta=1, metadata=records)
+    assert np.allclose(unknown, none, atol=1e-6)
+    assert np.allclose(given.sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(given - none).max() > 1e-3
+
+
+@pytest.mark.skipif(_shipped() is None, reason="no packaged model in this checkout")
 def test_wheel_contains_the_packaged_models(tmp_path: Path) -> None:
     subprocess.run(
         [
