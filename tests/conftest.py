@@ -108,6 +108,24 @@ def train_cli(args: list[str]) -> int:
     return main(["train", "--no-progress", *args])
 
 
+def crash_on_call(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], None]:
+    """The n-th training epoch of the process raises KeyboardInterrupt (a crash mid-run);
+    returns the undo."""
+    from skinlesion.training import fold_trainer
+
+    real = fold_trainer.train_batches
+    calls = {"n": 0}
+
+    def crashing(*args: Any, **kwargs: Any) -> float:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fold_trainer, "train_batches", crashing)
+    return lambda: monkeypatch.setattr(fold_trainer, "train_batches", real)
+
+
 @pytest.fixture(scope="session")
 def synthetic_ham(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``synthetic_ham(lesions_per_class=5, seed=0, **options)``: a synthetic HAM10000 folder,

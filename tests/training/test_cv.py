@@ -8,14 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FINETUNE, run_overrides, train_cli
+from conftest import FINETUNE, crash_on_call, run_overrides, train_cli
 
 from skinlesion.cli import main
 from skinlesion.core.config import load_config
 from skinlesion.core.labels import CLASSES
 from skinlesion.inference.table import table_columns
 from skinlesion.models.checkpoint import load_checkpoint
-from skinlesion.training import fold_trainer as training
 from skinlesion.training.run_data import load_run_data
 
 
@@ -120,19 +119,10 @@ def test_resume_after_interruption_matches_uninterrupted(
     assert train_cli(tiny_overrides(syn_root, full, cache, **extra)) == 0
 
     crashed = tmp_path / "crashed"
-    real_epoch = training.train_batches
-    calls = {"n": 0}
-
-    def crash_on_third(*args: object, **kwargs: object) -> float:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_batches", crash_on_third)
+    undo = crash_on_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_cli(tiny_overrides(syn_root, crashed, cache, **extra))
-    monkeypatch.setattr(training, "train_batches", real_epoch)
+    undo()
     assert pd.read_csv(crashed / "fold_0" / "metrics.csv")["epoch"].tolist() == [1, 2]
     # Without --resume the folder is protected.
     assert train_cli(tiny_overrides(syn_root, crashed, cache, **extra)) == 2

@@ -7,7 +7,7 @@ epoch that must be selected is known in advance whatever the tiny model learns; 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FINETUNE, run_overrides, train_cli
+from conftest import FINETUNE, crash_on_call, run_overrides, train_cli
 
 from skinlesion.models.checkpoint import load_checkpoint
 from skinlesion.training import fold as fold_module
-from skinlesion.training import fold_trainer, outputs
+from skinlesion.training import outputs
 
 
 def script_val_loss(monkeypatch: pytest.MonkeyPatch, offsets: Iterator[float]) -> None:
@@ -39,21 +39,6 @@ def rising() -> Iterator[float]:
     while True:
         yield 10.0 * k
         k += 1
-
-
-def crash_on_call(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], None]:
-    """The n-th training epoch of the process raises KeyboardInterrupt; returns the undo."""
-    real = fold_trainer.train_batches
-    calls = {"n": 0}
-
-    def crashing(*args: Any, **kwargs: Any) -> float:
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fold_trainer, "train_batches", crashing)
-    return lambda: monkeypatch.setattr(fold_trainer, "train_batches", real)
 
 
 def assert_same_best(a: Path, b: Path) -> None:

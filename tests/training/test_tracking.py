@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FINETUNE, run_overrides, train_cli
+from conftest import FINETUNE, crash_on_call, run_overrides, train_cli
 
 from skinlesion.core.config import load_config
 from skinlesion.core.errors import ConfigError
 from skinlesion.core.run_folder import RunFolder
-from skinlesion.training import checks, fold_trainer
+from skinlesion.training import checks
 from skinlesion.training.checks import check_tracking_packages
 from skinlesion.training.tracking import (
     MLflowTracker,
@@ -163,19 +163,10 @@ def test_resumed_run_logs_every_epoch_once_to_tensorboard_and_mlflow(
     extra = {"tracking.mlflow_uri": store.as_uri(), "tracking.mlflow_experiment": "tiny"}
     out = tmp_path / "run"
     args = run_overrides(TINY, syn_root, out, tmp_path / "cache", **extra)
-    real = fold_trainer.train_batches
-    calls = {"n": 0}
-
-    def crash_on_third(*a: object, **k: object) -> float:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(fold_trainer, "train_batches", crash_on_third)
+    undo = crash_on_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_cli(args)
-    monkeypatch.setattr(fold_trainer, "train_batches", real)
+    undo()
     ids = json.loads((out / "tracking.json").read_text())
     assert train_cli(["--resume", *args]) == 0
     assert json.loads((out / "tracking.json").read_text())["folds"]["0"] == ids["folds"]["0"]
