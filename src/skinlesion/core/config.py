@@ -68,6 +68,10 @@ class DataConfig(_Strict):
     colour_constancy: bool = False
     """Shades-of-Gray colour constancy (p=6) applied when images are cached and at inference."""
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    match_detail: bool = True
+    """Measure the training images' detail (longer side, JPEG quality) and store it in the
+    model's preprocessing spec, so that a larger input is reduced to it before the model's own
+    resize (another clinic's full-resolution image seen as the model learned its thumbnails)."""
     sources: list[SourceConfig] | None = None
     """Several labelled sets in one run (:mod:`skinlesion.core.sources`), each with its own
     ``name``, format keys and ``classes``; ``None``: the one set the keys above describe."""
@@ -116,6 +120,25 @@ class CVConfig(_Strict):
     """Group folds by lesion. ``false`` leaks lesions across folds: only for the leakage audit."""
     folds_file: str | None = None
     """A ``folds.csv`` from ``skinlesion split``; default: folds are made and saved in the run."""
+    holdout_column: str | None = None
+    """Cross-site validation: the column that names each image's site (``dataset`` for
+    HAM10000's acquisition sources; a source of ``data.sources`` without that column is a site
+    named after the source). Model K is trained on every other site and tested on
+    ``cv.holdout[K]``; early stopping and temperature come from fold 0 of the other sites' own
+    lesion-grouped folds, never from the held-out site. ``None``: k-fold cross-validation."""
+    holdout: list[str] | None = None
+    """Cross-site validation: the sites held out, one model each, in this order; ``None``: every
+    site of ``cv.holdout_column``."""
+
+    @model_validator(mode="after")
+    def _holdout_keys(self) -> CVConfig:
+        if self.holdout is not None and self.holdout_column is None:
+            raise ValueError("cv.holdout names sites: set cv.holdout_column too")
+        if self.holdout is not None and (
+            not self.holdout or len(set(self.holdout)) < len(self.holdout)
+        ):
+            raise ValueError(f"cv.holdout={self.holdout}: name each site once, or null for all")
+        return self
 
     @model_validator(mode="after")
     def _folds_exist(self) -> CVConfig:
@@ -130,6 +153,8 @@ class CVConfig(_Strict):
         if len(set(folds)) != len(folds):
             raise ValueError(f"cv.folds_to_run={folds} names a fold twice")
         outside = [f for f in folds if not 0 <= f < self.n_folds]
+        if self.holdout_column is not None:  # one model per site: checked against the sites
+            outside = [f for f in folds if f < 0]
         if outside and self.folds_file is None:
             raise ValueError(
                 f"cv.folds_to_run={folds}: no fold {', '.join(map(str, outside))}; "
@@ -262,12 +287,35 @@ class AugmentConfig(_Strict):
     """Per-channel gains uniform in [1-g, 1+g], rescaled to keep the mean gain 1: a colour cast of
     another illuminant or white balance; 0 is off."""
 
-    @field_validator("scale", "aspect", "blur_sigma", "gamma", mode="before")
+    downscale: float = Field(0.0, ge=0, le=1)
+    """Probability of losing detail: the image is shrunk by a factor drawn from
+    ``downscale_range`` and enlarged back (a camera or a copy of lower resolution)."""
+    downscale_range: tuple[float, float] = (0.35, 1.0)
+    """Range of the shrink factor of ``downscale``, log-uniform (1: no loss)."""
+    jpeg: float = Field(0.0, ge=0, le=1)
+    """Probability of a JPEG round trip at a quality drawn from ``jpeg_quality`` (compression
+    artefacts of another device or a re-saved copy)."""
+    jpeg_quality: tuple[int, int] = (30, 95)
+    """Range of the JPEG quality of ``jpeg``, uniform."""
+
+    @field_validator("scale", "aspect", "blur_sigma", "gamma", "downscale_range", mode="before")
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
 
-    @field_validator("scale", "aspect", "blur_sigma", "gamma")
+    @field_validator("jpeg_quality", mode="before")
+    @classmethod
+    def _quality_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1] <= 100:
+            raise ValueError(f"jpeg_quality must satisfy 1 <= lo <= hi <= 100, got {v}")
+        return v
+
+    @field_validator("scale", "aspect", "blur_sigma", "gamma", "downscale_range")
     @classmethod
     def _ordered_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
         if not 0.0 < v[0] <= v[1]:

@@ -3,6 +3,8 @@
 from collections.abc import Sequence
 
 CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+MELANOMA = "mel"
+"""The melanoma class: the one the melanoma flag, threshold and AUROC are about."""
 
 CLASS_DESCRIPTIONS: dict[str, str] = {
     "akiec": "actinic keratosis / intraepithelial carcinoma",

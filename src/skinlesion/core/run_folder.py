@@ -7,7 +7,8 @@ A run folder explains itself::
       fold_K/metrics.csv   per-epoch train/val figures
       fold_K/best.pt       lowest validation loss (calibrated temperature added at the end)
       fold_K/last.pt       full training state for --resume
-      fold_K/val_predictions.csv  fold_K/summary.json
+      fold_K/val_predictions.csv  fold_K/summary.json   (cross-site: the held-out site's
+      fold_K/inner_val_predictions.csv                  predictions, then the validation's)
       fold_K/familiarity.safetensors  the refer check "unlike the training images"
       fold_K/tensorboard/  TensorBoard event files (tracking.tensorboard)
       tracking.json        the MLflow run ids, which --resume continues (tracking.mlflow_uri)
@@ -92,6 +93,17 @@ class FoldFolder:
     @property
     def val_predictions(self) -> Path:
         return self.root / "val_predictions.csv"
+
+    @property
+    def inner_val_predictions(self) -> Path:
+        """Cross-site validation: the training sites' validation images (``val_predictions.csv``
+        holds the held-out site's)."""
+        return self.root / "inner_val_predictions.csv"
+
+    @property
+    def holdout_unfamiliarity(self) -> Path:
+        """Cross-site validation: ``image_id, unfamiliarity`` of the held-out site's images."""
+        return self.root / "holdout_unfamiliarity.csv"
 
     @property
     def summary(self) -> Path:

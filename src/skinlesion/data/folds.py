@@ -9,6 +9,8 @@ sources (a ``source`` column, ``data.sources``) is stratified by source x diagno
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +23,67 @@ from skinlesion.data.labelled_table import read_table
 FOLD_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "fold")
 SOURCE_COLUMN = "source"
 """Optional column of ``folds.csv`` (after :data:`FOLD_COLUMNS`): the image's source."""
+SITE_COLUMN = "site"
+"""Optional column of ``folds.csv``: the image's site in cross-site validation
+(``cv.holdout_column``)."""
+_EXTRA_COLUMNS = (SOURCE_COLUMN, SITE_COLUMN)
 
 
 def _strata(data: pd.DataFrame) -> np.ndarray:
-    """What folds are stratified by: the diagnosis, or source x diagnosis with several sources."""
-    if SOURCE_COLUMN not in data.columns:
-        return data["dx"].to_numpy()
-    return (data[SOURCE_COLUMN].astype(str) + "|" + data["dx"].astype(str)).to_numpy()
+    """What folds are stratified by: the diagnosis, or site (source) x diagnosis."""
+    strata = data["dx"].astype(str)
+    for column in _EXTRA_COLUMNS:
+        if column in data.columns:
+            strata = data[column].astype(str) + "|" + strata
+    return strata.to_numpy()
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """The images of one model: ``train``, ``val`` (early stopping, temperature) and ``test`` (its
+    out-of-fold predictions: ``val`` itself in k-fold cross-validation, the held-out site in
+    cross-site validation)."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    site: str | None = None
+    """The held-out site (cross-site validation), else ``None``."""
+    dropped: int = 0
+    """Images of other sites left out because their lesion is also at the held-out site."""
+
+
+INNER_FOLD = 0
+"""In cross-site validation, the fold of the training sites' own folds that validates."""
+
+
+def fold_split(table: pd.DataFrame, fold: int, holdout: Sequence[str] | None = None) -> FoldSplit:
+    """Model ``fold``'s images of a table with a ``fold`` column (and ``site`` with ``holdout``).
+
+    k-fold (``holdout`` None): train on the other folds, validate and test on fold ``fold``.
+    Cross-site: test on every image of site ``holdout[fold]``; train on the other sites' images
+    outside :data:`INNER_FOLD` and validate on those inside it. An image of another site whose
+    lesion was also photographed at the held-out site is in neither, so no lesion crosses. The
+    test images' ``fold`` is ``fold``.
+    """
+    if holdout is None:
+        val = table[table["fold"] == fold]
+        return FoldSplit(table[table["fold"] != fold], val, val)
+    site = holdout[fold]
+    at_site = (table[SITE_COLUMN] == site).to_numpy()
+    shared = table["lesion_id"].isin(set(table.loc[at_site, "lesion_id"])).to_numpy() & ~at_site
+    rest = ~at_site & ~shared
+    inner = (table["fold"] == INNER_FOLD).to_numpy()
+    # The test images' fold is the model's: what an out-of-fold table groups predictions by.
+    test = table[at_site].assign(fold=fold)
+    return FoldSplit(table[rest & ~inner], table[rest & inner], test, site, int(shared.sum()))
 
 
 def make_folds(
     df: pd.DataFrame, n_folds: int = 5, seed: int = 42, grouped: bool = True
 ) -> pd.DataFrame:
-    """``image_id, lesion_id, dx, fold`` (and ``source`` when ``df`` has it) for every image,
-    deterministic for a seed.
+    """``image_id, lesion_id, dx, fold`` (and ``source``, ``site`` when ``df`` has them) for
+    every image, deterministic for a seed.
 
     ``grouped=False`` gives image-level stratified folds, which leak lesions across folds; it
     exists only so the leakage audit can measure how much that inflates the metrics.
@@ -42,7 +91,7 @@ def make_folds(
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
     # Sort first so the folds depend on the data, not on the row order of the file.
-    columns = ["image_id", "lesion_id", "dx"] + [c for c in [SOURCE_COLUMN] if c in df.columns]
+    columns = ["image_id", "lesion_id", "dx"] + [c for c in _EXTRA_COLUMNS if c in df.columns]
     data = df[columns].sort_values("image_id").reset_index(drop=True)
     fold = np.full(len(data), -1, dtype=int)
     y = _strata(data)
@@ -78,7 +127,7 @@ def check_folds(folds: pd.DataFrame) -> None:
 
 def save_folds(folds: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    extra = [SOURCE_COLUMN] if SOURCE_COLUMN in folds.columns else []
+    extra = [c for c in _EXTRA_COLUMNS if c in folds.columns]
     folds[[*FOLD_COLUMNS, *extra]].to_csv(path, index=False)
 
 

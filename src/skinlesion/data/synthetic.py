@@ -14,6 +14,7 @@ tints each photograph with its own illuminant, which colour constancy removes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,7 @@ def make_synthetic_ham10000(
     weak_metadata: bool = False,
     colour_cast: float = 0.0,
     look_noise: float = 0.0,
+    sites: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Write ``HAM10000_metadata.csv`` and JPEGs under ``root``; return the metadata.
 
@@ -106,8 +108,9 @@ def make_synthetic_ham10000(
     :func:`_patient`). ``colour_cast``: each image's channels are scaled by gains drawn from
     ``[1 - colour_cast, 1 + colour_cast]``, a cast that differs by image. ``look_noise``: the
     share of images drawn with the colour, size and orientation of a random class instead of
-    their own. Each option draws from its own generator: with the defaults the set is the same as
-    before the options existed.
+    their own. ``sites``: a ``dataset`` column (the acquisition site), lesion ``j`` of each class
+    at ``sites[j % len(sites)]``. Each option draws from its own generator (``sites`` draws
+    nothing): with the defaults the set is the same as before the options existed.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -142,6 +145,7 @@ def make_synthetic_ham10000(
                         "dx": dx,
                         "dx_type": "histo",
                         **patient,
+                        **({"dataset": sites[j % len(sites)]} if sites else {}),
                     }
                 )
                 n += 1

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skinlesion.core.labels import CLASSES
+from skinlesion.core.labels import CLASSES, MELANOMA
 
-MEL = "mel"
 # The floor scikit-learn uses, so log loss agrees with sklearn.metrics.log_loss.
 LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
 # Bootstrap replicates are evaluated in chunks so that the (replicates x images) weight matrices,
@@ -112,7 +111,7 @@ def _prepare(
     brier = ((p - onehot) ** 2).sum(axis=1)
     log_loss = -np.log(np.clip(p[np.arange(n), y], LOG_LOSS_EPS, 1.0))
 
-    mel_index = list(classes).index(MEL) if MEL in classes else None
+    mel_index = list(classes).index(MELANOMA) if MELANOMA in classes else None
     mel_cols = np.zeros((n, 2))
     if mel_index is not None and mel_threshold is not None:
         flagged = p[:, mel_index] >= mel_threshold
@@ -309,6 +308,19 @@ def draw_bootstrap_weights(
     return _row_counts(rng.integers(0, n_groups, size=(n_boot, n_groups)), n_groups)[:, codes]
 
 
+def replicate_metrics(
+    y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray, classes: Sequence[str] = CLASSES
+) -> dict[str, np.ndarray]:
+    """Balanced accuracy and each class's AUROC (``auroc.<class>``) per row of bootstrap
+    ``weights`` (B, n); NaN where undefined. The same weights for two models pair them."""
+    y, p = _check_inputs(y_true, probs, len(classes))
+    prep, chunk = _prepare(y, p, classes, None), max(1, _CHUNK_ELEMENTS // len(y))
+    parts = [_weighted_metrics(prep, weights[i : i + chunk]) for i in range(0, len(weights), chunk)]
+    keys = {"balanced_accuracy": "balanced_accuracy"}
+    keys.update({f"auroc.{name}": f"per_class.{c}.auroc" for c, name in enumerate(classes)})
+    return {k: np.concatenate([part[v] for part in parts]) for k, v in keys.items()}
+
+
 def _interval(values: np.ndarray, alpha: float) -> tuple[list[float] | None, int]:
     valid = values[np.isfinite(values)]
     if valid.size == 0:
@@ -390,11 +402,11 @@ def melanoma_threshold_for_specificity(
     returned (nothing flagged, specificity 1).
     """
     y, p = _check_inputs(y_true, probs, len(classes))
-    if MEL not in classes:
-        raise ValueError(f"classes has no {MEL!r}")
+    if MELANOMA not in classes:
+        raise ValueError(f"classes has no {MELANOMA!r}")
     if not 0.0 <= specificity <= 1.0:
         raise ValueError("specificity must lie in [0, 1]")
-    m = list(classes).index(MEL)
+    m = list(classes).index(MELANOMA)
     scores = p[:, m]
     negatives = np.sort(scores[y != m])
     if negatives.size == 0:

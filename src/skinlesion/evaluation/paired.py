@@ -132,7 +132,7 @@ def _predictions(folder: Path) -> tuple[pd.DataFrame, list[str], str]:
         # The class columns precede ``prediction``; what follows it (``unfamiliarity``) is not one.
         cols = list(table.columns)
         end = cols.index("prediction") if "prediction" in cols else len(cols)
-        info = {"image_id", "lesion_id", "dx", "source", "fold"}
+        info = {"image_id", "lesion_id", "dx", "source", "site", "fold"}
         return table, [c for c in cols[:end] if c not in info], "evaluation"
     raise DataError(
         f"{folder}: no predictions",

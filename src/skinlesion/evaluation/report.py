@@ -19,6 +19,7 @@ from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir, check_writable_file
 from skinlesion.core.run_folder import RunFolder
+from skinlesion.evaluation.cross_site import cross_site_figures, render_cross_site
 from skinlesion.evaluation.metrics import (
     evaluate_predictions,
     melanoma_threshold_for_specificity,
@@ -51,7 +52,7 @@ def prediction_classes(df: pd.DataFrame) -> list[str]:
     cols = list(df.columns)
     if "prediction" in cols:
         start = cols.index("fold") + 1 if "fold" in cols else cols.index("dx") + 1
-        found = [c for c in cols[start : cols.index("prediction")] if c != "source"]
+        found = [c for c in cols[start : cols.index("prediction")] if c not in ("source", "site")]
         if found:
             return found
     return list(CLASSES)
@@ -172,6 +173,10 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
         }
     if "source" in oof.columns:
         result["per_source"] = per_source_figures(oof["source"].to_numpy(), y, probs, classes)
+    sites = _cross_site(run, oof, classes, n_boot, seed)
+    if sites is not None:
+        result["source"] = "held-out sites (cross-site validation)"
+        result["cross_site"] = sites
     cm = metrics["point"]["confusion_matrix"]
     result["plots"] = write_plots(y, probs, cm, run.plots, raw, classes)
     rc_plot = plot_risk_coverage(y, probs, run.plots / "risk_coverage.png")
@@ -180,6 +185,27 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
     run.report.write_text(render_markdown(result, f"Out-of-fold report: {run_dir}"))
     log.info("report: %s", run.report)
     return result
+
+
+def _cross_site(
+    run: RunFolder, oof: pd.DataFrame, classes: Sequence[str], n_boot: int, seed: int
+) -> dict[str, Any] | None:
+    """The cross-site figures of a run whose folds each held out a site, else ``None``."""
+    summaries, scored = {}, {}
+    for folder in run.fold_folders():
+        if not folder.finished:
+            continue
+        summary = folder.read_summary()
+        if summary.get("holdout_site") is None:
+            return None
+        summaries[folder.number] = summary
+        if folder.holdout_unfamiliarity.is_file():
+            scored[folder.number] = pd.read_csv(
+                folder.holdout_unfamiliarity, dtype={"image_id": str}
+            )
+    if not summaries:
+        return None
+    return cross_site_figures(oof, classes, summaries, scored, n_boot, seed)
 
 
 def per_source_figures(
@@ -266,7 +292,9 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
     if "mel" in p["per_class"]:  # melanoma figures only for a class list that has it
         for label, key in _MELANOMA:
             lines.append(f"| {label} | {_fmt(mel.get(key), mel_ci.get(key), True)} |")
-    return "\n".join(lines + _notes(result) + _per_class(p) + _per_source(result)) + "\n"
+    sites = ["", *render_cross_site(result["cross_site"])] if result.get("cross_site") else []
+    body = lines + _notes(result) + _per_class(p) + _per_source(result) + sites
+    return "\n".join(body) + "\n"
 
 
 def _leakage_warning(result: dict[str, Any]) -> list[str]:

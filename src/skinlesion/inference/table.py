@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from skinlesion.core.labels import MELANOMA
 from skinlesion.inference.refer import refer_decision, refer_rules
 
 log = logging.getLogger(__name__)
 
-MELANOMA_CLASS = "mel"
 DECISION_COLUMNS: tuple[str, ...] = (
     "prediction",
     "melanoma_flag",
@@ -81,8 +81,8 @@ class Decisions:
         ``refer``) came with it; what is missing is logged, naming ``source``."""
         classes = tuple(classes)
         threshold = (reference or {}).get("mel_threshold")
-        if MELANOMA_CLASS not in classes:
-            log.info("%s: no '%s' class, so melanoma_flag is empty", source, MELANOMA_CLASS)
+        if MELANOMA not in classes:
+            log.info("%s: no '%s' class, so melanoma_flag is empty", source, MELANOMA)
             threshold = None
         elif threshold is None:
             log.warning(
@@ -147,7 +147,7 @@ def prediction_rows(
         raise ValueError(f"{len(images)} image names for {len(probs)} rows of probabilities")
     unfamiliar = _unfamiliarity(unfamiliarity, len(probs), errors)
     threshold = decisions.mel_threshold
-    mel = classes.index(MELANOMA_CLASS) if threshold is not None else -1
+    mel = classes.index(MELANOMA) if threshold is not None else -1
     rows = []
     for i, (name, p) in enumerate(zip(images, probs, strict=True)):
         row: dict[str, Any] = {"image": str(name)}

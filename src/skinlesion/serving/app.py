@@ -33,12 +33,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from skinlesion.core.labels import MELANOMA
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
 from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
-from skinlesion.inference.table import MELANOMA_CLASS, Decisions, prediction_rows
+from skinlesion.inference.table import Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
 
@@ -83,7 +84,7 @@ def describe(
     answer["melanoma"] = None
     if row["melanoma_flag"] is not None:
         answer["melanoma"] = {
-            "probability": row[MELANOMA_CLASS],
+            "probability": row[MELANOMA],
             "threshold": decisions.mel_threshold,
             "flag": row["melanoma_flag"],
         }

@@ -147,7 +147,21 @@ def check_world_size(cfg: Config, world_size: int) -> None:
         )
 
 
+def check_holdout(cfg: Config) -> None:
+    """Cross-site validation: every image names a site and ``cv.holdout`` names sites of it (the
+    labels are read, not the images)."""
+    if cfg.cv.holdout_column is None:
+        return
+    if cfg.train.scheme == "linear_probe":
+        raise ConfigError("cv.holdout_column: cross-site validation needs train.scheme=finetune")
+    from skinlesion.training.run_data import holdout_sites, load_labelled, with_sites
+
+    holdout_sites(with_sites(load_labelled(cfg).table, cfg), cfg)
+
+
 def check_config(cfg: Config) -> None:
-    """:func:`check_names`, then :func:`check_paths`: in seconds, before any work."""
+    """:func:`check_names`, then :func:`check_paths` and :func:`check_holdout`: in seconds,
+    before any work."""
     check_names(cfg)
     check_paths(cfg)
+    check_holdout(cfg)

@@ -121,11 +121,17 @@ def _shared_data(cfg: Config, run: RunFolder, dist_info: DistInfo, progress: boo
 
 
 def _folds_to_run(cfg: Config, data: RunData) -> list[int]:
-    present = sorted(set(data.table["fold"].tolist()))
+    """The models to train: folds of the table, or one per held-out site (cross-site)."""
+    if data.holdout is not None:
+        present = list(range(len(data.holdout)))
+        what = "models (one per site of cv.holdout: " + ", ".join(data.holdout) + ")"
+    else:
+        present = sorted(set(data.table["fold"].tolist()))
+        what = "folds"
     folds = cfg.cv.folds_to_run if cfg.cv.folds_to_run is not None else present
     unknown = [f for f in folds if f not in present]
     if unknown:
-        raise ConfigError(f"cv.folds_to_run names folds {unknown}; the folds are {present}")
+        raise ConfigError(f"cv.folds_to_run names folds {unknown}; the {what} are {present}")
     return folds
 
 

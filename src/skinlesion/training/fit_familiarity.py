@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ from torch import nn
 
 from skinlesion.core.config import Config, build_config, load_config, parse_overrides
 from skinlesion.core.errors import CheckpointError, SkinlesionError
-from skinlesion.core.run_folder import RunFolder
+from skinlesion.core.run_folder import FoldFolder, RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
+from skinlesion.data.folds import fold_split
 from skinlesion.data.preprocess import Normalization
 from skinlesion.inference.engine import ImageSource, predict_logits
 from skinlesion.inference.familiarity import (
@@ -91,14 +93,15 @@ def training_split(rows: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def member_rows(
-    table: pd.DataFrame, fold: int, seed: int
+    table: pd.DataFrame, fold: int, seed: int, holdout: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(training rows, held-out rows, how) for the member of ``fold`` (-1: the final model, an
-    80/20 split of its lesions), from a table with ``row`` and ``fold`` (and ``lesion_id``)."""
+    80/20 split of its lesions), from a table with ``row`` and ``fold`` (and ``lesion_id``;
+    ``site`` in cross-site validation, whose ``holdout`` sites name the folds)."""
     if fold >= 0:
-        train, held = table[table["fold"] != fold], table[table["fold"] == fold]
+        split = fold_split(table, fold, holdout)
         how = {"fold": fold, "heldout": f"fold {fold}'s validation images", "trained_on": False}
-        return np.array(train["row"]), np.array(held["row"]), how
+        return np.array(split.train["row"]), np.array(split.val["row"]), how
     groups = table["lesion_id"] if "lesion_id" in table.columns else table["image_id"]
     unique = np.asarray(sorted(set(groups.astype(str))))
     rng = np.random.default_rng(seed)
@@ -125,7 +128,7 @@ def fit_member(
     progress: bool = False,
 ) -> Familiarity:
     """The familiarity of the member of ``fold`` (see the module's docstring)."""
-    train_rows, held_rows, how = member_rows(data.table, fold, seed)
+    train_rows, held_rows, how = member_rows(data.table, fold, seed, data.holdout)
     fit_rows, cal_rows = training_split(train_rows, seed)
 
     def stats(rows: np.ndarray) -> list[np.ndarray]:
@@ -200,7 +203,33 @@ def fit_checkpoint_familiarity(
         log.warning("%s: no familiarity (%s)", path.parent, err)
         return None
     _log_fitted(path.parent, fam)
+    if data.holdout is not None and int(ckpt["fold"]) >= 0:
+        score_holdout_site(model, fam, data, int(ckpt["fold"]), runtime, batch, path.parent)
     return save_familiarities(path.parent / FAMILIARITY_FILE, {"": fam})
+
+
+def score_holdout_site(
+    model: nn.Module,
+    fam: Familiarity,
+    data: RunData,
+    fold: int,
+    runtime: Runtime,
+    batch_size: int,
+    folder: Path,
+) -> Path:
+    """The held-out site's unfamiliarity under the member's familiarity, for the cross-site
+    report's refer rates ("unlike the training images" at another site's dermoscopy)."""
+    test = data.split(fold).test
+    norm = data.spec.normalization
+    stats = identity_statistics(
+        model, data.images, test["row"].to_numpy(), runtime, norm, batch_size
+    )
+    out = pd.DataFrame(
+        {"image_id": test["image_id"].to_numpy(), "unfamiliarity": fam.unfamiliarity(stats)}
+    )
+    path = FoldFolder(folder).holdout_unfamiliarity
+    out.to_csv(path, index=False, float_format="%.6g")
+    return path
 
 
 def _log_fitted(where: Path | str, fam: Familiarity) -> None:
@@ -256,7 +285,8 @@ def fit_packaged_familiarity(
     runtime = resolve_runtime(device)
     model = load_packaged(folder, runtime)
     data = load_run_data(cfg, None, progress=progress)
-    if data.spec != model.members[0].spec:
+    # The detail is measured from the data each time; a model packaged before it was has none.
+    if replace(data.spec, detail=None) != replace(model.members[0].spec, detail=None):
         raise CheckpointError(
             f"{folder}: the recipe's preprocessing {data.spec} differs from the model's "
             f"{model.members[0].spec}"

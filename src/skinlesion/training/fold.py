@@ -16,9 +16,13 @@ import torch.distributed as dist
 
 from skinlesion.core.config import Config, config_to_dict
 from skinlesion.core.errors import ConfigError
+from skinlesion.core.labels import MELANOMA
 from skinlesion.core.run_folder import FoldFolder, RunFolder
 from skinlesion.core.runtime import Runtime
-from skinlesion.evaluation.calibration import fit_temperature
+from skinlesion.data.folds import FoldSplit
+from skinlesion.evaluation.calibration import apply_temperature, fit_temperature
+from skinlesion.evaluation.metrics import melanoma_threshold_for_specificity
+from skinlesion.inference.refer import fit_refer_reference
 from skinlesion.models.checkpoint import (
     atomic_torch_save,
     checkpoint_metadata,
@@ -51,15 +55,26 @@ def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
         return [r for r in csv.DictReader(fh) if int(r["epoch"]) <= upto_epoch]
 
 
-def _split(data: RunData, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    table = data.table
-    train_t, val_t = table[table["fold"] != fold], table[table["fold"] == fold]
-    if len(train_t) == 0 or len(val_t) == 0:
+def _split(data: RunData, fold: int) -> FoldSplit:
+    split = data.split(fold)
+    if len(split.train) == 0 or len(split.val) == 0:
         raise ConfigError(
-            f"fold {fold} has {len(train_t)} training and {len(val_t)} validation "
+            f"fold {fold} has {len(split.train)} training and {len(split.val)} validation "
             f"images; check cv.n_folds and cv.folds_to_run"
         )
-    return train_t, val_t
+    if split.site is not None:
+        log.info(
+            "fold %d holds out site %s: %d test images; %d training and %d validation images "
+            "of the other sites (%d left out: their lesion is also at %s)",
+            fold,
+            split.site,
+            len(split.test),
+            len(split.train),
+            len(split.val),
+            split.dropped,
+            split.site,
+        )
+    return split
 
 
 def _eval_batch_size(cfg: Config) -> int:
@@ -92,13 +107,13 @@ def train_and_validate_epoch(
     cfg: Config,
     data: RunData,
     tr: FoldTrainer,
-    split: tuple[pd.DataFrame, pd.DataFrame],
+    split: FoldSplit,
     runtime: Runtime,
     progress: bool,
 ) -> dict[str, Any]:
     """:func:`~skinlesion.training.fold_trainer.train_fold_epoch`, then validate, step the
     schedule and the early-stopping state; the epoch's metrics row."""
-    train_t, val_t = split
+    train_t, val_t = split.train, split.val
     t0 = time.perf_counter()
     train_loss = train_fold_epoch(cfg, data, tr, train_t, runtime, progress)
     rows = val_t["row"].to_numpy()
@@ -141,7 +156,7 @@ def fit_fold(
     if runtime.dist.is_main:
         folder.root.mkdir(parents=True, exist_ok=True)
     split = _split(data, fold)
-    tr = trainer_for_table(cfg, data, fold, split[0], runtime)
+    tr = trainer_for_table(cfg, data, fold, split.train, runtime)
     if resume and folder.last.is_file():
         tr.restore(folder.last)
         log.info("fold %d: resuming after epoch %d", fold, tr.state["epoch"])
@@ -162,7 +177,7 @@ def fit_fold(
                 cfg.train.patience,
             )
             break
-    return finish_fold(cfg, data, fold, folder.root, runtime, split[1], tracker)
+    return finish_fold(cfg, data, fold, folder.root, runtime, split, tracker)
 
 
 def _log_epoch(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> None:
@@ -186,38 +201,52 @@ def finish_fold(
     fold: int,
     fold_dir: Path,
     runtime: Runtime,
-    val_t: pd.DataFrame,
+    split: FoldSplit,
     tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Reload the best checkpoint, fit its temperature, save validation predictions."""
+    """Reload the best checkpoint, fit its temperature on the validation images, save the test
+    images' predictions (the validation images' in k-fold CV; cross-site also keeps the
+    validation images' and the thresholds they give)."""
     folder = FoldFolder(fold_dir)
     if runtime.dist.enabled:
         dist.barrier()
     ckpt = load_checkpoint(folder.best)
     model, _ = model_from_checkpoint(ckpt, runtime)
-    # Out-of-fold predictions use the same TTA as inference (eval.tta), views averaged in logit
-    # space, so the temperature is fitted on exactly the output it will calibrate.
-    rows = val_t["row"].to_numpy()
     meta = metadata_by_row(data, checkpoint_metadata(ckpt))
-    batch = _eval_batch_size(cfg)
-    logits = validation_logits(model, data, rows, batch, runtime, cfg.eval.tta, meta)
-    logits = logits.mean(0).astype(np.float64)
-    y = val_t["label"].to_numpy()
+
+    def tta_logits(table: pd.DataFrame) -> np.ndarray:
+        # The same TTA as inference (eval.tta), views averaged in logit space, so the
+        # temperature is fitted on exactly the output it will calibrate.
+        rows = table["row"].to_numpy()
+        out = validation_logits(
+            model, data, rows, _eval_batch_size(cfg), runtime, cfg.eval.tta, meta
+        )
+        return out.mean(0).astype(np.float64)
+
+    logits = tta_logits(split.val)
+    y = split.val["label"].to_numpy()
     temperature = fit_temperature(logits, y) if cfg.eval.calibrate else 1.0
     summary = {
         "fold": fold,
         "best_epoch": ckpt["epoch"],
         "metrics": ckpt["metrics"],
         "temperature": temperature,
-        "n_train": int((data.table["fold"] != fold).sum()),
-        "n_val": len(val_t),
+        "n_train": len(split.train),
+        "n_val": len(split.val),
     }
+    test_logits = logits if split.site is None else tta_logits(split.test)
+    if split.site is not None:
+        summary.update(site_summary(split, apply_temperature(logits, temperature), data))
     if runtime.dist.is_main:
         ckpt["temperature"] = float(temperature)
         ckpt["tta"] = int(cfg.eval.tta)  # the views the temperature was fitted on
         atomic_torch_save(ckpt, folder.best)
         classes = data.spec.class_names
-        write_val_predictions(val_t, logits, temperature, folder.val_predictions, classes)
+        if split.site is not None:
+            write_val_predictions(
+                split.val, logits, temperature, folder.inner_val_predictions, classes
+            )
+        write_val_predictions(split.test, test_logits, temperature, folder.val_predictions, classes)
         folder.write_summary(summary)
         end_fold_tracking(tracker, summary, y, logits, classes, folder.root)
     log.info(
@@ -228,3 +257,22 @@ def finish_fold(
         temperature,
     )
     return summary
+
+
+def site_summary(split: FoldSplit, val_probs: np.ndarray, data: RunData) -> dict[str, Any]:
+    """What a cross-site model takes from its training sites' validation images: the melanoma
+    threshold at 95% specificity and the refer rules, the ones a deployed model would use."""
+    classes = data.spec.class_names
+    y = split.val["label"].to_numpy()
+    threshold = None
+    if MELANOMA in classes and (y == list(classes).index(MELANOMA)).any():
+        threshold = melanoma_threshold_for_specificity(y, val_probs, 0.95, classes)
+    return {
+        "holdout_site": split.site,
+        "n_test": len(split.test),
+        "n_left_out": split.dropped,
+        "mel_threshold": threshold,
+        "mel_threshold_rule": "lowest p(mel) threshold with specificity >= 0.95 on the "
+        "training sites' validation images",
+        "refer": fit_refer_reference(val_probs),
+    }

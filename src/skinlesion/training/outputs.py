@@ -70,10 +70,12 @@ def write_val_predictions(
     classes: Sequence[str] = CLASSES,
 ) -> None:
     """Calibrated probabilities (columns named by class) plus the raw ones (``raw_<class>``);
-    a run of sources has the image's ``source`` after ``dx``."""
+    a run of sources has the image's ``source`` after ``dx``, cross-site validation its
+    ``site``."""
     probs = apply_temperature(logits, temperature)
     raw = softmax(logits)
-    keys = ["image_id", "lesion_id", "dx", *[c for c in ["source"] if c in val_t.columns], "fold"]
+    extra = [c for c in ("source", "site") if c in val_t.columns]
+    keys = ["image_id", "lesion_id", "dx", *extra, "fold"]
     out = val_t[keys].reset_index(drop=True).copy()
     for i, c in enumerate(classes):
         out[c] = probs[:, i]

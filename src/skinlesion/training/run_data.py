@@ -4,7 +4,7 @@ and the preprocessing spec."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +12,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from skinlesion.core.config import Config
-from skinlesion.core.errors import ConfigError
+from skinlesion.core.config import Config, check_name
+from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.sources import source_label
 from skinlesion.data.cache import build_cache
 from skinlesion.data.datasets import LabelledSet, canonical_metadata, load_labelled_set
-from skinlesion.data.folds import align_folds, check_folds, make_folds, read_folds, save_folds
+from skinlesion.data.folds import (
+    SITE_COLUMN,
+    FoldSplit,
+    align_folds,
+    check_folds,
+    fold_split,
+    make_folds,
+    read_folds,
+    save_folds,
+)
 from skinlesion.data.ham10000 import load_ham10000, subset_by_lesion
-from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.data.preprocess import PreprocessSpec, measure_detail
 from skinlesion.data.sources import load_sources
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.inference.engine import ImageSource
@@ -41,6 +50,13 @@ class RunData:
     """What :meth:`LabelledSet.info` says of the data (saved as the run's ``dataset.json``)."""
     source_classes: dict[str, tuple[str, ...]] | None = None
     """A run of sources (``data.sources``): each source's label space; ``None`` for one set."""
+    holdout: tuple[str, ...] | None = None
+    """Cross-site validation (``cv.holdout_column``): the site each model holds out, by fold
+    number; ``None`` for k-fold cross-validation."""
+
+    def split(self, fold: int) -> FoldSplit:
+        """Model ``fold``'s training, validation and test images (:func:`fold_split`)."""
+        return fold_split(self.table, fold, self.holdout)
 
 
 def load_labelled(cfg: Config) -> LabelledSet:
@@ -87,7 +103,7 @@ def _folds_table(
 ) -> pd.DataFrame:
     """The (subset of the) metadata with a ``fold`` column: made, or read from cv.folds_file."""
     labelled = labelled or load_labelled(cfg)
-    df = subset_by_lesion(labelled.table, cfg.data.max_images, cfg.cv.seed)
+    df = subset_by_lesion(with_sites(labelled.table, cfg), cfg.data.max_images, cfg.cv.seed)
     if cfg.cv.folds_file:
         df = align_folds(df, read_folds(Path(cfg.cv.folds_file)), cfg.cv.folds_file)
     else:
@@ -108,6 +124,44 @@ def _folds_table(
     return df.sort_values("image_id").reset_index(drop=True)
 
 
+def with_sites(table: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """The table with a ``site`` column from ``cv.holdout_column`` (a source's name where the
+    column is missing or empty); unchanged for k-fold cross-validation."""
+    column = cfg.cv.holdout_column
+    if column is None:
+        return table
+    if column in table.columns:
+        site = table[column].astype("string").str.strip().replace("", pd.NA)
+    else:
+        site = pd.Series(pd.NA, index=table.index, dtype="string")
+    if "source" in table.columns:
+        site = site.fillna(table["source"].astype("string"))
+    missing = table.loc[site.isna().to_numpy(), "image_id"].tolist()
+    if missing:
+        raise DataError(
+            f"cv.holdout_column={column}: {len(missing)} image(s) name no site",
+            [f"image {i}: no {column}" for i in missing],
+        )
+    return table.assign(**{SITE_COLUMN: site.astype(str).to_numpy()})
+
+
+def holdout_sites(table: pd.DataFrame, cfg: Config) -> tuple[str, ...] | None:
+    """The sites held out, by fold number (``cv.holdout``, else every site); each must be one."""
+    if cfg.cv.holdout_column is None:
+        return None
+    present = sorted(set(table[SITE_COLUMN]))
+    sites = tuple(cfg.cv.holdout) if cfg.cv.holdout is not None else tuple(present)
+    for site in sites:
+        if site not in present:
+            check_name("cv.holdout", site, present, f"site of {cfg.cv.holdout_column}")
+    if len(present) < 2:
+        raise ConfigError(
+            f"cv.holdout_column={cfg.cv.holdout_column}: one site ({present}); cross-site "
+            "validation needs at least two"
+        )
+    return sites
+
+
 def metadata_by_row(data: RunData, spec: MetadataSpec | None) -> np.ndarray | None:
     """Encoded metadata (rows of the image cache, ``spec.dim``) of the run's images, indexed like
     ``data.images``; ``None`` for an image-only model."""
@@ -123,6 +177,9 @@ def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) ->
     labelled = load_labelled(cfg)
     df = _folds_table(cfg, folds_out, labelled)
     spec = run_spec(cfg, labelled.classes)
+    if cfg.data.match_detail:
+        spec = replace(spec, detail=measure_detail(df["path"].tolist(), seed=cfg.cv.seed))
+        log.info("training images' detail: %s", spec.detail.label())
     df["label"] = df["dx"].map(class_index(spec.class_names)).astype(int)
     cache = build_cache(
         df["image_id"].tolist(),
@@ -137,7 +194,7 @@ def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) ->
     fmt = cfg.data.format if cfg.data.sources is None else "sources"
     info = {"format": fmt, **labelled.info()}
     spaces = {s["name"]: tuple(s["classes"]) for s in labelled.sources} or None
-    return RunData(df, cache.images, spec, cache.root, info, spaces)
+    return RunData(df, cache.images, spec, cache.root, info, spaces, holdout_sites(df, cfg))
 
 
 def label_mask(data: RunData, table: pd.DataFrame) -> np.ndarray | None:

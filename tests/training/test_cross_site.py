@@ -1,0 +1,100 @@
+"""Cross-site validation through ``skinlesion train`` and the yardstick: each held-out site
+predicted by the model trained on the other sites, figures per site, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import FINETUNE, run_overrides, train_cli
+
+from skinlesion.cli import main
+from skinlesion.core.run_folder import RunFolder
+from skinlesion.evaluation.yardstick import compare_yardsticks, yardstick_score
+
+SITES = ("site_a", "site_b", "site_c")
+HOLD = ["cv.holdout_column=dataset", "cv.holdout=[site_a,site_b]"]
+
+
+@pytest.fixture(scope="module")
+def sited(synthetic_ham: Callable[..., Path]) -> Path:
+    return synthetic_ham(6, sites=SITES)
+
+
+@pytest.fixture(scope="module")
+def cross_run(sited: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("xs")
+    out = root / "yard" / "cross_site"
+    args = [*run_overrides(FINETUNE, sited, out, root / "cache", **{"train.epochs": 2}), *HOLD]
+    assert train_cli(args) == 0
+    return out
+
+
+def test_each_site_is_predicted_by_the_model_that_held_it_out(sited: Path, cross_run: Path) -> None:
+    meta = pd.read_csv(sited / "HAM10000_metadata.csv")
+    run = RunFolder(cross_run)
+    for k, site in enumerate(("site_a", "site_b")):
+        fold = run.fold(k)
+        summary = fold.read_summary()
+        assert summary["holdout_site"] == site
+        test = pd.read_csv(fold.val_predictions, dtype={"image_id": str})
+        assert set(test["site"]) == {site} and (test["fold"] == k).all()
+        assert set(test["image_id"]) == set(meta.loc[meta["dataset"] == site, "image_id"])
+        inner = pd.read_csv(fold.inner_val_predictions)
+        assert site not in set(inner["site"]) and len(inner) == summary["n_val"]
+        assert 0 < summary["mel_threshold"] < 1 and summary["refer"]["n"] == len(inner)
+        scored = pd.read_csv(fold.holdout_unfamiliarity, dtype={"image_id": str})
+        assert set(scored["image_id"]) == set(test["image_id"])
+
+
+def test_report_gives_each_held_out_site_with_intervals_and_rare_classes(cross_run: Path) -> None:
+    run = RunFolder(cross_run)
+    result = json.loads(run.oof_metrics.read_text())
+    sites = result["cross_site"]["sites"]
+    assert [s["site"] for s in sites] == ["site_a", "site_b"]
+    oof = pd.read_csv(run.oof_predictions)
+    for s in sites:
+        assert s["n"] == int((oof["site"] == s["site"]).sum())
+        assert s["mel_auroc_ci95"] is not None and len(s["balanced_accuracy_ci95"]) == 2
+        assert s["classes_rare"]  # a handful of lesions per class: all rare, and said so
+        assert "unlike the training images" in s["refer"]["by_reason"]
+    mean = result["cross_site"]["mean"]
+    assert mean["mel_auroc"] == pytest.approx((sites[0]["mel_auroc"] + sites[1]["mel_auroc"]) / 2)
+    report = run.report.read_text()
+    assert "## Cross-site validation" in report and "| site_a |" in report
+
+
+def test_resume_skips_finished_sites(sited: Path, cross_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "cross_site"
+    shutil.copytree(cross_run, copy)
+    before = RunFolder(copy).fold(0).best.stat().st_mtime_ns
+    args = [*run_overrides(FINETUNE, sited, copy, tmp_path / "cache", **{"train.epochs": 2}), *HOLD]
+    assert train_cli([*args, "--resume"]) == 0
+    assert RunFolder(copy).fold(0).best.stat().st_mtime_ns == before
+
+
+def test_an_unknown_site_fails_before_any_folder(
+    sited: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "never"
+    args = [*run_overrides(FINETUNE, sited, out, tmp_path / "cache"), "cv.holdout_column=dataset"]
+    assert train_cli([*args, "cv.holdout=[site_x]"]) == 2
+    err = capsys.readouterr().err
+    assert "cv.holdout: unknown site of dataset 'site_x'" in err and "site_a" in err
+    assert not out.exists()
+
+
+def test_yardstick_scores_a_folder_and_pairs_it_with_itself(cross_run: Path) -> None:
+    folder = cross_run.parent
+    score = yardstick_score(folder)
+    assert sorted(score["sets"]) == ["site_a", "site_b"]
+    same = compare_yardsticks(folder, folder, n_boot=50)
+    for figure in ("mel_auroc", "balanced_accuracy"):
+        assert same["mean"][figure]["difference"] == 0
+        assert same["mean"][figure]["ci95"] == [0.0, 0.0]
+    assert same["verdict"].startswith("does not win")
+    assert main(["yardstick", "--output", str(folder), "--against", str(folder), "--n-boot", "20"]) == 0
