@@ -112,3 +112,14 @@ def add_backend_option(p: argparse.ArgumentParser) -> None:
         "exported once into $SKINLESION_CACHE), PyTorch on CUDA; onnx-int8: the graph of "
         "`skinlesion export --int8`; with --model an export folder, that graph",
     )
+
+
+def add_detail_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--detail",
+        default="model",
+        metavar="SETTING",
+        help="the detail a larger image is reduced to before the model's resize: model (the "
+        "training images' detail stored with the model, if any), off (images as they come), or "
+        "SIDE[:JPEG_QUALITY], e.g. 200:75",
+    )

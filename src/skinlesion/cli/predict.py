@@ -12,6 +12,7 @@ from typing import Any
 from skinlesion.cli.common import (
     MODEL_HELP,
     add_backend_option,
+    add_detail_option,
     add_inference_options,
     int_at_least,
     key_value,
@@ -34,7 +35,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         # The metadata file is checked before the model loads: its faults show in seconds.
         table = _read_predict_metadata(args)
         runtime = resolve_runtime(args.device)
-        loaded = resolve_model(args.model, runtime, args.backend, args.tta)
+        loaded = resolve_model(args.model, runtime, args.backend, args.tta, args.detail)
         df = loaded.predict(
             args.images,
             tta=args.tta,
@@ -120,6 +121,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         use_metadata=not args.no_metadata,
         backend=args.backend,
+        detail=args.detail,
     )
     p = result["point"]
     print(
@@ -233,6 +235,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("predict", help="class probabilities for images")
     add_inference_options(r)
     add_backend_option(r)
+    add_detail_option(r)
     r.add_argument("images", nargs="+")
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
     r.add_argument(
@@ -249,6 +252,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="metrics of a run on a labelled external image set")
     add_inference_options(e)
     add_backend_option(e)
+    add_detail_option(e)
     e.add_argument("--labels", required=True, help="CSV with image_id and dx")
     e.add_argument("--images", required=True, help="folder with <image_id>.<jpg|png|...>")
     e.add_argument("--output", required=True)

@@ -1,5 +1,5 @@
-"""Batched on-device augmentation: geometry, camera (blur, tone, cast), colour jitter,
-normalisation and TTA views.
+"""Batched on-device augmentation: geometry, camera (blur, tone, cast), detail (shrink and
+enlarge, JPEG), colour jitter, normalisation and TTA views.
 
 Images come from a uint8 cache already resized to the model's input size, so a batch is moved to
 the device once and every random transform below runs there, batched, with per-sample parameters.
@@ -41,6 +41,10 @@ _X_ASPECT, _X_P_VIGNETTE, _X_RADIUS, _X_SOFT, _X_DARK = range(_N_EXTRA)
 # when one of them is switched on, for the same reason.
 _N_CAMERA = 6
 _C_P_BLUR, _C_SIGMA, _C_GAMMA, _C_GAIN_R, _C_GAIN_G, _C_GAIN_B = range(_N_CAMERA)
+# Draws of the detail transforms (shrink and enlarge back, JPEG round trip), taken last and only
+# when one of them is switched on.
+_N_DETAIL = 4
+_D_P_DOWN, _D_FACTOR, _D_P_JPEG, _D_QUALITY = range(_N_DETAIL)
 
 
 def to_float(
@@ -277,11 +281,51 @@ def _camera(x: torch.Tensor, cfg: AugmentConfig, cam: torch.Tensor | None) -> to
     return out
 
 
+def _detail_on(cfg: AugmentConfig) -> bool:
+    return cfg.downscale > 0 or cfg.jpeg > 0
+
+
+def shrink_and_enlarge(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """A (1, 3, H, W) sample shrunk by ``factor`` (antialiased) and enlarged back (bicubic): the
+    same size with the detail of a ``factor`` times smaller image."""
+    h, w = x.shape[-2:]
+    small = (max(1, round(h * factor)), max(1, round(w * factor)))
+    down = F.interpolate(x, size=small, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(down, size=(h, w), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """A (1, 3, H, W) sample in [0, 1] encoded as a JPEG of ``quality`` and decoded again."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    u8 = (x[0].detach().float().cpu() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    back = decode_jpeg(encode_jpeg(u8, quality=int(quality)))
+    return (back.to(device=x.device, dtype=x.dtype) / 255.0).unsqueeze(0)
+
+
+def _detail(x: torch.Tensor, cfg: AugmentConfig, det: torch.Tensor | None) -> torch.Tensor:
+    """Detail lost by a smaller or compressed copy, per sample (each its own factor, quality)."""
+    if det is None:
+        return x
+    lo, hi = (math.log(v) for v in cfg.downscale_range)
+    q_lo, q_hi = cfg.jpeg_quality
+    rows = []
+    for i in range(x.shape[0]):
+        sample = x[i : i + 1]
+        if float(det[i, _D_P_DOWN]) < cfg.downscale:
+            sample = shrink_and_enlarge(sample, math.exp(lo + (hi - lo) * float(det[i, _D_FACTOR])))
+        if float(det[i, _D_P_JPEG]) < cfg.jpeg:
+            quality = min(q_hi, q_lo + math.floor((q_hi - q_lo + 1) * float(det[i, _D_QUALITY])))
+            sample = jpeg_round_trip(sample, quality)
+        rows.append(sample)
+    return torch.cat(rows)
+
+
 def augment_batch(
     x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Randomly flip, rotate, zoom, blur, cast and colour-jitter a float (B, 3, H, W) batch in
-    [0, 1].
+    """Randomly flip, rotate, zoom, blur, cast, coarsen, compress and colour-jitter a float
+    (B, 3, H, W) batch in [0, 1].
 
     Every sample gets its own parameters, drawn on the generator's device (the input's device if
     no generator) and moved to the input's, so a seeded generator reproduces the batch. Returns a
@@ -305,9 +349,14 @@ def augment_batch(
     if _camera_on(cfg):
         cam = torch.rand(x.shape[0], _N_CAMERA, generator=generator, device=draw_device)
         cam = cam.to(device=x.device, dtype=work)
+    det = None
+    if _detail_on(cfg):
+        det = torch.rand(x.shape[0], _N_DETAIL, generator=generator, device=draw_device)
+        det = det.to(device=x.device, dtype=work)
     out = x.to(work)
     out = _geometry(out, u, cfg, extra)
     out = _camera(out, cfg, cam)
+    out = _detail(out, cfg, det)
     out = _colour(out, u, cfg)
     out = _vignette(out, cfg, extra)
     # clamp also covers the identity config, where inputs slightly outside [0, 1] pass through.

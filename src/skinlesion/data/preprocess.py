@@ -11,7 +11,7 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,38 @@ IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
 
 
 @dataclass(frozen=True)
+class Detail:
+    """The detail of a model's training images: their longer side in pixels and, where they are
+    JPEGs, their JPEG quality. A larger input is reduced to it before the model's own resize
+    (:func:`reduce_detail`), so the model sees the detail it learned from."""
+
+    side: int
+    jpeg_quality: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.side < 16:
+            raise ValueError(f"detail side must be at least 16 pixels, got {self.side}")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"detail JPEG quality must be in 1..100, got {self.jpeg_quality}")
+
+    @classmethod
+    def parse(cls, text: str) -> Detail:
+        """``"200"`` or ``"200:75"`` (longer side, JPEG quality)."""
+        side, _, quality = text.partition(":")
+        try:
+            return cls(int(side), int(quality) if quality else None)
+        except ValueError as err:
+            raise ValueError(f"detail '{text}': expected SIDE or SIDE:QUALITY ({err})") from None
+
+    def label(self) -> str:
+        q = f", JPEG quality {self.jpeg_quality}" if self.jpeg_quality is not None else ""
+        return f"longer side {self.side} px{q}"
+
+
+@dataclass(frozen=True)
 class PreprocessSpec:
-    """Input size, normalisation, interpolation, colour constancy and class names of a model."""
+    """Input size, normalisation, interpolation, colour constancy, class names and the training
+    images' detail of a model."""
 
     size: Size
     mean: tuple[float, float, float]
@@ -54,6 +84,9 @@ class PreprocessSpec:
     interpolation: str = "bicubic"
     colour_constancy: bool = False
     class_names: tuple[str, ...] = field(default=CLASSES)
+    detail: Detail | None = None
+    """Reduce a larger input to this detail first; ``None``: take it as it comes (a model made
+    before the detail was measured, or ``data.match_detail=false``)."""
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -65,6 +98,8 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.detail is None:
+            del d["detail"]  # a spec without one reads as it did before the field existed
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -76,6 +111,7 @@ class PreprocessSpec:
             interpolation=str(d.get("interpolation", "bicubic")),
             colour_constancy=bool(d.get("colour_constancy", False)),
             class_names=tuple(d.get("class_names", CLASSES)),
+            detail=Detail(**d["detail"]) if d.get("detail") else None,
         )
 
 
@@ -254,13 +290,104 @@ def _with_gains(img: Image.Image, gains: np.ndarray, in_place: bool = False) -> 
     return img
 
 
+def _detail_size(wh: tuple[int, int], detail: Detail) -> tuple[int, int] | None:
+    """The (W, H) that gives ``wh`` the longer side of ``detail``; ``None`` if it is not larger."""
+    longer = max(wh)
+    if longer <= detail.side:
+        return None
+    scale = detail.side / longer
+    return max(1, round(wh[0] * scale)), max(1, round(wh[1] * scale))
+
+
+def _jpeg_round_trip(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    out = Image.open(buf)
+    out.load()
+    return out.convert("RGB")
+
+
+def reduce_detail(
+    img: Image.Image, detail: Detail | None, box: tuple[float, float, float, float] | None = None
+) -> Image.Image:
+    """An RGB image larger than ``detail`` shrunk (bicubic) to its longer side and, if it has a
+    JPEG quality, saved and read back as such a JPEG; others unchanged. ``box``: the region of
+    ``img`` that stands for the whole image (a reduced JPEG decode)."""
+    if detail is None:
+        return img
+    full = img.size if box is None else (round(box[2] - box[0]), round(box[3] - box[1]))
+    target = _detail_size(full, detail)
+    if target is None and box is None:
+        return img
+    target = target or full
+    img = img.resize(target, Image.Resampling.BICUBIC, box=box, reducing_gap=_REDUCING_GAP)
+    if detail.jpeg_quality is not None:
+        img = _jpeg_round_trip(img, detail.jpeg_quality)
+    return img
+
+
+def jpeg_quality(img: Image.Image) -> int | None:
+    """The IJG quality (1-100) a JPEG's luminance table was scaled from; ``None`` for another
+    format. Estimated from the table's sum against the standard table, as ImageMagick does."""
+    tables = getattr(img, "quantization", None)
+    if not tables or 0 not in tables:
+        return None
+    scale = 100.0 * sum(tables[0]) / sum(_IJG_LUMINANCE)
+    quality = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+    return int(min(100, max(1, round(quality))))
+
+
+# The IJG standard luminance quantisation table (JPEG Annex K), which quality scales.
+_IJG_LUMINANCE = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+)  # fmt: skip
+
+
+def measure_detail(paths: Sequence[str | Path], sample: int = 500, seed: int = 0) -> Detail:
+    """The detail of a set of training images from a seeded sample of their headers: the median
+    longer side and the median JPEG quality of those that are JPEGs (``None`` if under half)."""
+    paths = list(paths)
+    if not paths:
+        raise ValueError("measure_detail needs at least one image")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(paths), min(sample, len(paths)), replace=False)
+    sides, qualities = [], []
+    for i in sorted(picked.tolist()):
+        with Image.open(paths[i]) as img:
+            sides.append(max(img.size))
+            q = jpeg_quality(img)
+        if q is not None:
+            qualities.append(q)
+    quality = int(np.median(qualities)) if len(qualities) * 2 >= len(sides) else None
+    return Detail(int(np.median(sides)), quality)
+
+
+def _finish(
+    img: Image.Image, wh: tuple[int, int], interpolation: str, colour_constancy: bool
+) -> np.ndarray:
+    """Colour constancy, then the model's own resize: the last steps of every path."""
+    if colour_constancy:
+        from skinlesion.data.colour import shades_of_gray_gains
+
+        img = _with_gains(img, shades_of_gray_gains(np.asarray(img)))
+    if img.size != wh:
+        img = img.resize(wh, _RESAMPLE[interpolation], reducing_gap=_REDUCING_GAP)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
 def prepare_image(
     source: str | Path | bytes | Image.Image,
     size: Size,
     interpolation: str = "bicubic",
     colour_constancy: bool = False,
+    detail: Detail | None = None,
 ) -> np.ndarray:
-    """Decode and resize to a ``size`` (``S`` or ``(H, W)``) uint8 (H, W, 3) array.
+    """Decode and resize to a ``size`` (``S`` or ``(H, W)``) uint8 (H, W, 3) array; an image
+    larger than ``detail`` is first reduced to it (:func:`reduce_detail`).
 
     The whole field of view is kept (no crop): a lesion near the border must not be cut off.
     Images over `EXACT_MAX_PIXELS` are prepared with bounded memory (`_prepare_large`).
@@ -269,16 +396,10 @@ def prepare_image(
     h, w = size_hw(size)
     if img.width * img.height > EXACT_MAX_PIXELS:
         owned = not isinstance(source, Image.Image)
-        return _prepare_large(img, name, owned, (w, h), interpolation, colour_constancy)
+        return _prepare_large(img, name, owned, (w, h), interpolation, colour_constancy, detail)
     _load(img, name)
-    img = to_rgb8(_upright(img))
-    if colour_constancy:
-        from skinlesion.data.colour import shades_of_gray_gains
-
-        img = _with_gains(img, shades_of_gray_gains(np.asarray(img)))
-    if img.size != (w, h):
-        img = img.resize((w, h), _RESAMPLE[interpolation], reducing_gap=_REDUCING_GAP)
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    img = reduce_detail(to_rgb8(_upright(img)), detail)
+    return _finish(img, (w, h), interpolation, colour_constancy)
 
 
 def _prepare_large(
@@ -288,8 +409,11 @@ def _prepare_large(
     wh: tuple[int, int],
     interpolation: str,
     colour_constancy: bool,
+    detail: Detail | None = None,
 ) -> np.ndarray:
     """`prepare_image` of an image over the cap, in its stored orientation, turned at the end.
+    With a ``detail`` the image is first reduced to it (from the region the reduced decode
+    covers), turned, and finished as a small image.
 
     A JPEG is decoded by libjpeg at 1/8, 1/4 or 1/2 scale, the smallest that keeps
     ``_REDUCING_GAP`` times the output; the colour-constancy gains come from float32 bands of the
@@ -308,6 +432,10 @@ def _prepare_large(
     stored = (h, w) if turn in _SWAPS_AXES else (w, h)
     box = drafted[1] if drafted is not None and img.size != full else None
     rgb = to_rgb8(img)
+    if detail is not None and _detail_size(full, detail) is not None:
+        small = reduce_detail(rgb, detail, box or (0, 0, *rgb.size))
+        small = small.transpose(turn) if turn is not None else small
+        return _finish(small, (w, h), interpolation, colour_constancy)
     if colour_constancy:
         from skinlesion.data.colour import streamed_gains
 
@@ -322,4 +450,4 @@ def _prepare_large(
 
 
 def prepare_with_spec(source: str | Path | bytes | Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    return prepare_image(source, spec.size, spec.interpolation, spec.colour_constancy)
+    return prepare_image(source, spec.size, spec.interpolation, spec.colour_constancy, spec.detail)

@@ -171,18 +171,20 @@ def evaluate_external(
     progress: bool = True,
     use_metadata: bool = True,
     backend: str = "auto",
+    detail: str | None = None,
 ) -> dict[str, Any]:
     """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report.
 
     A model fused with patient metadata takes it from the labels file's ``age``, ``sex`` and
     ``localization`` columns (those present); ``use_metadata=False`` gives it images only.
-    ``backend``: see :mod:`skinlesion.inference.backend`.
+    ``backend``: see :mod:`skinlesion.inference.backend`; ``detail``: see
+    :func:`~skinlesion.inference.packaged.set_detail`.
     """
     output = Path(output)
     check_writable_dir(output, "--output")
     mapping = read_label_map(Path(label_map)) if label_map else None
     runtime = resolve_runtime(device)
-    loaded = resolve_model(model, runtime, backend, tta)
+    loaded = resolve_model(model, runtime, backend, tta, detail)
     classes = loaded.members[0].spec.class_names
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
     tta = loaded.tta if tta is None else tta
@@ -206,6 +208,7 @@ def evaluate_external(
         "tta": tta,
         "backend": ", ".join(sorted(loaded.engines_used)) or loaded.backend,  # what ran
         "metadata": used,
+        "detail": _detail_label(loaded),
         "metadata_unseen": unseen,
         "mel_threshold": threshold,
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
@@ -217,6 +220,12 @@ def evaluate_external(
     result.update(_refer_results(y, p, out.unfamiliarity, loaded))
     _write_report(result, y, p, classes, output, f"External evaluation: {labels_csv}")
     return result
+
+
+def _detail_label(loaded: Any) -> str:
+    """What larger images were reduced to: the members' detail, or "as they came"."""
+    detail = loaded.members[0].spec.detail
+    return detail.label() if detail is not None else "none (images as they came)"
 
 
 def _write_report(

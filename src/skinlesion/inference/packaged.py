@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from skinlesion.core.errors import CheckpointError
+from skinlesion.core.errors import CheckpointError, ConfigError
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
-from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
+from skinlesion.data.preprocess import Detail, PreprocessSpec, size_from_plain, size_label
 from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
 from skinlesion.inference.backend import attach_backend, usable_graph
 from skinlesion.inference.familiarity import FAMILIARITY_FILE, Familiarity, load_familiarities
@@ -408,14 +408,34 @@ def resolve_model(
     runtime: Runtime | None = None,
     backend: str = "auto",
     tta: int | None = None,
+    detail: str | None = None,
 ) -> LoadedModel:
     """``None``: the default packaged model; a packaged name; a packaged folder; a run folder or
     a checkpoint file. ``backend`` (:mod:`skinlesion.inference.backend`): ``auto`` runs the
-    model's ONNX graph (exported once into the user cache, for ``tta`` views) on a CPU."""
+    model's ONNX graph (exported once into the user cache, for ``tta`` views) on a CPU.
+    ``detail``: see :func:`set_detail`; ``None`` keeps the model's."""
     runtime = runtime or resolve_runtime("auto")
     loaded = _resolve(model, runtime)
+    if detail is not None:
+        set_detail(loaded, detail)
     attach_backend(loaded, backend, tta)
     return loaded
+
+
+DETAIL_SETTINGS = "model (its own), off, or SIDE[:JPEG_QUALITY] such as 200:75"
+
+
+def set_detail(loaded: LoadedModel, setting: str) -> None:
+    """Override the detail that the members reduce a larger input to (:class:`Detail`):
+    ``model`` keeps theirs, ``off`` takes inputs as they come, ``SIDE[:QUALITY]`` sets one."""
+    if setting == "model":
+        return
+    try:
+        detail = None if setting == "off" else Detail.parse(setting)
+    except ValueError as err:
+        raise ConfigError(f"--detail: {err}; expected {DETAIL_SETTINGS}") from None
+    for i, member in enumerate(loaded.members):
+        loaded.members[i] = replace(member, spec=replace(member.spec, detail=detail))
 
 
 def _resolve(model: str | Path | None, runtime: Runtime) -> LoadedModel:
