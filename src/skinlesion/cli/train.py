@@ -1,9 +1,10 @@
-"""Training commands: ``train``, ``merge``, ``report``, ``package``, ``fit-final`` and
-``fit-familiarity``."""
+"""Training commands: ``train``, ``merge``, ``report``, ``package``, ``fit-final``,
+``fit-familiarity`` and ``yardstick``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from skinlesion.cli.common import int_at_least, key_value, load_checked_config, run_n_boot
@@ -84,6 +85,58 @@ def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
     written = fit_run_familiarity(target, progress=progress, refit=args.refit)
     print(f"fitted {len(written)} member(s): {', '.join(str(p) for p in written) or 'none left'}")
     return 0
+
+
+def _cmd_yardstick(args: argparse.Namespace) -> int:
+    from skinlesion.evaluation.yardstick import (
+        compare_yardsticks,
+        render_yardstick_comparison,
+        write_yardstick,
+        yardstick_score,
+    )
+
+    if args.config is not None:
+        from skinlesion.training.yardstick import run_yardstick
+
+        isic = None if args.isic2017 == "none" else args.isic2017
+        run_yardstick(
+            args.config, args.output, args.overrides, isic, args.resume, not args.no_progress
+        )
+    elif args.overrides:
+        print("skinlesion yardstick: key=value overrides need --config", file=sys.stderr)
+        return 2
+    score = yardstick_score(args.output)
+    for name, f in [*score["sets"].items(), ("mean", score["mean"])]:
+        n = f" ({f['n']} images)" if "n" in f else ""
+        print(f"{name}{n}: mel AUROC {f['mel_auroc']:.3f}, bal acc {f['balanced_accuracy']:.3f}")
+    if args.against:
+        result = compare_yardsticks(args.against, args.output, args.n_boot)
+        write_yardstick(result, Path(args.output) / "comparison.json")
+        print(render_yardstick_comparison(result))
+    return 0
+
+
+def _add_yardstick(sub: argparse._SubParsersAction) -> None:
+    y = sub.add_parser(
+        "yardstick",
+        help="the cross-site score of a recipe (held-out HAM10000 sites, ISIC 2017 test), "
+        "paired against another",
+    )
+    y.add_argument("--config", default=None, help="the recipe; without it, score --output as is")
+    y.add_argument("--output", required=True, help="the recipe's yardstick folder")
+    y.add_argument(
+        "--against", default=None, help="another yardstick folder: the paired table, B = --output"
+    )
+    y.add_argument(
+        "--isic2017",
+        default="../shared/data/isic2017",
+        help="ISIC 2017 folder (labels.csv, images/), or none",
+    )
+    y.add_argument("--n-boot", type=int_at_least(1), default=1000)
+    y.add_argument("--resume", action="store_true", help="continue the runs in --output")
+    y.add_argument("--no-progress", action="store_true")
+    y.add_argument("overrides", nargs="*", help="key=value for the recipe")
+    y.set_defaults(func=_cmd_yardstick)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -167,3 +220,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_package(sub)
     _add_fit_final(sub)
     _add_fit_familiarity(sub)
+    _add_yardstick(sub)
