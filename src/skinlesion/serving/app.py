@@ -21,7 +21,6 @@ import io
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any
 
@@ -40,6 +39,7 @@ from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.table import MELANOMA_CLASS, Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
+from skinlesion.serving.settings import ServeSettings
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,6 @@ log = logging.getLogger(__name__)
 _MULTIPART_SLACK = 64 * 1024
 # The micro-batcher's key for an item's raw metadata (age, sex, localization; None = missing).
 METADATA_KEY = "metadata"
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Upload limits and micro-batching of the service."""
-
-    limits: UploadLimits = field(default_factory=UploadLimits)
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
 
 
 def _error(status: int, message: str) -> JSONResponse:
