@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -129,8 +129,8 @@ def _metadata_row(model: LoadedModel, values: dict[str, Any]) -> np.ndarray | No
     return np.array([values.get(f) for f in METADATA_FIELDS], dtype=object)
 
 
-def _page() -> str:
-    return (resources.files("skinlesion.serving") / "static" / "index.html").read_text("utf-8")
+def _static(name: str) -> str:
+    return (resources.files("skinlesion.serving") / "static" / name).read_text("utf-8")
 
 
 def _card_summary(model: LoadedModel) -> dict[str, Any]:
@@ -169,12 +169,18 @@ def _new_app(model: LoadedModel, batcher: MicroBatcher) -> FastAPI:
 
 
 def _add_info_routes(app: FastAPI, model: LoadedModel, batcher: MicroBatcher) -> None:
-    """The web page, ``/health`` (with the batches served) and ``/model`` (the card)."""
+    """The web page (and its icon), ``/health`` (with the batches served) and ``/model`` (the
+    card)."""
     started = time.time()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return _page()
+        return _static("index.html")
+
+    # Browsers ask for /favicon.ico whatever the page links; one small SVG answers both.
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(_static("favicon.svg"), media_type="image/svg+xml")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
