@@ -87,6 +87,8 @@ def test_refer_flag_follows_the_models_rules(client: TestClient, images: list[Pa
         (b"name,dx\nISIC_1,mel\n", 415, "not an image"),
         (png_bytes(300, 300) + b"\0" * 250_000, 413, "over the limit"),
         (png_header(3000, 3000), 413, "9000000 pixels is over the limit of 4000000"),
+        # A decompression bomb PIL itself refuses: the service's limit is named, not PIL's.
+        (png_header(20000, 20000), 413, "400000000 pixels is over the limit of 4000000 pixels"),
         (png_bytes(60, 60)[:80], 422, "cannot be decoded"),
     ],
 )

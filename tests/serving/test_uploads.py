@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import png_bytes, png_header
+from PIL import Image
 
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
 
@@ -49,3 +50,24 @@ def test_pixel_limit() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         UploadLimits(max_bytes=0)
+
+
+def test_a_decompression_bomb_names_the_services_limit() -> None:
+    # 30000 x 30000 is over PIL's own refusal (twice Image.MAX_IMAGE_PIXELS): the answer still
+    # names the limit the service was started with, not PIL's.
+    with pytest.raises(UploadError) as err:
+        check_upload(png_header(30000, 30000), UploadLimits(max_pixels=1_234_567))
+    assert err.value.status == 413
+    message = str(err.value)
+    assert "900000000 pixels is over the limit of 1234567 pixels" in message
+    assert "decompression bomb" in message and "178956970" not in message
+
+
+def test_a_limit_above_pils_names_the_limit_that_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A --max-pixels above what PIL opens at all: the decoder's limit is the one in force.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    with pytest.raises(UploadError) as err:
+        check_upload(png_header(2000, 1500), UploadLimits(max_pixels=5_000_000))
+    assert "3000000 pixels is over the limit of 2000000 pixels" in str(err.value)

@@ -16,11 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import lesion_images, make_tiny_packaged
+from conftest import attach_tiny_familiarity, lesion_images, make_tiny_packaged, spread_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from skinlesion.core.runtime import resolve_runtime
+from skinlesion.data.nondermoscopy import write_nondermoscopy
 from skinlesion.inference.packaged import resolve_model
 from skinlesion.serving.app import create_app
 
@@ -38,6 +39,15 @@ def test_page_has_a_file_input_and_the_disclaimer(app) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert '<input id="file" type="file"' in r.text
     assert "Not a diagnostic device" in r.text
+
+
+def test_favicon_is_served(app) -> None:
+    # Browsers ask for /favicon.ico whatever the page says; the page links the same icon.
+    with TestClient(app) as c:
+        page = c.get("/").text
+        icon = c.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.text.lstrip().startswith("<svg") and '<link rel="icon"' in page
 
 
 @contextlib.contextmanager
@@ -138,3 +148,49 @@ def test_patient_details_in_a_real_browser(tmp_path: Path) -> None:
     assert after == (
         f"Patient details used: age 70, sex female, localization {choices['localization'][0]}"
     )
+
+
+@pytest.fixture(scope="module")
+def familiar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny packaged model with a familiarity fitted on synthetic lesions: an image of noise
+    is unlike them (referred, with an unfamiliarity over 1)."""
+    lesions = spread_images(tmp_path_factory.mktemp("lesions"), n=36)
+    folder = make_tiny_packaged(tmp_path_factory.mktemp("zoo"), "familiar")
+    return attach_tiny_familiarity(folder, lesions[::2], lesions[1::4])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_refer_leads_and_a_failed_upload_clears_the_result(familiar: Path, tmp_path: Path) -> None:
+    model = resolve_model(familiar, resolve_runtime("cpu"), "torch")
+    (noise,) = write_nondermoscopy(tmp_path / "other", photos=False, screenshots=0, noise=1, flat=0)
+    text = tmp_path / "notes.jpg"
+    text.write_text("name,dx\nISIC_1,mel\n")
+    with _serving(create_app(model)) as url, _browser_page() as page:
+        answer = httpx.post(f"{url}/predict", files={"file": noise.read_bytes()}, timeout=60).json()
+        missing: list[str] = []
+        page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+        page.goto(url + "/")
+        page.wait_for_selector("text=What it is for", timeout=60_000)
+        page.set_input_files("#file", str(noise))
+        page.wait_for_selector("#classes .row", timeout=120_000)
+        result = page.inner_text("#result")
+        unfamiliarity = page.inner_text("#unfamiliarity")
+        body = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "page_ok.png"), full_page=True)
+        page.set_input_files("#file", str(text))
+        page.wait_for_selector("#error:has-text('not an image')", timeout=120_000)
+        after = {k: page.locator(k).count() for k in ("#classes", "#refer", "#unfamiliarity")}
+        after_text = page.inner_text("#result")
+        overlay_hidden = page.is_hidden("#fig-overlay")
+        page.screenshot(path=str(tmp_path / "page_fail.png"), full_page=True)
+    assert answer["refer"] and answer["unfamiliarity"] > 1
+    # The decision leads, then its reasons, then the class, which is no answer to act on.
+    assert result.startswith("Refer to a clinician")
+    reasons = [result.index(r) for r in answer["refer_reasons"]]
+    assert min(reasons) > 0 and max(reasons) < result.index(answer["prediction"] + " (")
+    assert f"{answer['unfamiliarity']:.2f}" in unfamiliarity
+    assert "familiar 0.0-test" not in result and "done" not in body.split()
+    # A refused upload leaves no trace of the previous image's result.
+    assert after == {"#classes": 0, "#refer": 0, "#unfamiliarity": 0} and overlay_hidden
+    assert answer["prediction"] not in after_text
+    assert missing == []

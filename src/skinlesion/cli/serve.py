@@ -8,8 +8,8 @@ from skinlesion.cli.common import MODEL_HELP, add_backend_option
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from skinlesion.serving.app import ServeSettings
     from skinlesion.serving.server import serve
+    from skinlesion.serving.settings import ServeSettings
     from skinlesion.serving.uploads import UploadLimits
 
     limits = UploadLimits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels)

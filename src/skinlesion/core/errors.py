@@ -58,6 +58,10 @@ class OutputError(SkinlesionError):
     """An output path that cannot be written (read-only, not a folder, disk full)."""
 
 
+class AddressError(SkinlesionError, OSError):
+    """A host and port the service cannot listen on (in use, not an address of this machine)."""
+
+
 def torch_load_problem(err: BaseException, what: str = "checkpoint") -> str:
     """One sentence for what ``torch.load(..., weights_only=True)`` raised on a ``what`` file.
 

@@ -21,7 +21,6 @@ import io
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import pandas as pd
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,6 +40,7 @@ from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.table import Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
+from skinlesion.serving.settings import ServeSettings
 from skinlesion.serving.uploads import UploadError, UploadLimits, check_upload
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,6 @@ log = logging.getLogger(__name__)
 _MULTIPART_SLACK = 64 * 1024
 # The micro-batcher's key for an item's raw metadata (age, sex, localization; None = missing).
 METADATA_KEY = "metadata"
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Upload limits and micro-batching of the service."""
-
-    limits: UploadLimits = field(default_factory=UploadLimits)
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -139,8 +130,8 @@ def _metadata_row(model: LoadedModel, values: dict[str, Any]) -> np.ndarray | No
     return np.array([values.get(f) for f in METADATA_FIELDS], dtype=object)
 
 
-def _page() -> str:
-    return (resources.files("skinlesion.serving") / "static" / "index.html").read_text("utf-8")
+def _static(name: str) -> str:
+    return (resources.files("skinlesion.serving") / "static" / name).read_text("utf-8")
 
 
 def _card_summary(model: LoadedModel) -> dict[str, Any]:
@@ -179,12 +170,18 @@ def _new_app(model: LoadedModel, batcher: MicroBatcher) -> FastAPI:
 
 
 def _add_info_routes(app: FastAPI, model: LoadedModel, batcher: MicroBatcher) -> None:
-    """The web page, ``/health`` (with the batches served) and ``/model`` (the card)."""
+    """The web page (and its icon), ``/health`` (with the batches served) and ``/model`` (the
+    card)."""
     started = time.time()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return _page()
+        return _static("index.html")
+
+    # Browsers ask for /favicon.ico whatever the page links; one small SVG answers both.
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(_static("favicon.svg"), media_type="image/svg+xml")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -5,6 +5,7 @@ format PIL recognises from the content (never the file name), and not over the p
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -35,6 +36,19 @@ class UploadLimits:
             raise ValueError(f"upload limits must be positive, got {self}")
 
 
+def _bomb_message(err: Image.DecompressionBombError, limits: UploadLimits) -> str:
+    """The refusal of an image PIL will not open at all (over twice ``Image.MAX_IMAGE_PIXELS``),
+    in the service's terms: the limit named is the service's ``max_pixels`` (PIL's own limit
+    only where ``max_pixels`` is set above it, as that is then the limit in force)."""
+    limit = limits.max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None:
+        limit = min(limit, 2 * Image.MAX_IMAGE_PIXELS)
+    # PIL: "Image size (N pixels) exceeds limit of M pixels, could be decompression bomb ...".
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    image = f"image of {found.group(1)} pixels" if found else "image"
+    return f"{image} is over the limit of {limit} pixels (decompression bomb)"
+
+
 def check_upload(data: bytes, limits: UploadLimits) -> tuple[str, tuple[int, int]]:
     """The image format and (width, height) of an acceptable upload; raise :class:`UploadError`
     saying what is wrong otherwise. Reads the header only: no pixel is decoded here."""
@@ -50,7 +64,7 @@ def check_upload(data: bytes, limits: UploadLimits) -> tuple[str, tuple[int, int
             with Image.open(io.BytesIO(data)) as img:
                 fmt, size = img.format or "", img.size
     except Image.DecompressionBombError as err:
-        raise UploadError(413, f"image over the pixel limit (decompression bomb): {err}") from err
+        raise UploadError(413, _bomb_message(err, limits)) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UploadError(
             415,
