@@ -54,7 +54,9 @@ def test_validation_is_the_inner_fold_of_the_other_sites_and_lesion_grouped() ->
     assert (split.val["fold"] == INNER_FOLD).all()
     assert (split.train["fold"] != INNER_FOLD).all()
     assert not set(split.train["lesion_id"]) & set(split.val["lesion_id"])
-    others = table[(table[SITE_COLUMN] != SITES[1]) & ~table["lesion_id"].isin(split.test["lesion_id"])]
+    others = table[
+        (table[SITE_COLUMN] != SITES[1]) & ~table["lesion_id"].isin(split.test["lesion_id"])
+    ]
     assert len(split.train) + len(split.val) == len(others)
 
 

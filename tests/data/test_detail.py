@@ -107,7 +107,9 @@ def test_spec_keeps_its_detail_and_applies_it() -> None:
     plain = PreprocessSpec(96, (0.5,) * 3, (0.25,) * 3)
     assert "detail" not in plain.to_dict() and PreprocessSpec.from_dict(plain.to_dict()) == plain
     large = _texture(800, 600, seed=7)
-    assert np.array_equal(prepare_with_spec(large, spec), prepare_image(large, 96, detail=spec.detail))
+    assert np.array_equal(
+        prepare_with_spec(large, spec), prepare_image(large, 96, detail=spec.detail)
+    )
 
 
 @pytest.mark.parametrize("text", ["abc", "200:0", "8", "200:x"])

@@ -97,4 +97,7 @@ def test_yardstick_scores_a_folder_and_pairs_it_with_itself(cross_run: Path) -> 
         assert same["mean"][figure]["difference"] == 0
         assert same["mean"][figure]["ci95"] == [0.0, 0.0]
     assert same["verdict"].startswith("does not win")
-    assert main(["yardstick", "--output", str(folder), "--against", str(folder), "--n-boot", "20"]) == 0
+    assert (
+        main(["yardstick", "--output", str(folder), "--against", str(folder), "--n-boot", "20"])
+        == 0
+    )
