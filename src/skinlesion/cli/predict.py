@@ -59,7 +59,7 @@ def _read_predict_metadata(args: argparse.Namespace) -> Any:
     every fault of the file raised at once; ``None`` without ``--metadata``."""
     if args.metadata is None:
         return None
-    from skinlesion.data.tabular import read_metadata_csv
+    from skinlesion.data.metadata_file import read_metadata_csv
 
     return read_metadata_csv(args.metadata, args.images)
 
