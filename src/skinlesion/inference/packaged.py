@@ -44,6 +44,7 @@ from skinlesion.inference.onnx_export import OnnxModel
 from skinlesion.inference.packaged_meta import (
     MODEL_FILE,
     WEIGHTS_FILE,
+    folder_file,
     read_packaged_meta,
     sha256_file,
 )
@@ -326,7 +327,7 @@ def read_familiarity(folder: Path, meta: dict[str, Any]) -> dict[str, Familiarit
     if not entry:
         log.info("%s: no familiarity, so no unfamiliarity column or refer reason from it", folder)
         return {}
-    path = folder / entry.get("file", FAMILIARITY_FILE)
+    path = folder_file(folder, "familiarity.file", entry.get("file", FAMILIARITY_FILE))
     if not path.is_file():
         raise CheckpointError(f"{path}: familiarity file listed in {MODEL_FILE} is missing")
     if sha256_file(path) != entry.get("sha256"):
