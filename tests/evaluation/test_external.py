@@ -340,3 +340,21 @@ def test_a_column_that_looks_like_metadata_is_named(
     assert f"{labels}: column 'site' is not read as localization" in caplog.text
     assert "split" not in caplog.text
     assert json.loads((out / "metrics.json").read_text())["metadata"] == ["age", "sex"]
+
+
+def test_bad_ages_are_named_by_file_line_and_image_id_as_predict_does(
+    fused: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path, capsys
+) -> None:
+    images, meta = external
+    table = meta[["image_id", "dx", "age", "sex", "localization"]].astype({"age": str})
+    table.loc[2, "age"], table.loc[5, "age"] = "-5.0", "sixty"
+    labels = write_labels(table, tmp_path / "labels.csv")
+    assert evaluate(fused, labels, images, tmp_path / "out") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == f"skinlesion evaluate: error: {labels}: invalid metadata: 2 problem(s)"
+    assert lines[1:] == [
+        f"  line 4 (image_id {meta['image_id'][2]}): age -5.0 is negative",
+        f"  line 7 (image_id {meta['image_id'][5]}): age 'sixty' is not a number",
+    ]
+    # Without metadata the model does not read the ages: nothing to refuse.
+    assert evaluate(fused, labels, images, tmp_path / "out", "--no-metadata") == 0

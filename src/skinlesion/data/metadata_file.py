@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion.core.errors import DataError
-from skinlesion.data.tabular import METADATA_FIELDS, age_problem, unknown_columns
+from skinlesion.data.tabular import METADATA_FIELDS, age_problems, unknown_columns
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,7 @@ def _row_problems(table: pd.DataFrame, ids: pd.Series, path: Path) -> list[str]:
     problems = empty_cells(lined, {"image_id": "image_id"}, str(path))
     problems += duplicate_images(lined, str(path))
     if "age" in table.columns:
-        for i, value in enumerate(table["age"]):
-            why = age_problem(value)
-            if why:
-                problems.append(f"line {i + 2} (image_id {ids.iloc[i]}): {why}")
+        problems += age_problems(table["age"].tolist(), lined["line"].tolist(), ids.tolist())
     return problems
 
 

@@ -210,6 +210,18 @@ def _unknown_record_keys(records: Sequence[Mapping[str, Any] | None]) -> list[st
     return problems
 
 
+def age_problems(ages: Sequence[Any], lines: Sequence[int], ids: Sequence[Any]) -> list[str]:
+    """``line N (image_id ID): why`` for each value of ``ages`` that is not an age
+    (:func:`age_problem`): the one wording of a metadata file's faults, under a title that
+    names the file.
+
+    >>> age_problems(["61", "-5.0"], [2, 3], ["a1", "a2"])
+    ['line 3 (image_id a2): age -5.0 is negative']
+    """
+    found = zip(lines, ids, map(age_problem, ages), strict=True)
+    return [f"line {line} (image_id {i}): {why}" for line, i, why in found if why]
+
+
 def check_fields(fields: Sequence[str]) -> tuple[str, ...]:
     """The fields, checked against :data:`METADATA_FIELDS` (each at most once)."""
     unknown = [f for f in fields if f not in METADATA_FIELDS]

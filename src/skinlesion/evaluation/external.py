@@ -38,7 +38,7 @@ from skinlesion.data.labelled_table import (
     strip,
     unknown_labels,
 )
-from skinlesion.data.tabular import METADATA_FIELDS, metadata_lookalike
+from skinlesion.data.tabular import METADATA_FIELDS, age_problems, metadata_lookalike
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.refer_figures import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
@@ -130,7 +130,8 @@ def _metadata(
 
     A labels file may hold any other column (``split``, a hospital), so an unknown one is not an
     error as in a metadata table; one that looks like a field the file lacks (``site``,
-    ``Age``) is named in a warning."""
+    ``Age``) is named in a warning. An age that is not one is a :class:`DataError` naming the
+    file, line and image."""
     if not fused:
         return None, "not used: the model takes images only"
     fields = [f for f in METADATA_FIELDS if f in labels.columns] if use else []
@@ -145,6 +146,10 @@ def _metadata(
                 field,
                 ", ".join(METADATA_FIELDS),
             )
+    if "age" in fields:  # named as predict --metadata names them, not by row position
+        problems = age_problems(labels["age"].tolist(), labels["line"].tolist(), labels["image_id"])
+        if problems:
+            raise DataError(f"{source}: invalid metadata", problems)
     return (labels[fields] if fields else None), fields
 
 
