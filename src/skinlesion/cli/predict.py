@@ -21,22 +21,25 @@ log = logging.getLogger("skinlesion")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from skinlesion.data.preprocess import image_files
+
     if args.output:
         from skinlesion.core.paths import check_writable_file
 
         check_writable_file(args.output, "--output")
+    images = image_files(args.images)
     if _is_export_folder(args.model):
-        df = _predict_onnx(args)
+        df = _predict_onnx(args, images)
     else:
         from skinlesion.core.runtime import resolve_runtime
         from skinlesion.inference.packaged import resolve_model
 
         # The metadata file is checked before the model loads: its faults show in seconds.
-        table = _read_predict_metadata(args)
+        table = _read_predict_metadata(args.metadata, images)
         runtime = resolve_runtime(args.device)
         loaded = resolve_model(args.model, runtime, args.backend, args.tta)
         df = loaded.predict(
-            args.images,
+            images,
             tta=args.tta,
             metadata=_predict_metadata(table, loaded, args.metadata),
             batch_size=args.batch_size,
@@ -54,14 +57,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _read_predict_metadata(args: argparse.Namespace) -> Any:
+def _read_predict_metadata(metadata: str | None, images: list[str]) -> Any:
     """The ``--metadata`` rows of the images (``image_id`` matched to a file's stem or name),
     every fault of the file raised at once; ``None`` without ``--metadata``."""
-    if args.metadata is None:
+    if metadata is None:
         return None
     from skinlesion.data.metadata_file import read_metadata_csv
 
-    return read_metadata_csv(args.metadata, args.images)
+    return read_metadata_csv(metadata, images)
 
 
 def _predict_metadata(table: Any, loaded: Any, source: str | None) -> Any:
@@ -89,7 +92,7 @@ def _is_export_folder(model: str | None) -> bool:
     )
 
 
-def _predict_onnx(args: argparse.Namespace) -> Any:
+def _predict_onnx(args: argparse.Namespace, images: list[str]) -> Any:
     from skinlesion.core.errors import ConfigError
     from skinlesion.inference.onnx_export import OnnxModel
 
@@ -99,7 +102,7 @@ def _predict_onnx(args: argparse.Namespace) -> Any:
         raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
     if args.metadata is not None:
         raise ConfigError("--metadata: an exported ONNX graph takes images only")
-    return OnnxModel(args.model).predict(args.images, batch_size=args.batch_size)
+    return OnnxModel(args.model).predict(images, batch_size=args.batch_size)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -233,7 +236,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("predict", help="class probabilities for images")
     add_inference_options(r)
     add_backend_option(r)
-    r.add_argument("images", nargs="+")
+    r.add_argument(
+        "images",
+        nargs="+",
+        help="image files or folders of images (a folder: its .jpg, .jpeg, .png, .bmp, .tif, "
+        ".tiff, .webp files in name order, not its sub-folders); one output row per image",
+    )
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
     r.add_argument(
         "--metadata",
