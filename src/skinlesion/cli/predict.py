@@ -221,15 +221,32 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not rows:
         print("no packaged models")
         return 0
-    print(f"{'name':28} {'backbone':24} {'input':>5} {'MB':>5} {'OOF bal.acc':>11}")
-    for r in rows:
-        bacc = r["oof_balanced_accuracy"]
-        mark = " (default)" if r["default"] else ""
-        print(
-            f"{r['name']:28} {r['backbone']:24} {r['input_size']:>5} {r['size_mb']:>5} "
-            f"{'n/a' if bacc is None else f'{bacc:.3f}':>11}{mark}"
+    header = ("name", "backbone", "input", "MB", "OOF bal.acc")
+    table = [
+        (r["name"], r["backbone"], str(r["input_size"]), str(r["size_mb"]), _oof_cell(r))
+        for r in rows
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *table]) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        # Names left-aligned, figures right-aligned, each column as wide as its widest cell.
+        return " ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
+
+    print(line(header).rstrip())
+    for r, cells in zip(rows, table, strict=True):
+        notes = ["default"] if r["default"] else []
+        if r["final_fit"]:
+            notes.append("final fit on every image: no held-out images, no out-of-fold score")
+        print(line(cells) + (f" ({'; '.join(notes)})" if notes else ""))
     return 0
+
+
+def _oof_cell(row: dict[str, Any]) -> str:
+    bacc = row["oof_balanced_accuracy"]
+    return "-" if row["final_fit"] else "n/a" if bacc is None else f"{bacc:.3f}"
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:

@@ -26,7 +26,7 @@ from skinlesion.core.errors import CheckpointError, ConfigError, OutputError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.run_folder import check_resume_config
 from skinlesion.core.runtime import init_distributed, planned_world_size, resolve_runtime
-from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.models.checkpoint import FINAL_FOLD, atomic_torch_save, make_checkpoint
 from skinlesion.training.builders import model_kwargs
 from skinlesion.training.checks import check_world_size
 from skinlesion.training.fit_familiarity import fit_checkpoint_familiarity
@@ -34,8 +34,6 @@ from skinlesion.training.fold_trainer import train_fold_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
 
 log = logging.getLogger(__name__)
-
-FINAL_FOLD = -1
 
 
 def fold_choices(run_dir: Path) -> dict[str, Any]:
