@@ -135,3 +135,43 @@ def test_bad_image_exits_1_and_predicts_the_others(
     # Without --output the CSV goes to stdout, and the exit code is the same.
     assert main(["predict", "--model", str(checkpoint), good[0], str(bad), "--no-progress"]) == 1
     assert capsys.readouterr().out.splitlines()[0].startswith("image,")
+
+
+def test_predict_help_describes_every_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    from skinlesion.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    predict = sub.choices["predict"]
+    undescribed = [a.dest for a in predict._actions if not a.help]
+    assert undescribed == []
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "images image files or folders of images" in text
+
+
+def test_predict_a_folder_predicts_its_images_in_name_order(
+    checkpoint: Path, syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    folder = tmp_path / "scans"
+    (folder / "nested").mkdir(parents=True)
+    sources = sorted(syn_root.rglob("*.jpg"))[:3]
+    for name, src in zip(["b.jpg", "a.JPG", "c.png"], sources, strict=True):
+        shutil.copy(src, folder / name)
+    shutil.copy(sources[0], folder / "nested" / "d.jpg")  # not inside: a sub-folder's
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--model", str(checkpoint), str(folder), str(sources[0])]
+    assert main([*argv, "--output", str(out), "--no-progress"]) == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    names = ["a.JPG", "b.jpg", "c.png"]
+    assert df["image"].tolist() == [str(folder / n) for n in names] + [str(sources[0])]
+    assert (df["error"] == "").all()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("")
+    assert main(["predict", "--model", str(checkpoint), str(empty)]) == 2
+    err = one_error_line(capsys.readouterr().err, "predict")
+    assert f"{empty}: no image files" in err and ".jpg" in err

@@ -565,3 +565,18 @@ def test_export_gives_no_tracer_warning(
 ) -> None:
     assert main(["export", "--model", str(tiny_packaged), "--output", str(tmp_path / "x")]) == 0
     assert not [w for w in recwarn if "Converting a tensor to a Python boolean" in str(w.message)]
+
+
+def test_misspelt_metadata_column_fails_naming_it(
+    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A ``site`` column is not ``localization``: refused, not predicted as if no site."""
+    meta = tmp_path / "meta.csv"
+    meta.write_text("image_id,age,site\ngood0,50,back\n")
+    argv = ["predict", "--model", str(tmp_path / "no_such_run"), "--metadata", str(meta)]
+    assert main([*argv, "--no-progress", str(images[0])]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no_such_run" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == f"skinlesion predict: error: {meta}: invalid metadata: 1 problem(s)"
+    assert lines[1].startswith("  unknown column 'site'; did you mean localization? (")

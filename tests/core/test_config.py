@@ -87,6 +87,23 @@ def test_unknown_key_is_named(override: str, key: str) -> None:
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.imagesize=64", "data.imagesize: unknown key; did you mean image_size"),
+        ("outputdir=runs/x", "outputdir: unknown key; did you mean output_dir?"),
+        ("data.columns.lable=y", "data.columns.lable: unknown key; did you mean label?"),
+        ("trian.epochs=2", "trian: unknown key; did you mean train"),
+    ],
+)
+def test_unknown_key_gets_its_close_match(override: str, message: str) -> None:
+    """As an unknown value does: the close matches (best first), then the section's keys."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "(known: " in str(info.value)
+
+
 def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
     path = _write(tmp_path, "train:\n  epochs: 3\n  lrr: 0.1\n")
     with pytest.raises(ConfigError, match=r"train\.lrr: unknown key") as info:

@@ -15,6 +15,7 @@ from conftest import (
     ISIC_DIR,
     PROBE,
     check_point_against_sklearn,
+    make_tiny_packaged,
     requires_isic,
     run_overrides,
     train_cli,
@@ -52,6 +53,12 @@ def external(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFra
         else:
             shutil.copy(src, images / f"{image_id}.jpg")
     return images, meta
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A packaged model of random weights fused with age, sex and site."""
+    return make_tiny_packaged(tmp_path_factory.mktemp("zoo"), "fused", metadata=True)
 
 
 def evaluate(run: Path, labels: Path, images: Path, out: Path, *extra: str) -> int:
@@ -314,3 +321,40 @@ def test_reference_domain_with_out_of_fold_figures() -> None:
     domain = reference_domain(np.array([[0.9, 0.1], [0.55, 0.45]]), {"domain": ref})
     assert domain["reference"] == {"mean_max_probability": 0.8, "share_below_threshold": 0.1}
     assert domain["share_below_threshold"] == 0.5
+
+
+def test_a_column_that_looks_like_metadata_is_named(
+    fused: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path, caplog
+) -> None:
+    """A labels file's other columns are free (``split``, a hospital...), so ``site`` for
+    ``localization`` cannot be refused there; it is named in a warning, and the metrics record
+    which fields the model read."""
+    images, meta = external
+    table = meta[["image_id", "dx", "age", "sex", "localization"]].rename(
+        columns={"localization": "site"}
+    )
+    labels = write_labels(table.assign(split="test"), tmp_path / "labels.csv")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert evaluate(fused, labels, images, out) == 0
+    assert f"{labels}: column 'site' is not read as localization" in caplog.text
+    assert "split" not in caplog.text
+    assert json.loads((out / "metrics.json").read_text())["metadata"] == ["age", "sex"]
+
+
+def test_bad_ages_are_named_by_file_line_and_image_id_as_predict_does(
+    fused: Path, external: tuple[Path, pd.DataFrame], tmp_path: Path, capsys
+) -> None:
+    images, meta = external
+    table = meta[["image_id", "dx", "age", "sex", "localization"]].astype({"age": str})
+    table.loc[2, "age"], table.loc[5, "age"] = "-5.0", "sixty"
+    labels = write_labels(table, tmp_path / "labels.csv")
+    assert evaluate(fused, labels, images, tmp_path / "out") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == f"skinlesion evaluate: error: {labels}: invalid metadata: 2 problem(s)"
+    assert lines[1:] == [
+        f"  line 4 (image_id {meta['image_id'][2]}): age -5.0 is negative",
+        f"  line 7 (image_id {meta['image_id'][5]}): age 'sixty' is not a number",
+    ]
+    # Without metadata the model does not read the ages: nothing to refuse.
+    assert evaluate(fused, labels, images, tmp_path / "out", "--no-metadata") == 0

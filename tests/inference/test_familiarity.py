@@ -194,6 +194,46 @@ def test_tampered_familiarity_file_is_refused(familiar: Path, tmp_path: Path) ->
         load_packaged(folder, resolve_runtime("cpu"))
 
 
+def _pointing_outside(familiar: Path, root: Path, how: str) -> tuple[Path, str]:
+    """A copy of ``familiar`` whose model.json names a familiarity file outside the folder (an
+    exact copy of its own, SHA-256 and all); the folder and the name given."""
+    import shutil
+
+    folder = root / "model"
+    shutil.copytree(familiar, folder)
+    outside = root / "elsewhere" / FAMILIARITY_FILE
+    outside.parent.mkdir()
+    shutil.move(folder / FAMILIARITY_FILE, outside)
+    if how == "link":
+        (folder / "linked.safetensors").symlink_to(outside)
+    name = {"dotdot": f"../elsewhere/{FAMILIARITY_FILE}", "absolute": str(outside)}.get(
+        how, "linked.safetensors"
+    )
+    meta = json.loads((folder / "model.json").read_text())
+    meta["familiarity"]["file"] = name
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder, name
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "link"])
+def test_a_familiarity_file_outside_the_model_folder_is_refused(
+    familiar: Path, tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.json may name only files inside its folder: an outside file is neither opened,
+    hashed nor loaded, even one whose SHA-256 matches."""
+    from skinlesion.inference import packaged, packaged_meta
+
+    folder, name = _pointing_outside(familiar, tmp_path, how)
+    opened = []
+    monkeypatch.setattr(packaged, "sha256_file", lambda p: opened.append(p) or "")
+    with pytest.raises(CheckpointError) as info:
+        packaged_meta.read_packaged_meta(folder)
+    assert f"familiarity.file {name!r} is outside the model folder {folder}" in str(info.value)
+    with pytest.raises(CheckpointError, match="familiarity.file .* is outside the model folder"):
+        load_packaged(folder, resolve_runtime("cpu"))
+    assert not any(FAMILIARITY_FILE in str(p) for p in opened)
+
+
 def test_unfamiliarity_is_the_members_mean_of_the_identity_view(
     familiar: Path, mixed: list[Path]
 ) -> None:

@@ -330,3 +330,50 @@ def test_float16_weights_keep_probabilities(tmp_path: Path) -> None:
     assert np.ptp(p32[:, CLASSES.index("mel")]) > 0.02
     diff = np.abs(p16 - p32).max()
     assert 0 < diff < 1e-3, diff
+
+
+def _listed_model(root: Path, name: str, folds: list[int], bacc: float) -> None:
+    """A packaged folder as `skinlesion models` reads it: model.json and card.json only."""
+    from skinlesion.inference.packaged_meta import MODEL_FILE, PACKAGED_FORMAT
+    from skinlesion.models.factory import default_spec
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    members = [{"fold": f, "prefix": f"fold{f}.", "temperature": 1.0} for f in folds]
+    meta = {
+        "format": PACKAGED_FORMAT,
+        "name": name,
+        "backbone": "tf_efficientnet_lite0",
+        "preprocessing": default_spec("tf_efficientnet_lite0", 160).to_dict(),
+        "tta": 4,
+        "members": members,
+        "weights_sha256": "0" * 64,
+    }
+    (folder / MODEL_FILE).write_text(json.dumps(meta))
+    card = {"metrics": {"out_of_fold": {"balanced_accuracy": bacc}}}
+    (folder / packaged.CARD_FILE).write_text(json.dumps(card))
+
+
+def test_models_lists_aligned_columns_and_no_oof_figure_for_a_final_fit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    long = "ham10000-isic2017-lite0-160-masked-and-more"
+    _listed_model(tmp_path, long, [0], 0.685)
+    _listed_model(tmp_path, "short", [0, 1, 2], 0.671)
+    # fit-final's model (fold -1) trained on every image: the folds' score is not its own.
+    _listed_model(tmp_path, "short-final", [-1], 0.671)
+    (tmp_path / packaged.DEFAULT_FILE).write_text("short\n")
+    monkeypatch.setattr(packaged, "zoo_dir", lambda: tmp_path)
+    rows = {r["name"]: r for r in packaged.list_packaged()}
+    assert rows["short-final"]["final_fit"] and rows["short-final"]["oof_balanced_accuracy"] is None
+    assert not rows["short"]["final_fit"] and rows["short"]["oof_balanced_accuracy"] == 0.671
+    assert main(["models"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    for line, name in zip(lines, [long, "short", "short-final"], strict=True):
+        assert line.startswith(name + " ")
+        assert line.index("tf_efficientnet_lite0") == header.index("backbone")
+        assert line.index(" 160 ") + 4 == header.index("input") + len("input")
+    by_name = dict(zip([long, "short", "short-final"], lines, strict=True))
+    assert "0.685" in by_name[long] and "0.671 (default)" in by_name["short"]
+    assert "0.671" not in by_name["short-final"] and "final fit" in by_name["short-final"]

@@ -92,6 +92,13 @@ def test_model_endpoint_lists_what_a_fused_model_reads(fused, tiny_packaged: Pat
         ({"age": "500"}, "invalid request: form field 'age': age 500 is over 120"),
         ({"age": "-4"}, "invalid request: form field 'age': age -4 is negative"),
         ({"age": "sixty"}, "invalid request: form field 'age': age 'sixty' is not a number"),
+        # Words a table reads as missing are not numbers here: an unknown age is left out.
+        (
+            {"age": "nan"},
+            "invalid request: form field 'age': age 'nan' is not a number; leave the field "
+            "empty when the age is unknown",
+        ),
+        ({"age": "unknown"}, "invalid request: form field 'age': age 'unknown' is not a number;"),
         ({"sex": "x" * 40}, "invalid request: form field 'sex': String should have at most 32"),
     ],
 )

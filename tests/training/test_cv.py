@@ -245,3 +245,19 @@ def test_predict_defaults_to_the_runs_tta(syn_root: Path, tmp_path: Path) -> Non
     one, _ = predict_sources(images, members, runtime, tta=1, progress=False)
     np.testing.assert_allclose(default, four)
     assert not np.allclose(default, one)
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_resume_into_a_folder_without_a_run_fails_naming_it(
+    syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], made: bool
+) -> None:
+    """A mistyped output_dir with --resume must not start hours of training from scratch."""
+    out = tmp_path / "rnus" / "quick"
+    if made:
+        out.mkdir(parents=True)
+    args = tiny_overrides(syn_root, out, tmp_path / "cache")
+    assert train_cli(["--resume", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"output_dir: {out} " in err and "drop --resume" in err
+    assert ("holds no run" if made else "does not exist") in err
+    assert out.exists() == made and not (tmp_path / "cache").exists()

@@ -35,3 +35,10 @@ def test_a_finished_final_model_needs_resume(started: Path) -> None:
     (started / "best.pt").write_bytes(b"model")
     with pytest.raises(OutputError, match="best.pt exists; pass --resume"):
         check_final_resume(started, load_config(None, ["train.epochs=3"]), resume=False)
+
+
+def test_resume_without_a_started_final_fit_is_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "final"
+    with pytest.raises(ConfigError, match=f"{out} does not exist, so there is no final fit"):
+        check_final_resume(out, load_config(None, ["train.epochs=3"]), resume=True)
+    check_final_resume(out, load_config(None, ["train.epochs=3"]), resume=False)

@@ -31,6 +31,19 @@ def hand_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return y, groups, probs / probs.sum(1, keepdims=True)
 
 
+def write_fake_oof(cfg: Any, probs: np.ndarray) -> Path:
+    """What a run of ``cfg`` leaves for the audit: hand-made OOF predictions in its folder."""
+    y, groups, _ = hand_data()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame({"image_id": [f"img{i:03d}" for i in range(len(y))]})
+    df["lesion_id"], df["dx"] = groups, [CLASSES[i] for i in y]
+    df["fold"] = np.arange(len(y)) % 2 if not cfg.cv.grouped else y % 2
+    df[list(CLASSES)] = probs
+    df.sample(frac=1, random_state=0).to_csv(out / "oof_predictions.csv", index=False)
+    return out
+
+
 def test_identical_predictions_have_zero_inflation() -> None:
     y, groups, probs = hand_data()
     result = paired_inflation(y, probs, probs.copy(), groups, n_boot=100, seed=1)
@@ -149,15 +162,7 @@ def test_audit_runs_each_scheme_on_all_folds(
 
     def fake_run_cv(cfg: Any, resume: bool = False, progress: bool = True) -> Path:
         calls.append((cfg.cv.grouped, cfg.cv.folds_to_run, cfg.cv.folds_file, cfg.output_dir))
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True)
-        probs = noisy if cfg.cv.grouped else perfect
-        df = pd.DataFrame({"image_id": [f"img{i:03d}" for i in range(len(y))]})
-        df["lesion_id"], df["dx"] = groups, [CLASSES[i] for i in y]
-        df["fold"] = np.arange(len(y)) % 2 if not cfg.cv.grouped else y % 2
-        df[list(CLASSES)] = probs
-        df.sample(frac=1, random_state=0).to_csv(out / "oof_predictions.csv", index=False)
-        return out
+        return write_fake_oof(cfg, noisy if cfg.cv.grouped else perfect)
 
     monkeypatch.setattr(training, "run_cv", fake_run_cv)
     cfg = load_config(
@@ -185,3 +190,30 @@ def test_audit_runs_each_scheme_on_all_folds(
     assert ba["image_random"] == 1.0
     assert ba["inflation"] == pytest.approx(1.0 - point_metrics(y, noisy)["balanced_accuracy"])
     assert "| balanced_accuracy |" in (tmp_path / "leakage.md").read_text()
+
+
+def test_audit_resume_continues_the_part_it_holds_and_starts_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted after the lesion-grouped run: --resume continues that one and starts the
+    image-random one (which has no folder yet); into a folder with neither it is an error."""
+    from skinlesion.core.errors import ConfigError
+    from skinlesion.training import cv as training
+
+    _, _, probs = hand_data()
+    resumed = {}
+
+    def fake_run_cv(cfg: Any, resume: bool = False, progress: bool = True) -> Path:
+        resumed[Path(cfg.output_dir).name] = resume
+        return write_fake_oof(cfg, probs)
+
+    monkeypatch.setattr(training, "run_cv", fake_run_cv)
+    out = tmp_path / "audit"
+    cfg = load_config(None, [f"output_dir={out}", "eval.n_boot=0"])
+    with pytest.raises(ConfigError, match=f"output_dir: {out} does not exist"):
+        audit_leakage(cfg, resume=True, progress=False)
+    assert not resumed and not out.exists()
+    (out / "lesion_grouped").mkdir(parents=True)
+    (out / "lesion_grouped" / "config.yaml").write_text("")
+    audit_leakage(cfg, resume=True, progress=False)
+    assert resumed == {"lesion_grouped": True, "image_random": False}

@@ -98,9 +98,18 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="test-time views, 1..8 (default: the run's eval.tta)",
     )
-    p.add_argument("--batch-size", type=int_at_least(1), default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=32,
+        help="images per forward pass (default 32); a smaller batch needs less memory",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N (default auto: CUDA when there is a device, else the CPU)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_backend_option(p: argparse.ArgumentParser) -> None:

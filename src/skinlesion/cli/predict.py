@@ -22,22 +22,25 @@ log = logging.getLogger("skinlesion")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from skinlesion.data.preprocess import image_files
+
     if args.output:
         from skinlesion.core.paths import check_writable_file
 
         check_writable_file(args.output, "--output")
+    images = image_files(args.images)
     if _is_export_folder(args.model):
-        df = _predict_onnx(args)
+        df = _predict_onnx(args, images)
     else:
         from skinlesion.core.runtime import resolve_runtime
         from skinlesion.inference.packaged import resolve_model
 
         # The metadata file is checked before the model loads: its faults show in seconds.
-        table = _read_predict_metadata(args)
+        table = _read_predict_metadata(args.metadata, images)
         runtime = resolve_runtime(args.device)
         loaded = resolve_model(args.model, runtime, args.backend, args.tta, args.detail)
         df = loaded.predict(
-            args.images,
+            images,
             tta=args.tta,
             metadata=_predict_metadata(table, loaded, args.metadata),
             batch_size=args.batch_size,
@@ -55,14 +58,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _read_predict_metadata(args: argparse.Namespace) -> Any:
+def _read_predict_metadata(metadata: str | None, images: list[str]) -> Any:
     """The ``--metadata`` rows of the images (``image_id`` matched to a file's stem or name),
     every fault of the file raised at once; ``None`` without ``--metadata``."""
-    if args.metadata is None:
+    if metadata is None:
         return None
-    from skinlesion.data.tabular import read_metadata_csv
+    from skinlesion.data.metadata_file import read_metadata_csv
 
-    return read_metadata_csv(args.metadata, args.images)
+    return read_metadata_csv(metadata, images)
 
 
 def _predict_metadata(table: Any, loaded: Any, source: str | None) -> Any:
@@ -90,7 +93,7 @@ def _is_export_folder(model: str | None) -> bool:
     )
 
 
-def _predict_onnx(args: argparse.Namespace) -> Any:
+def _predict_onnx(args: argparse.Namespace, images: list[str]) -> Any:
     from skinlesion.core.errors import ConfigError
     from skinlesion.inference.onnx_export import OnnxModel
 
@@ -100,7 +103,7 @@ def _predict_onnx(args: argparse.Namespace) -> Any:
         raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
     if args.metadata is not None:
         raise ConfigError("--metadata: an exported ONNX graph takes images only")
-    return OnnxModel(args.model).predict(args.images, batch_size=args.batch_size)
+    return OnnxModel(args.model).predict(images, batch_size=args.batch_size)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -220,15 +223,32 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not rows:
         print("no packaged models")
         return 0
-    print(f"{'name':28} {'backbone':24} {'input':>5} {'MB':>5} {'OOF bal.acc':>11}")
-    for r in rows:
-        bacc = r["oof_balanced_accuracy"]
-        mark = " (default)" if r["default"] else ""
-        print(
-            f"{r['name']:28} {r['backbone']:24} {r['input_size']:>5} {r['size_mb']:>5} "
-            f"{'n/a' if bacc is None else f'{bacc:.3f}':>11}{mark}"
+    header = ("name", "backbone", "input", "MB", "OOF bal.acc")
+    table = [
+        (r["name"], r["backbone"], str(r["input_size"]), str(r["size_mb"]), _oof_cell(r))
+        for r in rows
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *table]) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        # Names left-aligned, figures right-aligned, each column as wide as its widest cell.
+        return " ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
+
+    print(line(header).rstrip())
+    for r, cells in zip(rows, table, strict=True):
+        notes = ["default"] if r["default"] else []
+        if r["final_fit"]:
+            notes.append("final fit on every image: no held-out images, no out-of-fold score")
+        print(line(cells) + (f" ({'; '.join(notes)})" if notes else ""))
     return 0
+
+
+def _oof_cell(row: dict[str, Any]) -> str:
+    bacc = row["oof_balanced_accuracy"]
+    return "-" if row["final_fit"] else "n/a" if bacc is None else f"{bacc:.3f}"
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -236,7 +256,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     add_inference_options(r)
     add_backend_option(r)
     add_detail_option(r)
-    r.add_argument("images", nargs="+")
+    r.add_argument(
+        "images",
+        nargs="+",
+        help="image files or folders of images (a folder: its .jpg, .jpeg, .png, .bmp, .tif, "
+        ".tiff, .webp files in name order, not its sub-folders); one output row per image",
+    )
     r.add_argument("--output", default=None, help="CSV path (default: stdout)")
     r.add_argument(
         "--metadata",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -399,6 +399,33 @@ def close_matches(value: str, known: Sequence[str], listed: int = 12) -> str:
     return f"{hint}(known: {shown})"
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class inside a field's type (``X``, ``X | None``, ``list[X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def section_keys(loc: Sequence[int | str]) -> list[str]:
+    """The keys the config section at ``loc`` declares (``("data",)``: ``format``, ``root``,
+    ...; a list's position is skipped); ``[]`` where ``loc`` names no section.
+
+    >>> section_keys(("data", "columns"))
+    ['image', 'label', 'group', 'age', 'sex', 'localization']
+    """
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _section_model(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
 def _format_validation_error(
     err: ValidationError, source: str, tree: dict[str, Any] | None = None
 ) -> str:
@@ -406,7 +433,9 @@ def _format_validation_error(
     for e in err.errors():
         key, in_source = error_key(e["loc"], tree)
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            known = section_keys(e["loc"][:-1])
+            hint = f"; {close_matches(str(e['loc'][-1]), known)}" if known else ""
+            lines.append(f"  {key}: unknown key{hint}")
         elif e["type"] == "literal_error" and isinstance(e.get("input"), str):
             expected = [x.strip(" '") for x in e["ctx"]["expected"].replace(" or ", ",").split(",")]
             choices = sorted(x for x in expected if x)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from skinlesion.core.errors import ImageDecodeError
+from skinlesion.core.errors import DataError, ImageDecodeError
 from skinlesion.core.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,33 @@ Size = int | tuple[int, int]
 """An input size: ``S`` (square) or ``(H, W)``."""
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""The suffixes (in any case) of the files taken as images where a folder is given."""
+
+
+def image_files(paths: Sequence[str | Path]) -> list[str]:
+    """``paths`` with each folder replaced by the image files in it (:data:`IMAGE_SUFFIXES`, not
+    hidden, not in its sub-folders), in name order; other paths stay as given. A folder without
+    one is a :class:`DataError` naming it.
+
+    >>> image_files(["lesion.jpg"])
+    ['lesion.jpg']
+    """
+    out: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            out.append(str(given))  # as given: it names the image's row
+            continue
+        found = sorted(
+            f
+            for f in path.iterdir()
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+        )
+        if not found:
+            raise DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        out += [str(f) for f in found]
+    return out
 
 
 @dataclass(frozen=True)

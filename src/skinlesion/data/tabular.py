@@ -32,12 +32,12 @@ keeps each set's own names.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,19 @@ SITE_PARENT: dict[str, str] = {
 }
 """The coarser site a side of the torso is encoded as when the training data never had it."""
 SITE_MODES: tuple[str, ...] = ("general", "as_is")
+ACCEPTED_COLUMNS: tuple[str, ...] = ("image_id", "image", "lesion_id", "dx", "dx_type", "dataset")
+"""Columns of a labels file that a metadata table or record may carry beside the metadata
+(HAM10000's metadata file is a metadata table): accepted, not used. Any other column is an
+error, so that a misspelt field is never read as "not given"."""
+FIELD_ALIASES: dict[str, str] = {
+    "site": "localization",
+    "location": "localization",
+    "anatom_site_general": "localization",
+    "anatom_site_general_challenge": "localization",
+    "age_approx": "age",
+    "gender": "sex",
+}
+"""Other data sets' names of the metadata fields, suggested when a table uses them."""
 
 
 def normalise_category(value: Any) -> str | None:
@@ -142,6 +155,71 @@ def age_problem(value: Any) -> str | None:
     if age > AGE_MAX:
         return f"age {text} is over {AGE_MAX:g}"
     return None
+
+
+def metadata_lookalike(name: str) -> str | None:
+    """The metadata field that a column ``name`` other than the field's own most likely means
+    (another data set's name, another case or spelling), or ``None``.
+
+    >>> metadata_lookalike("site"), metadata_lookalike("Age"), metadata_lookalike("split")
+    ('localization', 'age', None)
+    """
+    text = name.strip().lower()
+    if text in FIELD_ALIASES:
+        return FIELD_ALIASES[text]
+    close = difflib.get_close_matches(text, METADATA_FIELDS, n=1, cutoff=0.8)
+    return close[0] if close and name != close[0] else None
+
+
+def _known_hint(key: str) -> str:
+    """``did you mean F? (known: ...)`` for a key that is not a metadata field."""
+    known = [*METADATA_FIELDS, *ACCEPTED_COLUMNS]
+    close = metadata_lookalike(key) or next(
+        iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None
+    )
+    hint = f"did you mean {close}? " if close else ""
+    fields, accepted = ", ".join(METADATA_FIELDS), ", ".join(ACCEPTED_COLUMNS)
+    return f"{hint}(known: {fields}; accepted, not used: {accepted})"
+
+
+def unknown_columns(columns: Sequence[Any]) -> list[str]:
+    """``unknown column 'C'; did you mean F? (known: ...)`` for each column that is neither a
+    metadata field nor in :data:`ACCEPTED_COLUMNS`.
+
+    >>> unknown_columns(["image_id", "age", "site"])[0].split(" (known")[0]
+    "unknown column 'site'; did you mean localization?"
+    """
+    known = {*METADATA_FIELDS, *ACCEPTED_COLUMNS}
+    names = dict.fromkeys(str(c) for c in columns)
+    return [f"unknown column {c!r}; {_known_hint(c)}" for c in names if c not in known]
+
+
+def _unknown_record_keys(records: Sequence[Mapping[str, Any] | None]) -> list[str]:
+    """As :func:`unknown_columns` for the keys of Python records, naming the records."""
+    known = {*METADATA_FIELDS, *ACCEPTED_COLUMNS}
+    where: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        for key in record or {}:
+            if str(key) not in known:
+                where.setdefault(str(key), []).append(i)
+    problems = []
+    for key, rows in where.items():
+        listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        which = f"record{'s' if len(rows) > 1 else ''} {listed}"
+        problems.append(f"unknown key {key!r} ({which}); {_known_hint(key)}")
+    return problems
+
+
+def age_problems(ages: Sequence[Any], lines: Sequence[int], ids: Sequence[Any]) -> list[str]:
+    """``line N (image_id ID): why`` for each value of ``ages`` that is not an age
+    (:func:`age_problem`): the one wording of a metadata file's faults, under a title that
+    names the file.
+
+    >>> age_problems(["61", "-5.0"], [2, 3], ["a1", "a2"])
+    ['line 3 (image_id a2): age -5.0 is negative']
+    """
+    found = zip(lines, ids, map(age_problem, ages), strict=True)
+    return [f"line {line} (image_id {i}): {why}" for line, i, why in found if why]
 
 
 def check_fields(fields: Sequence[str]) -> tuple[str, ...]:
@@ -321,7 +399,9 @@ def missing_vector(spec: MetadataSpec) -> np.ndarray:
 
 
 def metadata_table(metadata: MetadataInput, n: int) -> pd.DataFrame | None:
-    """``metadata`` as a table of ``n`` rows (index 0..n-1); ``None`` stays ``None``.
+    """``metadata`` as a table of ``n`` rows (index 0..n-1); ``None`` stays ``None``. A key
+    other than the metadata fields and :data:`ACCEPTED_COLUMNS`, or an age that is not one, is
+    a :class:`DataError` listing every such fault.
 
     >>> metadata_table([{"age": 60}, None], 2).to_dict("records")
     [{'age': 60.0}, {'age': nan}]
@@ -330,122 +410,15 @@ def metadata_table(metadata: MetadataInput, n: int) -> pd.DataFrame | None:
         return None
     if isinstance(metadata, pd.DataFrame):
         table = metadata.reset_index(drop=True)
+        problems = unknown_columns(list(table.columns))
     else:
         table = pd.DataFrame([dict(r) if r else {} for r in metadata], index=range(len(metadata)))
+        problems = _unknown_record_keys(metadata)
     if len(table) != n:
         raise ValueError(f"metadata has {len(table)} rows for {n} images")
     if "age" in table.columns:
         ages = [(i, age_problem(v)) for i, v in enumerate(table["age"])]
-        problems = [f"image {i}: {why}" for i, why in ages if why]
-        if problems:
-            raise DataError("metadata", problems)
+        problems += [f"image {i}: {why}" for i, why in ages if why]
+    if problems:
+        raise DataError("metadata", problems)
     return table
-
-
-def _image_keys(image: str | Path) -> set[str]:
-    """The ``image_id`` values that name an image: its path as given, file name and stem."""
-    path = Path(image)
-    return {str(image), path.name, path.stem}
-
-
-def _near_miss(image_id: str, images: Sequence[str | Path]) -> str | None:
-    """The stem of the image ``image_id`` was likely meant for (same stem up to case, another
-    extension or folder), or ``None``."""
-    wanted = {image_id.lower(), Path(image_id).stem.lower()}
-    for image in images:
-        if Path(image).stem.lower() in wanted:
-            return Path(image).stem
-    return None
-
-
-def _metadata_rows(
-    ids: pd.Series, images: Sequence[str | Path]
-) -> tuple[list[list[int]], list[str], list[int]]:
-    """Per image, the rows (positions) whose id names it; problems (an image named by several
-    rows, a row that looks meant for an image but names none); rows that name no image."""
-    by_key: dict[str, list[int]] = {}
-    for k, image in enumerate(images):
-        for key in _image_keys(image):
-            by_key.setdefault(key, []).append(k)
-    matched: list[list[int]] = [[] for _ in images]
-    problems, unused = [], []
-    for pos, image_id in enumerate(ids):
-        hits = by_key.get(image_id, [])
-        for k in hits:
-            matched[k].append(pos)
-        if hits or not image_id:
-            continue
-        stem = _near_miss(image_id, images)
-        if stem is None:
-            unused.append(pos)
-        else:
-            problems.append(f"line {pos + 2}: no image named {image_id}; did you mean {stem}?")
-    for image, rows in zip(images, matched, strict=True):
-        if len({ids.iloc[r] for r in rows}) > 1:
-            where = ", ".join(f"{r + 2} ({ids.iloc[r]})" for r in rows)
-            problems.append(f"image {image} is named on several lines: {where}")
-    return matched, problems, unused
-
-
-def _listed(items: Sequence[str], limit: int = 10) -> str:
-    more = len(items) - limit
-    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
-
-
-def read_metadata_csv(path: str | Path, images: Sequence[str | Path]) -> pd.DataFrame:
-    """The rows of a metadata CSV (``image_id`` and any of :data:`METADATA_FIELDS`) for each of
-    ``images`` (paths), in that order. A row's ``image_id`` names an image by its file stem
-    (``a1``), its file name (``a1.jpg``) or its path as given; an image without a row gets
-    missing values (logged), and rows that name none of the images are logged as not used.
-
-    Faults are collected and raised together as one :class:`DataError` naming the file and
-    lines: no ``image_id`` column, no metadata column, an empty or repeated id, an age that is
-    not a number or is outside 0-:data:`AGE_MAX`, an image named by two rows (``a1`` and
-    ``a1.jpg``), and an id that looks meant for an image but names none (``a1.png`` for
-    ``a1.jpg``: "did you mean a1?").
-    """
-    from skinlesion.data.labelled_table import (
-        duplicate_images,
-        empty_cells,
-        number_lines,
-        read_table,
-    )
-
-    path = Path(path)
-    table = read_table(path)
-    problems = []
-    if "image_id" not in table.columns:
-        problems.append(f"no image_id column; found {list(table.columns)}")
-    fields = [f for f in METADATA_FIELDS if f in table.columns]
-    if not fields:
-        problems.append(f"none of the columns {list(METADATA_FIELDS)}; found {list(table.columns)}")
-    if problems:
-        raise DataError(f"{path}: not a metadata file", problems)
-    ids = table["image_id"].astype(str).str.strip().reset_index(drop=True)
-    lined = number_lines(pd.DataFrame({"image_id": ids}))
-    problems += empty_cells(lined, {"image_id": "image_id"}, str(path))
-    problems += duplicate_images(lined, str(path))
-    if "age" in table.columns:
-        for i, value in enumerate(table["age"]):
-            why = age_problem(value)
-            if why:
-                problems.append(f"line {i + 2} (image_id {ids.iloc[i]}): {why}")
-    matched, mismatched, unused = _metadata_rows(ids, images)
-    problems += mismatched
-    if problems:
-        raise DataError(f"{path}: invalid metadata", problems)
-    if unused:
-        lines = _listed([str(i + 2) for i in unused])
-        log.warning(
-            "%s: %d row(s) name none of the images, not used (lines %s)", path, len(unused), lines
-        )
-    rowless = [str(image) for image, rows in zip(images, matched, strict=True) if not rows]
-    if rowless:
-        log.warning(
-            "%s: no row for %d image(s), predicted without metadata: %s",
-            path,
-            len(rowless),
-            _listed(rowless),
-        )
-    first = [rows[0] if rows else -1 for rows in matched]  # -1: no such row, all missing
-    return table[fields].reset_index(drop=True).reindex(first).reset_index(drop=True)

@@ -38,7 +38,7 @@ from skinlesion.data.labelled_table import (
     strip,
     unknown_labels,
 )
-from skinlesion.data.tabular import METADATA_FIELDS
+from skinlesion.data.tabular import METADATA_FIELDS, age_problems, metadata_lookalike
 from skinlesion.evaluation.metrics import evaluate_predictions
 from skinlesion.evaluation.refer_figures import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
@@ -124,12 +124,32 @@ def _write_predictions(
 
 
 def _metadata(
-    labels: pd.DataFrame, fused: bool, use: bool
+    labels: pd.DataFrame, fused: bool, use: bool, source: str
 ) -> tuple[pd.DataFrame | None, list[str] | str]:
-    """The labels' metadata columns for a fused model, and what the report says was used."""
+    """The labels' metadata columns for a fused model, and what the report says was used.
+
+    A labels file may hold any other column (``split``, a hospital), so an unknown one is not an
+    error as in a metadata table; one that looks like a field the file lacks (``site``,
+    ``Age``) is named in a warning. An age that is not one is a :class:`DataError` naming the
+    file, line and image."""
     if not fused:
         return None, "not used: the model takes images only"
     fields = [f for f in METADATA_FIELDS if f in labels.columns] if use else []
+    for column in labels.columns if use else []:
+        field = metadata_lookalike(str(column)) if column not in METADATA_FIELDS else None
+        if field is not None and field not in fields:
+            log.warning(
+                "%s: column %r is not read as %s (the model reads columns named %s); rename it "
+                "to give the model that field",
+                source,
+                column,
+                field,
+                ", ".join(METADATA_FIELDS),
+            )
+    if "age" in fields:  # named as predict --metadata names them, not by row position
+        problems = age_problems(labels["age"].tolist(), labels["line"].tolist(), labels["image_id"])
+        if problems:
+            raise DataError(f"{source}: invalid metadata", problems)
     return (labels[fields] if fields else None), fields
 
 
@@ -188,7 +208,7 @@ def evaluate_external(
     classes = loaded.members[0].spec.class_names
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
     tta = loaded.tta if tta is None else tta
-    metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata)
+    metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata, str(labels_csv))
     unseen = loaded.unseen_metadata(metadata, str(labels_csv)) if metadata is not None else {}
     out = loaded.predictions(labels["path"].tolist(), tta, batch_size, progress, metadata)
     if out.errors:

@@ -44,6 +44,7 @@ from skinlesion.inference.onnx_export import OnnxModel
 from skinlesion.inference.packaged_meta import (
     MODEL_FILE,
     WEIGHTS_FILE,
+    folder_file,
     read_packaged_meta,
     sha256_file,
 )
@@ -56,6 +57,7 @@ from skinlesion.inference.predict import (
     predict_images,
 )
 from skinlesion.inference.table import Decisions, predictions_table
+from skinlesion.models.checkpoint import FINAL_FOLD
 from skinlesion.models.factory import build_model, place_model
 
 log = logging.getLogger(__name__)
@@ -266,7 +268,11 @@ def _name(x: ImageInput, i: int) -> str:
 
 
 def list_packaged(root: Path | None = None) -> list[dict[str, Any]]:
-    """One row per packaged model: name, backbone, input size, size on disk, OOF figures."""
+    """One row per packaged model: name, backbone, input size, size on disk, OOF figures.
+
+    A final fit (``fit-final``, fold -1) was trained on every image: the out-of-fold figure its
+    card carries is its recipe's folds', not its own, so ``oof_balanced_accuracy`` is ``None``
+    and ``final_fit`` says why."""
     root = root or zoo_dir()
     default = default_name(root)
     rows = []
@@ -274,6 +280,7 @@ def list_packaged(root: Path | None = None) -> list[dict[str, Any]]:
         meta = read_packaged_meta(d)
         card = _read_json(d / CARD_FILE) or {}
         oof = (card.get("metrics") or {}).get("out_of_fold") or {}
+        final = any(m["fold"] == FINAL_FOLD for m in meta["members"])
         size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
         rows.append(
             {
@@ -284,7 +291,8 @@ def list_packaged(root: Path | None = None) -> list[dict[str, Any]]:
                 "members": len(meta["members"]),
                 "tta": meta["tta"],
                 "size_mb": round(size / 1e6, 1),
-                "oof_balanced_accuracy": oof.get("balanced_accuracy"),
+                "final_fit": final,
+                "oof_balanced_accuracy": None if final else oof.get("balanced_accuracy"),
                 "version": meta.get("version", ""),
             }
         )
@@ -326,7 +334,7 @@ def read_familiarity(folder: Path, meta: dict[str, Any]) -> dict[str, Familiarit
     if not entry:
         log.info("%s: no familiarity, so no unfamiliarity column or refer reason from it", folder)
         return {}
-    path = folder / entry.get("file", FAMILIARITY_FILE)
+    path = folder_file(folder, "familiarity.file", entry.get("file", FAMILIARITY_FILE))
     if not path.is_file():
         raise CheckpointError(f"{path}: familiarity file listed in {MODEL_FILE} is missing")
     if sha256_file(path) != entry.get("sha256"):

@@ -1,5 +1,6 @@
 """``model.json`` of a packaged model folder, read and checked: every key the loader reads is
-there with the type it needs, so a damaged file is one :class:`CheckpointError` naming it."""
+there with the type it needs, and every file it names lies inside the folder, so a damaged or
+hostile file is one :class:`CheckpointError` naming it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from skinlesion.core.errors import CheckpointError
 from skinlesion.data.preprocess import PreprocessSpec
+from skinlesion.inference.familiarity import FAMILIARITY_FILE
 
 PACKAGED_FORMAT = "skinlesion-packaged-model"
 PACKAGED_VERSION = 1
@@ -27,7 +29,8 @@ def sha256_file(path: Path) -> str:
 
 def read_packaged_meta(folder: Path) -> dict[str, Any]:
     """``model.json`` of a packaged model folder, checked: every key the loader reads is there
-    with the type it needs, so a damaged file is one :class:`CheckpointError` naming it."""
+    with the type it needs, and the files it names (``familiarity.file``) lie inside the folder
+    (:func:`folder_file`), so a damaged file is one :class:`CheckpointError` naming it."""
     path = folder / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; not a packaged model folder")
@@ -51,7 +54,29 @@ def read_packaged_meta(folder: Path) -> dict[str, Any]:
     problems = _meta_problems(meta)
     if problems:
         raise CheckpointError(f"{path}: {'; '.join(problems)}")
+    familiarity = meta.get("familiarity")
+    if familiarity:
+        if not isinstance(familiarity, dict):
+            raise CheckpointError(f"{path}: familiarity is {familiarity!r}, expected a mapping")
+        folder_file(folder, "familiarity.file", familiarity.get("file", FAMILIARITY_FILE))
     return meta
+
+
+def folder_file(folder: Path, key: str, name: Any) -> Path:
+    """``folder / name`` for a file name that ``model.json`` gives under ``key``: a relative name
+    that stays inside ``folder`` once ``..`` and symbolic links are resolved, so a model folder
+    never makes skinlesion open, hash or load a file elsewhere; else :class:`CheckpointError`
+    naming the key and the value."""
+    path = folder / MODEL_FILE
+    if not isinstance(name, str) or not name.strip():
+        raise CheckpointError(f"{path}: {key} is {name!r}, expected a file name")
+    inside = (folder / name).resolve().is_relative_to(folder.resolve())
+    if Path(name).is_absolute() or not inside:
+        raise CheckpointError(
+            f"{path}: {key} {name!r} is outside the model folder {folder}; a packaged model "
+            f"names only files inside its folder"
+        )
+    return folder / name
 
 
 _MISSING = object()

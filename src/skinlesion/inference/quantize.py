@@ -25,12 +25,16 @@ from typing import Any
 import numpy as np
 
 from skinlesion.core.errors import ConfigError
-from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
+from skinlesion.data.preprocess import (
+    IMAGE_SUFFIXES,
+    ImageDecodeError,
+    PreprocessSpec,
+    prepare_with_spec,
+)
 from skinlesion.inference.onnx_export import ONNX_FILE, SPEC_FILE, read_export_spec
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CALIBRATION_BATCH = 8
 QUANTIZED_OPS = ["Conv"]
 # Names how the graph is quantized; part of an int8 graph's cache key, so that a change here

@@ -21,6 +21,8 @@ from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.tabular import MetadataSpec
 
 FORMAT_VERSION = 1
+FINAL_FOLD = -1
+"""The ``fold`` of a model trained on every image (``fit-final``): no images were held out."""
 REQUIRED_KEYS = (
     "format_version",
     "state_dict",

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from skinlesion.core.labels import MELANOMA
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
-from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem
+from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem, normalise_category
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.table import Decisions, prediction_rows
@@ -277,8 +277,18 @@ def _field_problem(error: dict[str, Any]) -> str | None:
     if len(loc) < 2 or loc[0] not in ("body", "query") or loc[1] == "file":
         return None
     kind, name = ("form field" if loc[0] == "body" else "query parameter"), loc[1]
-    why = age_problem(error.get("input")) if name == "age" else None
+    why = _age_field_problem(error.get("input")) if name == "age" else None
     return f"{kind} '{name}': {why or error.get('msg', 'invalid value')}"
+
+
+def _age_field_problem(value: Any) -> str | None:
+    """Why a form's ``age`` was refused. The words a table reads as a missing age (``nan``,
+    ``unknown``) are no number here: a form leaves an unknown age out."""
+    why = age_problem(value)
+    if why is None and normalise_category(value) is None and value is not None:
+        text = str(value).strip()
+        why = f"age {text!r} is not a number; leave the field empty when the age is unknown"
+    return why
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -64,6 +64,18 @@ def setup_logging(run_dir: Path | None, is_main: bool = True) -> logging.Handler
     return None
 
 
+def check_resume_target(run_dir: Path, resume: bool) -> None:
+    """``--resume`` continues a run: a folder without one is a mistyped ``output_dir``, which must
+    not start hours of training from scratch."""
+    if not resume or RunFolder(run_dir).config.is_file():
+        return
+    found = "holds no run (no config.yaml)" if run_dir.exists() else "does not exist"
+    raise ConfigError(
+        f"output_dir: {run_dir} {found}; --resume continues a run there: check the path, or "
+        f"drop --resume to start a new one"
+    )
+
+
 def check_resume(run_dir: Path, cfg: Config, resume: bool) -> Config:
     """Refuse to mix runs: a folder with results needs --resume, and --resume may change only
     the keys that do not decide what is trained; the config to save in the run folder."""
@@ -88,14 +100,15 @@ def check_resume(run_dir: Path, cfg: Config, resume: bool) -> Config:
 def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train every fold of ``cv.folds_to_run``; write the run folder and its OOF report.
 
-    Names and paths are checked first (:func:`~skinlesion.training.checks.check_config`), and
-    that the run fits torchrun's processes: a typo fails in seconds, before any folder, fold or
-    cache entry exists.
+    Names and paths are checked first (:func:`~skinlesion.training.checks.check_config`), that
+    the run fits torchrun's processes, and that ``resume`` finds a run to continue: a typo fails
+    in seconds, before any folder, fold or cache entry exists.
     """
     check_config(cfg)
     check_world_size(cfg, planned_world_size())
-    dist_info = init_distributed()
     run_dir = Path(cfg.output_dir)
+    check_resume_target(run_dir, resume)  # every rank: none may wait for a main that failed
+    dist_info = init_distributed()
     saved = check_resume(run_dir, cfg, resume) if dist_info.is_main else cfg
     handler = setup_logging(run_dir, dist_info.is_main)
     try:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from skinlesion.core.config import Config, config_to_dict, load_config, save_config
-from skinlesion.core.errors import CheckpointError, OutputError
+from skinlesion.core.errors import CheckpointError, ConfigError, OutputError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.run_folder import check_resume_config
 from skinlesion.core.runtime import init_distributed, planned_world_size, resolve_runtime
-from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
+from skinlesion.models.checkpoint import FINAL_FOLD, atomic_torch_save, make_checkpoint
 from skinlesion.training.builders import model_kwargs
 from skinlesion.training.checks import check_world_size
 from skinlesion.training.fit_familiarity import fit_checkpoint_familiarity
@@ -34,8 +34,6 @@ from skinlesion.training.fold_trainer import train_fold_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
 
 log = logging.getLogger(__name__)
-
-FINAL_FOLD = -1
 
 
 def fold_choices(run_dir: Path) -> dict[str, Any]:
@@ -57,8 +55,14 @@ def fold_choices(run_dir: Path) -> dict[str, Any]:
 
 
 def check_final_resume(out: Path, cfg: Config, resume: bool) -> None:
-    """A final model is not overwritten without --resume, and --resume continues it only with
-    the config it started with (the folds' median best epoch may have moved since)."""
+    """A final model is not overwritten without --resume, and --resume continues one that was
+    started, only with the config it started with (the folds' median best epoch may have moved
+    since)."""
+    if resume and not out.is_dir():
+        raise ConfigError(
+            f"fit-final --resume: {out} does not exist, so there is no final fit to resume; "
+            f"check the run folder, or drop --resume to start one"
+        )
     if (out / "best.pt").is_file() and not resume:
         raise OutputError(f"{out / 'best.pt'} exists; pass --resume to continue, or remove it")
     if resume and (out / "last.pt").is_file() and (out / "config.yaml").is_file():

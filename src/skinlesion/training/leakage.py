@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.core.config import Config
+from skinlesion.core.errors import ConfigError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.paired import PAIRED_METRICS, paired_bootstrap, paired_row
@@ -60,6 +61,13 @@ def audit_leakage(
     from skinlesion.training.cv import run_cv
 
     out = Path(cfg.output_dir)
+    parts = {scheme: RunFolder(out / scheme).config.is_file() for scheme in SCHEMES}
+    if resume and not any(parts.values()):
+        found = "holds no leakage audit" if out.exists() else "does not exist"
+        raise ConfigError(
+            f"output_dir: {out} {found} ({' or '.join(SCHEMES)} run); --resume continues an "
+            f"audit there: check the path, or drop --resume to start a new one"
+        )
     # 0 is a valid choice (point values only), so only None falls back to the config.
     n_boot = cfg.eval.n_boot if n_boot is None else n_boot
     oof = {}
@@ -71,7 +79,8 @@ def audit_leakage(
         sub.cv.folds_file = None
         sub.output_dir = str(out / scheme)
         log.info("leakage audit: %s folds", scheme)
-        run_cv(sub, resume=resume, progress=progress)
+        # An audit interrupted in its first part has no folder of the second to resume.
+        run_cv(sub, resume=resume and parts[scheme], progress=progress)
         oof[scheme] = pd.read_csv(
             RunFolder(out / scheme).oof_predictions, dtype={"image_id": str, "lesion_id": str}
         )
