@@ -1,10 +1,8 @@
 import numpy as np
 import pytest
-import torch
 
 from skinlesion.data.colour import (
     shades_of_gray,
-    shades_of_gray_batch,
     shades_of_gray_gains,
     streamed_gains,
 )
@@ -25,8 +23,6 @@ def test_gray_image_unchanged() -> None:
     rng = np.random.default_rng(1)
     gray = np.repeat(rng.integers(0, 256, size=(32, 40, 1), dtype=np.uint8), 3, axis=2)
     assert np.array_equal(shades_of_gray(gray), gray)
-    t = torch.from_numpy(gray).permute(2, 0, 1).unsqueeze(0).double() / 255
-    torch.testing.assert_close(shades_of_gray_batch(t), t, atol=1e-12, rtol=0)
 
 
 def test_colour_cast_is_removed() -> None:
@@ -39,25 +35,6 @@ def test_colour_cast_is_removed() -> None:
     assert est.max() / est.min() < 1.01
 
 
-def test_numpy_and_torch_agree() -> None:
-    imgs = [_textured(seed=s) for s in range(3)]
-    imgs[1] = np.clip(np.rint(imgs[1] * np.array([1.25, 0.9, 0.7])), 0, 255).astype(np.uint8)
-    ref = np.stack([shades_of_gray(im) for im in imgs])
-    batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
-    out = shades_of_gray_batch(batch)
-    out_u8 = (out * 255).round().permute(0, 2, 3, 1).numpy()
-    # Only the final rounding may differ, by at most one level.
-    assert np.abs(out_u8 - ref.astype(np.float32)).max() <= 1
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_batch_dtype_and_shape(dtype: torch.dtype) -> None:
-    x = torch.rand(2, 3, 10, 14, generator=torch.Generator().manual_seed(0)).to(dtype)
-    y = shades_of_gray_batch(x)
-    assert y.shape == x.shape and y.dtype == dtype
-    assert not torch.isnan(y).any() and y.min() >= 0 and y.max() <= 1
-
-
 def test_numpy_dtype_and_shape() -> None:
     img = _textured(17, 23)
     out = shades_of_gray(img)
@@ -67,8 +44,6 @@ def test_numpy_dtype_and_shape() -> None:
 def test_black_image_and_black_channel() -> None:
     black = np.zeros((8, 8, 3), dtype=np.uint8)
     assert np.array_equal(shades_of_gray(black), black)
-    y = shades_of_gray_batch(torch.zeros(1, 3, 8, 8))
-    assert torch.equal(y, torch.zeros(1, 3, 8, 8))
     # One empty channel keeps its zeros; the others stay finite.
     img = _textured(8, 8)
     img[..., 2] = 0
@@ -85,8 +60,6 @@ def test_invalid_inputs() -> None:
         shades_of_gray(np.zeros((4, 4), dtype=np.uint8))
     with pytest.raises(ValueError):
         shades_of_gray(np.zeros((4, 4, 3), dtype=np.uint8), power=0)
-    with pytest.raises(ValueError):
-        shades_of_gray_batch(torch.zeros(1, 4, 4, 3))
 
 
 def _old_shades_of_gray(img: np.ndarray, power: float) -> np.ndarray:

@@ -26,7 +26,7 @@ from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.tabular import metadata_table
-from skinlesion.inference.predict import Member, predict_sources
+from skinlesion.inference.predict import Member, predict_images
 from skinlesion.models.checkpoint import checkpoint_metadata, load_checkpoint
 
 TOL = 1e-5
@@ -162,7 +162,7 @@ def test_fused_finetune_with_colour_constancy_reproduces_its_oof_rows(
     table_in = metadata_table(records, len(images))
 
     def skewed(members: list[Member]) -> float:
-        probs, _ = predict_sources(images, members, runtime, progress=False, metadata=table_in)
+        probs = predict_images(images, members, runtime, progress=False, metadata=table_in).probs
         return float(np.abs(probs - want).max())
 
     members = model.members
@@ -170,5 +170,5 @@ def test_fused_finetune_with_colour_constancy_reproduces_its_oof_rows(
     assert skewed(no_cc) > 0.01
     raw_age = [replace(m, metadata=replace(m.metadata, age_mean=0.0, age_std=1.0)) for m in members]
     assert skewed(raw_age) > 0.01
-    no_meta, _ = predict_sources(images, members, runtime, progress=False)
+    no_meta = predict_images(images, members, runtime, progress=False).probs
     assert np.abs(no_meta - want).max() > 100 * TOL

@@ -226,7 +226,7 @@ def test_config_run_reads_cache_not_jpegs(
 
 def test_predict_defaults_to_the_runs_tta(syn_root: Path, tmp_path: Path) -> None:
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.predict import load_ensemble, predict_sources
+    from skinlesion.inference.predict import load_ensemble, predict_images
 
     out = tmp_path / "run"
     args = tiny_overrides(
@@ -240,9 +240,9 @@ def test_predict_defaults_to_the_runs_tta(syn_root: Path, tmp_path: Path) -> Non
     members = load_ensemble(out, runtime)
     assert members[0].tta == 4
     images = [str(p) for p in sorted(syn_root.rglob("*.jpg"))[:3]]
-    default, _ = predict_sources(images, members, runtime, progress=False)
-    four, _ = predict_sources(images, members, runtime, tta=4, progress=False)
-    one, _ = predict_sources(images, members, runtime, tta=1, progress=False)
+    default = predict_images(images, members, runtime, progress=False).probs
+    four = predict_images(images, members, runtime, tta=4, progress=False).probs
+    one = predict_images(images, members, runtime, tta=1, progress=False).probs
     np.testing.assert_allclose(default, four)
     assert not np.allclose(default, one)
 

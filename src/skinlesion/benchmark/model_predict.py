@@ -2,7 +2,7 @@
 the TTA views it was calibrated on, at batch 1 (latency) and a batched size.
 
 Inputs are prepared uint8 images (decoded, colour-corrected and resized), as
-:func:`~skinlesion.inference.predict.predict_sources` hands them to the ensemble, so JPEG decoding
+:func:`~skinlesion.inference.predict.predict_images` hands them to the ensemble, so JPEG decoding
 is not included.
 """
 

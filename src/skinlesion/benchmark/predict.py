@@ -35,7 +35,7 @@ def bench_predict(
     :func:`~skinlesion.inference.engine.predict_logits` per batch size; batch 1 is the
     single-image latency.
 
-    Inputs are prepared uint8 images in a NumPy array, as ``inference.predict_sources`` hands
+    Inputs are prepared uint8 images in a NumPy array, as ``inference.predict_images`` hands
     them over, so each call includes the host-to-device copy; JPEG decoding is not included.
     """
 

@@ -1,5 +1,5 @@
 """Training commands: ``train``, ``merge``, ``report``, ``package``, ``fit-final``,
-``fit-familiarity`` and ``yardstick``."""
+``fit-familiarity``, ``yardstick`` and ``set-detail``."""
 
 from __future__ import annotations
 
@@ -85,6 +85,39 @@ def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
     written = fit_run_familiarity(target, progress=progress, refit=args.refit)
     print(f"fitted {len(written)} member(s): {', '.join(str(p) for p in written) or 'none left'}")
     return 0
+
+
+def _cmd_set_detail(args: argparse.Namespace) -> int:
+    from skinlesion.core.errors import ConfigError
+    from skinlesion.data.preprocess import Detail
+    from skinlesion.inference.packaged import MODEL_FILE, zoo_dir
+    from skinlesion.training.package_detail import set_packaged_detail
+
+    target = Path(args.model)
+    if not target.exists() and (zoo_dir() / args.model / MODEL_FILE).is_file():
+        target = zoo_dir() / args.model
+    try:
+        given = Detail.parse(args.detail) if args.detail else None
+    except ValueError as err:
+        raise ConfigError(f"--detail: {err}") from None
+    detail = set_packaged_detail(target, given, args.overrides)
+    print(f"{target}: larger inputs reduced to {detail.label()}")
+    return 0
+
+
+def _add_set_detail(sub: argparse._SubParsersAction) -> None:
+    sd = sub.add_parser(
+        "set-detail",
+        help="store the training images' detail in a packaged model (larger inputs reduced to it)",
+    )
+    sd.add_argument("model", help="packaged model name or folder")
+    sd.add_argument(
+        "--detail",
+        default=None,
+        help="SIDE[:JPEG_QUALITY]; default: measured from the recipe's images",
+    )
+    sd.add_argument("overrides", nargs="*", help="key=value for the recipe, e.g. data.root=DIR")
+    sd.set_defaults(func=_cmd_set_detail)
 
 
 def _cmd_yardstick(args: argparse.Namespace) -> int:
@@ -221,3 +254,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_fit_final(sub)
     _add_fit_familiarity(sub)
     _add_yardstick(sub)
+    _add_set_detail(sub)

@@ -1,6 +1,8 @@
 """The error family for the user's faults: a bad config, data, checkpoint, download or image.
 
-The command line prints a :class:`SkinlesionError` as one line and exits with status 2; any other
+The command line prints a :class:`SkinlesionError` as its message and exits with status 2: one
+line naming the culprit, or for a :class:`DataError` a title line and its faults, one a line (at
+most 20, then a count of the rest); any other
 exception is a bug and keeps its traceback. Each kind also derives from the built-in exception
 that described it before the family existed, so ``except ValueError`` callers keep working.
 """

@@ -212,12 +212,6 @@ class RunFolder:
             raise ConfigError(f"{self.config}: expected a mapping at the top level")
         return tree
 
-    def read_config(self) -> Config:
-        """The saved config, typed and checked like a new one."""
-        if not self.config.is_file():
-            raise ConfigError(f"{self.root}: no config.yaml; is this a skinlesion run folder?")
-        return build_config(self.read_config_tree(), str(self.config))
-
     @classmethod
     def of_checkpoint(cls, path: Path) -> RunFolder | None:
         """The run holding ``path`` when it sits at ``RUN/fold_K/best.pt``, else ``None``."""

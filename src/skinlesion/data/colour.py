@@ -15,12 +15,8 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 # Below this an illuminant estimate is treated as zero, so black channels get gain 1, not inf.
 _EPS = 1e-12
@@ -105,24 +101,3 @@ def apply_gains(img: np.ndarray, gains: np.ndarray) -> np.ndarray:
 def shades_of_gray(img: np.ndarray, power: float = 6.0) -> np.ndarray:
     """Colour-correct one uint8 (H, W, 3) RGB image; returns uint8 (H, W, 3)."""
     return apply_gains(img, shades_of_gray_gains(img, power))
-
-
-def shades_of_gray_batch(x: torch.Tensor, power: float = 6.0) -> torch.Tensor:
-    """Colour-correct a float (B, 3, H, W) batch in [0, 1], each image on its own illuminant.
-
-    Same maths as `shades_of_gray`; computed in at least float32 and returned in the input dtype.
-    """
-    import torch  # here: preparing one image (numpy above) must not load torch
-
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"shades_of_gray_batch expects (B, 3, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"shades_of_gray_batch expects a float tensor in [0, 1], got {x.dtype}")
-    _check_power(power)
-    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    xw = x.to(work)
-    # clamp: a negative value to a fractional power is NaN.
-    illum = xw.clamp(min=0.0).pow(power).mean(dim=(2, 3), keepdim=True).pow(1.0 / power)
-    safe = illum.clamp(min=_EPS)
-    gains = torch.where(illum > _EPS, illum.mean(dim=1, keepdim=True) / safe, 1.0)
-    return (xw * gains).clamp(0.0, 1.0).to(x.dtype)

@@ -336,7 +336,7 @@ class OnnxModel:
     def predict_proba(
         self, sources: Sequence[str | Path | bytes], batch_size: int = 32
     ) -> tuple[np.ndarray, dict[int, str]]:
-        """Like :func:`predict_sources`: NaN rows and ``{index: error}`` for bad images."""
+        """Like :func:`predict_images`: NaN rows and ``{index: error}`` for bad images."""
         probs, errors, _ = self._predict(sources, batch_size)
         return probs, errors
 

@@ -292,21 +292,6 @@ class Predictions:
     unfamiliarity: np.ndarray | None  # (N,), NaN where failed; None: no member has familiarity
 
 
-def predict_sources(
-    sources: Sequence[str | Path | bytes],
-    members: Sequence[Member],
-    runtime: Runtime,
-    tta: int | None = None,
-    batch_size: int = 32,
-    progress: bool = True,
-    metadata: pd.DataFrame | None = None,
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Probabilities (N, C) for each source and ``{index: error}`` of those that failed (their
-    rows NaN): :func:`predict_images` without the unfamiliarity."""
-    out = predict_images(sources, members, runtime, tta, batch_size, progress, metadata, False)
-    return out.probs, out.errors
-
-
 def predict_images(
     sources: Sequence[str | Path | bytes],
     members: Sequence[Member],

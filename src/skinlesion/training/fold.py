@@ -84,8 +84,8 @@ def _eval_batch_size(cfg: Config) -> int:
 def _save_epoch(
     cfg: Config, data: RunData, tr: FoldTrainer, folder: FoldFolder, row: dict[str, Any]
 ) -> None:
-    """best.pt first (if improved), then last.pt, then metrics.csv: a crash between two writes
-    leaves a state that --resume continues from consistently."""
+    """best.pt first (if improved), then last.pt; the caller writes metrics.csv after them, so a
+    crash between two writes leaves a state that --resume continues from consistently."""
     if tr.state["best_epoch"] == row["epoch"]:
         metrics = {k: v for k, v in row.items() if k.startswith("val_")}
         ckpt = make_checkpoint(

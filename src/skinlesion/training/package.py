@@ -21,6 +21,7 @@ import torch
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.run_folder import RunFolder
+from skinlesion.data.preprocess import Detail
 from skinlesion.evaluation.report import check_report_writable, write_oof_report
 from skinlesion.inference.familiarity import (
     FAMILIARITY_FILE,
@@ -202,6 +203,14 @@ def _metadata_line(card: dict[str, Any]) -> str:
     )
 
 
+def _detail_line(spec: dict[str, Any]) -> str:
+    """The detail larger inputs are reduced to, where the model has one."""
+    if not spec.get("detail"):
+        return "larger inputs taken at their own detail;"
+    label = Detail(**spec["detail"]).label()
+    return f"larger inputs first reduced to the training images' detail ({label});"
+
+
 def _members_line(card: dict[str, Any]) -> str:
     members = card["members"]
     fits = [m["final_fit"] for m in members if "final_fit" in m]
@@ -294,6 +303,7 @@ code is Apache-2.0.
 
 **Model.** {card["backbone"]}, ImageNet-initialised, fine-tuned; input {_hw(spec["size"])} (H x W)
 ({spec["interpolation"]}), Shades-of-Gray colour constancy: {spec["colour_constancy"]};
+{_detail_line(spec)}
 {_members_line(card)}; TTA over
 {card["tta_views"]} dihedral views; temperature-scaled probabilities.{_metadata_line(card)}
 

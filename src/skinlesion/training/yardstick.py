@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from skinlesion.core.config import Config, load_config
+from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.external import evaluate_external
 from skinlesion.evaluation.paired import EVALUATION_PREDICTIONS
 from skinlesion.evaluation.yardstick import (
@@ -62,7 +63,7 @@ def run_yardstick(
     """Train and predict what the recipe's yardstick needs in ``output``; its score."""
     output = Path(output)
     cross = load_config(config, [*overrides, *cross_site_overrides(output)])
-    run_cv(cross, resume=resume, progress=progress)
+    run_cv(cross, resume=_started(cross, resume), progress=progress)
     isic = Path(isic2017) if isic2017 is not None else None
     if isic is not None and trains_on(cross, isic / "images"):
         log.info("the recipe trains on %s: ISIC 2017 test is in-domain, not in its yardstick", isic)
@@ -71,6 +72,11 @@ def run_yardstick(
     score = yardstick_score(output)
     write_yardstick(score, output / YARDSTICK_FILE)
     return score
+
+
+def _started(cfg: Config, resume: bool) -> bool:
+    """``resume`` where the run was started: a first yardstick run with --resume starts it."""
+    return resume and RunFolder(Path(cfg.output_dir)).config.is_file()
 
 
 def _isic_leg(
@@ -89,7 +95,7 @@ def _isic_leg(
     full = load_config(
         config, [*overrides, "cv.folds_to_run=[0]", f"output_dir={output / ALL_SITES_DIR}"]
     )
-    run_dir = run_cv(full, resume=resume, progress=progress)
+    run_dir = run_cv(full, resume=_started(full, resume), progress=progress)
     evaluate_external(
         run_dir,
         isic / "labels.csv",
