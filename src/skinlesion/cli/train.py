@@ -91,7 +91,7 @@ def _cmd_set_detail(args: argparse.Namespace) -> int:
     from skinlesion.core.errors import ConfigError
     from skinlesion.data.preprocess import Detail
     from skinlesion.inference.packaged import MODEL_FILE, zoo_dir
-    from skinlesion.training.package_detail import set_packaged_detail
+    from skinlesion.training.card_update import set_packaged_detail
 
     target = Path(args.model)
     if not target.exists() and (zoo_dir() / args.model / MODEL_FILE).is_file():

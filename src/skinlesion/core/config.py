@@ -288,38 +288,25 @@ class AugmentConfig(_Strict):
     another illuminant or white balance; 0 is off."""
 
     downscale: float = Field(0.0, ge=0, le=1)
-    """Probability of losing detail: the image is shrunk by a factor drawn from
-    ``downscale_range`` and enlarged back (a camera or a copy of lower resolution)."""
+    """Probability of a shrink by a factor in ``downscale_range`` (log-uniform) and back."""
     downscale_range: tuple[float, float] = (0.35, 1.0)
-    """Range of the shrink factor of ``downscale``, log-uniform (1: no loss)."""
     jpeg: float = Field(0.0, ge=0, le=1)
-    """Probability of a JPEG round trip at a quality drawn from ``jpeg_quality`` (compression
-    artefacts of another device or a re-saved copy)."""
+    """Probability of a JPEG round trip at a quality in ``jpeg_quality`` (uniform)."""
     jpeg_quality: tuple[int, int] = (30, 95)
-    """Range of the JPEG quality of ``jpeg``, uniform."""
 
-    @field_validator("scale", "aspect", "blur_sigma", "gamma", "downscale_range", mode="before")
+    @field_validator(
+        "scale", "aspect", "blur_sigma", "gamma", "downscale_range", "jpeg_quality", mode="before"
+    )
     @classmethod
     def _list_to_tuple(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
 
-    @field_validator("jpeg_quality", mode="before")
-    @classmethod
-    def _quality_tuple(cls, v: Any) -> Any:
-        return tuple(v) if isinstance(v, list) else v
-
-    @field_validator("jpeg_quality")
-    @classmethod
-    def _quality_range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= v[0] <= v[1] <= 100:
-            raise ValueError(f"jpeg_quality must satisfy 1 <= lo <= hi <= 100, got {v}")
-        return v
-
-    @field_validator("scale", "aspect", "blur_sigma", "gamma", "downscale_range")
+    @field_validator("scale", "aspect", "blur_sigma", "gamma", "downscale_range", "jpeg_quality")
     @classmethod
     def _ordered_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
-        if not 0.0 < v[0] <= v[1]:
-            raise ValueError(f"{info.field_name} must satisfy 0 < lo <= hi, got {v}")
+        top = 100 if info.field_name == "jpeg_quality" else float("inf")
+        if not 0.0 < v[0] <= v[1] <= top:
+            raise ValueError(f"{info.field_name} must satisfy 0 < lo <= hi <= {top}, got {v}")
         return v
 
 

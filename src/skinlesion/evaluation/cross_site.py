@@ -123,11 +123,13 @@ def _fmt(value: float | None, ci: list[float] | None = None, pct: bool = False) 
 
 def render_cross_site(result: dict[str, Any]) -> list[str]:
     """The Markdown section of a cross-site report."""
+    run = f" (`{result['run']}`)" if result.get("run") else ""
     lines = [
         "## Cross-site validation",
         "",
-        "Each site predicted by the model trained on the other sites; melanoma threshold and "
-        "refer rules from that model's training sites (95% lesion-level bootstrap intervals).",
+        f"Each site predicted by the model of the recipe trained on the other sites{run}; "
+        "melanoma threshold and refer rules from that model's training sites (95% lesion-level "
+        "bootstrap intervals).",
         "",
         "| held-out site | images (lesions) | melanoma AUROC | balanced accuracy (%) | mel "
         "sensitivity (%) | mel specificity (%) | ECE | referred (%) | by reason (%) |",

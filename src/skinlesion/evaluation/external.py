@@ -217,10 +217,7 @@ def evaluate_external(
     reference = loaded.reference
     threshold = reference.get("mel_threshold") if reference else None
     groups = labels["lesion_id"].to_numpy() if "lesion_id" in labels.columns else None
-    metrics = evaluate_predictions(
-        y, p, groups=groups, classes=classes, mel_threshold=threshold, n_boot=n_boot
-    )
-    domain = reference_domain(p, reference)
+    metrics = evaluate_predictions(y, p, groups, classes, threshold, n_boot=n_boot)
     result = {
         "source": str(labels_csv),
         "filter": where or {},
@@ -234,7 +231,7 @@ def evaluate_external(
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
         if threshold is not None
         else "none (no out-of-fold report found)",
-        "domain": domain,
+        "domain": reference_domain(p, reference),
         **metrics,
     }
     result.update(_refer_results(y, p, out.unfamiliarity, loaded))

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.distributed as dist
 
 from skinlesion.core.config import Config, config_to_dict
@@ -215,13 +216,7 @@ def finish_fold(
     meta = metadata_by_row(data, checkpoint_metadata(ckpt))
 
     def tta_logits(table: pd.DataFrame) -> np.ndarray:
-        # The same TTA as inference (eval.tta), views averaged in logit space, so the
-        # temperature is fitted on exactly the output it will calibrate.
-        rows = table["row"].to_numpy()
-        out = validation_logits(
-            model, data, rows, _eval_batch_size(cfg), runtime, cfg.eval.tta, meta
-        )
-        return out.mean(0).astype(np.float64)
+        return _tta_logits(cfg, model, data, table, runtime, meta)
 
     logits = tta_logits(split.val)
     y = split.val["label"].to_numpy()
@@ -257,6 +252,21 @@ def finish_fold(
         temperature,
     )
     return summary
+
+
+def _tta_logits(
+    cfg: Config,
+    model: torch.nn.Module,
+    data: RunData,
+    table: pd.DataFrame,
+    runtime: Runtime,
+    meta: np.ndarray | None,
+) -> np.ndarray:
+    """The same TTA as inference (eval.tta), views averaged in logit space, so the temperature
+    is fitted on exactly the output it will calibrate."""
+    rows = table["row"].to_numpy()
+    out = validation_logits(model, data, rows, _eval_batch_size(cfg), runtime, cfg.eval.tta, meta)
+    return out.mean(0).astype(np.float64)
 
 
 def site_summary(split: FoldSplit, val_probs: np.ndarray, data: RunData) -> dict[str, Any]:

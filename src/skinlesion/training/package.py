@@ -21,7 +21,6 @@ import torch
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.run_folder import RunFolder
-from skinlesion.data.preprocess import Detail
 from skinlesion.evaluation.report import check_report_writable, write_oof_report
 from skinlesion.inference.familiarity import (
     FAMILIARITY_FILE,
@@ -40,7 +39,13 @@ from skinlesion.inference.packaged_meta import (
 )
 from skinlesion.inference.predict import checkpoint_paths
 from skinlesion.models.checkpoint import load_checkpoint
-from skinlesion.training.card_text import INTENDED_USE, LICENSE_TEXT, known_limits
+from skinlesion.training.card_text import (
+    INTENDED_USE,
+    LEE_2018,
+    LICENSE_TEXT,
+    known_limits,
+    render_card,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +141,6 @@ def build_card(
     }
 
 
-LEE_2018 = (
-    'Lee, Lee, Lee & Shin, "A simple unified framework for detecting out-of-distribution '
-    'samples and adversarial attacks", NeurIPS 2018'
-)
-
-
 def familiarity_card(fams: dict[str, Familiarity]) -> dict[str, Any]:
     """The card's ``familiarity`` entry: the method and, per member, what it was fitted on."""
     keys = ("fold", "n_fit", "n_calibration", "n_heldout", "heldout", "trained_on")
@@ -154,27 +153,6 @@ def familiarity_card(fams: dict[str, Familiarity]) -> dict[str, Any]:
             for p, f in fams.items()
         ],
     }
-
-
-def _familiarity_line(card: dict[str, Any]) -> str:
-    fam = card.get("familiarity")
-    if not fam:
-        return (
-            '**Familiarity.** None fitted: no refer reason "unlike the training images" '
-            "(`skinlesion fit-familiarity` adds one)."
-        )
-    parts = []
-    for m in fam["members"]:
-        parts.append(
-            f"{m.get('prefix', '').rstrip('.') or 'model'}: Gaussians on {m.get('n_fit')} "
-            f"training images, normalised on {m.get('n_calibration')} others, threshold at the "
-            f"99th percentile of {m.get('n_heldout')} images ({m.get('heldout')})"
-        )
-    return (
-        '**Familiarity** (refer reason "unlike the training images"): feature-statistics '
-        "Mahalanobis distance (per-channel mean and std of the last three stages, after "
-        f"{fam.get('reference', LEE_2018)}); " + "; ".join(parts) + "."
-    )
 
 
 def _final_fit(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -191,38 +169,6 @@ def _metadata(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if not fields:
         return None
     return {"fields": list(fields), "dropout": model.get("metadata_drop")}
-
-
-def _metadata_line(card: dict[str, Any]) -> str:
-    meta = card.get("metadata")
-    if not meta:
-        return ""
-    return (
-        f" Fused with patient metadata ({', '.join(meta['fields'])}; whole-vector dropout "
-        f"{meta.get('dropout')} in training): it predicts from the image alone when none is given."
-    )
-
-
-def _detail_line(spec: dict[str, Any]) -> str:
-    """The detail larger inputs are reduced to, where the model has one."""
-    if not spec.get("detail"):
-        return "larger inputs taken at their own detail;"
-    label = Detail(**spec["detail"]).label()
-    return f"larger inputs first reduced to the training images' detail ({label});"
-
-
-def _members_line(card: dict[str, Any]) -> str:
-    members = card["members"]
-    fits = [m["final_fit"] for m in members if "final_fit" in m]
-    if not fits:
-        return f"{len(members)} member(s) (folds {[m['fold'] for m in members]})"
-    f = fits[0]
-    return (
-        f"one model trained on all {f.get('n_train', '?')} images for {f.get('epochs', '?')} "
-        f"epochs (the median best epoch of folds {f.get('folds')}: {f.get('fold_best_epochs')}), "
-        f"with their mean temperature {_fmt(f.get('temperature'))}. It has no held-out images "
-        "of its own: the out-of-fold figures below are those of the same recipe's fold models"
-    )
 
 
 def _training_data(cfg: dict[str, Any], class_names: list[str]) -> str:
@@ -249,80 +195,6 @@ def _training_data(cfg: dict[str, Any], class_names: list[str]) -> str:
         f"{fmt} set {source} ({len(class_names)} classes: {', '.join(class_names)}); "
         "stratified folds, grouped where the labels name a lesion or patient."
     )
-
-
-def _threshold_line(card: dict[str, Any]) -> str:
-    if card.get("melanoma_threshold") is None:
-        return "No melanoma operating threshold (the classes have no mel)."
-    return (
-        f"Melanoma operating threshold: p(mel) >= {card['melanoma_threshold']:.4f}\n"
-        f"({card['melanoma_threshold_rule']})."
-    )
-
-
-def _hw(size: Any) -> str:
-    h, w = (size, size) if isinstance(size, int) else size
-    return f"{h}x{w}"
-
-
-def _fmt(value: Any, ci: Any = None) -> str:
-    if value is None:
-        return "n/a"
-    text = f"{value:.3f}"
-    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
-
-
-def render_card(card: dict[str, Any]) -> str:
-    """The Markdown model card."""
-    sets = card["metrics"]
-    rows = [
-        ("balanced accuracy", "balanced_accuracy"),
-        ("macro AUROC", "macro_auroc"),
-        ("macro F1", "macro_f1"),
-        ("melanoma AUROC", "melanoma_auroc"),
-        ("ECE", "ece"),
-    ]
-    head = "| metric | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets) + "\n"
-    body = "".join(
-        f"| {label} | "
-        + " | ".join(_fmt(s.get(key), s.get(f"{key}_ci95")) for s in sets.values())
-        + " |\n"
-        for label, key in rows
-    )
-    sizes = " | ".join(f"{s['n']} images" for s in sets.values())
-    calib = card.get("calibration") or {}
-    before, after = calib.get("before", {}), calib.get("after", {})
-    spec = card["input"]
-    limits = "".join(f"- {x}\n" for x in card["known_limits"])
-    return f"""# Model card: {card["name"]}
-
-**Intended use.** {card["intended_use"]}
-
-**Weights licence.** CC BY-NC-SA 4.0 (see `LICENSE`), inherited from HAM10000; the skinlesion
-code is Apache-2.0.
-
-**Model.** {card["backbone"]}, ImageNet-initialised, fine-tuned; input {_hw(spec["size"])} (H x W)
-({spec["interpolation"]}), Shades-of-Gray colour constancy: {spec["colour_constancy"]};
-{_detail_line(spec)}
-{_members_line(card)}; TTA over
-{card["tta_views"]} dihedral views; temperature-scaled probabilities.{_metadata_line(card)}
-
-**Training data.** {card["training_data"]} Trained on {card["hardware"]}.
-
-**Metrics** (95% lesion-level bootstrap intervals where lesions are known; sizes: {sizes}):
-
-{head}{body}
-{_threshold_line(card)}
-
-{_familiarity_line(card)}
-
-**Calibration** (out of fold): ECE {_fmt(before.get("ece"))} before and {_fmt(after.get("ece"))}
-after temperature scaling; log loss {_fmt(before.get("log_loss"))} -> {_fmt(after.get("log_loss"))}.
-
-**Known limits.**
-{limits}
-**Recipe.** The resolved configuration is in `card.json` (`recipe`).
-"""
 
 
 def half_precision(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
