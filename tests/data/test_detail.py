@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from skinlesion.data.preprocess import (
+    DETAIL_MARGIN,
     EXACT_MAX_PIXELS,
     Detail,
     PreprocessSpec,
@@ -66,6 +67,9 @@ def test_reduce_detail_shrinks_only_larger_images_and_compresses_them() -> None:
     detail = Detail(200, 75)
     small = _texture(180, 120)
     assert reduce_detail(small, detail) is small
+    near = _texture(300, 256)  # within DETAIL_MARGIN: detail the zoom augmentation covers
+    assert max(near.size) <= 200 * DETAIL_MARGIN and reduce_detail(near, detail) is near
+    assert reduce_detail(_texture(301, 200), detail).size == (200, 133)
     large = _texture(800, 600)
     out = reduce_detail(large, detail)
     assert out.size == (200, 150) and out.mode == "RGB"
