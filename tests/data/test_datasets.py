@@ -158,8 +158,11 @@ def test_a_given_class_without_images_is_an_error(tmp_path: Path) -> None:
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     images, labels = _csv_set(tmp_path, _rows({"nv": 2}))
-    with pytest.raises(DataError, match=r"missing column\(s\) \['diagnosis', 'split'\]"):
+    with pytest.raises(DataError, match=r"missing column\(s\) \['diagnosis'\]"):
         load_csv_set(images, labels, ColumnsConfig(label="diagnosis"), where={"split": ["a"]})
+    # A where column the file lacks is a filter typo, named as such (not "set data.columns").
+    with pytest.raises(DataError, match=r"where: no column 'split'"):
+        load_csv_set(images, labels, where={"split": ["a"]})
 
 
 def test_config_checks_the_format_keys() -> None:

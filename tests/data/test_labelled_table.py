@@ -38,9 +38,20 @@ def test_lines_are_the_files_and_survive_the_filter() -> None:
 
 
 def test_filter_that_keeps_nothing_names_it() -> None:
-    df = table(image_id=["a"], split=["train"])
-    with pytest.raises(DataError, match=r"no row matches --where \{'split': 'val'\}"):
-        keep_rows(df, {"split": "val"}, "f.csv", "--where")
+    df = table(image_id=["a", "b"], split=["train", "val"], site=["x", "y"])
+    with pytest.raises(DataError, match=r"no row matches --where \{'split': 'val', 'site': 'x'\}"):
+        keep_rows(df, {"split": "val", "site": "x"}, "f.csv", "--where")
+
+
+def test_a_filter_typo_is_named_with_its_close_match() -> None:
+    df = table(image_id=["a", "b"], split=["train", "val"])
+    with pytest.raises(DataError) as info:
+        keep_rows(df, {"split": ["trian", "val"]}, "f.csv", "where")
+    (problem,) = info.value.problems
+    assert "no row has split 'trian'; did you mean train?" in problem
+    with pytest.raises(DataError) as info:
+        keep_rows(df, {"spilt": "val"}, "f.csv", "where")
+    assert "no column 'spilt'; did you mean split?" in info.value.problems[0]
 
 
 def test_missing_columns_are_named_with_what_was_found() -> None:

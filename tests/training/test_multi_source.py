@@ -121,3 +121,25 @@ def test_faults_fail_before_any_work(
     assert "Traceback" not in err and err.count("skinlesion train: error: ") == 1
     assert message.format(missing=missing) in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("{split: [trian]}", "no row has split 'trian'; did you mean train?"),
+        ("{spilt: [train]}", "no column 'spilt'; did you mean split?"),
+    ],
+)
+def test_a_where_typo_fails_with_its_close_match_before_any_folder(
+    syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, message: str
+) -> None:
+    images, labels = make_csv_source(tmp_path / "ext", EXT)
+    sources = (
+        f"data.sources=[{{name: ham, format: ham10000, root: {syn_root}}}, "
+        f"{{name: ext, format: csv, images: {images}, labels: {labels}, where: {where}}}]"
+    )
+    args = [sources, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}"]
+    assert train_cli([*args, *(f"{k}={v}" for k, v in FINETUNE.items())]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "set data.columns" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()

@@ -189,9 +189,9 @@ def load_csv_set(
     labels, folder = Path(labels), Path(images)
     df = read_table(labels)
     names = _column_names(columns, list(df.columns))
-    wanted = [c for c in names.values() if c is not None] + list(where or {})
+    wanted = [c for c in names.values() if c is not None]
     check_columns(df, wanted, str(labels), "set data.columns")
-    df = keep_rows(number_lines(df), where, str(labels), "data.where")
+    df = keep_rows(number_lines(df), where, str(labels), "where")
     table = _canonical_frame(df, names)
     table["line"] = df["line"]
     table, problems = attach_images(table, FolderImages(folder), str(labels), verify)
@@ -263,7 +263,7 @@ def load_isic2019(
         missing.append(f"{meta_path}: missing column image")
     if missing:
         raise DataError(f"{root}: wrong columns", missing)
-    kept = keep_rows(number_lines(gt), where, str(gt_path), "data.where")
+    kept = keep_rows(number_lines(gt), where, str(gt_path), "where")
     labels, problems, notes = _isic2019_labels(kept, str(gt_path))
     table, note = _isic2019_metadata(labels, meta)
     images = FolderImages(root / ISIC2019_IMAGES)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from skinlesion.core.config import close_matches
 from skinlesion.core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,27 @@ def keep_rows(
     source: str,
     name: str = "where",
 ) -> pd.DataFrame:
-    """The rows whose column (stripped) holds one of the values (a string is the one value);
-    no row left is an error naming the filter (``name``: how the user gave it)."""
+    """The rows whose column (stripped) holds one of the values (a string is the one value). A
+    column or value the file does not have is an error with its close matches, and so is no row
+    left (``name``: how the user gave the filter)."""
     if not where:
         return df
+    problems, original = [], df
     for col, values in where.items():
         wanted = [values] if isinstance(values, str) else [str(v) for v in values]
-        df = df[df[col].astype(str).str.strip().isin(wanted)]
+        if col not in df.columns:
+            problems.append(f"{name}: no column '{col}'; " + close_matches(col, list(df.columns)))
+            continue
+        present = sorted(set(original[col].astype(str).str.strip()))
+        column = df[col].astype(str).str.strip()
+        problems += [
+            f"{name}: no row has {col} '{v}'; " + close_matches(v, present)
+            for v in wanted
+            if v not in present
+        ]
+        df = df[column.isin(wanted)]
+    if problems:
+        raise DataError(f"{source}: {name} asks for what the file does not have", problems)
     if df.empty:
         raise DataError(f"{source}: no rows", [f"no row matches {name} {dict(where)}"])
     return df

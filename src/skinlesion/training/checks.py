@@ -15,6 +15,7 @@ from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.sources import source_label
 from skinlesion.data.cache import default_cache_dir
+from skinlesion.data.datasets import LabelledSet
 from skinlesion.data.folds import read_folds
 from skinlesion.data.sampling import SAMPLERS
 from skinlesion.models.backbones import check_backbone
@@ -147,21 +148,21 @@ def check_world_size(cfg: Config, world_size: int) -> None:
         )
 
 
-def check_holdout(cfg: Config) -> None:
-    """Cross-site validation: every image names a site and ``cv.holdout`` names sites of it (the
-    labels are read, not the images)."""
-    if cfg.cv.holdout_column is None:
-        return
-    if cfg.train.scheme == "linear_probe":
+def load_checked_data(cfg: Config) -> LabelledSet:
+    """The labelled set of the ``data`` section, read and checked (labels, filters, images found;
+    cross-site: every image names a site and ``cv.holdout`` names sites of it), so that its
+    faults show before any run folder exists; the run then uses it as it is."""
+    if cfg.cv.holdout_column is not None and cfg.train.scheme == "linear_probe":
         raise ConfigError("cv.holdout_column: cross-site validation needs train.scheme=finetune")
     from skinlesion.training.run_data import holdout_sites, load_labelled, with_sites
 
-    holdout_sites(with_sites(load_labelled(cfg).table, cfg), cfg)
+    labelled = load_labelled(cfg)
+    if cfg.cv.holdout_column is not None:
+        holdout_sites(with_sites(labelled.table, cfg), cfg)
+    return labelled
 
 
 def check_config(cfg: Config) -> None:
-    """:func:`check_names`, then :func:`check_paths` and :func:`check_holdout`: in seconds,
-    before any work."""
+    """:func:`check_names`, then :func:`check_paths`: in seconds, before any work."""
     check_names(cfg)
     check_paths(cfg)
-    check_holdout(cfg)

@@ -24,8 +24,9 @@ from skinlesion.core.runtime import (
     planned_world_size,
     resolve_runtime,
 )
+from skinlesion.data.datasets import LabelledSet
 from skinlesion.evaluation.report import write_oof_report
-from skinlesion.training.checks import check_config, check_world_size
+from skinlesion.training.checks import check_config, check_world_size, load_checked_data
 from skinlesion.training.fit_familiarity import fit_run_familiarity
 from skinlesion.training.fold import fit_fold
 from skinlesion.training.probe import run_linear_probe
@@ -101,18 +102,19 @@ def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     """Train every fold of ``cv.folds_to_run``; write the run folder and its OOF report.
 
     Names and paths are checked first (:func:`~skinlesion.training.checks.check_config`), that
-    the run fits torchrun's processes, and that ``resume`` finds a run to continue: a typo fails
-    in seconds, before any folder, fold or cache entry exists.
+    the run fits torchrun's processes, that ``resume`` finds a run to continue, and the labelled
+    data is read and checked: a typo fails before any folder, fold or cache entry exists.
     """
     check_config(cfg)
     check_world_size(cfg, planned_world_size())
     run_dir = Path(cfg.output_dir)
     check_resume_target(run_dir, resume)  # every rank: none may wait for a main that failed
+    labelled = load_checked_data(cfg)
     dist_info = init_distributed()
     saved = check_resume(run_dir, cfg, resume) if dist_info.is_main else cfg
     handler = setup_logging(run_dir, dist_info.is_main)
     try:
-        _run_cv(cfg, saved, run_dir, dist_info, resume, progress)
+        _run_cv(cfg, saved, run_dir, dist_info, resume, progress, labelled)
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
@@ -122,14 +124,16 @@ def run_cv(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
     return run_dir
 
 
-def _shared_data(cfg: Config, run: RunFolder, dist_info: DistInfo, progress: bool) -> RunData:
+def _shared_data(
+    cfg: Config, run: RunFolder, dist_info: DistInfo, progress: bool, labelled: LabelledSet
+) -> RunData:
     """The main process builds the image cache first; the others then find it ready."""
     if dist_info.is_main:
-        data = load_run_data(cfg, run.folds, progress=progress)
+        data = load_run_data(cfg, run.folds, progress=progress, labelled=labelled)
     if dist_info.enabled:
         dist.barrier()
     if not dist_info.is_main:
-        data = load_run_data(cfg, None, progress=False)
+        data = load_run_data(cfg, None, progress=False, labelled=labelled)
     return data
 
 
@@ -149,7 +153,13 @@ def _folds_to_run(cfg: Config, data: RunData) -> list[int]:
 
 
 def _run_cv(
-    cfg: Config, saved: Config, run_dir: Path, dist_info: DistInfo, resume: bool, progress: bool
+    cfg: Config,
+    saved: Config,
+    run_dir: Path,
+    dist_info: DistInfo,
+    resume: bool,
+    progress: bool,
+    labelled: LabelledSet,
 ) -> None:
     """Train ``cfg``'s folds; ``saved`` is the config the run folder records."""
     runtime = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, dist_info)
@@ -159,7 +169,7 @@ def _run_cv(
     if dist_info.is_main:
         save_config(saved, run.config)
         run.environment.write_text(json.dumps(environment_info(runtime), indent=2))
-    data = _shared_data(cfg, run, dist_info, progress)
+    data = _shared_data(cfg, run, dist_info, progress, labelled)
     if dist_info.is_main:
         run.dataset.write_text(json.dumps(data.dataset, indent=2))
     if runtime.device.type == "cuda":

@@ -172,9 +172,15 @@ def metadata_by_row(data: RunData, spec: MetadataSpec | None) -> np.ndarray | No
     return out
 
 
-def load_run_data(cfg: Config, folds_out: Path | None, progress: bool = True) -> RunData:
-    """Validate the data, make or read the folds, and build (or reuse) the image cache."""
-    labelled = load_labelled(cfg)
+def load_run_data(
+    cfg: Config,
+    folds_out: Path | None,
+    progress: bool = True,
+    labelled: LabelledSet | None = None,
+) -> RunData:
+    """Validate the data (``labelled``: as already read), make or read the folds, and build (or
+    reuse) the image cache."""
+    labelled = labelled or load_labelled(cfg)
     df = _folds_table(cfg, folds_out, labelled)
     spec = run_spec(cfg, labelled.classes)
     if cfg.data.match_detail:
