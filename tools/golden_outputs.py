@@ -6,7 +6,7 @@ The images are two of each class and two more melanomas, the first by image id; 
 gets metadata that covers the edges: age 0 and a missing age, unknown sex, and a site from every
 general-site group (hand, foot, acral, unknown among them). Run it after packaging a model:
 
-    python tools/golden_outputs.py ham10000-isic2017-lite0-160-masked --data ../shared/data/ham10000
+    python tools/golden_outputs.py ham10000-lite0-160-meta-ens3 --data ../shared/data/ham10000
 """
 
 from __future__ import annotations
@@ -61,28 +61,39 @@ def golden_record(row: pd.Series) -> dict[str, Any]:
     return {k: (None if pd.isna(row[k]) else row[k]) for k in ("age", "sex", "localization")}
 
 
+def _answers(table: pd.DataFrame, classes: list[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "probabilities": {c: float(out[c]) for c in classes},
+            "melanoma_flag": None if pd.isna(out["melanoma_flag"]) else bool(out["melanoma_flag"]),
+            "unfamiliarity": None if pd.isna(out["unfamiliarity"]) else float(out["unfamiliarity"]),
+            "refer": bool(out["refer"]),
+        }
+        for _, out in table.iterrows()
+    ]
+
+
 def write_golden(folder: Path, ham: Path) -> Path:
+    """``golden.json``: per image its id, label, metadata (a fused model's), the answers given
+    that metadata (``given``) and given the image alone (``image_only``)."""
     model = skinlesion.load_model(folder, device="cpu", backend="torch")
     images = golden_images(ham)
-    metadata = [golden_record(r) for _, r in images.iterrows()] if model.uses_metadata else None
-    table = model.predict(images["path"].tolist(), metadata=metadata)
-    rows = []
-    for (_, img), (_, out) in zip(images.iterrows(), table.iterrows(), strict=True):
-        rows.append(
-            {
-                "image_id": img["image_id"],
-                "dx": img["dx"],
-                "metadata": golden_record(img) if metadata is not None else None,
-                "probabilities": {c: float(out[c]) for c in model.class_names},
-                "melanoma_flag": None
-                if pd.isna(out["melanoma_flag"])
-                else bool(out["melanoma_flag"]),
-                "unfamiliarity": None
-                if pd.isna(out["unfamiliarity"])
-                else float(out["unfamiliarity"]),
-                "refer": bool(out["refer"]),
-            }
-        )
+    paths = images["path"].tolist()
+    alone = _answers(model.predict(paths), model.class_names)
+    given = alone
+    if model.uses_metadata:
+        records = [golden_record(r) for _, r in images.iterrows()]
+        given = _answers(model.predict(paths, metadata=records), model.class_names)
+    rows = [
+        {
+            "image_id": img["image_id"],
+            "dx": img["dx"],
+            "metadata": golden_record(img) if model.uses_metadata else None,
+            "given": g,
+            "image_only": a,
+        }
+        for (_, img), g, a in zip(images.iterrows(), given, alone, strict=True)
+    ]
     path = folder / GOLDEN_FILE
     path.write_text(json.dumps({"model": folder.name, "tta": model.tta, "images": rows}, indent=2))
     return path

@@ -253,6 +253,8 @@ def test_wheel_contains_the_packaged_models(tmp_path: Path) -> None:
         capture_output=True,
     )
     wheel = next(tmp_path.glob("skinlesion-*.whl"))
+    # A lean wheel: the default model (and at most one other), not every model ever trained.
+    assert wheel.stat().st_size <= 30 * 10**6, wheel.stat().st_size
     names = zipfile.ZipFile(wheel).namelist()
     folder = _shipped()
     assert folder is not None
@@ -296,40 +298,41 @@ def torch_equal(a, b) -> bool:
     return bool(torch.equal(a, b))
 
 
-FP32_REFERENCE = packaged.zoo_dir() / "ham10000-lite0-cpu"
-
-
-@pytest.mark.skipif(not FP32_REFERENCE.is_dir(), reason="the float32 zoo model is not here")
-def test_float16_weights_keep_probabilities(tmp_path: Path) -> None:
-    """Storing a trained model's weights as the zoo does (float16) moves no probability by 1e-3."""
+@pytest.mark.skipif(_shipped() is None, reason="no packaged model in this checkout")
+def test_float16_weights_keep_probabilities_within_the_documented_bound(tmp_path: Path) -> None:
+    """Storing a trained model's weights as the zoo does (float16, the small tensors float32)
+    moves no probability by more than the 3.1e-4 that ``half_precision`` documents, and by less
+    than storing every tensor in float16. The float32 model is the shipped one with each weight
+    moved by a relative 1e-3, so that it is not already representable in float16."""
     from safetensors.torch import load_file, save_file
 
     from skinlesion.training.package import half_precision
 
-    tensors = load_file(str(FP32_REFERENCE / "model.safetensors"))
-    assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.float32}
-    folder = tmp_path / "fp16"
-    shutil.copytree(FP32_REFERENCE, folder)
-    half = half_precision(tensors)
-    assert half["fold0.conv_head.weight"].dtype == torch.float16
-    assert half["fold0.bn2.running_var"].dtype == torch.float32
-    assert half["fold0.conv_stem.weight"].dtype == torch.float32  # small: stays float32
-    save_file(half, str(folder / "model.safetensors"))
-    meta = json.loads((folder / "model.json").read_text())
-    meta["weights_sha256"] = sha256_file(folder / "model.safetensors")
-    (folder / "model.json").write_text(json.dumps(meta))
-    size = (folder / "model.safetensors").stat().st_size
-    assert size < 0.55 * (FP32_REFERENCE / "model.safetensors").stat().st_size
-
+    shipped = _shipped()
+    assert shipped is not None
+    gen = torch.Generator().manual_seed(0)
+    fp32 = {}
+    for k, v in load_file(str(shipped / "model.safetensors")).items():
+        v = v.float() if v.is_floating_point() else v
+        noise = 1 + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else 1
+        fp32[k] = (v * noise).contiguous() if v.is_floating_point() else v
+    everything = {k: v.half() if v.is_floating_point() else v for k, v in fp32.items()}
+    probs = {}
     imgs = [str(p) for p in lesion_images(tmp_path / "imgs", n=12)]
-    runtime = resolve_runtime("cpu")
-    p32, err32 = load_packaged(FP32_REFERENCE, runtime).predict_proba(imgs)
-    p16, err16 = load_packaged(folder, runtime).predict_proba(imgs)
-    assert not err32 and not err16
+    for name, tensors in (("fp32", fp32), ("rule", half_precision(fp32)), ("all", everything)):
+        folder = tmp_path / name
+        shutil.copytree(shipped, folder)
+        save_file(tensors, str(folder / "model.safetensors"))
+        meta = json.loads((folder / "model.json").read_text())
+        meta["weights_sha256"] = sha256_file(folder / "model.safetensors")
+        (folder / "model.json").write_text(json.dumps(meta))
+        probs[name], errors = load_packaged(folder, resolve_runtime("cpu")).predict_proba(imgs)
+        assert not errors
     # Informative outputs: the check could see a change (p(mel) spreads across images).
-    assert np.ptp(p32[:, CLASSES.index("mel")]) > 0.02
-    diff = np.abs(p16 - p32).max()
-    assert 0 < diff < 1e-3, diff
+    assert np.ptp(probs["fp32"][:, CLASSES.index("mel")]) > 0.02
+    rule = np.abs(probs["rule"] - probs["fp32"]).max()
+    assert 0 < rule <= 3.1e-4, rule
+    assert np.abs(probs["all"] - probs["fp32"]).max() > rule
 
 
 def _listed_model(root: Path, name: str, folds: list[int], bacc: float) -> None:

@@ -6,7 +6,7 @@ written into the card.
 
 Example::
 
-    set_packaged_detail(zoo_dir() / "ham10000-isic2017-lite0-160-masked")  # measured: 200 px, q75
+    set_packaged_detail(zoo_dir() / "ham10000-lite0-160-meta-ens3")  # measured: 200 px, q75
     attach_cross_site(zoo_dir() / "NAME", "runs/yardstick/NAME/cross_site")
 """
 

@@ -18,7 +18,7 @@ before it existed, skipping members that already have one.
 Example::
 
     fit_run_familiarity("runs/quick")                      # every fold (and final) without one
-    fit_packaged_familiarity(zoo_dir() / "ham10000-lite0-cpu", ["data.cache_dir=/tmp/c"])
+    fit_packaged_familiarity(zoo_dir() / "ham10000-lite0-160-meta-ens3", ["data.cache_dir=/tmp/c"])
 """
 
 from __future__ import annotations

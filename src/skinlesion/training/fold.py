@@ -215,8 +215,8 @@ def finish_fold(
     model, _ = model_from_checkpoint(ckpt, runtime)
     meta = metadata_by_row(data, checkpoint_metadata(ckpt))
 
-    def tta_logits(table: pd.DataFrame) -> np.ndarray:
-        return _tta_logits(cfg, model, data, table, runtime, meta)
+    def tta_logits(table: pd.DataFrame, metadata: np.ndarray | None = meta) -> np.ndarray:
+        return _tta_logits(cfg, model, data, table, runtime, metadata)
 
     logits = tta_logits(split.val)
     y = split.val["label"].to_numpy()
@@ -229,7 +229,9 @@ def finish_fold(
         "n_train": len(split.train),
         "n_val": len(split.val),
     }
-    test_logits = logits if split.site is None else tta_logits(split.test)
+    # Another clinic's images come without the patient's details: a held-out site is predicted
+    # on images alone, as the cross-site score is defined.
+    test_logits = logits if split.site is None else tta_logits(split.test, None)
     if split.site is not None:
         summary.update(site_summary(split, apply_temperature(logits, temperature), data))
     if runtime.dist.is_main:
