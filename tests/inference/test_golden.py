@@ -55,7 +55,7 @@ def _check(table: pd.DataFrame, golden: dict[str, Any], classes: list[str], key:
     got = table[classes].to_numpy(np.float64)
     np.testing.assert_allclose(got, want, atol=ATOL)
     # Informative: the images spread across classes, so a swap of two would be seen.
-    assert len(set(want.argmax(1))) >= 3 and want.max() < 0.999
+    assert len(set(want.argmax(1))) >= 3 and (want.max(1) < 0.99).sum() >= 12
     flags = [None if pd.isna(v) else bool(v) for v in table["melanoma_flag"]]
     assert flags == [a["melanoma_flag"] for a in answers]
     assert [bool(v) for v in table["refer"]] == [a["refer"] for a in answers]

@@ -301,7 +301,7 @@ def torch_equal(a, b) -> bool:
 @pytest.mark.skipif(_shipped() is None, reason="no packaged model in this checkout")
 def test_float16_weights_keep_probabilities_within_the_documented_bound(tmp_path: Path) -> None:
     """Storing a trained model's weights as the zoo does (float16, the small tensors float32)
-    moves no probability by more than the 3.1e-4 that ``half_precision`` documents, and by less
+    moves no probability by more than the 1e-3 that ``half_precision`` documents, and by less
     than storing every tensor in float16. The float32 model is the shipped one with each weight
     moved by a relative 1e-3, so that it is not already representable in float16."""
     from safetensors.torch import load_file, save_file
@@ -331,7 +331,7 @@ def test_float16_weights_keep_probabilities_within_the_documented_bound(tmp_path
     # Informative outputs: the check could see a change (p(mel) spreads across images).
     assert np.ptp(probs["fp32"][:, CLASSES.index("mel")]) > 0.02
     rule = np.abs(probs["rule"] - probs["fp32"]).max()
-    assert 0 < rule <= 3.1e-4, rule
+    assert 0 < rule <= 1e-3, rule
     assert np.abs(probs["all"] - probs["fp32"]).max() > rule
 
 
