@@ -21,7 +21,7 @@ from skinlesion.inference.predict import (
     calibrated_views,
     ensemble_probs,
     load_ensemble,
-    predict_sources,
+    predict_images,
 )
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
 from skinlesion.models.factory import build_model, default_spec
@@ -189,9 +189,9 @@ def test_calibrated_views_recorded_else_from_config() -> None:
 def test_predict_defaults_to_the_recorded_views(probe_like_run: Path, images: list[str]) -> None:
     members = load_ensemble(probe_like_run, RUNTIME)
     assert [m.tta for m in members] == [3, 3, 3]  # recorded, not the config's eval.tta (2)
-    default, _ = predict_sources(images, members, RUNTIME, progress=False)
-    three, _ = predict_sources(images, members, RUNTIME, tta=3, progress=False)
-    two, _ = predict_sources(images, members, RUNTIME, tta=2, progress=False)
+    default = predict_images(images, members, RUNTIME, progress=False).probs
+    three = predict_images(images, members, RUNTIME, tta=3, progress=False).probs
+    two = predict_images(images, members, RUNTIME, tta=2, progress=False).probs
     np.testing.assert_allclose(default, three)
     assert np.abs(default - two).max() > 1e-4
 
@@ -204,13 +204,15 @@ def test_failed_rows_are_empty_and_good_rows_as_if_alone(
     missing = tmp_path / "gone.png"
     sources = [images[0], str(bad), images[1], images[2], str(missing), images[3]]
     members = load_ensemble(probe_like_run, RUNTIME)
-    probs, errors = predict_sources(sources, members, RUNTIME, batch_size=2, progress=False)
+    out = predict_images(sources, members, RUNTIME, batch_size=2, progress=False)
+    probs, errors = out.probs, out.errors
     assert sorted(errors) == [1, 4]
     assert "notes.jpg" in errors[1] and "gone.png" in errors[4]
     assert np.isnan(probs[[1, 4]]).all()
     for i in (0, 2, 3, 5):
-        alone, err = predict_sources([sources[i]], members, RUNTIME, progress=False)
-        assert not err
+        single = predict_images([sources[i]], members, RUNTIME, progress=False)
+        alone = single.probs
+        assert not single.errors
         # Equal up to float32 summation order, which depends on the batch's size.
         np.testing.assert_allclose(probs[i], alone[0], atol=1e-5)
     # Through the CLI: the failed rows have empty probabilities and prediction, exit code 1.
