@@ -76,8 +76,8 @@ BUGS: tuple[Bug, ...] = (
     Bug(
         "oof_one_view",
         "src/skinlesion/training/fold.py",
-        "batch, runtime, cfg.eval.tta, meta)",
-        "batch, runtime, 1, meta)",
+        "_eval_batch_size(cfg), runtime, cfg.eval.tta, meta)",
+        "_eval_batch_size(cfg), runtime, 1, meta)",
         ("tests/inference/test_oof_reproduction.py",),
     ),
     Bug(
@@ -129,8 +129,8 @@ BUGS: tuple[Bug, ...] = (
     Bug(
         "colour_constancy_off_at_inference",
         "src/skinlesion/data/preprocess.py",
-        "prepare_image(source, spec.size, spec.interpolation, spec.colour_constancy)",
-        "prepare_image(source, spec.size, spec.interpolation, False)",
+        "prepare_image(source, spec.size, spec.interpolation, spec.colour_constancy, spec.detail)",
+        "prepare_image(source, spec.size, spec.interpolation, False, spec.detail)",
         (f"{_OOF}::test_fused_finetune_with_colour_constancy_reproduces_its_oof_rows",),
     ),
     Bug(
