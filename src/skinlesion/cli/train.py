@@ -65,12 +65,10 @@ def _cmd_fit_final(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
-    from skinlesion.inference.packaged import MODEL_FILE, zoo_dir
+    from skinlesion.inference.packaged import MODEL_FILE
     from skinlesion.training.fit_familiarity import fit_packaged_familiarity, fit_run_familiarity
 
-    target = Path(args.model)
-    if not target.exists() and (zoo_dir() / args.model / MODEL_FILE).is_file():
-        target = zoo_dir() / args.model
+    target = _packaged_or_path(args.model)
     progress = not args.no_progress
     if (target / MODEL_FILE).is_file():
         path = fit_packaged_familiarity(
@@ -87,15 +85,22 @@ def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _packaged_or_path(model: str) -> Path:
+    """A path as given, or the packaged model of that name when no such path exists."""
+    from skinlesion.inference.packaged import MODEL_FILE, zoo_dir
+
+    target = Path(model)
+    if not target.exists() and (zoo_dir() / model / MODEL_FILE).is_file():
+        return zoo_dir() / model
+    return target
+
+
 def _cmd_set_detail(args: argparse.Namespace) -> int:
     from skinlesion.core.errors import ConfigError
     from skinlesion.data.preprocess import Detail
-    from skinlesion.inference.packaged import MODEL_FILE, zoo_dir
     from skinlesion.training.card_update import set_packaged_detail
 
-    target = Path(args.model)
-    if not target.exists() and (zoo_dir() / args.model / MODEL_FILE).is_file():
-        target = zoo_dir() / args.model
+    target = _packaged_or_path(args.model)
     try:
         given = Detail.parse(args.detail) if args.detail else None
     except ValueError as err:
