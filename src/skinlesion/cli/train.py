@@ -70,6 +70,8 @@ def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
 
     target = _packaged_or_path(args.model)
     progress = not args.no_progress
+    if args.threshold_from is not None:
+        return _site_threshold(target, args)
     if (target / MODEL_FILE).is_file():
         path = fit_packaged_familiarity(
             target, args.overrides, args.device, progress=progress, refit=args.refit
@@ -82,6 +84,21 @@ def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
         raise ConfigError(f"key=value overrides {args.overrides} apply to a packaged model only")
     written = fit_run_familiarity(target, progress=progress, refit=args.refit)
     print(f"fitted {len(written)} member(s): {', '.join(str(p) for p in written) or 'none left'}")
+    return 0
+
+
+def _site_threshold(target: Path, args: argparse.Namespace) -> int:
+    from skinlesion.core.errors import ConfigError
+    from skinlesion.inference.packaged import MODEL_FILE
+    from skinlesion.training.card_update import set_site_threshold
+
+    if not (target / MODEL_FILE).is_file():
+        raise ConfigError(f"--threshold-from: {target} is not a packaged model")
+    if args.overrides or args.refit:
+        raise ConfigError("--threshold-from sets the threshold only: no overrides or --refit")
+    basis = set_site_threshold(target, args.threshold_from, args.site_rate)
+    sites = ", ".join(f"{s} {q:.3f}" for s, q in basis["sites"].items())
+    print(f"{target}: familiarity threshold x{basis['scale']:.3f} ({sites})")
     return 0
 
 
@@ -247,6 +264,18 @@ def _add_fit_familiarity(sub: argparse._SubParsersAction) -> None:
     )
     fa.add_argument("--refit", action="store_true", help="fit again members that have one")
     fa.add_argument("--device", default="auto", help="packaged model (a run uses its own)")
+    fa.add_argument(
+        "--threshold-from",
+        metavar="CROSS_SITE_RUN",
+        help="packaged model: set the threshold from held-out sources instead, the cross-site "
+        "run of its recipe (e.g. runs/yardstick/NAME/cross_site); fits nothing",
+    )
+    fa.add_argument(
+        "--site-rate",
+        type=float,
+        default=0.05,
+        help="with --threshold-from: share of each held-out source called unlike (default 0.05)",
+    )
     fa.add_argument("--no-progress", action="store_true")
     fa.set_defaults(func=_cmd_fit_familiarity)
 

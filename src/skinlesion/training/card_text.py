@@ -60,6 +60,18 @@ LEE_2018 = (
 )
 
 
+def _site_basis(basis: dict[str, Any] | None) -> str:
+    """How a threshold set from held-out sources was set (``set_site_threshold``)."""
+    if not basis:
+        return ""
+    sites = ", ".join(f"{s} {q:.3f}" for s, q in basis["sites"].items())
+    return (
+        f", times {basis['scale']:.3f}: the largest of the held-out sources' "
+        f"{100 * (1 - basis['rate']):.0f}th percentiles under their cross-site models ({sites}), "
+        f"so that about {100 * basis['rate']:.0f}% of another site's dermoscopy is called unlike"
+    )
+
+
 def _familiarity_line(card: dict[str, Any]) -> str:
     fam = card.get("familiarity")
     if not fam:
@@ -73,6 +85,7 @@ def _familiarity_line(card: dict[str, Any]) -> str:
             f"{m.get('prefix', '').rstrip('.') or 'model'}: Gaussians on {m.get('n_fit')} "
             f"training images, normalised on {m.get('n_calibration')} others, threshold at the "
             f"99th percentile of {m.get('n_heldout')} images ({m.get('heldout')})"
+            + _site_basis(m.get("threshold_sites"))
         )
     return (
         '**Familiarity** (refer reason "unlike the training images"): feature-statistics '

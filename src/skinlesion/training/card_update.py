@@ -1,13 +1,15 @@
 """A packaged model updated after packaging: the training images' detail
 (:class:`~skinlesion.data.preprocess.Detail`), measured from the images of the recipe in its card
 (or given) and written into ``model.json``'s preprocessing and the card, so that a larger input is
-reduced to it before the model's resize; and the cross-site figures of its recipe's cross-site run
-written into the card.
+reduced to it before the model's resize; the cross-site figures of its recipe's cross-site run
+written into the card; and the familiarity threshold set from held-out sources (another site's
+dermoscopy) instead of held-out images of the training sources.
 
 Example::
 
     set_packaged_detail(zoo_dir() / "ham10000-lite0-160-meta-ens3")  # measured: 200 px, q75
     attach_cross_site(zoo_dir() / "NAME", "runs/yardstick/NAME/cross_site")
+    set_site_threshold(zoo_dir() / "NAME", "runs/yardstick/NAME/cross_site", rate=0.05)
 """
 
 from __future__ import annotations
@@ -16,17 +18,25 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.data.preprocess import Detail, measure_detail
-from skinlesion.inference.packaged import CARD_FILE
-from skinlesion.inference.packaged_meta import MODEL_FILE
+from skinlesion.inference.packaged import CARD_FILE, read_familiarity
+from skinlesion.inference.packaged_meta import MODEL_FILE, read_packaged_meta
 from skinlesion.training.card_text import render_card
 from skinlesion.training.fit_familiarity import packaged_config
+from skinlesion.training.package import attach_familiarity
 from skinlesion.training.run_data import load_labelled
 
 log = logging.getLogger(__name__)
+
+SITE_RATE = 0.05
+"""Share of each held-out source's dermoscopy that the site threshold calls unfamiliar."""
 
 
 def measure_packaged_detail(folder: Path, overrides: Sequence[str] = ()) -> Detail:
@@ -76,3 +86,57 @@ def attach_cross_site(folder: str | Path, run_dir: str | Path) -> dict:
     card["cross_site"] = {**result, "run": str(run_dir)}
     _rewrite_card(folder, card)
     return card["cross_site"]
+
+
+def site_quantiles(run_dir: str | Path, rate: float = SITE_RATE) -> dict[str, float]:
+    """Per held-out site of a cross-site run, the ``1 - rate`` quantile of its images'
+    unfamiliarity (each fold model's score over its own in-source threshold)."""
+    if not 0 < rate < 1:
+        raise CheckpointError(f"site rate {rate}: expected a share between 0 and 1")
+    run = RunFolder(Path(run_dir))
+    out: dict[str, float] = {}
+    for fold in run.fold_folders():
+        path = fold.holdout_unfamiliarity
+        if not (fold.finished and path.is_file()):
+            continue
+        site = fold.read_summary().get("holdout_site")
+        scores = pd.read_csv(path)["unfamiliarity"].to_numpy(dtype=np.float64)
+        if site is None or not np.isfinite(scores).all() or len(scores) == 0:
+            raise CheckpointError(f"{path}: no held-out site or unreadable scores")
+        out[str(site)] = float(np.quantile(scores, 1 - rate))
+    if not out:
+        raise CheckpointError(
+            f"{run.root}: no finished held-out site with fold_K/holdout_unfamiliarity.csv "
+            "(a cross-site run with familiarity: cv.holdout_column, eval.familiarity)"
+        )
+    return out
+
+
+def set_site_threshold(
+    folder: str | Path, run_dir: str | Path, rate: float = SITE_RATE
+) -> dict[str, Any]:
+    """Set the packaged model's familiarity thresholds from held-out sources: each member's
+    in-source threshold times the largest of the sites' ``1 - rate`` quantiles
+    (:func:`site_quantiles`) of its recipe's cross-site run, so that at most ``rate`` of each
+    held-out source's dermoscopy is called unlike the training images. Setting it again starts
+    from the in-source threshold (kept in the member's info). The basis, as in the card."""
+    folder = Path(folder)
+    fams = read_familiarity(folder, read_packaged_meta(folder))
+    if not fams:
+        raise CheckpointError(f"{folder}: no familiarity; `skinlesion fit-familiarity` first")
+    sites = site_quantiles(run_dir, rate)
+    scale = max(sites.values())
+    basis = {"sites": sites, "rate": rate, "scale": scale, "run": str(run_dir)}
+    for fam in fams.values():
+        base = float(fam.info.get("threshold_in_source", fam.threshold))
+        fam.threshold = base * scale
+        fam.info = {**fam.info, "threshold_in_source": base, "threshold_sites": basis}
+    attach_familiarity(folder, fams)
+    log.info(
+        "%s: familiarity threshold x%.3f (%s at %.0f%% unfamiliar)",
+        folder.name,
+        scale,
+        ", ".join(f"{s} {q:.3f}" for s, q in sites.items()),
+        100 * rate,
+    )
+    return basis

@@ -144,6 +144,7 @@ def build_card(
 def familiarity_card(fams: dict[str, Familiarity]) -> dict[str, Any]:
     """The card's ``familiarity`` entry: the method and, per member, what it was fitted on."""
     keys = ("fold", "n_fit", "n_calibration", "n_heldout", "heldout", "trained_on")
+    keys += ("threshold_in_source", "threshold_sites")
     return {
         "method": METHOD,
         "reference": LEE_2018,
