@@ -40,6 +40,7 @@ def _run(folder: Path, y: np.ndarray, groups: np.ndarray, probs: np.ndarray) -> 
     )
     for i, c in enumerate(CLASSES):
         oof[c] = probs[:, i]
+    oof["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
     for i, c in enumerate(CLASSES):
         oof[f"raw_{c}"] = probs[:, i]
     folder.mkdir(parents=True)

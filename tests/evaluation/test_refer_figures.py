@@ -75,6 +75,7 @@ def test_out_of_fold_report_fits_the_refer_rules(tmp_path: Path) -> None:
     table.insert(1, "lesion_id", [f"HAM_{i:07d}" for i in range(n)])
     table.insert(2, "dx", [CLASSES[k] for k in y])
     table.insert(3, "fold", np.arange(n) % 2)
+    table["prediction"] = [CLASSES[k] for k in probs.argmax(1)]
     for fold, part in table.groupby("fold"):
         (tmp_path / f"fold_{fold}").mkdir()
         part.to_csv(tmp_path / f"fold_{fold}" / "val_predictions.csv", index=False)

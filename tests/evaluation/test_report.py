@@ -24,9 +24,11 @@ from PIL import Image
 from sklearn.metrics import log_loss, roc_auc_score
 
 from skinlesion.cli import main
+from skinlesion.core.errors import DataError
 from skinlesion.core.labels import CLASSES
 from skinlesion.evaluation.metrics import evaluate_predictions
-from skinlesion.evaluation.report import per_source_figures, prediction_classes, render_markdown
+from skinlesion.evaluation.prediction_files import labelled_predictions, write_predictions
+from skinlesion.evaluation.report import collect_oof, per_source_figures, render_markdown
 
 TOL = 1e-6
 
@@ -303,10 +305,14 @@ def test_per_source_figures_known_values() -> None:
     assert "nv" not in figs["a"]["per_class"] and figs["a"]["per_class"]["bcc"]["auroc"] == 1.0
 
 
-def test_prediction_classes_skip_the_source_column() -> None:
-    table = pd.DataFrame(columns=["image_id", "dx", "source", *CLASSES, "prediction"])
-    assert prediction_classes(table) == list(CLASSES)
-    run = pd.DataFrame(
-        columns=["image_id", "lesion_id", "dx", "source", "fold", "mel", "nv", "prediction"]
-    )
-    assert prediction_classes(run) == ["mel", "nv"]
+def test_folds_that_predict_other_classes_are_refused(tmp_path: Path) -> None:
+    for fold, classes in enumerate((("mel", "nv"), ("bkl", "mel", "nv"))):
+        keys = pd.DataFrame(
+            {"image_id": [f"f{fold}_{i}" for i in range(4)], "lesion_id": "L", "dx": "mel"}
+        ).assign(fold=fold)
+        probs = np.full((4, len(classes)), 1 / len(classes))
+        (tmp_path / f"fold_{fold}").mkdir()
+        path = tmp_path / f"fold_{fold}" / "val_predictions.csv"
+        write_predictions(labelled_predictions(keys, probs, classes), path)
+    with pytest.raises(DataError, match="folds predict other classes"):
+        collect_oof(tmp_path)

@@ -40,6 +40,7 @@ def write_fake_oof(cfg: Any, probs: np.ndarray) -> Path:
     df["lesion_id"], df["dx"] = groups, [CLASSES[i] for i in y]
     df["fold"] = np.arange(len(y)) % 2 if not cfg.cv.grouped else y % 2
     df[list(CLASSES)] = probs
+    df["prediction"] = [CLASSES[i] for i in probs.argmax(1)]
     df.sample(frac=1, random_state=0).to_csv(out / "oof_predictions.csv", index=False)
     return out
 

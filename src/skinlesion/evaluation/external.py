@@ -40,6 +40,12 @@ from skinlesion.data.labelled_table import (
 )
 from skinlesion.data.tabular import METADATA_FIELDS, age_problems, metadata_lookalike
 from skinlesion.evaluation.metrics import evaluate_predictions
+from skinlesion.evaluation.prediction_files import (
+    EVALUATION_PREDICTIONS,
+    labelled_predictions,
+    read_predictions,
+    write_predictions,
+)
 from skinlesion.evaluation.refer_figures import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
 from skinlesion.inference.packaged import LoadedModel, resolve_model
@@ -109,18 +115,11 @@ def _write_predictions(
     labels and probabilities read back from it (figures from the file, so anyone can recompute
     them). ``source`` (the labels file's stem) follows ``dx``, as in a run's predictions."""
     output.mkdir(parents=True, exist_ok=True)
-    keys = ("image_id", "lesion_id", "dx", "source")
-    preds = labels[[c for c in keys if c in labels.columns]].copy()
-    for i, c in enumerate(classes):
-        preds[c] = probs[:, i]
-    preds["prediction"] = [classes[i] for i in probs.argmax(1)]
-    if unfamiliarity is not None:
-        preds["unfamiliarity"] = unfamiliarity
-    pred_path = output / "predictions.csv"
-    preds.to_csv(pred_path, index=False, float_format="%.8g")
-    preds = pd.read_csv(pred_path, dtype={"image_id": str, "lesion_id": str})
-    y = preds["dx"].map(class_index(classes)).to_numpy()
-    return y, preds[list(classes)].to_numpy(dtype=np.float64)
+    keys = [c for c in ("image_id", "lesion_id", "dx", "source") if c in labels.columns]
+    preds = labelled_predictions(labels[keys], probs, classes, unfamiliarity=unfamiliarity)
+    write_predictions(preds, output / EVALUATION_PREDICTIONS)
+    saved = read_predictions(output / EVALUATION_PREDICTIONS)
+    return saved.labels(), saved.probabilities()
 
 
 def _metadata(

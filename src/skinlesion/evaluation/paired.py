@@ -25,6 +25,7 @@ from skinlesion.evaluation.metrics import (
     melanoma_threshold_for_specificity,
     point_metrics,
 )
+from skinlesion.evaluation.prediction_files import EVALUATION_PREDICTIONS, read_predictions
 
 PAIRED_METRICS: tuple[str, ...] = (
     "balanced_accuracy",
@@ -110,39 +111,26 @@ def paired_bootstrap(
     return out
 
 
-EVALUATION_PREDICTIONS = "predictions.csv"
-"""What ``skinlesion evaluate`` writes: ``image_id``, ``dx`` (``lesion_id`` when the labels
-have one), ``source``, a probability column per class, ``prediction``."""
-
-
 def _predictions(folder: Path) -> tuple[pd.DataFrame, list[str], str]:
     """A run's out-of-fold table or an evaluation's predictions, its classes, and its kind
     (``"run"`` or ``"evaluation"``). An evaluation has one fold, and an image without a
     ``lesion_id`` is its own lesion."""
     oof = RunFolder(folder).oof_predictions
     if oof.is_file():
-        table = pd.read_csv(oof, dtype={"image_id": str, "lesion_id": str})
-        return table, class_columns(table), "run"
+        saved = read_predictions(oof)
+        return saved.table, list(saved.classes), "run"
     evaluated = folder / EVALUATION_PREDICTIONS
     if evaluated.is_file():
-        table = pd.read_csv(evaluated, dtype={"image_id": str, "lesion_id": str})
+        saved = read_predictions(evaluated)
+        table = saved.table
         if "lesion_id" not in table.columns:
             table["lesion_id"] = table["image_id"]
         table["fold"] = 0
-        # The class columns precede ``prediction``; what follows it (``unfamiliarity``) is not one.
-        cols = list(table.columns)
-        end = cols.index("prediction") if "prediction" in cols else len(cols)
-        info = {"image_id", "lesion_id", "dx", "source", "site", "fold"}
-        return table, [c for c in cols[:end] if c not in info], "evaluation"
+        return table, list(saved.classes), "evaluation"
     raise DataError(
         f"{folder}: no predictions",
         [f"neither {oof} (a training run) nor {evaluated} (an evaluation) exists"],
     )
-
-
-def class_columns(oof: pd.DataFrame) -> list[str]:
-    """The class names of an out-of-fold table (each has a ``raw_<class>`` column too)."""
-    return [c for c in oof.columns if f"raw_{c}" in oof.columns]
 
 
 def compare_runs(

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.core.errors import DataError
-from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.labels import CLASSES
 from skinlesion.core.paths import check_writable_dir, check_writable_file
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.cross_site import cross_site_figures, render_cross_site
@@ -30,6 +30,7 @@ from skinlesion.evaluation.plots import (
     plot_reliability_diagram,
     plot_roc_curves,
 )
+from skinlesion.evaluation.prediction_files import RAW_PREFIX, read_predictions, write_predictions
 from skinlesion.evaluation.refer_figures import (
     plot_risk_coverage,
     render_risk_coverage,
@@ -45,36 +46,17 @@ log = logging.getLogger(__name__)
 LOW_CONFIDENCE_QUANTILE = 0.10
 
 
-def prediction_classes(df: pd.DataFrame) -> list[str]:
-    """The class columns of a predictions table, in output order: those between ``fold`` (or
-    ``dx``) and ``prediction``, as :func:`~skinlesion.training.outputs.write_val_predictions`
-    writes them; HAM10000's classes for a table without that layout."""
-    cols = list(df.columns)
-    if "prediction" in cols:
-        start = cols.index("fold") + 1 if "fold" in cols else cols.index("dx") + 1
-        found = [c for c in cols[start : cols.index("prediction")] if c not in ("source", "site")]
-        if found:
-            return found
-    return list(CLASSES)
-
-
-def _arrays(
-    df: pd.DataFrame, prefix: str = "", classes: Sequence[str] = CLASSES
-) -> tuple[np.ndarray, np.ndarray]:
-    y = df["dx"].map(class_index(classes)).to_numpy()
-    probs = df[[f"{prefix}{c}" for c in classes]].to_numpy(dtype=np.float64)
-    return y, probs
-
-
 def collect_oof(run_dir: Path) -> pd.DataFrame:
-    """Concatenate ``fold_*/val_predictions.csv``; each image must appear exactly once."""
-    parts = [
-        pd.read_csv(p, dtype={"image_id": str, "lesion_id": str})
-        for p in RunFolder(run_dir).val_prediction_files()
-    ]
-    if not parts:
+    """Concatenate ``fold_*/val_predictions.csv``; each image must appear exactly once, and
+    every fold must have the same classes."""
+    files = [read_predictions(p) for p in RunFolder(run_dir).val_prediction_files()]
+    if not files:
         raise DataError(f"{run_dir}: no fold_*/val_predictions.csv (has a fold finished?)")
-    oof = pd.concat(parts, ignore_index=True).sort_values(["fold", "image_id"])
+    other = [f"{f.path}: {list(f.classes)}" for f in files if f.classes != files[0].classes]
+    if other:
+        title = f"{run_dir}: folds predict other classes than {files[0].path}"
+        raise DataError(title, [f"{files[0].path}: {list(files[0].classes)}", *other])
+    oof = pd.concat([f.table for f in files], ignore_index=True).sort_values(["fold", "image_id"])
     dup = oof["image_id"][oof["image_id"].duplicated()]
     if len(dup):
         raise DataError(f"{run_dir}: images predicted by several folds: {dup.tolist()[:5]}")
@@ -132,14 +114,11 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     check_report_writable(run)
-    oof = collect_oof(run_dir)
-    path = run.oof_predictions
-    oof.to_csv(path, index=False, float_format="%.8g")
-    oof = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})  # figures from the file
-    classes = prediction_classes(oof)
-    y, probs = _arrays(oof, classes=classes)
-    has_raw = all(f"raw_{c}" in oof.columns for c in classes)
-    raw = _arrays(oof, "raw_", classes)[1] if has_raw else None
+    write_predictions(collect_oof(run_dir), run.oof_predictions)
+    saved = read_predictions(run.oof_predictions)  # figures from the file
+    oof, classes = saved.table, list(saved.classes)
+    y, probs = saved.labels(), saved.probabilities()
+    raw = saved.probabilities(RAW_PREFIX) if saved.has_raw else None
     threshold = _melanoma_threshold(y, probs, classes)
     grouped = run.read_dataset().get("grouped", True)
     metrics = evaluate_predictions(

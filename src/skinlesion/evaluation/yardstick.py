@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,11 @@ from skinlesion.core.errors import DataError
 from skinlesion.core.labels import MELANOMA, class_index
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.metrics import draw_bootstrap_weights, replicate_metrics
-from skinlesion.evaluation.paired import EVALUATION_PREDICTIONS, class_columns
+from skinlesion.evaluation.prediction_files import (
+    EVALUATION_PREDICTIONS,
+    PredictionFile,
+    read_predictions,
+)
 
 YARDSTICK_SITES: tuple[str, ...] = ("rosendahl", "vidir_modern")
 """HAM10000's acquisition sites held out one at a time: each has hundreds of melanomas."""
@@ -41,36 +46,27 @@ FIGURES: tuple[str, ...] = ("mel_auroc", "balanced_accuracy")
 YARDSTICK_FILE = "yardstick.json"
 
 
-def yardstick_sets(folder: str | Path) -> dict[str, pd.DataFrame]:
+def yardstick_sets(folder: str | Path) -> dict[str, PredictionFile]:
     """The labelled predictions of each set of a yardstick folder, by set name."""
     folder = Path(folder)
-    sets: dict[str, pd.DataFrame] = {}
+    sets: dict[str, PredictionFile] = {}
     oof = RunFolder(folder / CROSS_SITE_DIR).oof_predictions
     if oof.is_file():
-        table = pd.read_csv(oof, dtype={"image_id": str, "lesion_id": str})
-        for site, part in table.groupby("site", sort=True):
-            sets[str(site)] = part.reset_index(drop=True)
+        saved = read_predictions(oof)
+        for site, part in saved.table.groupby("site", sort=True):
+            sets[str(site)] = replace(saved, table=part.reset_index(drop=True))
     evaluated = folder / ISIC_SET / EVALUATION_PREDICTIONS
     if evaluated.is_file():
-        table = pd.read_csv(evaluated, dtype={"image_id": str, "lesion_id": str})
-        if "lesion_id" not in table.columns:
-            table["lesion_id"] = table["image_id"]
-        sets[ISIC_SET] = table
+        saved = read_predictions(evaluated)
+        if "lesion_id" not in saved.table.columns:
+            saved.table["lesion_id"] = saved.table["image_id"]
+        sets[ISIC_SET] = saved
     if not sets:
         raise DataError(
             f"{folder}: no yardstick predictions",
             [f"expected {oof} (a cross-site run) or {evaluated} (an evaluation)"],
         )
     return sets
-
-
-def _classes(table: pd.DataFrame) -> list[str]:
-    found = class_columns(table)
-    if found:
-        return found
-    cols = list(table.columns)  # an evaluation: the class columns precede ``prediction``
-    skip = {"image_id", "lesion_id", "dx", "source", "site", "fold", "path"}
-    return [c for c in cols[: cols.index("prediction")] if c not in skip]
 
 
 def _replicates(
@@ -94,21 +90,26 @@ def yardstick_score(folder: str | Path) -> dict[str, Any]:
     """Each set's melanoma AUROC and balanced accuracy (point estimates) and their means."""
     sets = yardstick_sets(folder)
     per_set = {}
-    for name, table in sets.items():
-        classes = _classes(table)
-        point = _replicates(table, classes, np.ones((1, len(table))))
-        per_set[name] = {"n": len(table), **{k: float(v[0]) for k, v in point.items()}}
+    for name, saved in sets.items():
+        n = len(saved.table)
+        point = _replicates(saved.table, list(saved.classes), np.ones((1, n)))
+        per_set[name] = {"n": n, **{k: float(v[0]) for k, v in point.items()}}
     mean = {k: float(np.mean([s[k] for s in per_set.values()])) for k in FIGURES}
     return {"folder": str(folder), "sets": per_set, "mean": mean}
 
 
 def _paired_set(
-    a: pd.DataFrame, b: pd.DataFrame, name: str, n_boot: int, rng: np.random.Generator
+    saved_a: PredictionFile,
+    saved_b: PredictionFile,
+    name: str,
+    n_boot: int,
+    rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """Per figure, the (1 + n_boot,) values of A and of B on one set: row 0 the point estimate."""
-    classes = _classes(a)
-    if _classes(b) != classes:
-        raise DataError(f"set {name}: classes differ", [f"{classes} vs {_classes(b)}"])
+    classes = list(saved_a.classes)
+    if list(saved_b.classes) != classes:
+        raise DataError(f"set {name}: classes differ", [f"{classes} vs {list(saved_b.classes)}"])
+    a, b = saved_a.table, saved_b.table
     both = a.merge(b, on="image_id", suffixes=("", "_b"), validate="one_to_one")
     if len(both) != len(a) or len(both) != len(b) or (both["dx"] != both["dx_b"]).any():
         raise DataError(

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from skinlesion.core.config import Config
 from skinlesion.core.errors import ConfigError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.paired import PAIRED_METRICS, paired_bootstrap, paired_row
-from skinlesion.evaluation.report import prediction_classes
+from skinlesion.evaluation.prediction_files import read_predictions
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def audit_leakage(
         )
     # 0 is a valid choice (point values only), so only None falls back to the config.
     n_boot = cfg.eval.n_boot if n_boot is None else n_boot
-    oof = {}
+    saved = {}
     for scheme, grouped in SCHEMES.items():
         sub = cfg.model_copy(deep=True)
         sub.cv.grouped = grouped
@@ -81,13 +80,12 @@ def audit_leakage(
         log.info("leakage audit: %s folds", scheme)
         # An audit interrupted in its first part has no folder of the second to resume.
         run_cv(sub, resume=resume and parts[scheme], progress=progress)
-        oof[scheme] = pd.read_csv(
-            RunFolder(out / scheme).oof_predictions, dtype={"image_id": str, "lesion_id": str}
-        )
+        saved[scheme] = read_predictions(RunFolder(out / scheme).oof_predictions)
+    oof = {scheme: s.table for scheme, s in saved.items()}
     merged = oof["lesion_grouped"].merge(
         oof["image_random"], on="image_id", suffixes=("", "_leaky"), validate="one_to_one"
     )
-    classes = prediction_classes(oof["lesion_grouped"])
+    classes = list(saved["lesion_grouped"].classes)
     y = merged["dx"].map(class_index(classes)).to_numpy()
     p_clean = merged[classes].to_numpy(np.float64)
     p_leaky = merged[[f"{c}_leaky" for c in classes]].to_numpy(np.float64)

@@ -14,6 +14,7 @@ import yaml
 
 from skinlesion.core.errors import DataError, OutputError
 from skinlesion.core.run_folder import RunFolder, recipe_of
+from skinlesion.data.folds import read_folds
 from skinlesion.evaluation.report import write_oof_report
 
 
@@ -25,8 +26,7 @@ def _read_parts(parts: Sequence[RunFolder]) -> tuple[list[dict[str, Any]], list[
             if not path.is_file():
                 raise DataError(f"{run.root}: no {path.name}; is this a skinlesion run folder?")
         configs.append(run.read_config_tree())
-        table = pd.read_csv(run.folds, dtype=str)
-        folds.append(table.sort_values("image_id").reset_index(drop=True))
+        folds.append(read_folds(run.folds).sort_values("image_id").reset_index(drop=True))
     return configs, folds
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from skinlesion.core.labels import CLASSES
 from skinlesion.evaluation.calibration import apply_temperature, softmax
 from skinlesion.evaluation.metrics import point_metrics
+from skinlesion.evaluation.prediction_files import labelled_predictions, write_predictions
 
 METRIC_COLUMNS = (
     "epoch",
@@ -76,10 +77,4 @@ def write_val_predictions(
     raw = softmax(logits)
     extra = [c for c in ("source", "site") if c in val_t.columns]
     keys = ["image_id", "lesion_id", "dx", *extra, "fold"]
-    out = val_t[keys].reset_index(drop=True).copy()
-    for i, c in enumerate(classes):
-        out[c] = probs[:, i]
-    out["prediction"] = [classes[i] for i in probs.argmax(1)]
-    for i, c in enumerate(classes):
-        out[f"raw_{c}"] = raw[:, i]
-    out.to_csv(path, index=False, float_format="%.8g")
+    write_predictions(labelled_predictions(val_t[keys], probs, classes, raw=raw), path)

@@ -18,7 +18,7 @@ from typing import Any
 from skinlesion.core.config import Config, load_config
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.external import evaluate_external
-from skinlesion.evaluation.paired import EVALUATION_PREDICTIONS
+from skinlesion.evaluation.prediction_files import EVALUATION_PREDICTIONS
 from skinlesion.evaluation.yardstick import (
     CROSS_SITE_DIR,
     ISIC_SET,
