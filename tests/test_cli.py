@@ -3,6 +3,8 @@ user's mistakes, 1 when some images of a batch could not be read (the others sti
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -100,6 +102,25 @@ def test_split_succeeds(syn_root: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["split", "--labels", str(meta), "--folds", "3", "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert sorted(pd.read_csv(out)["fold"].unique()) == [0, 1, 2]
+
+
+def test_split_of_a_config_reads_data_without_the_training_room(
+    syn_root: Path, tmp_path: Path
+) -> None:
+    """``split --config`` reads the set through the data room's loader: in a fresh process,
+    no module of ``skinlesion.training`` is imported, and the folds are written."""
+    out = tmp_path / "folds.csv"
+    config = tmp_path / "set.yaml"
+    config.write_text(f"data:\n  root: {syn_root}\n  max_images: 20\ncv:\n  n_folds: 2\n")
+    code = (
+        "import sys\n"
+        "from skinlesion.cli import main\n"
+        f"rc = main(['split', '--config', {str(config)!r}, '--out', {str(out)!r}])\n"
+        "print(rc, sorted(m for m in sys.modules if m.startswith('skinlesion.training')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "0 []"
+    assert sorted(pd.read_csv(out)["fold"].unique()) == [0, 1]
 
 
 def test_split_old_metadata_flag_still_works(

@@ -1,4 +1,5 @@
-"""``data.sources``: a strict list of labelled sets; every fault names the key and the source."""
+"""``data.sources``: a strict list of labelled sets; every fault names the key and the source,
+and a set is held to the same rules at the top of ``data`` as in a source."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skinlesion.core.config import ConfigError, config_to_dict, load_config, save_config
+from skinlesion.core.config import (
+    ConfigError,
+    build_config,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 from skinlesion.core.labels import CLASSES
-from skinlesion.core.sources import SINGLE_SOURCE_KEYS, SourceConfig
+from skinlesion.core.sources import SINGLE_SOURCE_KEYS, LabelledSetConfig, SourceConfig
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 HAM = "{name: ham, format: ham10000, root: h}"
@@ -145,3 +152,71 @@ def test_recipes_differ_only_in_the_isic2017_label_space() -> None:
 def test_source_config_alone() -> None:
     src = SourceConfig(name="x", format="isic2019", root="r", where={"split": ["a"]})
     assert src.columns.image == "image_id"
+
+
+# -- one schema for a labelled set: the top of data and a source alike ----------------------------
+
+
+def _fault(tree: dict) -> str:
+    """The one line of a config refused, after ``invalid configuration (config): ``."""
+    with pytest.raises(ConfigError) as info:
+        build_config(tree)
+    text = str(info.value)
+    assert "\n" not in text
+    return text.split(": ", 1)[1]
+
+
+FAULTY_SETS = [
+    # A fixed layout under root: keys of another format are refused, not silently ignored.
+    ({"format": "ham10000", "root": "h", "images": "i"}, "images: not a key of format=ham10000"),
+    ({"format": "ham10000", "root": "h", "columns": {"image": "x"}}, "columns applies to"),
+    ({"format": "ham10000", "root": "h", "where": {"split": "a"}}, "where applies to"),
+    ({"format": "isic2019", "root": "r", "labels": "l.csv"}, "labels: not a key of"),
+    ({"format": "csv", "root": "r", "images": "i", "labels": "l"}, "root: not a key of"),
+    ({"format": "csv", "images": "i"}, "format=csv needs labels"),
+    ({"format": "csv", "images": "i", "labels": "l", "classes": ["nv", "nv"]}, "classes"),
+    ({"format": "csv", "images": "i", "labels": "l", "max_images": 3}, "max_images"),
+]
+
+
+@pytest.mark.parametrize(("entry", "fragment"), FAULTY_SETS, ids=[f for _, f in FAULTY_SETS])
+def test_a_faulty_set_is_refused_alike_at_the_top_and_in_a_source(
+    entry: dict, fragment: str
+) -> None:
+    """The same message, its keys named by their place: ``data.images`` at the top of ``data``,
+    ``data.sources[0] (s): images`` in a source."""
+    top = _fault({"data": entry})
+    in_source = _fault({"data": {"sources": [{"name": "s", **entry}]}})
+    assert in_source.startswith("data.sources[0] (s): ")
+    assert top.startswith("data.")
+    assert top.replace("data.", "") == in_source.removeprefix("data.sources[0] (s): ")
+    assert fragment in in_source
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"format": "ham10000", "root": "h", "labels": "m.csv", "classes": ["mel", "nv"]},
+        {"format": "isic2019", "root": "r", "where": {"split": ["a"]}, "max_images": 10},
+        {"format": "csv", "images": "i", "labels": "l", "columns": {"group": "patient"}},
+    ],
+)
+def test_a_good_set_is_accepted_alike_at_the_top_and_in_a_source(entry: dict) -> None:
+    top = build_config({"data": entry}).data
+    source = build_config({"data": {"sources": [{"name": "s", **entry}]}}).data.sources
+    assert source is not None
+    assert top.labelled_sets() == [top]
+    keys = set(SINGLE_SOURCE_KEYS)
+    assert top.model_dump(include=keys) == source[0].model_dump(exclude={"name"})
+
+
+def test_only_the_top_may_leave_its_root_to_the_data_check() -> None:
+    """The defaults describe HAM10000 at a root given later (``data.root=...``), so an unset
+    root at the top is refused when the data is checked; a source names its files at once."""
+    assert load_config(None, ["data.format=isic2019"]).data.root is None
+    assert "(s): format=isic2019 needs root" in _error(_sources("{name: s, format: isic2019}"))
+
+
+def test_the_set_keys_are_those_of_the_one_schema() -> None:
+    assert tuple(LabelledSetConfig.model_fields) == SINGLE_SOURCE_KEYS
+    assert list(SourceConfig.model_fields) == ["name", *SINGLE_SOURCE_KEYS]

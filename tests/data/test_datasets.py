@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion.core.config import ColumnsConfig, load_config
+from skinlesion.core.config import load_config
 from skinlesion.core.errors import ConfigError, DataError
+from skinlesion.core.sources import ColumnsConfig
 from skinlesion.data.datasets import (
     ISIC2019_CLASSES,
     ISIC2019_GROUND_TRUTH,
@@ -21,8 +22,8 @@ from skinlesion.data.datasets import (
     canonical_metadata,
     load_csv_set,
     load_isic2019,
-    load_labelled_set,
 )
+from skinlesion.data.sources import load_labelled_set
 
 
 def _image(path: Path, seed: int = 0) -> None:
@@ -168,8 +169,8 @@ def test_missing_columns_are_named(tmp_path: Path) -> None:
 def test_config_checks_the_format_keys() -> None:
     with pytest.raises(ConfigError, match="needs data.images"):
         load_config(None, ["data.format=csv", "data.labels=x.csv"])
-    with pytest.raises(ConfigError, match="data.classes applies to data.format=csv"):
-        load_config(None, ["data.classes=[a, b]"])
+    with pytest.raises(ConfigError, match="data.images: not a key of data.format=ham10000"):
+        load_config(None, ["data.images=i"])
     cfg = load_config(
         None, ["data.format=csv", "data.images=i", "data.labels=l", "data.where={split: test}"]
     )

@@ -1,5 +1,6 @@
-"""Several labelled sets in one table: a ``source`` column, lesion ids namespaced by source, the
-union of the label spaces, and every fault named by its source."""
+"""The one loader of labelled sets: one set, or several in one table (a ``source`` column,
+lesion ids namespaced by source, the union of the label spaces, every fault named by its
+source)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 import pytest
 from conftest import make_csv_source
 
-from skinlesion.core.errors import DataError
+from skinlesion.core.config import build_config, load_config
+from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.sources import SourceConfig
-from skinlesion.data.ham10000 import read_labels
-from skinlesion.data.sources import load_sources
+from skinlesion.data.ham10000 import read_labels, subset_by_lesion
+from skinlesion.data.sources import check_data_paths, load_labelled, load_sources
 
 EXT = {"bkl": 6, "mel": 6, "nv": 8}
 
@@ -92,7 +94,7 @@ def test_a_fault_of_a_source_names_it(
 ) -> None:
     with pytest.raises(DataError, match=r"^data.sources\[1\] \(ext\): ") as info:
         load_sources([ham(syn_root), ext(tmp_path / "nowhere", ext_files[1])], n_folds=2)
-    assert "does not exist" in str(info.value)
+    assert f"images: {tmp_path / 'nowhere'} is not a folder" in str(info.value)
 
 
 def test_classes_need_groups_for_every_fold_over_all_sources(
@@ -112,3 +114,65 @@ def test_max_images_applies_to_its_source(syn_root: Path, ext_files: tuple[Path,
     counts = s.table["source"].value_counts()
     assert counts["ham"] == (whole["source"] == "ham").sum()
     assert 8 <= counts["ext"] <= 12 < (whole["source"] == "ext").sum()
+
+
+# -- one set at the top of data: the same loader --------------------------------------------------
+
+
+def test_the_top_set_is_read_as_the_same_set_in_a_source(syn_root: Path) -> None:
+    """The same images, labels and groups; only a source adds its column and its lesion
+    namespace."""
+    one = load_labelled(load_config(None, [f"data.root={syn_root}", "cv.n_folds=2"]))
+    assert "source" not in one.table.columns and not one.sources
+    assert (one.classes, one.grouped, one.source) == (CLASSES, True, str(syn_root))
+    two = load_sources([ham(syn_root)], n_folds=2).table
+    assert one.table["image_id"].tolist() == two["image_id"].tolist()
+    assert one.table["dx"].tolist() == two["dx"].tolist()
+    assert ("ham:" + one.table["lesion_id"]).tolist() == two["lesion_id"].tolist()
+
+
+def test_max_images_applies_to_the_top_set(syn_root: Path) -> None:
+    full = load_labelled(load_config(None, [f"data.root={syn_root}"])).table
+    cut = load_labelled(
+        load_config(None, [f"data.root={syn_root}", "data.max_images=12", "cv.seed=3"])
+    ).table
+    assert cut.equals(subset_by_lesion(full, 12, seed=3))
+    assert len(cut) < len(full)
+
+
+def test_classes_at_the_top_hold_ham10000_to_them(syn_root: Path) -> None:
+    cfg = load_config(None, [f"data.root={syn_root}", "data.classes=[mel, nv]"])
+    with pytest.raises(DataError, match=r"labels outside data.classes \['mel', 'nv'\]") as info:
+        load_labelled(cfg)
+    assert "'akiec'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"format": "ham10000", "root": "{missing}"},
+        {"format": "csv", "images": "{here}", "labels": "{missing}"},
+        {"format": "csv", "images": "{missing}", "labels": "{here}/l.csv"},
+    ],
+)
+def test_paths_are_checked_alike_at_the_top_and_in_a_source(tmp_path: Path, entry: dict) -> None:
+    (tmp_path / "l.csv").write_text("image_id,dx\n")
+    where = {"missing": tmp_path / "missing", "here": tmp_path}
+    entry = {k: v.format(**where) for k, v in entry.items()}
+    messages = []
+    for tree in ({"data": entry}, {"data": {"sources": [{"name": "s", **entry}]}}):
+        cfg = build_config(tree)
+        with pytest.raises(DataError) as info:
+            check_data_paths(cfg.data)
+        messages.append(str(info.value))
+    top, in_source = messages
+    assert top.startswith("data.") and in_source.startswith("data.sources[0] (s): ")
+    assert top.removeprefix("data.") == in_source.removeprefix("data.sources[0] (s): ")
+
+
+def test_an_unset_root_at_the_top_is_named() -> None:
+    cfg = load_config(None, [])
+    with pytest.raises(ConfigError, match="data.root is not set: point it at a HAM10000 folder"):
+        check_data_paths(cfg.data)
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        load_labelled(cfg)

@@ -98,7 +98,7 @@ def test_model_card_names_the_sources(sources_run: Path, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "data.sources[1] (ext): images {missing} is not a folder"),
+        ([], "data.sources[1] (ext): images: {missing} is not a folder"),
         (["train.scheme=linear_probe"], "train.scheme=linear_probe does not take data.sources"),
         (["data.root=x"], "data.root: describes one labelled set"),
     ],

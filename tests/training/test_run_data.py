@@ -126,6 +126,20 @@ def test_recipe_keeps_test_split_out_of_training_synthetic(
     assert "(one image each)" not in printed  # ham10000 names its lesions
 
 
+def test_split_writes_the_folds_a_run_makes_of_one_set(syn_root: Path, tmp_path: Path) -> None:
+    """One set with ``data.max_images``: ``skinlesion split --config`` and a run read it
+    through the same loader, so they make the same folds of the same subset."""
+    path = tmp_path / "set.yaml"
+    path.write_text(f"data:\n  root: {syn_root}\n  max_images: 20\ncv:\n  n_folds: 2\n")
+    table = _folds_table(load_config(path), None)
+    out = tmp_path / "split.csv"
+    assert main(["split", "--config", str(path), "--out", str(out)]) == 0
+    split = read_folds(out).set_index("image_id")["fold"]
+    whole = pd.read_csv(syn_root / "HAM10000_metadata.csv")
+    assert len(table) < len(whole) and sorted(split.index) == sorted(table["image_id"])
+    assert split.loc[table["image_id"]].tolist() == table["fold"].tolist()
+
+
 @requires_ham
 @requires_isic
 def test_recipe_keeps_isic2017_test_out_of_training_real(

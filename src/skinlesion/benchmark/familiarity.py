@@ -34,11 +34,11 @@ N_DERIVED = 20  # HAM10000 images cropped or blurred for the non-dermoscopy set
 def _ham_table(root: Path, folds_file: Path | None, n_folds: int, seed: int) -> pd.DataFrame:
     """HAM10000's images with ``fold`` (read, or made as ``skinlesion split`` makes them) and
     ``row`` (the table's index)."""
-    from skinlesion.data.datasets import canonical_metadata
+    from skinlesion.core.sources import LabelledSetConfig
     from skinlesion.data.folds import align_folds, make_folds, read_folds
-    from skinlesion.data.ham10000 import load_ham10000
+    from skinlesion.data.sources import load_labelled_set
 
-    df = canonical_metadata(load_ham10000(root, None))
+    df = load_labelled_set(LabelledSetConfig(format="ham10000", root=str(root)), n_folds).table
     if folds_file is not None:
         df = align_folds(df, read_folds(folds_file), str(folds_file))
     else:
@@ -156,8 +156,11 @@ def bench_familiarity(
 
 
 def _table_of(loaded: Any, data: Path, folds_file: str | Path | None) -> pd.DataFrame:
+    from skinlesion.core.config import DEFAULT_FOLD_SEED, DEFAULT_N_FOLDS, Config
+
     recipe = _recipe(loaded)
     cv = recipe.get("cv") or {}
     folds = Path(folds_file) if folds_file else None
-    table = _ham_table(data, folds, int(cv.get("n_folds", 5)), int(cv.get("seed", 42)))
-    return table.assign(seed=int(recipe.get("seed", 42)))
+    n_folds, seed = int(cv.get("n_folds", DEFAULT_N_FOLDS)), int(cv.get("seed", DEFAULT_FOLD_SEED))
+    table = _ham_table(data, folds, n_folds, seed)
+    return table.assign(seed=int(recipe.get("seed", Config.model_fields["seed"].default)))

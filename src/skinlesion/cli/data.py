@@ -23,6 +23,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    from skinlesion.core.config import DEFAULT_FOLD_SEED, DEFAULT_N_FOLDS, load_config
     from skinlesion.core.errors import ConfigError
     from skinlesion.core.paths import check_writable_file
     from skinlesion.data.folds import (
@@ -34,17 +35,21 @@ def _cmd_split(args: argparse.Namespace) -> int:
     )
 
     check_writable_file(args.out, "--out")
-    n_folds, seed, grouped = args.folds or 5, 42 if args.seed is None else args.seed, True
+    n_folds = args.folds or DEFAULT_N_FOLDS
+    seed = DEFAULT_FOLD_SEED if args.seed is None else args.seed
+    grouped = True
     if args.config is not None:
         # Any labelled set the config's data section describes (csv, isic2019, ham10000), or
-        # several (data.sources: folds stratified by source x diagnosis, with a source column).
-        from skinlesion.training.run_data import load_labelled, warn_ungrouped_sources
+        # several (data.sources: folds stratified by source x diagnosis, with a source column),
+        # through the loader training uses; only the data section is checked (no training).
+        from skinlesion.data.sources import check_data_paths, load_labelled, warn_ungrouped_sources
 
         # --folds and --seed win over the config (the set is checked against the folds).
         # split makes every fold, so the config's folds_to_run (checked against n_folds) is moot.
         args.overrides += [f"cv.n_folds={args.folds}", "cv.folds_to_run=null"] if args.folds else []
         args.overrides += [f"cv.seed={args.seed}"] if args.seed is not None else []
-        cfg = load_checked_config(args)
+        cfg = load_config(args.config, args.overrides)
+        check_data_paths(cfg.data)
         n_folds, seed = cfg.cv.n_folds, cfg.cv.seed
         labelled = load_labelled(cfg)
         df, grouped = labelled.table, labelled.grouped
@@ -106,8 +111,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--metadata", dest="labels", action=DeprecatedOption, new="--labels", help=argparse.SUPPRESS
     )
     source.add_argument("--config", help="a config whose data section names any labelled set")
-    s.add_argument("--folds", type=int_at_least(2), default=None, help="default 5 or cv.n_folds")
-    s.add_argument("--seed", type=int, default=None, help="default 42 or cv.seed")
+    s.add_argument("--folds", type=int_at_least(2), default=None, help="default: cv.n_folds")
+    s.add_argument("--seed", type=int, default=None, help="default: cv.seed")
     s.add_argument("--out", required=True)
     s.add_argument("overrides", nargs="*", help="key=value, with --config")
     s.set_defaults(func=_cmd_split)

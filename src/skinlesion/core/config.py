@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -26,12 +26,11 @@ from skinlesion.core.errors import ConfigError
 from skinlesion.core.overrides import coerce_numbers, merge_trees, parse_overrides
 from skinlesion.core.sources import (
     SINGLE_SOURCE_KEYS,
-    ColumnsConfig,
+    LabelledSetConfig,
     SourceConfig,
+    check_set_keys,
     check_sources,
     error_key,
-    renamed_metadata_key,
-    where_lists,
 )
 
 
@@ -39,30 +38,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
-class DataConfig(_Strict):
-    format: Literal["ham10000", "csv", "isic2019"] = "ham10000"
-    """``ham10000``: the HAM10000 release in ``root``; ``csv``: any labelled set (``images``,
-    ``labels``, ``columns``); ``isic2019``: the ISIC 2019 training release in ``root``."""
-    root: str | None = None
-    """Folder with the HAM10000 (or, for ``format: isic2019``, ISIC 2019) release."""
-    images: str | None = None
-    """``format: csv``: the image folder."""
-    labels: str | None = None
-    """``format: csv``: the labels CSV (one row per image); ``ham10000``: its metadata (label)
-    file, ``HAM10000_metadata.csv``; default: found in ``root``. (``data.metadata``, its old
-    name, is still read, with a warning.)"""
-    columns: ColumnsConfig = ColumnsConfig()
-    classes: list[str] | None = None
-    """``format: csv``: the class list, in output order (a label outside it is an error);
-    default: the labels found in the data, sorted."""
-    where: dict[str, list[str]] | None = None
-    """``format: csv`` or ``isic2019``: keep only rows whose column holds one of the values,
-    e.g. ``{split: [train, val]}``."""
+class DataConfig(LabelledSetConfig):
+    """The ``data`` section: one labelled set (the keys of :class:`LabelledSetConfig`) or
+    several (``sources``), and how their images are prepared."""
+
+    KEY_PREFIX: ClassVar[str] = "data."
+    ROOT_LATER: ClassVar[bool] = True
+
     image_size: int | tuple[int, int] = 300
     """Input size: ``S`` for S x S, or ``[H, W]`` (HAM10000 is 4:3, e.g. ``[192, 256]``), so a
     lesion need not be squashed. Non-square inputs use the 4 TTA views that keep the shape."""
-    max_images: int | None = Field(None, ge=10)
-    """Lesion-grouped stratified subset for quick runs; ``None`` = all images."""
     cache_dir: str | None = None
     """Where decoded images are cached; default ``$SKINLESION_CACHE`` or ``~/.cache/skinlesion``."""
     colour_constancy: bool = False
@@ -76,30 +61,19 @@ class DataConfig(_Strict):
     """Several labelled sets in one run (:mod:`skinlesion.core.sources`), each with its own
     ``name``, format keys and ``classes``; ``None``: the one set the keys above describe."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, values: Any) -> Any:
-        return renamed_metadata_key(values, "data")
+    def labelled_sets(self) -> list[LabelledSetConfig]:
+        """The section's labelled sets: its ``sources``, or the one set at its top (itself)."""
+        return list(self.sources) if self.sources is not None else [self]
 
     @field_validator("image_size", mode="before")
     @classmethod
     def _size_list(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
 
-    @field_validator("where", mode="before")
-    @classmethod
-    def _where_lists(cls, v: Any) -> Any:
-        return where_lists(v)
-
     @model_validator(mode="after")
     def _format_keys(self) -> DataConfig:
-        check_sources(self)  # first: a single-source key beside sources is named as such
-        if self.format == "csv" and (self.images is None or self.labels is None):
-            raise ValueError("data.format=csv needs data.images (folder) and data.labels (CSV)")
-        if self.format != "csv" and self.classes is not None:
-            raise ValueError(f"data.classes applies to data.format=csv, not {self.format}")
-        if self.format == "ham10000" and self.where is not None:
-            raise ValueError("data.where applies to data.format=csv or isic2019")
+        check_sources(self)  # first: a single-set key beside sources is named as such
+        check_set_keys(self)
         return self
 
     @field_validator("image_size")
@@ -111,11 +85,17 @@ class DataConfig(_Strict):
         return v
 
 
+DEFAULT_N_FOLDS = 5
+DEFAULT_FOLD_SEED = 42
+"""``cv.n_folds`` and ``cv.seed`` unless a config sets them: the one owner of the fold defaults,
+which the functions that make or check folds outside a config take as theirs."""
+
+
 class CVConfig(_Strict):
-    n_folds: int = Field(5, ge=2)
+    n_folds: int = Field(DEFAULT_N_FOLDS, ge=2)
     folds_to_run: list[int] | None = None
     """Subset of folds to train (e.g. ``[0]``); ``None`` = all."""
-    seed: int = 42
+    seed: int = DEFAULT_FOLD_SEED
     grouped: bool = True
     """Group folds by lesion. ``false`` leaks lesions across folds: only for the leakage audit."""
     folds_file: str | None = None

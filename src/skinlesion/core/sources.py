@@ -1,15 +1,20 @@
-"""The ``data.sources`` section: several labelled sets in one run, each a :class:`SourceConfig`
-with its own format, files and label space (and the csv column names every labelled set uses).
+"""The schema of one labelled set (:class:`LabelledSetConfig`), which the top of the ``data``
+section and each of its ``sources`` share, so that a set is accepted or refused the same way in
+both places, with the same message.
 
-A source's images are trained with a loss over its own ``classes`` only, its lesion ids are
-namespaced by its ``name`` (``isic2017:ISIC_0000001``), and folds are stratified by source x
-diagnosis. The keys of ``data`` that describe one labelled set (:data:`SINGLE_SOURCE_KEYS`)
-then live in the sources; the shared ones (``image_size``, ``cache_dir``, ``colour_constancy``,
-``interpolation``) stay at the top of ``data``.
+``data`` describes one labelled set with these keys, or several in ``data.sources``: each a
+:class:`SourceConfig`, the same keys plus a ``name``. A source's images are trained with a loss
+over its own ``classes`` only, its lesion ids are namespaced by its ``name``
+(``isic2017:ISIC_0000001``), and folds are stratified by source x diagnosis. The keys of the set
+(:data:`SINGLE_SOURCE_KEYS`) then live in the sources; the shared ones (``image_size``,
+``cache_dir``, ``colour_constancy``, ``interpolation``) stay at the top of ``data``.
 
 >>> s = SourceConfig(name="isic2017", format="csv", images="img", labels="labels.csv")
 >>> s.classes is None  # the labels it contains
 True
+>>> SourceConfig(name="ham", format="ham10000", root="h", images="i")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+pydantic_core._pydantic_core.ValidationError: ...images: not a key of format=ham10000, which...
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -53,10 +58,11 @@ def where_lists(v: Any) -> Any:
     return v
 
 
-def renamed_metadata_key(values: Any, where: str) -> Any:
+def renamed_metadata_key(values: Any, prefix: str) -> Any:
     """``metadata``, the old name of HAM10000's label table (its ``HAM10000_metadata.csv``), as
     ``labels``: "metadata" now means patient age, sex and site only. A saved config's
-    ``metadata: null`` is dropped silently; a file is moved to ``labels`` with a warning."""
+    ``metadata: null`` is dropped silently; a file is moved to ``labels`` with a warning.
+    ``prefix`` names the keys' place (``data.``)."""
     if not isinstance(values, dict) or "metadata" not in values:
         return values
     values = dict(values)
@@ -65,62 +71,77 @@ def renamed_metadata_key(values: Any, where: str) -> Any:
         return values
     if values.get("labels") not in (None, old):
         raise ValueError(
-            f"{where}.metadata (the old name of {where}.labels) and {where}.labels name "
-            f"different files; keep {where}.labels only"
+            f"{prefix}metadata (the old name of {prefix}labels) and {prefix}labels name "
+            f"different files; keep {prefix}labels only"
         )
-    text = f"{where}.metadata is deprecated: HAM10000's label table is now {where}.labels"
+    text = f"{prefix}metadata is deprecated: HAM10000's label table is now {prefix}labels"
     warnings.warn(text, DeprecationWarning, stacklevel=2)
     log.warning("%s", text)
     values["labels"] = old
     return values
 
 
-SINGLE_SOURCE_KEYS: tuple[str, ...] = (
-    "format",
-    "root",
-    "images",
-    "labels",
-    "columns",
-    "classes",
-    "where",
-    "max_images",
-)
-"""The keys of ``data`` that describe one labelled set; with ``data.sources`` each source has
-its own."""
+SetFormat = Literal["ham10000", "csv", "isic2019"]
+# The file keys each format needs and takes, and what it reads ({root}: how the key is named).
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "csv": ("images", "labels"),
+    "ham10000": ("root",),
+    "isic2019": ("root",),
+}
+_TAKES: dict[str, tuple[str, ...]] = {
+    "csv": ("images", "labels"),
+    "ham10000": ("root", "labels"),
+    "isic2019": ("root",),
+}
+_READS: dict[str, str] = {
+    "csv": "a labels CSV over an images folder, not a release's folder",
+    "ham10000": "the release's own layout under {root} (its labels file, images in any sub-folder)",
+    "isic2019": "the release's own layout under {root}",
+}
 
 
-class SourceConfig(_Strict):
-    """One labelled set of a multi-source run: the keys of a single-source ``data`` section
-    (``format`` with its ``root`` and, for ``ham10000``, ``labels``; or ``images`` + ``labels``
-    + ``columns``; ``where``, ``max_images``) plus a ``name`` and its own label space
-    ``classes``."""
+class LabelledSetConfig(_Strict):
+    """One labelled set: a ``format`` with its files (``root``; or ``images`` + ``labels`` +
+    ``columns``), its ``classes``, a ``where`` filter and a ``max_images`` subset. The top of
+    ``data`` is one (:class:`~skinlesion.core.config.DataConfig`), and so is each source
+    (:class:`SourceConfig`); :func:`check_set_keys` holds them to the same rules."""
 
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-    """A short identifier (a letter, then letters, digits, ``_`` or ``-``; at most 32): the
-    ``source`` column of folds and predictions, and the prefix of the source's lesion ids."""
-    format: Literal["ham10000", "csv", "isic2019"]
+    KEY_PREFIX: ClassVar[str] = ""
+    """How the set's messages name its keys: ``data.images`` at the top of ``data``; bare in a
+    source, whose label the message gets in front (``data.sources[1] (isic2017): images``)."""
+    ROOT_LATER: ClassVar[bool] = False
+    """Whether an unset ``root`` is refused only when the data is read (the top of ``data``,
+    whose defaults describe HAM10000 at a root not yet given) rather than by the schema."""
+
+    format: SetFormat = "ham10000"
+    """``ham10000``: the HAM10000 release in ``root``; ``csv``: any labelled set (``images``,
+    ``labels``, ``columns``); ``isic2019``: the ISIC 2019 training release in ``root``."""
     root: str | None = None
     """``ham10000`` or ``isic2019``: the release's folder."""
     images: str | None = None
     """``csv``: the image folder."""
     labels: str | None = None
-    """``csv``: the labels CSV; ``ham10000``: its metadata (label) file, default: found in
-    ``root``."""
+    """``csv``: the labels CSV (one row per image); ``ham10000``: its metadata (label) file,
+    ``HAM10000_metadata.csv``; default: found in ``root``. (``metadata``, its old name, is still
+    read, with a warning.)"""
     columns: ColumnsConfig = ColumnsConfig()
+    """``csv``: the labels file's column names."""
     classes: list[str] | None = None
-    """The source's label space: its loss is a softmax over these classes only, so it teaches
-    nothing about the others. A label outside it is an error; a class it lists without images
-    is allowed. Default: the labels it contains (for ``ham10000`` its 7 classes, for
-    ``isic2019`` its 8)."""
+    """The set's classes; a label outside them is an error. For one set, the model's classes in
+    output order; for a source, its label space: its loss is a softmax over these classes only,
+    so it teaches nothing about the others. A class listed without images needs them elsewhere
+    (each class needs a group for every fold). Default: the labels it contains, sorted (for
+    ``ham10000`` its 7 classes, for ``isic2019`` its 8)."""
     where: dict[str, list[str]] | None = None
-    """``csv`` or ``isic2019``: keep only rows whose column holds one of the values."""
+    """``csv`` or ``isic2019``: keep only rows whose column holds one of the values, e.g.
+    ``{split: [train, val]}``."""
     max_images: int | None = Field(None, ge=10)
-    """Lesion-grouped stratified subset of this source; ``None`` = all its images."""
+    """Lesion-grouped stratified subset of the set, for quick runs; ``None`` = all its images."""
 
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, values: Any) -> Any:
-        return renamed_metadata_key(values, "data.sources[i]")
+        return renamed_metadata_key(values, cls.KEY_PREFIX or "data.sources[i].")
 
     @field_validator("where", mode="before")
     @classmethod
@@ -135,21 +156,57 @@ class SourceConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _format_keys(self) -> SourceConfig:
-        given = {k for k in ("root", "images", "labels") if getattr(self, k)}
-        needs = {"csv": {"images", "labels"}, "ham10000": {"root"}, "isic2019": {"root"}}
-        takes = {"csv": {"images", "labels"}, "ham10000": {"root", "labels"}}
-        wanted = needs[self.format]
-        if wanted - given:
-            raise ValueError(f"format={self.format} needs {' and '.join(sorted(wanted - given))}")
-        extra = given - takes.get(self.format, wanted)
-        if extra:
-            raise ValueError(f"{', '.join(sorted(extra))}: not a key of format={self.format}")
-        if self.format == "ham10000" and self.where is not None:
-            raise ValueError("where applies to format=csv or isic2019")
-        if self.format != "csv" and self.columns != ColumnsConfig():
-            raise ValueError(f"columns applies to format=csv, not {self.format}")
+    def _format_keys(self) -> LabelledSetConfig:
+        check_set_keys(self)
         return self
+
+    def place(self, index: int) -> str:
+        """What messages about this set put before a key (``data.``; a source:
+        ``data.sources[1] (isic2017): ``); ``index``: its position in ``data.sources``."""
+        return self.KEY_PREFIX
+
+
+def check_set_keys(s: LabelledSetConfig) -> None:
+    """The keys given fit the set's ``format`` (``ValueError`` naming the key): the files it
+    needs are given and no key it does not read is set, so nothing is silently ignored."""
+    k, fmt = s.KEY_PREFIX, s.format
+    given = {key for key in ("root", "images", "labels") if getattr(s, key) is not None}
+    missing = [key for key in _NEEDS[fmt] if key not in given]
+    if s.ROOT_LATER:
+        missing = [key for key in missing if key != "root"]
+    if missing:
+        raise ValueError(f"{k}format={fmt} needs {' and '.join(k + m for m in missing)}")
+    extra = sorted(given - set(_TAKES[fmt]))
+    if extra:
+        reads = _READS[fmt].format(root=f"{k}root")
+        named = ", ".join(k + e for e in extra)
+        raise ValueError(f"{named}: not a key of {k}format={fmt}, which reads {reads}")
+    if fmt == "ham10000" and s.where is not None:
+        raise ValueError(f"{k}where applies to {k}format=csv or isic2019")
+    if fmt != "csv" and s.columns != ColumnsConfig():
+        raise ValueError(f"{k}columns applies to {k}format=csv, not {fmt}")
+
+
+SINGLE_SOURCE_KEYS: tuple[str, ...] = tuple(LabelledSetConfig.model_fields)
+"""The keys of ``data`` that describe one labelled set; with ``data.sources`` each source has
+its own."""
+
+
+class _Named(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    """A short identifier (a letter, then letters, digits, ``_`` or ``-``; at most 32): the
+    ``source`` column of folds and predictions, and the prefix of the source's lesion ids."""
+
+
+class SourceConfig(LabelledSetConfig, _Named):
+    """One labelled set of a multi-source run: the keys of a :class:`LabelledSetConfig` (its
+    ``format`` without a default) after a ``name`` (the second base, so that ``name`` comes
+    first in a saved config)."""
+
+    format: SetFormat
+
+    def place(self, index: int) -> str:
+        return f"{source_label(index, self.name)}: "
 
 
 def check_sources(data: BaseModel) -> None:

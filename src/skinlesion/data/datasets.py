@@ -5,7 +5,8 @@ Both give the table training uses: ``image_id``, ``dx``, ``lesion_id`` (the grou
 is its own group where the source names none), ``path``, the file's ``line``, and the canonical
 metadata columns ``age`` (float, NaN if unknown), ``sex`` and ``localization`` (strings, NaN if
 unknown) wherever the source has them. As for HAM10000, every fault is collected first and
-raised as one :class:`DataError` that names the file and line of each.
+raised as one :class:`DataError` that names the file and line of each. A config's set is read
+through :func:`skinlesion.data.sources.load_labelled_set`, which picks the reader by format.
 
 >>> root = "../shared/data/isic2017"
 >>> test = {"split": ["test"]}
@@ -25,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skinlesion.core.config import ColumnsConfig, DataConfig
-from skinlesion.core.errors import ConfigError, DataError
-from skinlesion.core.sources import SourceConfig
+from skinlesion.core.config import DEFAULT_N_FOLDS
+from skinlesion.core.errors import DataError
+from skinlesion.core.sources import ColumnsConfig
 from skinlesion.data.labelled_table import (
     FolderImages,
     attach_images,
@@ -181,7 +182,7 @@ def load_csv_set(
     columns: ColumnsConfig | None = None,
     classes: Sequence[str] | None = None,
     where: Mapping[str, Sequence[str]] | None = None,
-    n_folds: int = 5,
+    n_folds: int = DEFAULT_N_FOLDS,
     verify: bool = True,
 ) -> LabelledSet:
     """A labels CSV over an image folder, validated (``data.format: csv``)."""
@@ -244,7 +245,7 @@ def _isic2019_metadata(labels: pd.DataFrame, meta: pd.DataFrame) -> tuple[pd.Dat
 def load_isic2019(
     root: str | Path,
     where: Mapping[str, Sequence[str]] | None = None,
-    n_folds: int = 5,
+    n_folds: int = DEFAULT_N_FOLDS,
     verify: bool = True,
 ) -> LabelledSet:
     """The ISIC 2019 training release in ``root`` (``data.format: isic2019``): the one-hot
@@ -276,20 +277,3 @@ def load_isic2019(
     for text in [*notes, note]:
         log.info("ISIC 2019: %s", text)
     return _finish(table, classes, grouped, str(root), [*notes, note])
-
-
-def load_labelled_set(
-    data: DataConfig | SourceConfig, n_folds: int, verify: bool = True
-) -> LabelledSet:
-    """The set a ``data`` section (or one of its ``sources``) of format ``csv`` or ``isic2019``
-    names."""
-    if data.format == "csv":
-        assert data.images is not None and data.labels is not None  # the config checks it
-        return load_csv_set(
-            data.images, data.labels, data.columns, data.classes, data.where, n_folds, verify
-        )
-    if data.format == "isic2019":
-        if data.root is None:
-            raise ConfigError("data.root is not set: point it at the ISIC 2019 training release")
-        return load_isic2019(data.root, data.where, n_folds, verify)
-    raise ConfigError(f"data.format={data.format}: not a labelled-set format")

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
+from skinlesion.core.config import DEFAULT_FOLD_SEED, DEFAULT_N_FOLDS
 from skinlesion.core.errors import DataError
 from skinlesion.data.labelled_table import read_table
 
@@ -80,7 +81,10 @@ def fold_split(table: pd.DataFrame, fold: int, holdout: Sequence[str] | None = N
 
 
 def make_folds(
-    df: pd.DataFrame, n_folds: int = 5, seed: int = 42, grouped: bool = True
+    df: pd.DataFrame,
+    n_folds: int = DEFAULT_N_FOLDS,
+    seed: int = DEFAULT_FOLD_SEED,
+    grouped: bool = True,
 ) -> pd.DataFrame:
     """``image_id, lesion_id, dx, fold`` (and ``source``, ``site`` when ``df`` has them) for
     every image, deterministic for a seed.

@@ -26,12 +26,12 @@ import pandas as pd
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.data.preprocess import Detail, measure_detail
+from skinlesion.data.sources import load_labelled
 from skinlesion.inference.packaged import CARD_FILE, read_familiarity
 from skinlesion.inference.packaged_meta import MODEL_FILE, read_packaged_meta
 from skinlesion.training.card_text import render_card
 from skinlesion.training.fit_familiarity import packaged_config
 from skinlesion.training.package import attach_familiarity
-from skinlesion.training.run_data import load_labelled
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from skinlesion.core.config import Config, check_name
 from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.paths import check_writable_dir
-from skinlesion.core.sources import source_label
 from skinlesion.data.cache import default_cache_dir
 from skinlesion.data.datasets import LabelledSet
 from skinlesion.data.folds import read_folds
 from skinlesion.data.sampling import SAMPLERS
+from skinlesion.data.sources import check_data_paths, load_labelled
 from skinlesion.models.backbones import check_backbone
 from skinlesion.training.losses import LOSSES
 
@@ -55,49 +55,6 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _check_source_paths(cfg: Config) -> None:
-    """Each of ``data.sources``: its folder, or images folder and labels file, and metadata
-    file exist; a fault names the source (``data.sources[1] (isic2017): ...``)."""
-    for i, src in enumerate(cfg.data.sources or ()):
-        label = source_label(i, src.name)
-        for key, value, folder in (
-            ("root", src.root, True),
-            ("images", src.images, True),
-            ("labels", src.labels, False),
-        ):
-            if value is None:
-                continue
-            if folder and not Path(value).is_dir():
-                raise DataError(f"{label}: {key} {value} is not a folder")
-            if not folder and not Path(value).is_file():
-                raise DataError(f"{label}: {key}: file {value} not found")
-
-
-def _check_data_paths(cfg: Config) -> None:
-    """The data section's folder (HAM10000, ISIC 2019) or images folder and labels file (csv),
-    or those of each of its sources."""
-    if cfg.data.sources is not None:
-        _check_source_paths(cfg)
-        return
-    if cfg.data.format == "csv":
-        if not Path(str(cfg.data.images)).is_dir():
-            raise DataError(f"data.images: {cfg.data.images} is not a folder")
-        if not Path(str(cfg.data.labels)).is_file():
-            raise DataError(f"data.labels: file {cfg.data.labels} not found")
-        return
-    what = "a HAM10000" if cfg.data.format == "ham10000" else "the ISIC 2019 training"
-    if cfg.data.root is None:
-        raise ConfigError(
-            f"data.root is not set: point it at {what} folder "
-            "(or run `skinlesion download --dest DIR`)"
-        )
-    if not Path(cfg.data.root).is_dir():
-        raise DataError(
-            f"data.root: {cfg.data.root} is not a folder (set data.root, or run "
-            f"`skinlesion download --dest {cfg.data.root}`)"
-        )
-
-
 def _check_folds_file_folds(cfg: Config) -> None:
     """``cv.folds_to_run`` names folds of ``cv.folds_file`` (without a file the schema checks
     them against ``cv.n_folds``)."""
@@ -113,10 +70,10 @@ def _check_folds_file_folds(cfg: Config) -> None:
 
 
 def check_paths(cfg: Config) -> None:
-    """Inputs exist; ``output_dir`` and ``data.cache_dir`` can be written."""
-    _check_data_paths(cfg)
+    """Inputs exist (each labelled set's, :func:`~skinlesion.data.sources.check_data_paths`);
+    ``output_dir`` and ``data.cache_dir`` can be written."""
+    check_data_paths(cfg.data)
     for key, value in (
-        ("data.labels", cfg.data.labels if cfg.data.format == "ham10000" else None),
         ("cv.folds_file", cfg.cv.folds_file),
         ("model.weights", cfg.model.weights),
     ):
@@ -154,7 +111,7 @@ def load_checked_data(cfg: Config) -> LabelledSet:
     faults show before any run folder exists; the run then uses it as it is."""
     if cfg.cv.holdout_column is not None and cfg.train.scheme == "linear_probe":
         raise ConfigError("cv.holdout_column: cross-site validation needs train.scheme=finetune")
-    from skinlesion.training.run_data import holdout_sites, load_labelled, with_sites
+    from skinlesion.training.run_data import holdout_sites, with_sites
 
     labelled = load_labelled(cfg)
     if cfg.cv.holdout_column is not None:

@@ -14,10 +14,9 @@ import torch
 
 from skinlesion.core.config import Config, check_name
 from skinlesion.core.errors import ConfigError, DataError
-from skinlesion.core.labels import CLASSES, class_index
-from skinlesion.core.sources import source_label
+from skinlesion.core.labels import class_index
 from skinlesion.data.cache import build_cache
-from skinlesion.data.datasets import LabelledSet, canonical_metadata, load_labelled_set
+from skinlesion.data.datasets import LabelledSet
 from skinlesion.data.folds import (
     SITE_COLUMN,
     FoldSplit,
@@ -28,9 +27,8 @@ from skinlesion.data.folds import (
     read_folds,
     save_folds,
 )
-from skinlesion.data.ham10000 import load_ham10000, subset_by_lesion
 from skinlesion.data.preprocess import PreprocessSpec, measure_detail
-from skinlesion.data.sources import load_sources
+from skinlesion.data.sources import load_labelled, warn_ungrouped_sources
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.inference.engine import ImageSource
 from skinlesion.training.builders import run_spec
@@ -59,51 +57,13 @@ class RunData:
         return fold_split(self.table, fold, self.holdout)
 
 
-def load_labelled(cfg: Config) -> LabelledSet:
-    """The ``data`` section's images and labels, validated, with the class list and grouping;
-    with ``data.sources``, every source's (:func:`~skinlesion.data.sources.load_sources`)."""
-    if cfg.data.sources is not None:
-        return load_sources(cfg.data.sources, cfg.cv.n_folds, cfg.cv.seed)
-    if cfg.data.format != "ham10000":
-        return load_labelled_set(cfg.data, cfg.cv.n_folds)
-    if cfg.data.root is None:
-        raise ConfigError(
-            "data.root is not set: point it at a HAM10000 folder "
-            "(or run `skinlesion download --dest DIR`)"
-        )
-    df = load_ham10000(cfg.data.root, cfg.data.labels)
-    return LabelledSet(canonical_metadata(df), CLASSES, True, str(cfg.data.root))
-
-
-def warn_ungrouped_sources(labelled: LabelledSet) -> None:
-    """:func:`warn_ungrouped` for the set, or for each of its sources that names no groups."""
-    if not labelled.sources:
-        if not labelled.grouped:
-            warn_ungrouped(labelled.source)
-        return
-    for i, s in enumerate(labelled.sources):
-        if not s["grouped"]:
-            label = source_label(i, s["name"])
-            warn_ungrouped(f"{label} ({s['source']})", f"data.sources[{i}].columns.group")
-
-
-def warn_ungrouped(source: str, key: str = "data.columns.group") -> None:
-    """The loud warning for a set without a group column (each image is its own group)."""
-    log.warning(
-        "%s names no lesion or patient (group) for its images: each image is its own group, "
-        "so lesion-level folds are not possible and LEAKAGE CANNOT BE RULED OUT (images of "
-        "one lesion may sit in several folds); set %s if the file has one",
-        source,
-        key,
-    )
-
-
 def _folds_table(
     cfg: Config, folds_out: Path | None, labelled: LabelledSet | None = None
 ) -> pd.DataFrame:
-    """The (subset of the) metadata with a ``fold`` column: made, or read from cv.folds_file."""
+    """The labelled table (``data.max_images`` applied) with a ``fold`` column: made, or read
+    from cv.folds_file."""
     labelled = labelled or load_labelled(cfg)
-    df = subset_by_lesion(with_sites(labelled.table, cfg), cfg.data.max_images, cfg.cv.seed)
+    df = with_sites(labelled.table, cfg)
     if cfg.cv.folds_file:
         df = align_folds(df, read_folds(Path(cfg.cv.folds_file)), cfg.cv.folds_file)
     else:
