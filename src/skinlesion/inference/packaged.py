@@ -57,8 +57,7 @@ from skinlesion.inference.predict import (
     predict_images,
 )
 from skinlesion.inference.table import Decisions, predictions_table
-from skinlesion.models.checkpoint import FINAL_FOLD
-from skinlesion.models.factory import build_model, place_model
+from skinlesion.models.checkpoint import FINAL_FOLD, model_from_state
 
 log = logging.getLogger(__name__)
 
@@ -358,22 +357,16 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         fused = m.get("metadata")
         metadata = MetadataSpec.from_dict(fused["spec"]) if fused else None
-        model = build_model(
+        model = model_from_state(
+            state,
             meta["backbone"],
             len(spec.class_names),
-            False,
+            f"{folder / WEIGHTS_FILE} (member '{prefix}')",
+            runtime,
             metadata=metadata,
             metadata_hidden=int(fused["hidden"]) if fused else 0,
-            **meta.get("model_kwargs", {}),
+            model_kwargs=meta.get("model_kwargs", {}),
         )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{folder / WEIGHTS_FILE}: weights of member '{prefix}' do not fit "
-                f"{meta['backbone']} ({str(err).splitlines()[0]})"
-            ) from err
-        model = place_model(model.eval(), runtime)
         members.append(
             Member(
                 model=model,

@@ -159,7 +159,7 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
     check_members(path, loaded)
     members = []
     for p, ckpt in loaded:
-        model, spec = model_from_checkpoint(ckpt, runtime)
+        model, spec = model_from_checkpoint(ckpt, runtime, p)
         tta = calibrated_views(ckpt)
         temperature = float(ckpt.get("temperature", 1.0))
         bid = backbone_id(model)
