@@ -25,7 +25,8 @@ from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.synthetic import make_synthetic_ham10000
 from skinlesion.evaluation.metrics import evaluate_predictions, melanoma_threshold_for_specificity
 from skinlesion.inference import packaged
-from skinlesion.inference.packaged import load_packaged, resolve_model, sha256_file
+from skinlesion.inference.packaged import load_packaged, sha256_file
+from skinlesion.inference.resolve import resolve_model
 from skinlesion.training.package import package_run
 
 REPO = Path(__file__).parents[2]
