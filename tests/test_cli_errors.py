@@ -411,9 +411,9 @@ def _boom(*args: object, **kwargs: object) -> None:
 def test_export_to_an_unwritable_folder_fails_before_loading(
     tiny_packaged: Path, blocker: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:
-    from skinlesion.inference import packaged
+    from skinlesion.inference import resolve
 
-    monkeypatch.setattr(packaged, "resolve_model", _boom)
+    monkeypatch.setattr(resolve, "resolve_torch_model", _boom)
     out = blocker / "sub"
     assert main(["export", "--model", str(tiny_packaged), "--output", str(out)]) == 2
     err = one_error_line(capsys.readouterr().err, "export")
@@ -423,9 +423,9 @@ def test_export_to_an_unwritable_folder_fails_before_loading(
 def test_explain_to_an_unwritable_folder_fails_before_loading(
     tiny_packaged: Path, blocker: Path, lesion: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:
-    from skinlesion.inference import packaged
+    from skinlesion.inference import resolve
 
-    monkeypatch.setattr(packaged, "resolve_model", _boom)
+    monkeypatch.setattr(resolve, "resolve_torch_model", _boom)
     out = blocker / "sub"
     argv = ["explain", "--model", str(tiny_packaged), "--output", str(out), str(lesion)]
     assert main(argv) == 2
@@ -543,7 +543,7 @@ def test_classes_absent_from_the_labels_give_no_warning(
 
     from skinlesion.core.labels import CLASSES
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_model
 
     folder = tmp_path / "images"
     folder.mkdir()

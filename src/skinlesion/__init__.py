@@ -16,7 +16,7 @@ from skinlesion.core.labels import CLASSES
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from skinlesion.inference.packaged import LoadedModel
+    from skinlesion.inference.resolve import Predictor
 
 __all__ = ["CLASSES", "load_model"]
 __version__ = "0.1.0"
@@ -24,11 +24,13 @@ __version__ = "0.1.0"
 
 def load_model(
     name: str | Path | None = None, device: str = "auto", backend: str = "auto"
-) -> LoadedModel:
-    """A packaged model by name (``None``: the default one), a packaged folder, a run folder or a
-    checkpoint, loaded for prediction. ``backend``: ``auto`` (onnxruntime on a CPU, PyTorch on
-    CUDA), ``torch``, ``onnx`` or ``onnx-int8``. Imports torch only when called."""
+) -> Predictor:
+    """A packaged model by name (``None``: the default one), a packaged folder, a run folder, a
+    checkpoint or a ``skinlesion export`` folder (its ONNX graph: images only, its TTA), loaded
+    for prediction (:func:`~skinlesion.inference.resolve.resolve_model`). ``backend``: ``auto``
+    (onnxruntime on a CPU, PyTorch on CUDA), ``torch``, ``onnx`` or ``onnx-int8``. Imports torch
+    only when called."""
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_model
 
     return resolve_model(name, resolve_runtime(device), backend)

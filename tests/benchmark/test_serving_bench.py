@@ -18,7 +18,7 @@ from skinlesion.benchmark.serving import load_test, onnx_vs_torch, rss_mb
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import prepare_with_spec
 from skinlesion.inference.onnx_export import export_onnx
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.resolve import resolve_model
 from skinlesion.serving.app import create_app
 
 

@@ -33,7 +33,7 @@ from skinlesion.inference.backend import (
     resolve_backend,
 )
 from skinlesion.inference.onnx_export import ONNX_FILE, export_onnx
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.resolve import resolve_model
 
 CPU = resolve_runtime("cpu")
 
@@ -139,7 +139,7 @@ _EXPORT = """
 import sys
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.inference.backend import cached_graph
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.resolve import resolve_model
 model = resolve_model(sys.argv[1], resolve_runtime("cpu"), backend="torch")
 print(cached_graph(model))
 """

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import lesion_images
 
+from skinlesion.cli import main
 from skinlesion.core.config import config_to_dict, load_config, save_config
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import resolve_runtime
@@ -89,6 +91,30 @@ def test_foreign_checkpoint_refused_naming_the_file(
     with pytest.raises(CheckpointError, match=reason) as info:
         load_ensemble(foreign, RUNTIME)
     assert str(foreign / "fold_1" / "best.pt") in str(info.value)
+
+
+def test_weights_that_do_not_fit_are_one_line_naming_the_checkpoint(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run folder's checkpoint whose state dict does not fit its backbone: the same one-line
+    CheckpointError as a packaged model's, from the library and from the command line."""
+
+    def change(ckpt: dict[str, Any]) -> None:
+        del ckpt["state_dict"]["conv_head.weight"]
+        ckpt["state_dict"]["classifier.weight"] = torch.zeros(3, 1280)
+
+    broken = _copy_with(run, tmp_path, change)
+    best = broken / "fold_1" / "best.pt"
+    with pytest.raises(CheckpointError, match="missing conv_head.weight") as info:
+        load_ensemble(broken, RUNTIME)
+    assert str(info.value).startswith(f"{best}: weights do not fit {BACKBONE} (")
+    assert "shape classifier.weight [3, 1280] for [7, 1280]" in str(info.value)
+    image = lesion_images(tmp_path / "img", 1)[0]
+    argv = ["predict", "--model", str(broken), "--backend", "torch", "--device", "cpu"]
+    assert main([*argv, str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"skinlesion predict: error: {best}: weights do not fit")
+    assert "\n" not in err
 
 
 def test_machine_settings_may_differ(run: Path, tmp_path: Path) -> None:

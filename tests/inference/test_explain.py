@@ -17,8 +17,8 @@ from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.inference.explain import explain_sources, target_layer
-from skinlesion.inference.packaged import resolve_model
 from skinlesion.inference.predict import Member
+from skinlesion.inference.resolve import resolve_model
 
 SPEC = PreprocessSpec(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), class_names=("red", "blue"))
 

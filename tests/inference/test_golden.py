@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 import skinlesion
 from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
-from skinlesion.inference import packaged
+from skinlesion.inference import packaged, resolve
 from skinlesion.serving.app import create_app
 from skinlesion.serving.settings import ServeSettings
 
@@ -101,7 +101,7 @@ def test_predict_command_gives_the_golden_outputs(
 
 @requires_ham
 def test_the_service_gives_the_golden_outputs(golden: dict[str, Any], paths: list[Path]) -> None:
-    model = packaged.resolve_model(None, resolve_runtime("cpu"))
+    model = resolve.resolve_model(None, resolve_runtime("cpu"))
     classes = model.class_names
     rows = []
     with TestClient(create_app(model, ServeSettings())) as client:

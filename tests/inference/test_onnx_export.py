@@ -16,8 +16,9 @@ from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.augment import tta_views
 from skinlesion.data.preprocess import prepare_with_spec
-from skinlesion.inference.onnx_export import OnnxModel, _view, export_onnx
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.onnx_export import _view, export_onnx
+from skinlesion.inference.onnx_model import OnnxModel
+from skinlesion.inference.resolve import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,9 @@ def test_dynamic_batch_and_saved_spec(exported: Path, tiny_packaged: Path, tmp_p
     source = json.loads((tiny_packaged / "model.json").read_text())
     assert meta["tta"] == 2 and meta["preprocessing"] == source["preprocessing"]
     assert [m["temperature"] for m in meta["members"]] == [1.0, 1.5]
+    # What recognises the model it came from (explain needs it): its path and weights' hash.
+    assert meta["source"] == str(tiny_packaged.resolve())
+    assert [m["weights_sha256"] for m in meta["members"]] == [source["weights_sha256"]] * 2
     assert meta["reference"] == source["reference"]
     assert json.loads((exported / "card.json").read_text())["name"] == "tiny"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lesion_images
+from conftest import lesion_images, make_tiny_packaged
 from PIL import Image
 
 import skinlesion
@@ -25,7 +25,8 @@ from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.synthetic import make_synthetic_ham10000
 from skinlesion.evaluation.metrics import evaluate_predictions, melanoma_threshold_for_specificity
 from skinlesion.inference import packaged
-from skinlesion.inference.packaged import load_packaged, resolve_model, sha256_file
+from skinlesion.inference.packaged import load_packaged, sha256_file
+from skinlesion.inference.resolve import resolve_model
 from skinlesion.training.package import package_run
 
 REPO = Path(__file__).parents[2]
@@ -178,6 +179,27 @@ def test_corrupt_or_missing_weights_name_the_file(zoo: Path, tmp_path: Path, dam
         weights.unlink()
     with pytest.raises(CheckpointError, match=str(weights)):
         load_packaged(folder)
+
+
+def test_weights_that_do_not_fit_name_the_member_and_keys(tmp_path: Path) -> None:
+    """The same builder as a run folder's checkpoints: one CheckpointError naming the file, the
+    member and the first keys that differ."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_packaged(tmp_path, "misfit")
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["fold1.conv_head.weight"]
+    save_file(tensors, str(weights))
+    meta = json.loads((folder / "model.json").read_text())
+    meta["weights_sha256"] = sha256_file(weights)
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as info:
+        load_packaged(folder)
+    assert str(info.value) == (
+        f"{weights} (member 'fold1.'): weights do not fit test_efficientnet "
+        "(missing conv_head.weight)"
+    )
 
 
 def _shipped() -> Path | None:

@@ -12,6 +12,7 @@ from skinlesion.models.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
+    model_from_state,
 )
 from skinlesion.models.factory import build_model, default_spec
 
@@ -180,3 +181,30 @@ def test_failed_save_keeps_previous_file(
     assert path.read_bytes() == before
     assert load_checkpoint(path)["epoch"] == 7
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_a_state_dict_that_does_not_fit_is_one_checkpoint_error(
+    model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """Missing, unexpected and misshapen keys: one line naming the file and the first keys of
+    each kind, never torch's RuntimeError with its paragraphs."""
+    ckpt = checkpoint(model)
+    state = ckpt["state_dict"]
+    del state["classifier.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["classifier.weight"] = torch.zeros(5, 1280)
+    path = tmp_path / "best.pt"
+    atomic_torch_save(ckpt, path)
+    with pytest.raises(CheckpointError) as info:
+        model_from_checkpoint(load_checkpoint(path), source=path)
+    text = str(info.value)
+    assert not isinstance(info.value, RuntimeError) and "\n" not in text
+    assert text.startswith(f"{path}: weights do not fit {BACKBONE} (")
+    assert "missing classifier.bias" in text and "unexpected extra.weight" in text
+    assert "shape classifier.weight [5, 1280] for [7, 1280]" in text
+
+
+def test_a_mismatch_names_only_the_first_keys(model: torch.nn.Module) -> None:
+    state = {k: v for i, (k, v) in enumerate(model.state_dict().items()) if i >= 5}
+    with pytest.raises(CheckpointError, match=r"missing \S+, \S+, \S+ and 2 more\)$"):
+        model_from_state(state, BACKBONE, len(CLASSES), "weights.pt")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.resolve import resolve_model
 from skinlesion.serving.app import _MULTIPART_SLACK, ServeSettings, create_app
 from skinlesion.serving.uploads import UploadLimits
 

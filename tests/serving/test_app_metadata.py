@@ -10,7 +10,7 @@ from conftest import lesion_images, make_tiny_packaged
 from fastapi.testclient import TestClient
 
 from skinlesion.core.runtime import resolve_runtime
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.resolve import resolve_model
 from skinlesion.serving.app import create_app
 
 FIELDS = {"age": "70", "sex": "female", "localization": "face"}

@@ -14,7 +14,7 @@ import pytest
 
 from skinlesion.cli import main
 from skinlesion.core.errors import AddressError
-from skinlesion.inference import packaged
+from skinlesion.inference import resolve
 from skinlesion.serving import server
 
 
@@ -27,7 +27,7 @@ def test_a_port_in_use_fails_before_the_model_loads(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(packaged, "resolve_model", _never_load)
+    monkeypatch.setattr(resolve, "resolve_model", _never_load)
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
@@ -60,7 +60,7 @@ def test_a_port_in_use_fails_before_torch_is_imported() -> None:
 def test_an_address_not_on_this_machine_names_host_and_port(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(packaged, "resolve_model", _never_load)
+    monkeypatch.setattr(resolve, "resolve_model", _never_load)
     # 192.0.2.0/24 is reserved for documentation: never an address of this machine.
     with pytest.raises(AddressError, match="cannot listen on 192.0.2.1:8123"):
         server.serve(None, "192.0.2.1", 8123)
@@ -72,7 +72,7 @@ def test_uvicorn_serves_on_the_socket_bound_before_loading(
     import uvicorn
 
     seen: dict[str, object] = {}
-    load = packaged.resolve_model
+    load = resolve.resolve_model
 
     def load_after_bind(model, runtime, backend):  # type: ignore[no-untyped-def]
         # The port is held while the model loads: another bind to it fails.
@@ -87,7 +87,7 @@ def test_uvicorn_serves_on_the_socket_bound_before_loading(
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         seen["port"] = free.getsockname()[1]
-    monkeypatch.setattr(packaged, "resolve_model", load_after_bind)
+    monkeypatch.setattr(resolve, "resolve_model", load_after_bind)
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     with caplog.at_level(logging.INFO):
         server.serve(None, "127.0.0.1", seen["port"], device="cpu", backend="torch")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.nondermoscopy import write_nondermoscopy
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.resolve import resolve_model
 from skinlesion.serving.app import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -16,7 +16,7 @@ from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.tabular import fit_metadata_spec, missing_vector
-from skinlesion.inference.packaged import resolve_model
+from skinlesion.inference.resolve import resolve_model
 from skinlesion.models.checkpoint import checkpoint_metadata, load_checkpoint
 from skinlesion.training.package import package_run
 from skinlesion.training.probe import probe_set

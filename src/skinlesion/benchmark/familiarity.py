@@ -119,10 +119,12 @@ def bench_familiarity(
     from skinlesion.core.errors import CheckpointError
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.data.nondermoscopy import nondermoscopy_images
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_torch_model
 
     runtime = resolve_runtime(device)
-    loaded = resolve_model(None if model in (None, "default") else model, runtime, "torch")
+    loaded = resolve_torch_model(
+        None if model in (None, "default") else model, runtime, "benchmark familiarity"
+    )
     if not loaded.has_familiarity:
         raise CheckpointError(f"{loaded.source}: no familiarity; run `skinlesion fit-familiarity`")
     held, what = heldout_images(loaded, _table_of(loaded, Path(data), folds_file), max_heldout)

@@ -47,14 +47,16 @@ def bench_model_predict(
 
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.data.preprocess import size_label
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_torch_model
 
     if not batch_sizes or min(batch_sizes) < 1 or steps < 1 or warmup < 0:
         raise ConfigError(
             f"need batch sizes >= 1, steps >= 1, warmup >= 0; got {batch_sizes}, {steps}, {warmup}"
         )
     runtime = resolve_runtime(device)
-    loaded = resolve_model(None if model in (None, "default") else model, runtime, "torch")
+    loaded = resolve_torch_model(
+        None if model in (None, "default") else model, runtime, "benchmark predict"
+    )
     views = loaded.tta if tta is None else tta
     spec = loaded.members[0].spec
     h, w = spec.hw

@@ -38,8 +38,8 @@ def _time_backend(
     model: str | None, images: list[Path], backend: str, batch_size: int, workers: int | None
 ) -> dict[str, Any]:
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.packaged import resolve_model
     from skinlesion.inference.predict import DECODE_WORKERS_ENV, decode_workers
+    from skinlesion.inference.resolve import resolve_model
 
     before = os.environ.get(DECODE_WORKERS_ENV)
     if workers is not None:
@@ -81,7 +81,7 @@ def bench_predict_e2e(
     from skinlesion.benchmark.serving import _ham10000_files
     from skinlesion.benchmark.workload import hardware_info
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_model
 
     if n_images < 1:
         raise ConfigError(f"--images must be at least 1, got {n_images}")

@@ -159,7 +159,7 @@ def _time_backends(
     min_seconds: float,
 ) -> list[dict[str, Any]]:
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.onnx_export import OnnxModel
+    from skinlesion.inference.onnx_model import OnnxModel
     from skinlesion.inference.predict import ensemble_probs
 
     runtime = resolve_runtime("cpu")
@@ -218,9 +218,9 @@ def bench_onnx(
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.data.preprocess import prepare_with_spec
     from skinlesion.inference.onnx_export import export_onnx
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_torch_model
 
-    loaded = resolve_model(model, resolve_runtime("cpu"), "torch")
+    loaded = resolve_torch_model(model, resolve_runtime("cpu"), "benchmark onnx")
     spec = loaded.members[0].spec
     files = _ham10000_files(data, 32)
     if files:

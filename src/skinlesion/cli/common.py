@@ -80,18 +80,14 @@ def int_at_least(low: int, high: int | None = None) -> Any:
 
 
 MODEL_HELP = (
-    "packaged model name (see `skinlesion models`), packaged folder, run folder (fold ensemble) "
-    "or checkpoint; default: the default packaged model"
+    "packaged model name (see `skinlesion models`), packaged folder, run folder (fold ensemble), "
+    "checkpoint, or `skinlesion export` folder (its ONNX graph; explain and export: the model it "
+    "was exported from); default: the default packaged model"
 )
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="packaged model name (see `skinlesion models`), packaged folder, run folder (fold "
-        "ensemble) or checkpoint; default: the default packaged model",
-    )
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument(
         "--tta",
         type=int_at_least(1, 8),

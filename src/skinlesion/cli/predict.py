@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skinlesion.cli.common import (
     MODEL_HELP,
@@ -18,34 +18,33 @@ from skinlesion.cli.common import (
     key_value,
 )
 
+if TYPE_CHECKING:
+    from skinlesion.inference.resolve import Predictor
+
 log = logging.getLogger("skinlesion")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from skinlesion.core.runtime import resolve_runtime
     from skinlesion.data.preprocess import image_files
+    from skinlesion.inference.resolve import resolve_model
 
     if args.output:
         from skinlesion.core.paths import check_writable_file
 
         check_writable_file(args.output, "--output")
     images = image_files(args.images)
-    if _is_export_folder(args.model):
-        df = _predict_onnx(args, images)
-    else:
-        from skinlesion.core.runtime import resolve_runtime
-        from skinlesion.inference.packaged import resolve_model
-
-        # The metadata file is checked before the model loads: its faults show in seconds.
-        table = _read_predict_metadata(args.metadata, images)
-        runtime = resolve_runtime(args.device)
-        loaded = resolve_model(args.model, runtime, args.backend, args.tta, args.detail)
-        df = loaded.predict(
-            images,
-            tta=args.tta,
-            metadata=_predict_metadata(table, loaded, args.metadata),
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
+    # The metadata file is checked before the model loads: its faults show in seconds.
+    table = _read_predict_metadata(args.metadata, images)
+    runtime = resolve_runtime(args.device)
+    loaded = resolve_model(args.model, runtime, args.backend, args.tta, args.detail)
+    df = loaded.predict(
+        images,
+        tta=args.tta,
+        metadata=_predict_metadata(table, loaded, args.metadata),
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     errors = [e for e in df["error"] if e]
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -68,42 +67,28 @@ def _read_predict_metadata(metadata: str | None, images: list[str]) -> Any:
     return read_metadata_csv(metadata, images)
 
 
-def _predict_metadata(table: Any, loaded: Any, source: str | None) -> Any:
+def _predict_metadata(table: Any, loaded: Predictor, source: str | None) -> Any:
     """``table`` for a model fused with metadata (values it never saw in training logged);
-    ``None`` for an image-only model."""
+    ``None`` for an image-only model. An export folder refuses it: its graph may come from a
+    fused model, and dropping what was asked for would go unseen."""
+    from skinlesion.inference.onnx_model import OnnxModel
+
     if table is None:
         if loaded.uses_metadata:
             log.info("no --metadata: predicting from the images alone")
         return None
+    if isinstance(loaded, OnnxModel):
+        from skinlesion.core.errors import ConfigError
+
+        raise ConfigError(
+            f"--metadata: {loaded.source} is an ONNX export, whose graph takes images only; "
+            f"pass --model with the model it was exported from ({loaded.name})"
+        )
     if not loaded.uses_metadata:
         log.warning("--metadata ignored: the model uses images only")
         return None
     loaded.unseen_metadata(table, source)
     return table
-
-
-def _is_export_folder(model: str | None) -> bool:
-    """Whether ``--model`` is a `skinlesion export` folder (run as it is by onnxruntime)."""
-    from skinlesion.inference.onnx_export import ONNX_FILE, SPEC_FILE
-
-    return (
-        model is not None
-        and (Path(model) / SPEC_FILE).is_file()
-        and (Path(model) / ONNX_FILE).is_file()
-    )
-
-
-def _predict_onnx(args: argparse.Namespace, images: list[str]) -> Any:
-    from skinlesion.core.errors import ConfigError
-    from skinlesion.inference.onnx_export import OnnxModel
-
-    if args.backend == "torch":
-        raise ConfigError(f"--backend torch: {args.model} is an ONNX export; pass the model")
-    if args.tta is not None:
-        raise ConfigError("--tta is fixed inside an exported graph; export again with --tta")
-    if args.metadata is not None:
-        raise ConfigError("--metadata: an exported ONNX graph takes images only")
-    return OnnxModel(args.model).predict(images, batch_size=args.batch_size)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -122,7 +107,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         where=where,
         progress=not args.no_progress,
-        use_metadata=not args.no_metadata,
+        use_metadata=False if args.no_metadata else None,
         backend=args.backend,
         detail=args.detail,
     )
@@ -165,11 +150,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from skinlesion.core.paths import check_writable_dir
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.explain import explain_to_dir
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_torch_model
 
     check_writable_dir(args.output, "--output")
     runtime = resolve_runtime(args.device)
-    members = resolve_model(args.model, runtime).members
+    # Grad-CAM needs the PyTorch weights: an export folder gives the model it came from.
+    members = resolve_torch_model(args.model, runtime, needs="explain").members
     rows, errors = explain_to_dir(args.images, members, runtime, Path(args.output), tta=args.tta)
     for r in rows:
         print(f"{r['image']}: {r['class_explained']} (p={r['probability']:.3f}) -> {r['overlay']}")
@@ -183,11 +169,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from skinlesion.core.paths import check_writable_dir
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.onnx_export import export_onnx
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_torch_model
 
     check_writable_dir(args.output, "--output")
     if not args.int8:
-        model = resolve_model(args.model, resolve_runtime("cpu"), backend="torch")
+        model = resolve_torch_model(args.model, resolve_runtime("cpu"), needs="export")
         path = export_onnx(model, args.output, tta=args.tta)
         print(f"exported {model.name} ({len(model.members)} member(s)) to {path}")
         return 0
@@ -200,13 +186,13 @@ def _export_int8(args: argparse.Namespace) -> int:
     from skinlesion.core.errors import ConfigError
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.backend import cached_graph
-    from skinlesion.inference.packaged import resolve_model
     from skinlesion.inference.quantize import calibration_images
+    from skinlesion.inference.resolve import resolve_torch_model
 
     if args.calibration_images is None:
         raise ConfigError("--int8 needs --calibration-images DIR (training images of the model)")
     images = calibration_images(args.calibration_images, args.calibration_count)
-    model = resolve_model(args.model, resolve_runtime("cpu"), backend="torch")
+    model = resolve_torch_model(args.model, resolve_runtime("cpu"), needs="export")
     folder = cached_graph(model, args.tta, calibration=images)
     shutil.copytree(folder, args.output, dirs_exist_ok=True)
     print(

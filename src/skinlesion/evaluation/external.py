@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from skinlesion.core.errors import DataError
+from skinlesion.core.errors import ConfigError, DataError
 from skinlesion.core.labels import CLASSES, class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
@@ -48,8 +48,9 @@ from skinlesion.evaluation.prediction_files import (
 )
 from skinlesion.evaluation.refer_figures import plot_risk_coverage, refer_figures, risk_coverage
 from skinlesion.evaluation.report import confidence_indicators, render_markdown, write_plots
-from skinlesion.inference.packaged import LoadedModel, resolve_model
+from skinlesion.inference.onnx_model import OnnxModel
 from skinlesion.inference.refer import refer_rules
+from skinlesion.inference.resolve import Predictor, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,28 @@ def _write_predictions(
 
 
 def _metadata(
-    labels: pd.DataFrame, fused: bool, use: bool, source: str
+    labels: pd.DataFrame, loaded: Predictor, use: bool | None, source: str
 ) -> tuple[pd.DataFrame | None, list[str] | str]:
     """The labels' metadata columns for a fused model, and what the report says was used.
 
     A labels file may hold any other column (``split``, a hospital), so an unknown one is not an
     error as in a metadata table; one that looks like a field the file lacks (``site``,
     ``Age``) is named in a warning. An age that is not one is a :class:`DataError` naming the
-    file, line and image."""
-    if not fused:
+    file, line and image. An export folder's graph takes images only: the labels' columns are
+    left out, said in the log, and ``use=True`` (metadata asked for) is a :class:`ConfigError`."""
+    if isinstance(loaded, OnnxModel):
+        if use:
+            raise ConfigError(
+                f"use_metadata=True: {loaded.source} is an ONNX export, whose graph takes images "
+                f"only; evaluate the model it was exported from ({loaded.name}) for metadata"
+            )
+        present = [f for f in METADATA_FIELDS if f in labels.columns] if use is None else []
+        if present:
+            log.info("%s: columns %s not used: an ONNX graph takes images only", source, present)
+        return None, "not used: the ONNX graph takes images only"
+    if not loaded.uses_metadata:
         return None, "not used: the model takes images only"
+    use = use is not False
     fields = [f for f in METADATA_FIELDS if f in labels.columns] if use else []
     for column in labels.columns if use else []:
         field = metadata_lookalike(str(column)) if column not in METADATA_FIELDS else None
@@ -153,7 +166,7 @@ def _metadata(
 
 
 def _refer_results(
-    y: np.ndarray, p: np.ndarray, unfamiliarity: np.ndarray | None, loaded: LoadedModel
+    y: np.ndarray, p: np.ndarray, unfamiliarity: np.ndarray | None, loaded: Predictor
 ) -> dict[str, Any]:
     """Accuracy on the accepted images against the share referred (at the model's own rules
     too), the share referred by reason, and the unfamiliarity's AUROC against training."""
@@ -188,26 +201,25 @@ def evaluate_external(
     n_boot: int = 1000,
     where: dict[str, str] | None = None,
     progress: bool = True,
-    use_metadata: bool = True,
+    use_metadata: bool | None = None,
     backend: str = "auto",
     detail: str | None = None,
 ) -> dict[str, Any]:
-    """Predict a labelled set; write ``predictions.csv``, ``metrics.json``, plots, report.
-
-    A model fused with patient metadata takes it from the labels file's ``age``, ``sex`` and
-    ``localization`` columns (those present); ``use_metadata=False`` gives it images only.
-    ``backend``: see :mod:`skinlesion.inference.backend`; ``detail``: see
-    :func:`~skinlesion.inference.packaged.set_detail`.
-    """
+    """Predict a labelled set with any model :func:`resolve_model` takes; write
+    ``predictions.csv``, ``metrics.json``, plots, report. A fused model takes metadata from the
+    labels' ``age``, ``sex``, ``localization`` columns (those present); ``use_metadata=False``
+    gives it images only, ``True`` refuses a model that cannot take any (an export folder).
+    ``backend``: see :mod:`skinlesion.inference.backend`; ``detail``:
+    :func:`~skinlesion.inference.resolve.set_detail`."""
     output = Path(output)
     check_writable_dir(output, "--output")
     mapping = read_label_map(Path(label_map)) if label_map else None
     runtime = resolve_runtime(device)
     loaded = resolve_model(model, runtime, backend, tta, detail)
-    classes = loaded.members[0].spec.class_names
+    classes = loaded.class_names
     labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
     tta = loaded.tta if tta is None else tta
-    metadata, used = _metadata(labels, loaded.uses_metadata, use_metadata, str(labels_csv))
+    metadata, used = _metadata(labels, loaded, use_metadata, str(labels_csv))
     unseen = loaded.unseen_metadata(metadata, str(labels_csv)) if metadata is not None else {}
     out = loaded.predictions(labels["path"].tolist(), tta, batch_size, progress, metadata)
     if out.errors:
@@ -238,9 +250,9 @@ def evaluate_external(
     return result
 
 
-def _detail_label(loaded: Any) -> str:
-    """What larger images were reduced to: the members' detail, or "as they came"."""
-    detail = loaded.members[0].spec.detail
+def _detail_label(loaded: Predictor) -> str:
+    """What larger images were reduced to: the model's detail, or "as they came"."""
+    detail = loaded.specs[0].detail
     return detail.label() if detail is not None else "none (images as they came)"
 
 

@@ -1,7 +1,7 @@
 """Which engine runs a model's forward pass: eager PyTorch, or its exported ONNX graph on
 onnxruntime (fp32, or int8 from ``skinlesion export --int8``).
 
-``auto`` (the default of ``predict``, ``evaluate``, ``serve`` and :func:`resolve_model`) is
+``auto`` (the default of ``predict``, ``evaluate``, ``serve`` and ``resolve_model``) is
 ``onnx`` on a CPU device and ``torch`` on CUDA. The graph is exported once per model into the
 user cache (``$SKINLESION_CACHE/onnx/KEY``), keyed by the SHA-256 of the weights files (with the
 familiarity and ``model.json`` beside them), the TTA views, the opset and the versions of
@@ -35,14 +35,8 @@ from skinlesion.core.errors import ConfigError
 from skinlesion.core.paths import user_cache_dir
 from skinlesion.core.runtime import Runtime
 from skinlesion.inference.familiarity import FAMILIARITY_FILE
-from skinlesion.inference.onnx_export import (
-    ONNX_FILE,
-    OPSET,
-    SPEC_FILE,
-    Exportable,
-    OnnxModel,
-    export_onnx,
-)
+from skinlesion.inference.onnx_export import OPSET, Exportable, export_onnx
+from skinlesion.inference.onnx_model import ONNX_FILE, SPEC_FILE, OnnxModel
 from skinlesion.inference.packaged_meta import MODEL_FILE, sha256_file
 from skinlesion.inference.predict import Member
 from skinlesion.inference.quantize import QUANTIZATION_ID, calibration_id, quantize_export

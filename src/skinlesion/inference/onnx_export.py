@@ -1,4 +1,4 @@
-"""ONNX export of a fold ensemble as one graph, and prediction with onnxruntime.
+"""ONNX export of a fold ensemble as one graph.
 
 The graph takes prepared uint8 images ``images`` (N, S, S, 3) (decoded, colour-constancy applied
 if the spec says so, resized: :func:`prepare_with_spec`) and returns ``probabilities`` (N, C): for
@@ -12,15 +12,13 @@ graph as in :func:`~skinlesion.inference.predict.ensemble_outputs`: the stage st
 identity view (captured by the same forward hooks, which run while the graph is traced), each
 member's Mahalanobis score over its threshold, the mean over members.
 
-Folder written by :func:`export_onnx`::
-
-    model.onnx   the graph
-    spec.json    preprocessing spec, class names, TTA views, members, reference, input/output
-    card.json    the model card, when the model has one
+:func:`export_onnx` writes the folder that :mod:`skinlesion.inference.onnx_model` describes,
+reads and runs: ``model.onnx``, ``spec.json`` (with the model it was exported from and its
+members' weights hashes) and ``card.json``.
 
 Example::
 
-    export_onnx(resolve_model("runs/quick"), "out/onnx")
+    export_onnx(resolve_torch_model("runs/quick"), "out/onnx")
     probs, errors = OnnxModel("out/onnx").predict_proba(["lesion.jpg"])
 """
 
@@ -35,31 +33,33 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
+from skinlesion.core.errors import CheckpointError
 from skinlesion.core.paths import check_writable_dir
-from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec, size_hw
+from skinlesion.data.preprocess import PreprocessSpec, size_hw
 from skinlesion.inference.familiarity import FamiliarityScorer, StageCapture
+from skinlesion.inference.onnx_model import (
+    CARD_FILE,
+    ONNX_FILE,
+    ONNX_FORMAT,
+    SPEC_FILE,
+    UNFAMILIARITY,
+)
+from skinlesion.inference.packaged_meta import sha256_file
 from skinlesion.inference.predict import Member
-from skinlesion.inference.table import Decisions, predictions_table
-from skinlesion.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-ONNX_FORMAT = "skinlesion-onnx"
-ONNX_FILE = "model.onnx"
-SPEC_FILE = "spec.json"
 OPSET = 17
-UNFAMILIARITY = "unfamiliarity"
 
 
 class Exportable(Protocol):
     """What :func:`export_onnx` reads of a loaded model (``LoadedModel`` has it)."""
 
     name: str
+    source: Path
     members: list[Member]
     reference: dict[str, Any] | None
     card: dict[str, Any] | None
@@ -179,7 +179,7 @@ def export_onnx(model: Exportable, output: str | Path, tta: int | None = None) -
         spec_json["outputs"] = [spec_json["output"], _unfamiliarity_output(len(graph.scored))]
     (output / SPEC_FILE).write_text(json.dumps(spec_json, indent=2))
     if model.card:
-        (output / "card.json").write_text(json.dumps(model.card, indent=2))
+        (output / CARD_FILE).write_text(json.dumps(model.card, indent=2))
     log.info("exported %s to %s", model.name, path)
     return path
 
@@ -192,7 +192,8 @@ def _spec_json(model: Exportable, spec: PreprocessSpec, tta: int) -> dict[str, A
         "preprocessing": spec.to_dict(),
         "class_names": list(spec.class_names),
         "tta": tta,
-        "members": [{"fold": m.fold, "temperature": m.temperature} for m in model.members],
+        "source": str(Path(model.source).resolve()),
+        "members": member_records(model.members),
         "reference": model.reference,
         "input": {
             "name": "images",
@@ -209,38 +210,18 @@ def _spec_json(model: Exportable, spec: PreprocessSpec, tta: int) -> dict[str, A
     }
 
 
-def read_export_spec(path: Path) -> tuple[dict[str, Any], PreprocessSpec]:
-    """``spec.json`` of an export folder and its preprocessing spec; a damaged file is a
-    :class:`CheckpointError` naming it and what was expected."""
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
-        raise CheckpointError(f"{path}: not a skinlesion ONNX export (format {ONNX_FORMAT!r})")
-    try:
-        spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{path}: preprocessing is not a mapping with size, mean and std ({err!r})"
-        ) from err
-    names = meta.get("class_names")
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise CheckpointError(f"{path}: class_names is {names!r}, expected a list of names")
-    return meta, spec
-
-
-def _check_graph_io(session: Any, graph: Path, spec: PreprocessSpec) -> None:
-    """The graph takes ``images`` of the spec's size and gives ``probabilities``."""
-    inputs = {i.name: i.shape for i in session.get_inputs()}
-    outputs = [o.name for o in session.get_outputs()]
-    h, w = size_hw(spec.size)
-    shape = inputs.get("images")
-    if shape is None or "probabilities" not in outputs or list(shape[1:]) != [h, w, 3]:
-        raise CheckpointError(
-            f"{graph}: takes {inputs} and gives {outputs}; expected images [batch, {h}, {w}, 3] "
-            f"-> probabilities, as its {SPEC_FILE} says"
-        )
+def member_records(members: Sequence[Member]) -> list[dict[str, Any]]:
+    """Each member's fold, temperature and the SHA-256 of its weights file (``None`` for one
+    built in memory): what an export records of the model it came from, to find it again."""
+    hashes: dict[Path, str] = {}
+    for m in members:
+        path = Path(m.path)
+        if path.is_file() and path not in hashes:
+            hashes[path] = sha256_file(path)
+    return [
+        {"fold": m.fold, "temperature": m.temperature, "weights_sha256": hashes.get(Path(m.path))}
+        for m in members
+    ]
 
 
 def _unfamiliarity_output(members: int) -> dict[str, Any]:
@@ -252,111 +233,3 @@ def _unfamiliarity_output(members: int) -> dict[str, Any]:
         "view) divided by their held-out 99th-percentile threshold; above 1: unlike the "
         "training images (skinlesion.inference.familiarity)",
     }
-
-
-class OnnxModel:
-    """An exported graph run by onnxruntime on the CPU."""
-
-    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        folder = Path(folder)
-        self.folder = folder
-        spec_path = folder / SPEC_FILE
-        if not spec_path.is_file() or not (folder / ONNX_FILE).is_file():
-            raise CheckpointError(
-                f"{folder}: not an exported ONNX model (needs {ONNX_FILE} and {SPEC_FILE})"
-            )
-        self.meta, self.spec = read_export_spec(spec_path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        graph = folder / ONNX_FILE
-        try:
-            self.session = ort.InferenceSession(
-                str(graph), opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types per fault
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"{graph}: not a loadable ONNX graph, truncated or not written by `skinlesion "
-                f"export` ({first})"
-            ) from err
-        _check_graph_io(self.session, graph, self.spec)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.meta["class_names"])
-
-    @property
-    def tta(self) -> int:
-        """The TTA views inside the graph."""
-        return int(self.meta["tta"])
-
-    @property
-    def has_familiarity(self) -> bool:
-        """Whether the graph has the ``unfamiliarity`` output."""
-        return any(o.name == UNFAMILIARITY for o in self.session.get_outputs())
-
-    def run(self, images_u8: np.ndarray) -> np.ndarray:
-        """Probabilities (N, C) for prepared uint8 (N, S, S, 3) images."""
-        return self.session.run(["probabilities"], {"images": images_u8})[0]
-
-    def run_all(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities (N, C) and unfamiliarity (N,) (``None``: the graph has none)."""
-        if not self.has_familiarity:
-            return self.run(images_u8), None
-        probs, u = self.session.run(["probabilities", UNFAMILIARITY], {"images": images_u8})
-        return probs, u
-
-    def run_batched(
-        self, images_u8: np.ndarray, batch_size: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`run_all` over prepared images in batches of ``batch_size``."""
-        starts = range(0, len(images_u8), batch_size)
-        parts = [self.run_all(images_u8[i : i + batch_size]) for i in starts]
-        if not parts:
-            return np.zeros((0, len(self.class_names)), np.float32), None
-        probs = np.concatenate([p for p, _ in parts])
-        u = None if parts[0][1] is None else np.concatenate([u for _, u in parts])  # type: ignore[misc]
-        return probs, u
-
-    def decisions(self) -> Decisions:
-        """Class names, melanoma threshold and refer rules of the exported model's reference."""
-        return Decisions.of(self.class_names, self.meta.get("reference"), str(self.folder))
-
-    def predict(self, sources: Sequence[str | Path], batch_size: int = 32) -> pd.DataFrame:
-        """The predictions table (:mod:`skinlesion.inference.table`), as ``LoadedModel.predict``
-        writes it, from the graph's probabilities and unfamiliarity."""
-        probs, errors, u = self._predict(sources, batch_size)
-        names = [str(s) for s in sources]
-        return predictions_table(names, probs, errors, self.decisions(), u)
-
-    def predict_proba(
-        self, sources: Sequence[str | Path | bytes], batch_size: int = 32
-    ) -> tuple[np.ndarray, dict[int, str]]:
-        """Like :func:`predict_images`: NaN rows and ``{index: error}`` for bad images."""
-        probs, errors, _ = self._predict(sources, batch_size)
-        return probs, errors
-
-    def _predict(
-        self, sources: Sequence[str | Path | bytes], batch_size: int
-    ) -> tuple[np.ndarray, dict[int, str], np.ndarray | None]:
-        out = np.full((len(sources), len(self.class_names)), np.nan)
-        unfamiliar = np.full(len(sources), np.nan) if self.has_familiarity else None
-        errors: dict[int, str] = {}
-        ok, arrays = [], []
-        for i, s in enumerate(sources):
-            try:
-                arrays.append(prepare_with_spec(s, self.spec))
-                ok.append(i)
-            except ImageDecodeError as err:
-                errors[i] = str(err)
-        for start in range(0, len(ok), batch_size):
-            rows = ok[start : start + batch_size]
-            probs, u = self.run_all(np.stack(arrays[start : start + batch_size]))
-            out[rows] = probs
-            if unfamiliar is not None and u is not None:
-                unfamiliar[rows] = u
-        return out, errors, unfamiliar

@@ -1,6 +1,6 @@
-"""Trained models shipped inside the package (``skinlesion/zoo/NAME/``), and the one resolver that
-turns what a user names (nothing, a packaged name, a packaged folder, a run folder, a checkpoint)
-into a loaded fold ensemble with its out-of-fold reference.
+"""Trained models shipped inside the package (``skinlesion/zoo/NAME/``): listed, loaded; and
+:class:`LoadedModel`, a fold ensemble with its out-of-fold reference, however it was named
+(:func:`~skinlesion.inference.resolve.resolve_model` turns a name, folder or file into one).
 
 A packaged model is a folder::
 
@@ -14,7 +14,7 @@ A packaged model is a folder::
 
 Example::
 
-    model = resolve_model(None)          # the default packaged model
+    model = load_packaged(zoo_dir() / default_name())    # the default packaged model
     probs, errors = model.predict_proba(["lesion.jpg"])
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,16 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from skinlesion.core.errors import CheckpointError, ConfigError
-from skinlesion.core.run_folder import RunFolder
+from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import Runtime, resolve_runtime
-from skinlesion.data.preprocess import Detail, PreprocessSpec, size_from_plain, size_label
+from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
 from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
-from skinlesion.inference.backend import attach_backend, usable_graph
+from skinlesion.inference.backend import usable_graph
 from skinlesion.inference.familiarity import FAMILIARITY_FILE, Familiarity, load_familiarities
-from skinlesion.inference.onnx_export import OnnxModel
+from skinlesion.inference.onnx_model import OnnxModel
 from skinlesion.inference.packaged_meta import (
     MODEL_FILE,
     WEIGHTS_FILE,
@@ -49,23 +47,22 @@ from skinlesion.inference.packaged_meta import (
     sha256_file,
 )
 from skinlesion.inference.predict import (
+    ImageInput,
     Member,
     Predictions,
+    as_source,
     backbone_id,
     ensemble_outputs,
-    load_ensemble,
+    image_name,
     predict_images,
 )
 from skinlesion.inference.table import Decisions, predictions_table
-from skinlesion.models.checkpoint import FINAL_FOLD
-from skinlesion.models.factory import build_model, place_model
+from skinlesion.models.checkpoint import FINAL_FOLD, model_from_state
 
 log = logging.getLogger(__name__)
 
 CARD_FILE = "card.json"
 DEFAULT_FILE = "default.txt"
-
-ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 
 def zoo_dir() -> Path:
@@ -75,7 +72,8 @@ def zoo_dir() -> Path:
 
 @dataclass
 class LoadedModel:
-    """A fold ensemble ready to predict, with what it needs to be read honestly."""
+    """A fold ensemble ready to predict, with what it needs to be read honestly (a
+    :class:`~skinlesion.inference.resolve.Predictor`)."""
 
     name: str
     source: Path
@@ -99,6 +97,11 @@ class LoadedModel:
     @property
     def tta(self) -> int:
         return self.members[0].tta
+
+    @property
+    def specs(self) -> list[PreprocessSpec]:
+        """The members' preprocessing specs, each once."""
+        return list(dict.fromkeys(m.spec for m in self.members))
 
     @property
     def mel_threshold(self) -> float | None:
@@ -132,7 +135,7 @@ class LoadedModel:
     ) -> Predictions:
         """Probabilities, errors and unfamiliarity (``familiarity=True``) of each image, from
         the model's backend; ``metadata`` as for :meth:`predict_proba`."""
-        sources = [_as_source(x) for x in images]
+        sources = [as_source(x) for x in images]
         table = metadata_table(metadata, len(sources))
         tta = self.tta if tta is None else tta
 
@@ -249,22 +252,8 @@ class LoadedModel:
         An image that cannot be read gets its ``error`` and empty probabilities and decisions.
         ``metadata`` as for :meth:`predict_proba`."""
         out = self.predictions(images, tta, batch_size, progress, metadata)
-        names = [_name(x, i) for i, x in enumerate(images)]
+        names = [image_name(x, i) for i, x in enumerate(images)]
         return predictions_table(names, out.probs, out.errors, self.decisions(), out.unfamiliarity)
-
-
-def _as_source(x: ImageInput) -> str | Path | bytes | Image.Image:
-    if isinstance(x, np.ndarray):
-        if x.dtype != np.uint8 or x.ndim not in (2, 3):
-            raise TypeError(
-                f"an image array must be uint8 (H, W) or (H, W, 3), got {x.dtype} {x.shape}"
-            )
-        return Image.fromarray(x)
-    return x
-
-
-def _name(x: ImageInput, i: int) -> str:
-    return str(x) if isinstance(x, str | Path) else f"<image {i}>"
 
 
 def list_packaged(root: Path | None = None) -> list[dict[str, Any]]:
@@ -358,22 +347,16 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         fused = m.get("metadata")
         metadata = MetadataSpec.from_dict(fused["spec"]) if fused else None
-        model = build_model(
+        model = model_from_state(
+            state,
             meta["backbone"],
             len(spec.class_names),
-            False,
+            f"{folder / WEIGHTS_FILE} (member '{prefix}')",
+            runtime,
             metadata=metadata,
             metadata_hidden=int(fused["hidden"]) if fused else 0,
-            **meta.get("model_kwargs", {}),
+            model_kwargs=meta.get("model_kwargs", {}),
         )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{folder / WEIGHTS_FILE}: weights of member '{prefix}' do not fit "
-                f"{meta['backbone']} ({str(err).splitlines()[0]})"
-            ) from err
-        model = place_model(model.eval(), runtime)
         members.append(
             Member(
                 model=model,
@@ -394,84 +377,5 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
         reference=meta.get("reference"),
         card=_read_json(folder / CARD_FILE),
         version=str(meta.get("version", "")),
-        runtime=runtime,
-    )
-
-
-def run_reference(path: Path) -> dict[str, Any] | None:
-    """The out-of-fold figures of the run a run folder or a ``fold_K/best.pt`` belongs to."""
-    if path.is_dir():
-        run: RunFolder | None = RunFolder(path)
-    elif path.parent.name == "final":  # fit-final's model: the run's out-of-fold reference
-        run = RunFolder(path.parent.parent)
-    else:
-        run = RunFolder.of_checkpoint(path)
-    if run is None or not run.oof_metrics.is_file():
-        return None
-    return json.loads(run.oof_metrics.read_text())
-
-
-def resolve_model(
-    model: str | Path | None,
-    runtime: Runtime | None = None,
-    backend: str = "auto",
-    tta: int | None = None,
-    detail: str | None = None,
-) -> LoadedModel:
-    """``None``: the default packaged model; a packaged name; a packaged folder; a run folder or
-    a checkpoint file. ``backend`` (:mod:`skinlesion.inference.backend`): ``auto`` runs the
-    model's ONNX graph (exported once into the user cache, for ``tta`` views) on a CPU.
-    ``detail``: see :func:`set_detail`; ``None`` keeps the model's."""
-    runtime = runtime or resolve_runtime("auto")
-    loaded = _resolve(model, runtime)
-    if detail is not None:
-        set_detail(loaded, detail)
-    attach_backend(loaded, backend, tta)
-    return loaded
-
-
-DETAIL_SETTINGS = "model (its own), off, or SIDE[:JPEG_QUALITY] such as 200:75"
-
-
-def set_detail(loaded: LoadedModel, setting: str) -> None:
-    """Override the detail that the members reduce a larger input to (:class:`Detail`):
-    ``model`` keeps theirs, ``off`` takes inputs as they come, ``SIDE[:QUALITY]`` sets one."""
-    if setting == "model":
-        return
-    try:
-        detail = None if setting == "off" else Detail.parse(setting)
-    except ValueError as err:
-        raise ConfigError(f"--detail: {err}; expected {DETAIL_SETTINGS}") from None
-    for i, member in enumerate(loaded.members):
-        loaded.members[i] = replace(member, spec=replace(member.spec, detail=detail))
-
-
-def _resolve(model: str | Path | None, runtime: Runtime) -> LoadedModel:
-    root = zoo_dir()
-    if model is None:
-        name = default_name(root)
-        if name is None:
-            raise CheckpointError(
-                f"no default packaged model in {root}; pass --model RUN_DIR or a checkpoint"
-            )
-        return load_packaged(root / name, runtime)
-    text = str(model)
-    if (root / text / MODEL_FILE).is_file() and not Path(text).exists():
-        return load_packaged(root / text, runtime)
-    path = Path(text)
-    if (path / MODEL_FILE).is_file():
-        return load_packaged(path, runtime)
-    if not path.exists():
-        known = [r["name"] for r in list_packaged(root)]
-        raise CheckpointError(
-            f"{text}: no such packaged model, run folder or checkpoint "
-            f"(packaged models: {', '.join(known) or 'none'})"
-        )
-    members = load_ensemble(path, runtime)
-    return LoadedModel(
-        name=path.name,
-        source=path,
-        members=members,
-        reference=run_reference(path),
         runtime=runtime,
     )

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -159,7 +160,7 @@ def load_ensemble(path: str | Path, runtime: Runtime | None = None) -> list[Memb
     check_members(path, loaded)
     members = []
     for p, ckpt in loaded:
-        model, spec = model_from_checkpoint(ckpt, runtime)
+        model, spec = model_from_checkpoint(ckpt, runtime, p)
         tta = calibrated_views(ckpt)
         temperature = float(ckpt.get("temperature", 1.0))
         bid = backbone_id(model)
@@ -283,6 +284,25 @@ Outputs = Callable[
 ]
 
 
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+
+def as_source(x: ImageInput) -> str | Path | bytes | Image.Image:
+    """What the image loaders take: a uint8 array becomes a PIL image."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8 or x.ndim not in (2, 3):
+            raise TypeError(
+                f"an image array must be uint8 (H, W) or (H, W, 3), got {x.dtype} {x.shape}"
+            )
+        return Image.fromarray(x)
+    return x
+
+
+def image_name(x: ImageInput, i: int) -> str:
+    """The predictions table's ``image``: the path as given, ``<image i>`` for one in memory."""
+    return str(x) if isinstance(x, str | Path) else f"<image {i}>"
+
+
 @dataclass
 class Predictions:
     """What :func:`predict_images` returns."""
@@ -307,33 +327,52 @@ def predict_images(
 
     ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``). ``metadata``:
     a row per source with any of ``age``, ``sex``, ``localization`` (missing values allowed),
-    used by models fused with metadata; ``None``: no metadata for any image. One bad file never
-    costs the predictions of the others. ``outputs`` replaces :func:`ensemble_outputs` on each
-    chunk of prepared images (another backend, e.g. an ONNX graph). Images are decoded and
-    prepared by a thread pool (PIL releases the GIL while it decodes and resizes).
+    used by models fused with metadata; ``None``: no metadata for any image. ``outputs``
+    replaces :func:`ensemble_outputs` on each chunk of prepared images (another backend, e.g. an
+    ONNX graph). See :func:`predict_prepared`.
     """
     if not members:
         raise ValueError("no models to predict with")
     tta = members[0].tta if tta is None else tta
-    n_classes = len(members[0].spec.class_names)
-    out = np.full((len(sources), n_classes), np.nan)
     scored = familiarity and any(m.familiarity is not None for m in members)
-    unfamiliar = np.full(len(sources), np.nan) if scored else None
-    errors: dict[int, str] = {}
-    specs = list(dict.fromkeys(m.spec for m in members))
-    chunk = max(batch_size * 4, 64)
 
     def run(stacked: dict[PreprocessSpec, np.ndarray], meta: pd.DataFrame | None) -> Any:
         return ensemble_outputs(members, stacked, runtime, tta, batch_size, meta, scored)
 
+    specs = list(dict.fromkeys(m.spec for m in members))
+    n_classes = len(members[0].spec.class_names)
+    return predict_prepared(
+        sources, specs, n_classes, outputs or run, scored, batch_size, progress, metadata
+    )
+
+
+def predict_prepared(
+    sources: Sequence[str | Path | bytes],
+    specs: Sequence[PreprocessSpec],
+    n_classes: int,
+    outputs: Outputs,
+    scored: bool,
+    batch_size: int = 32,
+    progress: bool = True,
+    metadata: pd.DataFrame | None = None,
+) -> Predictions:
+    """Each source prepared for each of ``specs`` and given, a chunk at a time, to ``outputs``
+    (the engine: probabilities (N, ``n_classes``) and, when ``scored``, unfamiliarity), with
+    its rows of ``metadata``. One bad file never costs the predictions of the others. Images
+    are decoded and prepared by a thread pool (PIL releases the GIL while it decodes and
+    resizes)."""
+    out = np.full((len(sources), n_classes), np.nan)
+    unfamiliar = np.full(len(sources), np.nan) if scored else None
+    errors: dict[int, str] = {}
+    chunk = max(batch_size * 4, 64)
     bar = tqdm(total=len(sources), desc="predict", disable=not progress)
     with ThreadPoolExecutor(decode_workers()) as pool:
         for start in range(0, len(sources), chunk):
             idx = list(range(start, min(start + chunk, len(sources))))
-            stacked, ok = _prepare_chunk(sources, idx, specs, errors, pool)
+            stacked, ok = _prepare_chunk(sources, idx, list(specs), errors, pool)
             if ok:
                 meta = None if metadata is None else metadata.iloc[ok].reset_index(drop=True)
-                probs, u = (outputs or run)(stacked, meta)
+                probs, u = outputs(stacked, meta)
                 out[ok] = probs
                 if unfamiliar is not None and u is not None:
                     unfamiliar[ok] = u

@@ -31,7 +31,7 @@ from skinlesion.data.preprocess import (
     PreprocessSpec,
     prepare_with_spec,
 )
-from skinlesion.inference.onnx_export import ONNX_FILE, SPEC_FILE, read_export_spec
+from skinlesion.inference.onnx_model import ONNX_FILE, SPEC_FILE, read_export_spec
 
 log = logging.getLogger(__name__)
 

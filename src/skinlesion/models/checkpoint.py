@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ REQUIRED_KEYS = (
     "fold",
     "epoch",
 )
+_KEYS_NAMED = 3  # keys a mismatch names of each kind
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -138,23 +140,83 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def state_mismatch(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """How a state dict ``given`` does not fit a network whose own is ``own``, in one line naming
+    the first few keys of each kind (missing, unexpected, another shape); empty when it fits."""
+
+    def first(keys: list[str]) -> str:
+        more = f" and {len(keys) - _KEYS_NAMED} more" if len(keys) > _KEYS_NAMED else ""
+        return ", ".join(keys[:_KEYS_NAMED]) + more
+
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shapes = [
+        f"{k} {list(given[k].shape)} for {list(own[k].shape)}"
+        for k in own
+        if k in given and tuple(given[k].shape) != tuple(own[k].shape)
+    ]
+    parts = [
+        f"{what} {first(keys)}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if keys
+    ]
+    return "; ".join(parts)
+
+
+def model_from_state(
+    state: Mapping[str, torch.Tensor],
+    backbone: str,
+    num_classes: int,
+    source: str | Path,
+    runtime: Runtime | None = None,
+    metadata: MetadataSpec | None = None,
+    metadata_hidden: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
+    """The network ``backbone`` (fused with ``metadata`` when given) with ``state`` loaded
+    strictly, in eval mode, placed on the runtime's device (the CPU without one): the one builder
+    of every saved model (checkpoints, run folders, packaged models).
+
+    A state dict that does not fit (missing or unexpected keys, another shape) is a
+    :class:`CheckpointError` in one line naming ``source`` and the first keys that differ.
+    """
+    from skinlesion.models.factory import build_model, place_model
+
+    model = build_model(
+        backbone,
+        num_classes,
+        False,
+        metadata=metadata,
+        metadata_hidden=metadata_hidden,
+        **dict(model_kwargs or {}),
+    )
+    why = state_mismatch(model.state_dict(), state)
+    try:
+        if not why:
+            model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # what the key and shape checks above do not foresee
+        why = str(err).strip().splitlines()[0]
+    if why:
+        raise CheckpointError(f"{source}: weights do not fit {backbone} ({why})")
+    return place_model(
+        model.eval(), runtime or Runtime(torch.device("cpu"), None, channels_last=False)
+    )
+
+
 def model_from_checkpoint(
-    ckpt: dict[str, Any], runtime: Runtime | None = None
+    ckpt: dict[str, Any], runtime: Runtime | None = None, source: str | Path = "checkpoint"
 ) -> tuple[torch.nn.Module, PreprocessSpec]:
     """Rebuild the model (eval mode, placed on the runtime's device; CPU without one) and its
-    preprocessing spec from a loaded checkpoint."""
-    from skinlesion.models.factory import build_placed_model
-
-    runtime = runtime or Runtime(torch.device("cpu"), None, channels_last=False)
+    preprocessing spec from a loaded checkpoint; ``source`` (its file) names it in an error."""
     meta = ckpt.get("metadata")
-    model = build_placed_model(
-        runtime,
+    model = model_from_state(
+        ckpt["state_dict"],
         ckpt["backbone"],
         ckpt["num_classes"],
+        source,
+        runtime,
         metadata=checkpoint_metadata(ckpt),
         metadata_hidden=int(meta["hidden"]) if meta else 0,
-        **ckpt.get("model_kwargs", {}),
+        model_kwargs=ckpt.get("model_kwargs", {}),
     )
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    model.eval()
     return model, PreprocessSpec.from_dict(ckpt["preprocessing"])

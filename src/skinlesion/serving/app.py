@@ -1,8 +1,10 @@
 """The HTTP service: one loaded model behind ``POST /predict``, with the web page at ``/``.
 
 Every answer's probabilities are those of ``skinlesion predict`` for the same image: the upload is
-prepared by the same function, and a micro-batcher feeds the same ``ensemble_outputs`` (the
-probabilities and the unfamiliarity of one forward pass). Errors are
+prepared by the same function, and a micro-batcher feeds the model's same ``outputs`` (the
+probabilities and the unfamiliarity of one forward pass), whatever the model is (a
+:class:`~skinlesion.inference.resolve.Predictor`: a fold ensemble, or an export folder's graph,
+which has no Grad-CAM: ``?explain=true`` then answers ``explanation: null`` and why). Errors are
 JSON ``{"error": message, "status": code}``; a request can only send image bytes, never a path.
 Optional form fields ``age``, ``sex`` and ``localization`` reach a model fused with patient
 metadata (each may be left out); an image-only model ignores them and says so.
@@ -20,6 +22,7 @@ import base64
 import io
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
@@ -38,6 +41,7 @@ from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
 from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem, normalise_category
 from skinlesion.inference.explain import MODEL_LOCK, explain_sources
 from skinlesion.inference.packaged import LoadedModel
+from skinlesion.inference.resolve import Predictor
 from skinlesion.inference.table import Decisions, prediction_rows
 from skinlesion.serving.batcher import MicroBatcher
 from skinlesion.serving.settings import ServeSettings
@@ -49,6 +53,10 @@ log = logging.getLogger(__name__)
 _MULTIPART_SLACK = 64 * 1024
 # The micro-batcher's key for an item's raw metadata (age, sex, localization; None = missing).
 METADATA_KEY = "metadata"
+NO_GRAD_CAM = (
+    "Grad-CAM needs the PyTorch weights, which an ONNX export does not hold; serve the model "
+    "it was exported from for overlays"
+)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -56,7 +64,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def describe(
-    model: LoadedModel,
+    model: Predictor,
     probs: np.ndarray,
     image: str,
     decisions: Decisions,
@@ -83,7 +91,7 @@ def describe(
     return answer
 
 
-def metadata_used(model: LoadedModel, given: dict[str, Any]) -> dict[str, Any] | None:
+def metadata_used(model: Predictor, given: dict[str, Any]) -> dict[str, Any] | None:
     """The form fields a fused model got (``None`` for an image-only model); a value it never
     saw in training is reported as such (it encodes as ``unknown``)."""
     if not model.uses_metadata:
@@ -101,13 +109,12 @@ def _png_base64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _prepare(model: LoadedModel, data: bytes, limits: UploadLimits) -> dict[Any, np.ndarray]:
+def _prepare(model: Predictor, data: bytes, limits: UploadLimits) -> dict[Any, np.ndarray]:
     check_upload(data, limits)
-    specs = list(dict.fromkeys(m.spec for m in model.members))
-    return {s: prepare_with_spec(data, s) for s in specs}
+    return {s: prepare_with_spec(data, s) for s in model.specs}
 
 
-def _batch_fn(model: LoadedModel, runtime: Any, max_batch: int) -> Any:
+def _batch_fn(model: Predictor, max_batch: int) -> Any:
     """The micro-batcher's function: stacked images (and raw metadata rows) -> one
     ``(probabilities, unfamiliarity or None)`` per image."""
 
@@ -122,7 +129,7 @@ def _batch_fn(model: LoadedModel, runtime: Any, max_batch: int) -> Any:
     return run
 
 
-def _metadata_row(model: LoadedModel, values: dict[str, Any]) -> np.ndarray | None:
+def _metadata_row(model: Predictor, values: dict[str, Any]) -> np.ndarray | None:
     """One item's raw metadata for a fused model (every item of a batch has the key, so they
     stack); ``None`` for an image-only model."""
     if not model.uses_metadata:
@@ -134,7 +141,7 @@ def _static(name: str) -> str:
     return (resources.files("skinlesion.serving") / "static" / name).read_text("utf-8")
 
 
-def _card_summary(model: LoadedModel) -> dict[str, Any]:
+def _card_summary(model: Predictor) -> dict[str, Any]:
     card = model.card or {}
     return {
         "name": model.name,
@@ -151,7 +158,7 @@ def _card_summary(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _new_app(model: LoadedModel, batcher: MicroBatcher) -> FastAPI:
+def _new_app(model: Predictor, batcher: MicroBatcher) -> FastAPI:
     """The bare app, whose lifespan starts and stops the micro-batcher."""
 
     @asynccontextmanager
@@ -169,7 +176,7 @@ def _new_app(model: LoadedModel, batcher: MicroBatcher) -> FastAPI:
     )
 
 
-def _add_info_routes(app: FastAPI, model: LoadedModel, batcher: MicroBatcher) -> None:
+def _add_info_routes(app: FastAPI, model: Predictor, batcher: MicroBatcher) -> None:
     """The web page (and its icon), ``/health`` (with the batches served) and ``/model`` (the
     card)."""
     started = time.time()
@@ -199,13 +206,31 @@ def _add_info_routes(app: FastAPI, model: LoadedModel, batcher: MicroBatcher) ->
         return _card_summary(model)
 
 
-def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> FastAPI:
+def _explainer(model: Predictor) -> Callable[[bytes], dict[str, Any]] | None:
+    """One upload -> its ``explanation`` (Grad-CAM overlay, base64 PNG); ``None`` for a model
+    without PyTorch weights (an export folder), logged once."""
+    if not isinstance(model, LoadedModel):
+        log.info("%s: ?explain=true answers no overlay: %s", model.source, NO_GRAD_CAM)
+        return None
+    runtime = model.runtime or resolve_runtime("auto")
+
+    def explain(data: bytes) -> dict[str, Any]:
+        (ex,) = explain_sources([data], model.members, runtime, model.tta)
+        return {
+            "class_explained": ex.class_name,
+            "method": "Grad-CAM, last convolutional stage, mean over fold models",
+            "overlay_png_base64": _png_base64(ex.overlay),
+        }
+
+    return explain
+
+
+def create_app(model: Predictor, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` (loaded once, shared by every request)."""
     settings = settings or ServeSettings()
-    runtime = model.runtime or resolve_runtime("auto")
-    members, tta = model.members, model.tta
+    explainer = _explainer(model)
     batcher = MicroBatcher(
-        _batch_fn(model, runtime, settings.max_batch),
+        _batch_fn(model, settings.max_batch),
         settings.max_batch,
         settings.max_wait_ms,
         lock=MODEL_LOCK,
@@ -238,13 +263,10 @@ def create_app(model: LoadedModel, settings: ServeSettings | None = None) -> Fas
         probs, unfamiliarity = await asyncio.wrap_future(batcher.submit(arrays))
         answer = describe(model, probs, file.filename or "<upload>", decisions, unfamiliarity)
         answer["metadata_used"] = metadata_used(model, given)
-        if explain:
-            (ex,) = await run_in_threadpool(explain_sources, [data], members, runtime, tta)
-            answer["explanation"] = {
-                "class_explained": ex.class_name,
-                "method": "Grad-CAM, last convolutional stage, mean over fold models",
-                "overlay_png_base64": await run_in_threadpool(_png_base64, ex.overlay),
-            }
+        if explain and explainer is None:
+            answer["explanation"], answer["explanation_unavailable"] = None, NO_GRAD_CAM
+        elif explain:
+            answer["explanation"] = await run_in_threadpool(explainer, data)
         return JSONResponse(answer)
 
     return app

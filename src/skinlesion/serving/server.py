@@ -52,7 +52,7 @@ def serve(
         import uvicorn
 
         from skinlesion.core.runtime import resolve_runtime
-        from skinlesion.inference.packaged import resolve_model
+        from skinlesion.inference.resolve import resolve_model
         from skinlesion.serving.app import create_app
 
         loaded = resolve_model(model, resolve_runtime(device), backend)

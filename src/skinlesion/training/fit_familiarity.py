@@ -193,7 +193,7 @@ def fit_checkpoint_familiarity(
     """Fit the familiarity of the checkpoint ``path`` (its fold decides the images) and write
     it beside it; ``strict=False``: ``None`` (logged) for a member that cannot have one."""
     ckpt = load_checkpoint(path)
-    model, _ = model_from_checkpoint(ckpt, runtime)
+    model, _ = model_from_checkpoint(ckpt, runtime, path)
     batch = cfg.train.eval_batch_size or cfg.train.batch_size * 2
     try:
         fam = fit_member(model, data, int(ckpt["fold"]), runtime, cfg.seed, batch, progress)

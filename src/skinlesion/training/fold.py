@@ -212,7 +212,7 @@ def finish_fold(
     if runtime.dist.enabled:
         dist.barrier()
     ckpt = load_checkpoint(folder.best)
-    model, _ = model_from_checkpoint(ckpt, runtime)
+    model, _ = model_from_checkpoint(ckpt, runtime, folder.best)
     meta = metadata_by_row(data, checkpoint_metadata(ckpt))
 
     def tta_logits(table: pd.DataFrame, metadata: np.ndarray | None = meta) -> np.ndarray:
