@@ -81,6 +81,7 @@ def test_default_backend_gives_the_eager_table(spread: Path, lesions: list[Path]
 def test_cli_predict_default_matches_torch(spread: Path, lesions: list[Path], tmp_path) -> None:
     images = [str(p) for p in lesions[:6]]
     a, b = tmp_path / "torch.csv", tmp_path / "auto.csv"
+    assert resolve_model(spread, CPU).graph is not None  # cached: the CLI's auto runs it
     common = ["predict", "--no-progress", "--model", str(spread), *images]
     assert main([*common, "--backend", "torch", "--output", str(a)]) == 0
     assert main([*common, "--output", str(b)]) == 0
@@ -88,6 +89,29 @@ def test_cli_predict_default_matches_torch(spread: Path, lesions: list[Path], tm
     classes = resolve_model(spread, CPU, backend="torch").class_names
     assert np.abs(_probs(ta, classes) - _probs(tb, classes)).max() <= 1e-4
     assert ta["prediction"].tolist() == tb["prediction"].tolist()
+
+
+def test_a_first_small_prediction_runs_on_pytorch_and_exports_nothing(
+    tmp_path: Path, lesions: list[Path], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from skinlesion.inference import backend
+
+    monkeypatch.setenv("SKINLESION_CACHE", str(tmp_path / "cache"))
+    folder = make_tiny_packaged(tmp_path / "zoo", "first")
+    few = backend.EXPORT_PAYS_OFF - 1
+    small = resolve_model(folder, CPU, images=few)
+    assert small.backend == "torch" and small.graph is None
+    assert not onnx_cache_dir().exists() or not any(onnx_cache_dir().iterdir())
+    args = ["predict", "--no-progress", "--model", str(folder), *map(str, lesions[:3])]
+    assert main(args) == 0 and "WARNING" not in capsys.readouterr().err
+    assert not onnx_cache_dir().exists() or not any(onnx_cache_dir().iterdir())
+    # Enough images to pay for the export: exported, and then used by small calls too.
+    large = resolve_model(folder, CPU, images=backend.EXPORT_PAYS_OFF)
+    assert large.backend == "onnx" and large.graph is not None
+    again = resolve_model(folder, CPU, images=1)
+    assert again.graph is not None and again.graph.folder == large.graph.folder
+    # Unknown counts (serve, load_model) and a forced backend export as before.
+    assert resolve_model(folder, CPU, backend="onnx", tta=1, images=1).graph is not None
 
 
 def test_graph_is_exported_once_per_model_and_tta(tiny_packaged: Path) -> None:

@@ -37,7 +37,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # The metadata file is checked before the model loads: its faults show in seconds.
     table = _read_predict_metadata(args.metadata, images)
     runtime = resolve_runtime(args.device)
-    loaded = resolve_model(args.model, runtime, args.backend, args.tta, args.detail)
+    loaded = resolve_model(
+        args.model, runtime, args.backend, args.tta, args.detail, images=len(images)
+    )
     df = loaded.predict(
         images,
         tta=args.tta,

@@ -154,12 +154,14 @@ def resolve_model(
     backend: str = "auto",
     tta: int | None = None,
     detail: str | None = None,
+    images: int | None = None,
 ) -> Predictor:
     """The model ``model`` names (see the module's list), ready to predict. ``backend``
     (:mod:`skinlesion.inference.backend`): ``auto`` runs a fold ensemble's ONNX graph (exported
     once into the user cache, for ``tta`` views) on a CPU; an export folder runs on its own graph,
     and refuses ``torch``, another ``tta`` and patient metadata. ``detail``: see
-    :func:`set_detail`; ``None`` keeps the model's."""
+    :func:`set_detail`; ``None`` keeps the model's. ``images``: how many images will be predicted,
+    when known (a few run on PyTorch until the graph is cached: ``EXPORT_PAYS_OFF``)."""
     loaded: LoadedModel | OnnxModel
     if is_export_folder(model):
         loaded = load_export(Path(str(model)), backend, tta)
@@ -168,7 +170,7 @@ def resolve_model(
     if detail is not None:
         set_detail(loaded, detail)
     if isinstance(loaded, LoadedModel):
-        attach_backend(loaded, backend, tta)
+        attach_backend(loaded, backend, tta, images)
     return loaded
 
 
