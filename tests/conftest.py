@@ -264,10 +264,10 @@ def make_tiny_packaged(
     from skinlesion.data.tabular import fit_metadata_spec
     from skinlesion.inference.packaged import CARD_FILE
     from skinlesion.inference.packaged_meta import (
-        MODEL_FILE,
         PACKAGED_FORMAT,
         WEIGHTS_FILE,
         sha256_file,
+        write_packaged_meta,
     )
     from skinlesion.models.factory import build_model, default_spec
     from skinlesion.training.card_text import INTENDED_USE, KNOWN_LIMITS
@@ -325,7 +325,7 @@ def make_tiny_packaged(
         },
         "weights_sha256": sha256_file(out / WEIGHTS_FILE),
     }
-    (out / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    write_packaged_meta(out, meta)
     card = {"name": name, "intended_use": INTENDED_USE, "known_limits": KNOWN_LIMITS}
     (out / CARD_FILE).write_text(json.dumps(card))
     return out
@@ -386,13 +386,8 @@ def make_spread_packaged(root: Path, images: list[Path], name: str = "spread") -
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.data.augment import normalize, to_float
     from skinlesion.data.preprocess import prepare_with_spec
-    from skinlesion.inference.packaged import (
-        CARD_FILE,
-        MODEL_FILE,
-        WEIGHTS_FILE,
-        load_packaged,
-        sha256_file,
-    )
+    from skinlesion.inference.packaged import CARD_FILE, WEIGHTS_FILE, load_packaged, sha256_file
+    from skinlesion.inference.packaged_meta import read_packaged_meta, write_packaged_meta
     from skinlesion.inference.refer import entropy
     from skinlesion.training.package import write_weights
 
@@ -417,9 +412,9 @@ def make_spread_packaged(root: Path, images: list[Path], name: str = "spread") -
             clf.bias[CLASSES.index("nv")] = 0.4  # pale lesions: nv, not a tie
         ckpts.append({"fold": m.fold, "state_dict": net.state_dict()})
     write_weights(ckpts, folder / WEIGHTS_FILE)
-    meta = json.loads((folder / MODEL_FILE).read_text())
+    meta = read_packaged_meta(folder)
     meta["weights_sha256"] = sha256_file(folder / WEIGHTS_FILE)
-    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    write_packaged_meta(folder, meta)
 
     probs, errors = load_packaged(folder, resolve_runtime("cpu")).predict_proba(images)
     assert not errors
@@ -434,7 +429,7 @@ def make_spread_packaged(root: Path, images: list[Path], name: str = "spread") -
         "ood_quantile": 0.95,
     }
     meta["reference"] = {"mel_threshold": threshold, "refer": refer}
-    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    write_packaged_meta(folder, meta)
     card = json.loads((folder / CARD_FILE).read_text())
     card["melanoma_threshold"] = threshold
     (folder / CARD_FILE).write_text(json.dumps(card))

@@ -359,7 +359,7 @@ def test_float16_weights_keep_probabilities_within_the_documented_bound(tmp_path
 
 def _listed_model(root: Path, name: str, folds: list[int], bacc: float) -> None:
     """A packaged folder as `skinlesion models` reads it: model.json and card.json only."""
-    from skinlesion.inference.packaged_meta import MODEL_FILE, PACKAGED_FORMAT
+    from skinlesion.inference.packaged_meta import PACKAGED_FORMAT, write_packaged_meta
     from skinlesion.models.factory import default_spec
 
     folder = root / name
@@ -374,7 +374,7 @@ def _listed_model(root: Path, name: str, folds: list[int], bacc: float) -> None:
         "members": members,
         "weights_sha256": "0" * 64,
     }
-    (folder / MODEL_FILE).write_text(json.dumps(meta))
+    write_packaged_meta(folder, meta)
     card = {"metrics": {"out_of_fold": {"balanced_accuracy": bacc}}}
     (folder / packaged.CARD_FILE).write_text(json.dumps(card))
 

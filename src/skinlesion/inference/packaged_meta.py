@@ -1,6 +1,6 @@
-"""``model.json`` of a packaged model folder, read and checked: every key the loader reads is
-there with the type it needs, and every file it names lies inside the folder, so a damaged or
-hostile file is one :class:`CheckpointError` naming it."""
+"""``model.json`` of a packaged model folder, written and read here only: checked both ways, so
+every key the loader reads is there with the type it needs, and every file it names lies inside
+the folder; a damaged or hostile file is one :class:`CheckpointError` naming it."""
 
 from __future__ import annotations
 
@@ -25,6 +25,23 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_packaged_meta(folder: Path, meta: dict[str, Any]) -> Path:
+    """Write ``meta`` as ``folder/model.json`` (atomically), after the checks the reader makes:
+    a description the loader would refuse is never written."""
+    path = folder / MODEL_FILE
+    meta = {"format": PACKAGED_FORMAT, **meta}
+    problems = _meta_problems(meta)
+    if meta["format"] != PACKAGED_FORMAT or "weights_sha256" not in meta:
+        problems.insert(0, f"format must be {PACKAGED_FORMAT!r} with a weights_sha256")
+    if problems:
+        raise CheckpointError(f"{path}: not written: {'; '.join(problems)}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return path
 
 
 def read_packaged_meta(folder: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from skinlesion.core.run_folder import RunFolder
 from skinlesion.data.preprocess import Detail, measure_detail
 from skinlesion.data.sources import load_labelled
 from skinlesion.inference.packaged import CARD_FILE, read_familiarity
-from skinlesion.inference.packaged_meta import MODEL_FILE, read_packaged_meta
+from skinlesion.inference.packaged_meta import MODEL_FILE, read_packaged_meta, write_packaged_meta
 from skinlesion.training.card_text import render_card
 from skinlesion.training.fit_familiarity import packaged_config
 from skinlesion.training.package import attach_familiarity
@@ -53,9 +53,9 @@ def set_packaged_detail(
     if not (folder / MODEL_FILE).is_file():
         raise CheckpointError(f"{folder}: not a packaged model (no {MODEL_FILE})")
     detail = detail or measure_packaged_detail(folder, overrides)
-    meta = json.loads((folder / MODEL_FILE).read_text())
+    meta = read_packaged_meta(folder)
     meta["preprocessing"]["detail"] = {"side": detail.side, "jpeg_quality": detail.jpeg_quality}
-    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    write_packaged_meta(folder, meta)
     if (folder / CARD_FILE).is_file():
         card = json.loads((folder / CARD_FILE).read_text())
         card["input"] = meta["preprocessing"]

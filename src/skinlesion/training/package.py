@@ -31,11 +31,12 @@ from skinlesion.inference.familiarity import (
 )
 from skinlesion.inference.packaged import CARD_FILE, DEFAULT_FILE, zoo_dir
 from skinlesion.inference.packaged_meta import (
-    MODEL_FILE,
     PACKAGED_FORMAT,
     PACKAGED_VERSION,
     WEIGHTS_FILE,
+    read_packaged_meta,
     sha256_file,
+    write_packaged_meta,
 )
 from skinlesion.inference.predict import checkpoint_paths
 from skinlesion.models.checkpoint import load_checkpoint
@@ -249,12 +250,12 @@ def attach_familiarity(folder: Path, fams: dict[str, Familiarity]) -> Path:
     packaged model: the file, its entry in ``model.json``, the card's ``familiarity`` and the
     Markdown card rendered again."""
     folder = Path(folder)
-    meta = json.loads((folder / MODEL_FILE).read_text())
+    meta = read_packaged_meta(folder)
     prefixes = [m["prefix"] for m in meta["members"]]
     if sorted(fams) != sorted(prefixes):
         raise CheckpointError(f"{folder}: familiarity for {sorted(fams)}, members {prefixes}")
     meta["familiarity"] = familiarity_entry(folder, fams)
-    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    write_packaged_meta(folder, meta)
     card_path = folder / CARD_FILE
     if card_path.is_file():
         card = json.loads(card_path.read_text())
@@ -361,7 +362,7 @@ def package_run(
     write_weights(ckpts, out / WEIGHTS_FILE)
     meta = _model_meta(name, version, ckpts, oof, sha256_file(out / WEIGHTS_FILE))
     _store_familiarity(out, meta, fams)
-    (out / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    write_packaged_meta(out, meta)
     card = build_card(name, ckpts, oof, ext, hardware or "unspecified hardware")
     if fams:
         card["familiarity"] = familiarity_card(fams)
