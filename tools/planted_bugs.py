@@ -36,6 +36,10 @@ class Bug:
 
 
 _OOF = "tests/inference/test_oof_reproduction.py"
+_SOURCES = "tests/training/test_multi_source.py"
+_RANKS = "tests/training/test_rank_wiring.py"
+_EXPLAIN = "tests/inference/test_explain.py"
+_KEYS = "tests/core/test_config_keys.py"
 
 BUGS: tuple[Bug, ...] = (
     Bug(
@@ -181,6 +185,112 @@ BUGS: tuple[Bug, ...] = (
         "    if groups is None:\n        return _row_counts(",
         "    if True:\n        return _row_counts(",
         ("tests/evaluation/test_metrics.py",),
+    ),
+    # Wiring: the helpers stay right, the product stops calling them as it should.
+    Bug(
+        "loss_without_the_source_mask",
+        "src/skinlesion/training/engine.py",
+        "loss = criterion(logits, y) if mask is None else criterion(logits, y, mask)",
+        "loss = criterion(logits, y)",
+        (f"{_SOURCES}::test_every_training_step_masks_each_image_to_its_source",),
+    ),
+    Bug(
+        "sampler_without_sources",
+        "src/skinlesion/training/fold_trainer.py",
+        "sources=table_sources(train_t),",
+        "sources=None,",
+        (f"{_SOURCES}::test_the_sampler_draws_by_source_and_class",),
+    ),
+    Bug(
+        "ranks_share_one_stream",
+        "src/skinlesion/training/fold_trainer.py",
+        "tr.seed_epoch(cfg.seed, d.rank)",
+        "tr.seed_epoch(cfg.seed, 0)",
+        (f"{_RANKS}::test_each_rank_draws_its_own_augmentation_and_dropout",),
+    ),
+    Bug(
+        "every_rank_saves_epochs",
+        "src/skinlesion/training/fold.py",
+        "        if runtime.dist.is_main:\n            _save_epoch(",
+        "        if True:\n            _save_epoch(",
+        (f"{_RANKS}::test_only_rank_0_writes_logs_and_tracks",),
+    ),
+    Bug(
+        "every_rank_tracks",
+        "src/skinlesion/training/cv.py",
+        "tracker = open_tracker(saved, run, dist_info.is_main, resume)",
+        "tracker = open_tracker(saved, run, True, resume)",
+        (f"{_RANKS}::test_only_rank_0_writes_logs_and_tracks",),
+    ),
+    Bug(
+        "graph_key_without_familiarity",
+        "src/skinlesion/inference/backend.py",
+        "_BESIDE = (FAMILIARITY_FILE, MODEL_FILE)",
+        "_BESIDE = (MODEL_FILE,)",
+        (
+            "tests/inference/test_graph_key.py",
+            "tests/training/test_fit_familiarity.py"
+            "::test_fit_familiarity_skips_members_that_have_one_and_fits_the_same_again",
+        ),
+    ),
+    Bug(
+        "graph_key_without_spec",
+        "src/skinlesion/inference/backend.py",
+        "[m.fold, m.temperature, m.spec.to_dict()]",
+        "[m.fold, m.temperature]",
+        ("tests/inference/test_graph_key.py",),
+    ),
+    Bug(
+        "explain_ignores_the_requested_class",
+        "src/skinlesion/inference/explain.py",
+        "classes = [int(p.argmax()) if class_index is None else class_index for p in probs]",
+        "classes = [int(p.argmax()) for p in probs]",
+        (f"{_EXPLAIN}::test_a_requested_class_is_the_one_whose_map_is_drawn",),
+    ),
+    Bug(
+        "explain_drops_tta",
+        "src/skinlesion/inference/explain.py",
+        "(ex,) = explain_sources([src], members, runtime, tta)",
+        "(ex,) = explain_sources([src], members, runtime)",
+        (f"{_EXPLAIN}::test_explain_command_predicts_with_the_tta_it_is_given",),
+    ),
+    Bug(
+        "resume_allows_more_epochs",
+        "src/skinlesion/core/run_folder.py",
+        '    ("train", "num_threads"),\n',
+        '    ("train", "num_threads"),\n    ("train", "epochs"),\n',
+        (f"{_KEYS}::test_resume_refuses_every_key_but_the_per_run_ones",),
+    ),
+    Bug(
+        "resume_compares_all_keys_but_the_last",
+        "src/skinlesion/core/run_folder.py",
+        "        for key in old_leaves\n",
+        "        for key in list(old_leaves)[:-1]\n",
+        (f"{_KEYS}::test_resume_refuses_every_key_but_the_per_run_ones",),
+    ),
+    Bug(
+        "untested_new_default",
+        "src/skinlesion/core/config.py",
+        "    calibrate: bool = True\n",
+        "    calibrate: bool = True\n    views_seed: int = 0\n",
+        (f"{_KEYS}::test_every_default_no_shipped_config_sets_is_exercised_by_a_test",),
+    ),
+    Bug(
+        "float16_without_the_size_rule",
+        "src/skinlesion/training/package.py",
+        "small = v.numel() < _FLOAT16_MIN_ELEMENTS or name.endswith(_FLOAT32_SUFFIXES)",
+        "small = name.endswith(_FLOAT32_SUFFIXES)",
+        (
+            "tests/inference/test_packaged.py"
+            "::test_float16_weights_keep_probabilities_within_the_documented_bound",
+        ),
+    ),
+    Bug(
+        "float16_batchnorm_variance",
+        "src/skinlesion/training/package.py",
+        '_FLOAT32_SUFFIXES = ("running_mean", "running_var")',
+        '_FLOAT32_SUFFIXES = ("running_mean",)',
+        ("tests/inference/test_packaged.py::test_packaged_weights_follow_the_float32_rule",),
     ),
 )
 

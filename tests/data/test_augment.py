@@ -13,7 +13,9 @@ from skinlesion.data.augment import (
     augment_batch,
     gaussian_blur,
     grayscale,
+    jpeg_round_trip,
     normalize,
+    shrink_and_enlarge,
     to_float,
     tta_views,
 )
@@ -328,3 +330,28 @@ def test_camera_config_validation() -> None:
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
     assert AugmentConfig.model_validate({"gamma": [0.8, 1.2]}).gamma == (0.8, 1.2)
+
+
+def test_downscale_is_a_shrunk_and_enlarged_copy_at_its_rate() -> None:
+    """``downscale`` is the probability, ``downscale_range`` the factor (log-uniform)."""
+    x = _batch(16, 32, 32)
+    cfg = AugmentConfig(**{**vars(IDENTITY), "downscale": 1.0, "downscale_range": (0.5, 0.5)})
+    y = augment_batch(x, cfg, generator=_gen(8))
+    for i in range(len(x)):
+        torch.testing.assert_close(y[i : i + 1], shrink_and_enlarge(x[i : i + 1], 0.5))
+    half = AugmentConfig(**{**vars(IDENTITY), "downscale": 0.5, "downscale_range": (0.5, 0.5)})
+    y = augment_batch(x, half, generator=_gen(8))
+    kept = sum(bool(torch.equal(y[i], x[i])) for i in range(len(x)))
+    assert 2 < kept < 14
+
+
+def test_jpeg_is_a_round_trip_at_a_quality_of_its_range() -> None:
+    """``jpeg`` is the probability, ``jpeg_quality`` the range of qualities."""
+    x = _batch(6, 32, 32)
+    cfg = AugmentConfig(**{**vars(IDENTITY), "jpeg": 1.0, "jpeg_quality": (40, 40)})
+    y = augment_batch(x, cfg, generator=_gen(9))
+    for i in range(len(x)):
+        torch.testing.assert_close(y[i : i + 1], jpeg_round_trip(x[i : i + 1], 40))
+    assert not torch.equal(jpeg_round_trip(x[:1], 40), jpeg_round_trip(x[:1], 90))
+    off = AugmentConfig(**{**vars(IDENTITY), "jpeg": 0.0, "jpeg_quality": (40, 40)})
+    assert torch.equal(augment_batch(x, off, generator=_gen(9)), x)

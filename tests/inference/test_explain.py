@@ -121,3 +121,59 @@ def test_explain_command_writes_overlays(tiny_packaged: Path, tmp_path: Path) ->
     )
     for name, path in zip(table["overlay"], images, strict=True):
         assert Image.open(out / name).size == Image.open(path).size
+
+
+def _two_patches() -> Image.Image:
+    """A large red patch (the prediction) and a small blue one."""
+    img = np.asarray(_patch_image((220, 40, 40), (10, 10, 70, 70), seed=2)).copy()
+    img[70:100, 110:140] = (40, 40, 220)
+    return Image.fromarray(img)
+
+
+def _peak(cam: np.ndarray) -> tuple[int, int]:
+    y, x = np.unravel_index(int(cam.argmax()), cam.shape)
+    return int(x), int(y)
+
+
+def test_a_requested_class_is_the_one_whose_map_is_drawn() -> None:
+    """Asking for a class that is not the predicted one explains that class: its map moves to
+    the patch that decides it; the prediction itself stays."""
+    img, runtime = _two_patches(), resolve_runtime("cpu")
+    (predicted,) = explain_sources([img], _members(), runtime)
+    (asked,) = explain_sources([img], _members(), runtime, class_index=1)
+    assert predicted.class_name == "red" and (asked.class_index, asked.class_name) == (1, "blue")
+    np.testing.assert_allclose(asked.probs, predicted.probs)
+    x, y = _peak(predicted.cam)
+    assert 10 <= x < 70 and 10 <= y < 70
+    x, y = _peak(asked.cam)
+    assert 110 <= x < 140 and 70 <= y < 100
+    assert asked.cam[10:70, 10:70].mean() < 0.2 * predicted.cam[10:70, 10:70].mean()
+
+
+def test_explain_command_predicts_with_the_tta_it_is_given(
+    tiny_packaged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--tta`` reaches the prediction whose class is explained: the views it asks for are
+    computed (not the model's own 2), and the probabilities are that TTA's."""
+    from skinlesion.inference import explain
+
+    seen: list[int] = []
+    real = explain.ensemble_probs
+
+    def spy(members, images, runtime, tta=1, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(tta)
+        return real(members, images, runtime, tta, *args, **kwargs)
+
+    monkeypatch.setattr(explain, "ensemble_probs", spy)
+    images = lesion_images(tmp_path / "imgs", 2)
+    out = tmp_path / "cam"
+    args = ["explain", "--model", str(tiny_packaged), "--device", "cpu", "--output", str(out)]
+    assert main([*args, "--tta", "4", *map(str, images)]) == 0
+    assert seen == [4, 4]  # one prediction per image
+    table = pd.read_csv(out / "explanations.csv")
+    model = resolve_model(tiny_packaged, resolve_runtime("cpu"), backend="torch")
+    index = [model.class_names.index(c) for c in table["class_explained"]]
+    four, _ = model.predict_proba(images, tta=4)
+    np.testing.assert_allclose(table["probability"], four[[0, 1], index], atol=2e-6)
+    own, _ = model.predict_proba(images)
+    assert model.tta == 2 and np.abs(own[[0, 1], index] - four[[0, 1], index]).max() > 1e-4

@@ -357,6 +357,36 @@ def test_float16_weights_keep_probabilities_within_the_documented_bound(tmp_path
     assert np.abs(probs["all"] - probs["fp32"]).max() > rule
 
 
+def test_packaged_weights_follow_the_float32_rule(tmp_path: Path) -> None:
+    """What ``skinlesion package`` writes (``write_weights``): a floating tensor is stored in
+    float16 only if it has at least 16,384 elements and is not a BatchNorm statistic (the rule
+    whose error the test above bounds); integers as they are; nothing else changes."""
+    from safetensors.torch import load_file
+
+    from skinlesion.models.factory import build_model
+    from skinlesion.training.package import half_precision, write_weights
+
+    state = build_model("tf_efficientnet_lite0", 7, pretrained=False).state_dict()
+    write_weights([{"fold": 3, "state_dict": state}], tmp_path / "model.safetensors")
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(stored) == sorted(f"fold3.{k}" for k in state)
+    kinds = set()
+    for name, value in state.items():
+        got = stored[f"fold3.{name}"]
+        small = value.numel() < 16_384 or name.endswith(("running_mean", "running_var"))
+        kind = "other" if not value.is_floating_point() else "float32" if small else "float16"
+        kinds.add(kind)
+        assert got.dtype == {"float16": torch.float16}.get(kind, value.dtype), name
+        torch.testing.assert_close(got.to(value.dtype), value, rtol=1e-3, atol=1e-6, msg=name)
+    assert kinds == {"float16", "float32", "other"}  # the fixture holds every kind
+    # A BatchNorm statistic stays float32 whatever its size (no lite0 layer is that wide).
+    big = {"bn.running_var": torch.rand(20_000), "conv.weight": torch.rand(20_000)}
+    assert {k: v.dtype for k, v in half_precision(big).items()} == {
+        "bn.running_var": torch.float32,
+        "conv.weight": torch.float16,
+    }
+
+
 def _listed_model(root: Path, name: str, folds: list[int], bacc: float) -> None:
     """A packaged folder as `skinlesion models` reads it: model.json and card.json only."""
     from skinlesion.inference.packaged_meta import PACKAGED_FORMAT, write_packaged_meta

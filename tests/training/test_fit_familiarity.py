@@ -79,11 +79,16 @@ def test_fit_familiarity_skips_members_that_have_one_and_fits_the_same_again(
 ) -> None:
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    assert _graph_key(copy) == _graph_key(run)  # a copied run reuses its ONNX graph
     kept, dropped = copy / "fold_0" / FAMILIARITY_FILE, copy / "fold_1" / FAMILIARITY_FILE
     dropped.unlink()
+    without = _graph_key(copy)
     before = kept.stat().st_mtime_ns
     assert main(["fit-familiarity", str(copy), "--no-progress"]) == 0
     assert "fitted 1 member(s)" in capsys.readouterr().out
+    # The graph computes the unfamiliarity: a fitted member's file moves its key (a run folder
+    # has no model.json that would move with it).
+    assert _graph_key(copy) != without
     assert kept.stat().st_mtime_ns == before
     # Seeded draws of the same cached images: the file of training again.
     _assert_same_file(dropped, run / "fold_1" / FAMILIARITY_FILE)
@@ -94,6 +99,16 @@ def test_fit_familiarity_skips_members_that_have_one_and_fits_the_same_again(
     assert kept.stat().st_mtime_ns != before
     _assert_same_file(kept, run / "fold_0" / FAMILIARITY_FILE)
     assert main(["fit-familiarity", str(tmp_path / "nothing"), "--no-progress"]) == 2
+
+
+def _graph_key(folder: Path) -> str | None:
+    """The key of the cached ONNX graph of the run in ``folder`` (TTA 2, fp32)."""
+    from skinlesion.core.runtime import resolve_runtime
+    from skinlesion.inference.backend import graph_key
+    from skinlesion.inference.packaged import resolve_model
+
+    members = resolve_model(folder, resolve_runtime("cpu"), backend="torch").members
+    return graph_key(members, 2, False)
 
 
 def _assert_same_file(a: Path, b: Path) -> None:
