@@ -270,8 +270,8 @@ def make_tiny_packaged(
         write_packaged_meta,
     )
     from skinlesion.models.factory import build_model, default_spec
-    from skinlesion.training.card_text import INTENDED_USE, KNOWN_LIMITS
-    from skinlesion.training.package import write_weights
+    from skinlesion.publishing.card_text import INTENDED_USE, KNOWN_LIMITS
+    from skinlesion.publishing.package import write_weights
 
     spec = default_spec("test_efficientnet", size)
     gen = torch.Generator().manual_seed(seed)
@@ -389,7 +389,7 @@ def make_spread_packaged(root: Path, images: list[Path], name: str = "spread") -
     from skinlesion.inference.packaged import CARD_FILE, WEIGHTS_FILE, load_packaged, sha256_file
     from skinlesion.inference.packaged_meta import read_packaged_meta, write_packaged_meta
     from skinlesion.inference.refer import entropy
-    from skinlesion.training.package import write_weights
+    from skinlesion.publishing.package import write_weights
 
     folder = make_tiny_packaged(root, name)
     model = load_packaged(folder, resolve_runtime("cpu"))
@@ -493,8 +493,8 @@ def attach_tiny_familiarity(folder: Path, train: list[Path], heldout: list[Path]
     from skinlesion.data.preprocess import prepare_with_spec
     from skinlesion.inference.familiarity import fit_familiarity
     from skinlesion.inference.packaged import load_packaged
+    from skinlesion.publishing.package import attach_familiarity
     from skinlesion.training.fit_familiarity import identity_statistics
-    from skinlesion.training.package import attach_familiarity
 
     runtime = resolve_runtime("cpu")
     model = load_packaged(folder, runtime)

@@ -19,9 +19,10 @@ ROOMS: dict[str, int] = {
     "inference": 3,
     "evaluation": 4,
     "training": 5,
-    "benchmark": 6,
-    "serving": 7,
-    "cli": 8,
+    "publishing": 6,
+    "benchmark": 7,
+    "serving": 8,
+    "cli": 9,
 }
 # The package's own entry files, which may import any room.
 TOP = {"__init__", "__main__"}
@@ -59,10 +60,12 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
                 f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
             ]
         for name in names:
+            if name == PACKAGE:
+                name = f"{PACKAGE}.__init__"  # the package top, which imports every room
             # The deepest module of the package that the name refers to.
             while name and name not in known:
                 name = name.rpartition(".")[0]
-            if name and name != module and name != PACKAGE:
+            if name and name != module:
                 found.add(name)
     return found
 
@@ -90,7 +93,10 @@ def room_violations(graph: dict[str, set[str]]) -> list[str]:
             continue
         for other in imported:
             other_room = _room(other)
-            if other_room == room or other_room in TOP:
+            if other_room == room:
+                continue
+            if other_room in TOP:
+                bad.append(f"{module} imports the package top {other} (which imports every room)")
                 continue
             if other_room not in ROOMS or ROOMS[other_room] >= ROOMS[room]:
                 bad.append(f"{module} imports {other} (room {other_room!r} is not before {room!r})")
@@ -134,10 +140,13 @@ def test_checks_catch_known_faults() -> None:
         "skinlesion.training.c": {"skinlesion.training.b"},  # a pair
         "skinlesion.serving.app": {"skinlesion.cli"},  # an entry point imports a later one
         "skinlesion.cli": {"skinlesion.serving.app"},
+        "skinlesion.inference.d": {"skinlesion.__init__"},  # the package top
     }
     assert room_violations(graph) == [
         "skinlesion.data.a imports skinlesion.training.b (room 'training' is not before 'data')",
         "skinlesion.serving.app imports skinlesion.cli (room 'cli' is not before 'serving')",
+        "skinlesion.inference.d imports the package top skinlesion.__init__ (which imports every "
+        "room)",
     ]
     assert find_cycles(graph) == [
         "skinlesion.cli -> skinlesion.serving.app -> skinlesion.cli",
@@ -207,6 +216,8 @@ def test_length_checks_catch_known_faults() -> None:
         ("from . import cache", {"skinlesion.data.cache"}),
         ("from ..core.labels import CLASSES", {"skinlesion.core.labels"}),
         ("import numpy", set()),
+        ("from skinlesion import __version__", {"skinlesion.__init__"}),
+        ("import skinlesion", {"skinlesion.__init__"}),
     ],
 )
 def test_import_reader(source: str, expected: set[str], tmp_path: Path) -> None:
@@ -218,5 +229,6 @@ def test_import_reader(source: str, expected: set[str], tmp_path: Path) -> None:
         "skinlesion.data.cache",
         "skinlesion.core.labels",
         "skinlesion.models.factory",
+        "skinlesion.__init__",
     }
     assert _imports("skinlesion.data.probe", path, known) == expected

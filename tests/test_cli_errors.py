@@ -436,7 +436,7 @@ def test_explain_to_an_unwritable_folder_fails_before_loading(
 def test_package_to_an_unwritable_folder_fails_before_loading(
     run: Path, blocker: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:
-    from skinlesion.training import package
+    from skinlesion.publishing import package
 
     monkeypatch.setattr(package, "_load_members", _boom)
     out = blocker / "sub"

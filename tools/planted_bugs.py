@@ -189,7 +189,7 @@ BUGS: tuple[Bug, ...] = (
     # Wiring: the helpers stay right, the product stops calling them as it should.
     Bug(
         "loss_without_the_source_mask",
-        "src/skinlesion/training/engine.py",
+        "src/skinlesion/training/steps.py",
         "loss = criterion(logits, y) if mask is None else criterion(logits, y, mask)",
         "loss = criterion(logits, y)",
         (f"{_SOURCES}::test_every_training_step_masks_each_image_to_its_source",),
@@ -277,7 +277,7 @@ BUGS: tuple[Bug, ...] = (
     ),
     Bug(
         "float16_without_the_size_rule",
-        "src/skinlesion/training/package.py",
+        "src/skinlesion/publishing/package.py",
         "small = v.numel() < _FLOAT16_MIN_ELEMENTS or name.endswith(_FLOAT32_SUFFIXES)",
         "small = name.endswith(_FLOAT32_SUFFIXES)",
         (
@@ -287,7 +287,7 @@ BUGS: tuple[Bug, ...] = (
     ),
     Bug(
         "float16_batchnorm_variance",
-        "src/skinlesion/training/package.py",
+        "src/skinlesion/publishing/package.py",
         '_FLOAT32_SUFFIXES = ("running_mean", "running_var")',
         '_FLOAT32_SUFFIXES = ("running_mean",)',
         ("tests/inference/test_packaged.py::test_packaged_weights_follow_the_float32_rule",),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from skinlesion.core import VERSION
 from skinlesion.core.labels import CLASSES
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from skinlesion.inference.resolve import Predictor
 
 __all__ = ["CLASSES", "load_model"]
-__version__ = "0.1.0"
+__version__ = VERSION
 
 
 def load_model(

@@ -16,7 +16,7 @@ from skinlesion.core.labels import CLASSES
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.augment import tta_views
 from skinlesion.data.preprocess import prepare_with_spec
-from skinlesion.inference.engine import predict_logits
+from skinlesion.inference.forward import predict_logits
 from skinlesion.inference.predict import (
     calibrated_views,
     ensemble_probs,

@@ -27,7 +27,7 @@ from skinlesion.evaluation.metrics import evaluate_predictions, melanoma_thresho
 from skinlesion.inference import packaged
 from skinlesion.inference.packaged import load_packaged, sha256_file
 from skinlesion.inference.resolve import resolve_model
-from skinlesion.training.package import package_run
+from skinlesion.publishing.package import package_run
 
 REPO = Path(__file__).parents[2]
 
@@ -65,7 +65,7 @@ def zoo(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.MonkeyPatch.context() as mp,
         pytest.raises(CheckpointError, match="over the 10 MiB"),
     ):
-        mp.setattr("skinlesion.training.package.MAX_WEIGHTS_BYTES", 10 * 1024 * 1024)
+        mp.setattr("skinlesion.publishing.package.MAX_WEIGHTS_BYTES", 10 * 1024 * 1024)
         package_run(tiny_run, "tiny", out_root=root)
     assert not (root / "tiny" / "model.safetensors").exists()
     package_run(tiny_run, "tiny", out_root=root, hardware="test CPU", make_default=True, folds=[1])
@@ -328,7 +328,7 @@ def test_float16_weights_keep_probabilities_within_the_documented_bound(tmp_path
     moved by a relative 1e-3, so that it is not already representable in float16."""
     from safetensors.torch import load_file, save_file
 
-    from skinlesion.training.package import half_precision
+    from skinlesion.publishing.package import half_precision
 
     shipped = _shipped()
     assert shipped is not None
@@ -364,7 +364,7 @@ def test_packaged_weights_follow_the_float32_rule(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from skinlesion.models.factory import build_model
-    from skinlesion.training.package import half_precision, write_weights
+    from skinlesion.publishing.package import half_precision, write_weights
 
     state = build_model("tf_efficientnet_lite0", 7, pretrained=False).state_dict()
     write_weights([{"fold": 3, "state_dict": state}], tmp_path / "model.safetensors")

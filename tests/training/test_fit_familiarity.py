@@ -181,8 +181,8 @@ def test_evaluate_reports_refer_rates_and_the_auroc_against_training(
 
 
 def test_final_model_and_package_carry_their_familiarity(run: Path, tmp_path: Path) -> None:
+    from skinlesion.publishing.package import package_run
     from skinlesion.training.final import fit_final
-    from skinlesion.training.package import package_run
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

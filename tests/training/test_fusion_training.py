@@ -18,7 +18,7 @@ from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.tabular import fit_metadata_spec, missing_vector
 from skinlesion.inference.resolve import resolve_model
 from skinlesion.models.checkpoint import checkpoint_metadata, load_checkpoint
-from skinlesion.training.package import package_run
+from skinlesion.publishing.package import package_run
 from skinlesion.training.probe import probe_set
 
 META = {"model.metadata": "[age,sex,localization]"}
@@ -126,7 +126,7 @@ def test_probe_with_metadata_reproduces_oof_and_evaluates(
     )
     records = table.set_index("image_id").loc[fold0["image_id"]].reset_index()
     again = packaged.predict(images, metadata=records)
-    # Packaged weights are float16 (training/package.half_precision): on this small untrained
+    # Packaged weights are float16 (publishing/package.half_precision): on this small untrained
     # backbone that moves probabilities by up to 2.5e-3; a wrong encoding moves them by 1e-1.
     assert np.allclose(again[list(CLASSES)], pred[list(CLASSES)], atol=5e-3)
     # evaluate reads the metadata from the labels file's columns unless told not to.

@@ -167,7 +167,7 @@ def _time_loaders(
     import torch
 
     from skinlesion.data.preprocess import prepare_image
-    from skinlesion.inference.engine import gather
+    from skinlesion.inference.forward import gather
 
     gen = torch.Generator().manual_seed(spec.seed)
     # The same rows for both pipelines; the first draw is a warm-up, not timed.
@@ -207,7 +207,7 @@ def _time_pipelines(
 
     from skinlesion.data.augment import AugmentConfig
     from skinlesion.data.preprocess import IMAGENET
-    from skinlesion.inference.engine import prepare
+    from skinlesion.inference.forward import prepare
 
     aug = AugmentConfig()
     gens = {name: torch.Generator().manual_seed(seed + 1) for name in readers}

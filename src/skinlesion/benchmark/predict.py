@@ -1,5 +1,5 @@
 """Prediction throughput of a backbone with random weights: single-image latency and batched
-images/s of :func:`~skinlesion.inference.engine.predict_logits` (a trained model as users run
+images/s of :func:`~skinlesion.inference.forward.predict_logits` (a trained model as users run
 it: :mod:`skinlesion.benchmark.model_predict`)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def bench_predict(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Latency (median, p95) and images/s of
-    :func:`~skinlesion.inference.engine.predict_logits` per batch size; batch 1 is the
+    :func:`~skinlesion.inference.forward.predict_logits` per batch size; batch 1 is the
     single-image latency.
 
     Inputs are prepared uint8 images in a NumPy array, as ``inference.predict_images`` hands
@@ -82,7 +82,7 @@ def _time_predict(
     runtime: Runtime,
     spec: PreprocessSpec,
 ) -> dict[str, float]:
-    from skinlesion.inference.engine import predict_logits
+    from skinlesion.inference.forward import predict_logits
 
     rows = np.arange(b)
 

@@ -1,6 +1,6 @@
 """Training throughput: the model alone (forward, backward and AdamW step on a batch already on
 the device: the upper bound) against the real training path
-(:func:`~skinlesion.training.engine.train_batches` over a uint8 image source with the weighted
+(:func:`~skinlesion.training.steps.train_batches` over a uint8 image source with the weighted
 sampler and the default augmentation). Their ratio says how much the data path costs.
 
 >>> r = bench_train("tf_efficientnet_lite0", 64, 8, steps=2, warmup=1)  # doctest: +SKIP
@@ -55,8 +55,8 @@ def _train_loops(
     from skinlesion.data.augment import AugmentConfig
     from skinlesion.data.sampling import draw_indices
     from skinlesion.models.factory import default_spec
-    from skinlesion.training.engine import train_batches, train_step
     from skinlesion.training.losses import build_loss
+    from skinlesion.training.steps import train_batches, train_step
 
     dev = runtime.device
     spec = default_spec(backbone, image_size)
@@ -146,7 +146,7 @@ def bench_train(
 
     *Model only*: forward, focal loss, backward and AdamW step on one random float batch already
     on the device, repeated: the bound that no data pipeline can beat. *End to end*:
-    :func:`~skinlesion.training.engine.train_batches` over ``steps`` batches of a uint8 source
+    :func:`~skinlesion.training.steps.train_batches` over ``steps`` batches of a uint8 source
     of ``images`` random images (a tensor on the GPU on CUDA, a NumPy array on the CPU, as
     :func:`~skinlesion.training.cv.run_cv` holds the cache), rows drawn by the weighted sampler,
     default augmentation. Both use the same model, optimiser, precision and layout; ``warmup``

@@ -39,7 +39,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_package(args: argparse.Namespace) -> int:
-    from skinlesion.training.package import package_run
+    from skinlesion.publishing.package import package_run
 
     external = dict(key_value(x) for x in args.external)
     out = package_run(
@@ -66,7 +66,8 @@ def _cmd_fit_final(args: argparse.Namespace) -> int:
 
 def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
     from skinlesion.inference.packaged import MODEL_FILE
-    from skinlesion.training.fit_familiarity import fit_packaged_familiarity, fit_run_familiarity
+    from skinlesion.publishing.familiarity import fit_packaged_familiarity
+    from skinlesion.training.fit_familiarity import fit_run_familiarity
 
     target = _packaged_or_path(args.model)
     progress = not args.no_progress
@@ -90,7 +91,7 @@ def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
 def _site_threshold(target: Path, args: argparse.Namespace) -> int:
     from skinlesion.core.errors import ConfigError
     from skinlesion.inference.packaged import MODEL_FILE
-    from skinlesion.training.card_update import set_site_threshold
+    from skinlesion.publishing.card_update import set_site_threshold
 
     if not (target / MODEL_FILE).is_file():
         raise ConfigError(f"--threshold-from: {target} is not a packaged model")
@@ -115,7 +116,7 @@ def _packaged_or_path(model: str) -> Path:
 def _cmd_set_detail(args: argparse.Namespace) -> int:
     from skinlesion.core.errors import ConfigError
     from skinlesion.data.preprocess import Detail
-    from skinlesion.training.card_update import set_packaged_detail
+    from skinlesion.publishing.card_update import set_packaged_detail
 
     target = _packaged_or_path(args.model)
     try:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from skinlesion.core import VERSION
 from skinlesion.core.errors import ConfigError
 from skinlesion.core.paths import user_cache_dir
 from skinlesion.core.runtime import Runtime
@@ -80,8 +81,6 @@ def onnx_cache_dir() -> Path:
 def graph_key(members: Sequence[Member], tta: int, int8: bool) -> str | None:
     """The cache key of a model's graph, or ``None`` when a member has no weights file (a model
     built in memory), which is then not cached."""
-    from skinlesion import __version__
-
     files: list[Path] = []
     for m in members:
         if not Path(m.path).is_file():
@@ -90,7 +89,7 @@ def graph_key(members: Sequence[Member], tta: int, int8: bool) -> str | None:
             if f.is_file() and f not in files:
                 files.append(f)
     h = hashlib.sha256()
-    parts = [CACHE_VERSION, __version__, torch.__version__, OPSET, tta, int(int8)]
+    parts = [CACHE_VERSION, VERSION, torch.__version__, OPSET, tta, int(int8)]
     if int8:
         parts.append(QUANTIZATION_ID)
     h.update(json.dumps(parts).encode())

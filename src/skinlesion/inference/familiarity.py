@@ -87,7 +87,7 @@ class StageCapture:
     :func:`stage_statistics` while the ``with`` block runs (also inside an ONNX trace).
 
     Calls come in groups of ``views`` for each batch, identity first (as
-    :func:`~skinlesion.inference.engine.predict_logits` and the ONNX graph run the TTA views), so
+    :func:`~skinlesion.inference.forward.predict_logits` and the ONNX graph run the TTA views), so
     :meth:`identity` picks every ``views``-th call.
     """
 

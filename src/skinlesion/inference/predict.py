@@ -40,13 +40,13 @@ from skinlesion.core.run_folder import (
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, PreprocessSpec, prepare_with_spec
 from skinlesion.data.tabular import MetadataSpec, encode_metadata
-from skinlesion.inference.engine import predict_logits
 from skinlesion.inference.familiarity import (
     FAMILIARITY_FILE,
     Familiarity,
     StageCapture,
     load_familiarity,
 )
+from skinlesion.inference.forward import predict_logits
 from skinlesion.models.checkpoint import (
     checkpoint_metadata,
     load_checkpoint,

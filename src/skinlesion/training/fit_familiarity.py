@@ -18,15 +18,12 @@ before it existed, skipping members that already have one.
 Example::
 
     fit_run_familiarity("runs/quick")                      # every fold (and final) without one
-    fit_packaged_familiarity(zoo_dir() / "ham10000-lite0-160-meta-ens3", ["data.cache_dir=/tmp/c"])
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +31,12 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from skinlesion.core.config import Config, build_config, load_config, parse_overrides
+from skinlesion.core.config import Config, load_config
 from skinlesion.core.errors import CheckpointError, SkinlesionError
 from skinlesion.core.run_folder import FoldFolder, RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.folds import fold_split
 from skinlesion.data.preprocess import Normalization
-from skinlesion.inference.engine import ImageSource, predict_logits
 from skinlesion.inference.familiarity import (
     FAMILIARITY_FILE,
     Familiarity,
@@ -48,9 +44,8 @@ from skinlesion.inference.familiarity import (
     fit_familiarity,
     save_familiarities,
 )
-from skinlesion.inference.packaged import CARD_FILE, load_packaged, read_packaged_meta
+from skinlesion.inference.forward import ImageRows, predict_logits
 from skinlesion.models.checkpoint import load_checkpoint, model_from_checkpoint
-from skinlesion.training.package import attach_familiarity
 from skinlesion.training.run_data import RunData, load_run_data
 
 log = logging.getLogger(__name__)
@@ -62,7 +57,7 @@ FINAL_HELDOUT_SHARE = 0.2
 
 def identity_statistics(
     model: nn.Module,
-    images: ImageSource,
+    images: ImageRows,
     rows: np.ndarray,
     runtime: Runtime,
     norm: Normalization,
@@ -202,7 +197,7 @@ def fit_checkpoint_familiarity(
             raise
         log.warning("%s: no familiarity (%s)", path.parent, err)
         return None
-    _log_fitted(path.parent, fam)
+    log_fitted(path.parent, fam)
     if data.holdout is not None and int(ckpt["fold"]) >= 0:
         score_holdout_site(model, fam, data, int(ckpt["fold"]), runtime, batch, path.parent)
     return save_familiarities(path.parent / FAMILIARITY_FILE, {"": fam})
@@ -232,7 +227,7 @@ def score_holdout_site(
     return path
 
 
-def _log_fitted(where: Path | str, fam: Familiarity) -> None:
+def log_fitted(where: Path | str, fam: Familiarity) -> None:
     i = fam.info
     log.info(
         "%s: familiarity fitted on %d images, normalised on %d, threshold %.3f at the 99th "
@@ -244,57 +239,3 @@ def _log_fitted(where: Path | str, fam: Familiarity) -> None:
         i["n_heldout"],
         i["heldout"],
     )
-
-
-def _merged(tree: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    out = dict(tree)
-    for key, value in new.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both else value
-    return out
-
-
-def packaged_config(folder: Path, overrides: Sequence[str] = ()) -> Config:
-    """The recipe a packaged model was trained with (its card's ``recipe``), with overrides
-    (e.g. ``data.root=...`` where the data sits elsewhere, ``data.cache_dir=...``)."""
-    card_path = folder / CARD_FILE
-    recipe = json.loads(card_path.read_text()).get("recipe") if card_path.is_file() else None
-    if not recipe:
-        raise CheckpointError(f"{card_path}: no training recipe, so no images to fit on")
-    tree = _merged(recipe, parse_overrides(list(overrides)))
-    return build_config(tree, f"{card_path} recipe" + (" + overrides" if overrides else ""))
-
-
-def fit_packaged_familiarity(
-    folder: str | Path,
-    overrides: Sequence[str] = (),
-    device: str = "auto",
-    progress: bool = True,
-    refit: bool = False,
-) -> Path | None:
-    """Fit every member of a packaged model on the images of the recipe in its card (fold K:
-    its own folds, made again as the run made them), and add ``familiarity.safetensors`` to the
-    package (:func:`~skinlesion.training.package.attach_familiarity`); ``None`` when it already
-    has one (``refit``: fit again)."""
-    folder = Path(folder)
-    meta = read_packaged_meta(folder)
-    if meta.get("familiarity") and not refit:
-        log.info("%s already has a familiarity; pass --refit to fit it again", folder)
-        return None
-    cfg = packaged_config(folder, overrides)
-    runtime = resolve_runtime(device)
-    model = load_packaged(folder, runtime)
-    data = load_run_data(cfg, None, progress=progress)
-    # The detail is measured from the data each time; a model packaged before it was has none.
-    if replace(data.spec, detail=None) != replace(model.members[0].spec, detail=None):
-        raise CheckpointError(
-            f"{folder}: the recipe's preprocessing {data.spec} differs from the model's "
-            f"{model.members[0].spec}"
-        )
-    batch = cfg.train.eval_batch_size or cfg.train.batch_size * 2
-    fams = {}
-    for entry, member in zip(meta["members"], model.members, strict=True):
-        fam = fit_member(member.model, data, member.fold, runtime, cfg.seed, batch, progress)
-        _log_fitted(f"{folder.name} {entry['prefix']}", fam)
-        fams[entry["prefix"]] = fam
-    return attach_familiarity(folder, fams)

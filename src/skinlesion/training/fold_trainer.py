@@ -24,7 +24,7 @@ from skinlesion.core.runtime import (
 from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.sampling import draw_indices
 from skinlesion.data.tabular import MetadataSpec, missing_vector
-from skinlesion.inference.engine import predict_logits
+from skinlesion.inference.forward import predict_logits
 from skinlesion.models.freezing import freeze_stages
 from skinlesion.training.builders import (
     Schedule,
@@ -38,13 +38,13 @@ from skinlesion.training.distributed import (
     rank_share,
     seed_rank_streams,
 )
-from skinlesion.training.engine import MetadataFeed, train_batches
 from skinlesion.training.run_data import (
     RunData,
     metadata_by_row,
     table_sources,
     targets_by_row,
 )
+from skinlesion.training.steps import MetadataFeed, train_batches
 
 
 @dataclass
@@ -210,7 +210,7 @@ def train_fold_epoch(
     progress: bool,
 ) -> float:
     """One training epoch of a fold: draw its global batches with the fold's sampler (the same
-    on every rank), :func:`~skinlesion.training.engine.train_batches` on this rank's share of
+    on every rank), :func:`~skinlesion.training.steps.train_batches` on this rank's share of
     each; the loss averaged over ranks. No validation."""
     d = runtime.dist
     tr.seed_epoch(cfg.seed, d.rank)

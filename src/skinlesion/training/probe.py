@@ -40,7 +40,7 @@ from skinlesion.data.preprocess import Normalization
 from skinlesion.data.sampling import sample_weights
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
 from skinlesion.evaluation.calibration import fit_temperature
-from skinlesion.inference.engine import prepare
+from skinlesion.inference.forward import prepare
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
 from skinlesion.models.factory import fuse_metadata
 from skinlesion.training.builders import (

@@ -30,7 +30,7 @@ from skinlesion.data.folds import (
 from skinlesion.data.preprocess import PreprocessSpec, measure_detail
 from skinlesion.data.sources import load_labelled, warn_ungrouped_sources
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
-from skinlesion.inference.engine import ImageSource
+from skinlesion.inference.forward import ImageRows
 from skinlesion.training.builders import run_spec
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class RunData:
     """Everything the folds share: table (with ``fold`` and ``label``), cached images, spec."""
 
     table: pd.DataFrame
-    images: ImageSource
+    images: ImageRows
     spec: PreprocessSpec
     cache_root: Path
     dataset: dict[str, Any] = field(default_factory=dict)

@@ -18,8 +18,8 @@ from skinlesion.cli import main
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.inference.packaged import load_packaged
-from skinlesion.training.card_text import _familiarity_line as familiarity_line
-from skinlesion.training.card_update import set_site_threshold, site_quantiles
+from skinlesion.publishing.card_text import _familiarity_line as familiarity_line
+from skinlesion.publishing.card_update import set_site_threshold, site_quantiles
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from skinlesion.training.card_text import KNOWN_LIMITS, MULTI_SOURCE_LIMITS, known_limits
+from skinlesion.publishing.card_text import KNOWN_LIMITS, MULTI_SOURCE_LIMITS, known_limits
 
 
 def test_single_source_card_says_ham10000_only() -> None:

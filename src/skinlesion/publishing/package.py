@@ -40,7 +40,7 @@ from skinlesion.inference.packaged_meta import (
 )
 from skinlesion.inference.predict import checkpoint_paths
 from skinlesion.models.checkpoint import load_checkpoint
-from skinlesion.training.card_text import (
+from skinlesion.publishing.card_text import (
     INTENDED_USE,
     LEE_2018,
     LICENSE_TEXT,

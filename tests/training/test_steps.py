@@ -13,8 +13,8 @@ from torch import nn
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.augment import AugmentConfig
 from skinlesion.data.preprocess import Normalization
-from skinlesion.inference.engine import gather, prepare
-from skinlesion.training.engine import train_batches, train_step
+from skinlesion.inference.forward import gather, prepare
+from skinlesion.training.steps import train_batches, train_step
 
 RUNTIME = resolve_runtime("cpu", channels_last=False)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -29,9 +29,9 @@ from skinlesion.data.preprocess import Detail, measure_detail
 from skinlesion.data.sources import load_labelled
 from skinlesion.inference.packaged import CARD_FILE, read_familiarity
 from skinlesion.inference.packaged_meta import MODEL_FILE, read_packaged_meta, write_packaged_meta
-from skinlesion.training.card_text import render_card
-from skinlesion.training.fit_familiarity import packaged_config
-from skinlesion.training.package import attach_familiarity
+from skinlesion.publishing.card_text import render_card
+from skinlesion.publishing.familiarity import packaged_config
+from skinlesion.publishing.package import attach_familiarity
 
 log = logging.getLogger(__name__)
 

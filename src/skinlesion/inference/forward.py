@@ -20,11 +20,11 @@ from skinlesion.core.runtime import Runtime
 from skinlesion.data.augment import AugmentConfig, augment_batch, normalize, to_float, tta_views
 from skinlesion.data.preprocess import Normalization
 
-ImageSource = np.ndarray | torch.Tensor
+ImageRows = np.ndarray | torch.Tensor
 
 
 def gather(
-    images: ImageSource, rows: torch.Tensor | np.ndarray, device: torch.device
+    images: ImageRows, rows: torch.Tensor | np.ndarray, device: torch.device
 ) -> torch.Tensor:
     """uint8 (B, S, S, 3) rows of the image source, on ``device``."""
     if isinstance(images, torch.Tensor):
@@ -57,7 +57,7 @@ def prepare(
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
-    images: ImageSource,
+    images: ImageRows,
     rows: np.ndarray | torch.Tensor,
     *,
     batch_size: int,

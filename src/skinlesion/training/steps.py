@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.augment import AugmentConfig
 from skinlesion.data.preprocess import Normalization
-from skinlesion.inference.engine import ImageSource, gather, prepare
+from skinlesion.inference.forward import ImageRows, gather, prepare
 from skinlesion.models.fusion import drop_metadata
 
 
@@ -66,7 +66,7 @@ def train_step(
 def train_batches(
     model: nn.Module,
     *,
-    images: ImageSource,
+    images: ImageRows,
     labels: torch.Tensor,
     order: torch.Tensor,
     batch_size: int,
