@@ -149,7 +149,9 @@ def test_every_entry_point_gives_the_same_unfamiliarity_and_reason(
             client.post("/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
             for p in mixed
         ]
-    np.testing.assert_allclose(cli["unfamiliarity"].astype(float), u, atol=1e-6)
+    # The CLI writes 6 decimals (5e-7) of scores computed in other batches: float32 sums in
+    # another order, which differ by more than the rounding on some CPUs.
+    np.testing.assert_allclose(cli["unfamiliarity"].astype(float), u, atol=1e-5)
     np.testing.assert_allclose(onnx["unfamiliarity"].astype(float), u, rtol=1e-4, atol=1e-4)
     # The service batches the uploads its own way: float32 sums in another order.
     np.testing.assert_allclose([a["unfamiliarity"] for a in answers], u, atol=1e-5)
