@@ -257,11 +257,22 @@ def test_decode_workers_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert 1 <= decode_workers() <= 8
 
 
-def test_predict_e2e_benchmark_times_each_backend_and_one_decode_thread(spread: Path) -> None:
+def test_predict_e2e_benchmark_times_each_backend_and_one_decode_thread(
+    spread: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from skinlesion.benchmark.predict_e2e import bench_predict_e2e
     from skinlesion.benchmark.tables import format_table
-    from skinlesion.inference.predict import DECODE_WORKERS_ENV
+    from skinlesion.inference import predict
 
+    pools: list[int | None] = []
+
+    def pool(max_workers: int | None = None) -> ThreadPoolExecutor:
+        pools.append(max_workers)
+        return ThreadPoolExecutor(max_workers)
+
+    monkeypatch.setattr(predict, "ThreadPoolExecutor", pool)
     result = bench_predict_e2e(
         str(spread), None, n_images=6, size=(64, 48), backends=("torch", "onnx", "onnx-int8")
     )
@@ -271,7 +282,8 @@ def test_predict_e2e_benchmark_times_each_backend_and_one_decode_thread(spread: 
     assert rows[3]["decode_threads"] == 1 and rows[1]["decode_threads"] >= 1
     for r in (rows[1], rows[3]):
         assert r["max_abs_diff_vs_torch"] <= 1e-4 and r["speedup_vs_torch"] > 0
-    assert DECODE_WORKERS_ENV not in os.environ  # restored after the one-thread run
+    assert pools[-1] == 1 and max(pools) == rows[1]["decode_threads"]  # the pools it ran
+    assert predict.DECODE_WORKERS_ENV not in os.environ  # a parameter, not the environment
     assert "decode threads" in format_table(result)
 
 

@@ -63,9 +63,9 @@ def bench_loader(
 ) -> dict[str, Any]:
     """Images/s of the uint8-cache pipeline against decoding the JPEGs for every batch, on CPU.
 
-    Both pipelines prepare the same randomly drawn rows the same way (``engine.prepare`` with the
+    Both pipelines prepare the same randomly drawn rows the same way (``forward.prepare`` with the
     default augmentation); they differ only in where the uint8 pixels come from: rows of the cache
-    (``engine.gather``) or ``preprocess.prepare_image`` on each file (``decode_workers`` threads,
+    (``forward.gather``) or ``preprocess.prepare_image`` on each file (``decode_workers`` threads,
     default one per torch thread, as ``build_cache`` decodes). ``data_root=None`` writes a
     synthetic set of about ``synthetic_images`` JPEGs of ``synthetic_size`` (w, h) pixels, the
     official HAM10000 release's 600x450 by default; else the first ``max_images`` images (by

@@ -4,7 +4,6 @@ release's 600x450 (written to a temporary folder, deleted afterwards)."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,24 +37,16 @@ def _time_backend(
     model: str | None, images: list[Path], backend: str, batch_size: int, workers: int | None
 ) -> dict[str, Any]:
     from skinlesion.core.runtime import resolve_runtime
-    from skinlesion.inference.predict import DECODE_WORKERS_ENV, decode_workers
+    from skinlesion.inference.predict import decode_workers
     from skinlesion.inference.resolve import resolve_model
 
-    before = os.environ.get(DECODE_WORKERS_ENV)
-    if workers is not None:
-        os.environ[DECODE_WORKERS_ENV] = str(workers)
-    try:
-        threads = decode_workers()
-        start = time.perf_counter()
-        loaded = resolve_model(model, resolve_runtime("cpu"), backend)
-        loaded_s = time.perf_counter() - start
-        table = loaded.predict(images, batch_size=batch_size)
-        total = time.perf_counter() - start
-    finally:
-        if before is None:
-            os.environ.pop(DECODE_WORKERS_ENV, None)
-        else:
-            os.environ[DECODE_WORKERS_ENV] = before
+    threads = workers or decode_workers()
+    start = time.perf_counter()
+    loaded = resolve_model(model, resolve_runtime("cpu"), backend)
+    loaded.decode_workers = threads
+    loaded_s = time.perf_counter() - start
+    table = loaded.predict(images, batch_size=batch_size)
+    total = time.perf_counter() - start
     probs = table[loaded.class_names].to_numpy(dtype=float)
     return {
         "backend": backend,

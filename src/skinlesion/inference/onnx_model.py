@@ -122,6 +122,7 @@ class OnnxModel:
         self.card: dict[str, Any] | None = json.loads(card.read_text()) if card.is_file() else None
         self.backend = "onnx-int8" if self.meta.get("quantization") else "onnx"
         self.engines_used: set[str] = set()
+        self.decode_workers: int | None = None  # decoding threads; None: decode_workers()
 
     @property
     def name(self) -> str:
@@ -248,7 +249,14 @@ class OnnxModel:
         scored = familiarity and self.has_familiarity
         n_classes = len(self.class_names)
         return predict_prepared(
-            sources, [self.spec], n_classes, outputs, scored, batch_size, progress
+            sources,
+            [self.spec],
+            n_classes,
+            outputs,
+            scored,
+            batch_size,
+            progress,
+            workers=self.decode_workers,
         )
 
     def predict(

@@ -89,6 +89,8 @@ class LoadedModel:
     fallbacks_logged: set[str] = field(default_factory=set, repr=False)
     # The engines that computed this model's outputs so far (a fallback runs torch).
     engines_used: set[str] = field(default_factory=set, repr=False)
+    # Threads that decode and prepare images; None: decode_workers() (the environment).
+    decode_workers: int | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -152,6 +154,7 @@ class LoadedModel:
             table,
             familiarity,
             outputs=outputs,
+            workers=self.decode_workers,
         )
 
     def outputs(

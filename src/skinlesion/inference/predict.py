@@ -322,6 +322,7 @@ def predict_images(
     metadata: pd.DataFrame | None = None,
     familiarity: bool = True,
     outputs: Outputs | None = None,
+    workers: int | None = None,
 ) -> Predictions:
     """Probabilities, errors and unfamiliarity of each source (see :class:`Predictions`).
 
@@ -329,7 +330,8 @@ def predict_images(
     a row per source with any of ``age``, ``sex``, ``localization`` (missing values allowed),
     used by models fused with metadata; ``None``: no metadata for any image. ``outputs``
     replaces :func:`ensemble_outputs` on each chunk of prepared images (another backend, e.g. an
-    ONNX graph). See :func:`predict_prepared`.
+    ONNX graph). ``workers``: decoding threads (default :func:`decode_workers`). See
+    :func:`predict_prepared`.
     """
     if not members:
         raise ValueError("no models to predict with")
@@ -342,7 +344,7 @@ def predict_images(
     specs = list(dict.fromkeys(m.spec for m in members))
     n_classes = len(members[0].spec.class_names)
     return predict_prepared(
-        sources, specs, n_classes, outputs or run, scored, batch_size, progress, metadata
+        sources, specs, n_classes, outputs or run, scored, batch_size, progress, metadata, workers
     )
 
 
@@ -355,18 +357,19 @@ def predict_prepared(
     batch_size: int = 32,
     progress: bool = True,
     metadata: pd.DataFrame | None = None,
+    workers: int | None = None,
 ) -> Predictions:
     """Each source prepared for each of ``specs`` and given, a chunk at a time, to ``outputs``
     (the engine: probabilities (N, ``n_classes``) and, when ``scored``, unfamiliarity), with
     its rows of ``metadata``. One bad file never costs the predictions of the others. Images
     are decoded and prepared by a thread pool (PIL releases the GIL while it decodes and
-    resizes)."""
+    resizes): ``workers`` of them, default :func:`decode_workers`."""
     out = np.full((len(sources), n_classes), np.nan)
     unfamiliar = np.full(len(sources), np.nan) if scored else None
     errors: dict[int, str] = {}
     chunk = max(batch_size * 4, 64)
     bar = tqdm(total=len(sources), desc="predict", disable=not progress)
-    with ThreadPoolExecutor(decode_workers()) as pool:
+    with ThreadPoolExecutor(workers or decode_workers()) as pool:
         for start in range(0, len(sources), chunk):
             idx = list(range(start, min(start + chunk, len(sources))))
             stacked, ok = _prepare_chunk(sources, idx, list(specs), errors, pool)

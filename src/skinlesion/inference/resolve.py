@@ -101,6 +101,8 @@ class Predictor(Protocol):
     @property
     def engines_used(self) -> set[str]: ...
 
+    decode_workers: int | None  # threads that decode images; None: decode_workers()
+
     @property
     def uses_metadata(self) -> bool: ...
 
