@@ -108,6 +108,6 @@ def test_the_cli_sets_it_and_refuses_a_run_folder(
     shutil.copytree(familiar, folder)
     run = _cross_site_run(tmp_path / "run", SITES)
     assert main(["fit-familiarity", str(folder), "--threshold-from", str(run)]) == 0
-    assert "x1.900 (alpha 0.950, beta 1.900)" in capsys.readouterr().out
+    assert "x1.960 (alpha 0.980, beta 1.960)" in capsys.readouterr().out  # 2% by default
     assert main(["fit-familiarity", str(run), "--threshold-from", str(run)]) == 2
     assert "not a packaged model" in capsys.readouterr().err

@@ -91,13 +91,14 @@ def _cmd_fit_familiarity(args: argparse.Namespace) -> int:
 def _site_threshold(target: Path, args: argparse.Namespace) -> int:
     from skinlesion.core.errors import ConfigError
     from skinlesion.inference.packaged import MODEL_FILE
-    from skinlesion.publishing.card_update import set_site_threshold
+    from skinlesion.publishing.card_update import SITE_RATE, set_site_threshold
 
     if not (target / MODEL_FILE).is_file():
         raise ConfigError(f"--threshold-from: {target} is not a packaged model")
     if args.overrides or args.refit:
         raise ConfigError("--threshold-from sets the threshold only: no overrides or --refit")
-    basis = set_site_threshold(target, args.threshold_from, args.site_rate)
+    rate = SITE_RATE if args.site_rate is None else args.site_rate
+    basis = set_site_threshold(target, args.threshold_from, rate)
     sites = ", ".join(f"{s} {q:.3f}" for s, q in basis["sites"].items())
     print(f"{target}: familiarity threshold x{basis['scale']:.3f} ({sites})")
     return 0
@@ -274,8 +275,8 @@ def _add_fit_familiarity(sub: argparse._SubParsersAction) -> None:
     fa.add_argument(
         "--site-rate",
         type=float,
-        default=0.05,
-        help="with --threshold-from: share of each held-out source called unlike (default 0.05)",
+        default=None,
+        help="with --threshold-from: share of each held-out source called unlike (default 0.02)",
     )
     fa.add_argument("--no-progress", action="store_true")
     fa.set_defaults(func=_cmd_fit_familiarity)
