@@ -24,9 +24,10 @@ from skinlesion.inference.familiarity import (
     load_familiarities,
     save_familiarities,
 )
-from skinlesion.inference.packaged import load_packaged, resolve_model
+from skinlesion.inference.packaged import load_packaged
 from skinlesion.inference.packaged_meta import MODEL_FILE, WEIGHTS_FILE
 from skinlesion.inference.predict import Member
+from skinlesion.inference.resolve import resolve_model
 
 CPU = resolve_runtime("cpu")
 TTA = 2

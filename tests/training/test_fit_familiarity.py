@@ -105,7 +105,7 @@ def _graph_key(folder: Path) -> str | None:
     """The key of the cached ONNX graph of the run in ``folder`` (TTA 2, fp32)."""
     from skinlesion.core.runtime import resolve_runtime
     from skinlesion.inference.backend import graph_key
-    from skinlesion.inference.packaged import resolve_model
+    from skinlesion.inference.resolve import resolve_model
 
     members = resolve_model(folder, resolve_runtime("cpu"), backend="torch").members
     return graph_key(members, 2, False)
