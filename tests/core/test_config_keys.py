@@ -252,4 +252,5 @@ def test_each_mapped_test_exists_and_names_the_field(key: str) -> None:
     found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
     assert found, f"{EXERCISED_BY[key]}: no such test"
     assert key.rpartition(".")[2] in ast.get_source_segment((REPO / path).read_text(), found[0])
-    assert key in LEAVES and key not in _shipped_keys()
+    # A key a config sets later (a candidate recipe) may keep its entry: the test still runs it.
+    assert key in LEAVES
