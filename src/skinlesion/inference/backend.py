@@ -2,7 +2,9 @@
 onnxruntime (fp32, or int8 from ``skinlesion export --int8``).
 
 ``auto`` (the default of ``predict``, ``evaluate``, ``serve`` and ``resolve_model``) is
-``onnx`` on a CPU device and ``torch`` on CUDA. The graph is exported once per model into the
+``onnx`` on a CPU device and ``torch`` on CUDA; a ``predict`` of fewer than
+:data:`EXPORT_PAYS_OFF` images runs on PyTorch until the graph is cached, so that a first
+prediction takes seconds. The graph is exported once per model into the
 user cache (``$SKINLESION_CACHE/onnx/KEY``), keyed by the SHA-256 of the weights files (with the
 familiarity and ``model.json`` beside them), the TTA views, the opset and the versions of
 skinlesion and torch (the exporter); int8 graphs have their own key, which names how they are
