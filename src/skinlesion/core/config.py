@@ -178,6 +178,12 @@ class TrainConfig(_Strict):
     a CPU)."""
     freeze_stages: int = Field(0, ge=0)
     """Fine-tune only the last stages: the stem and the first K stages stay frozen."""
+    mixstyle: float = Field(0.0, ge=0, le=1)
+    """MixStyle: probability that a batch's feature statistics are mixed between its images
+    after each of ``mixstyle_stages`` (training only; 0 = off)."""
+    mixstyle_alpha: float = Field(0.1, gt=0)
+    """MixStyle's mixing weight is drawn from Beta(alpha, alpha)."""
+    mixstyle_stages: list[int] = [1, 2, 3]
     probe_flips: bool = True
     """Linear probe: average each embedding over the image and its h/v flips."""
     epochs: int = Field(20, ge=1)

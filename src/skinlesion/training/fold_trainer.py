@@ -26,6 +26,7 @@ from skinlesion.data.sampling import draw_indices
 from skinlesion.data.tabular import MetadataSpec, missing_vector
 from skinlesion.inference.forward import predict_logits
 from skinlesion.models.freezing import freeze_stages
+from skinlesion.models.mixstyle import add_mixstyle
 from skinlesion.training.builders import (
     Schedule,
     build_criterion,
@@ -111,8 +112,8 @@ def build_trainer(
     metadata: MetadataSpec | None = None,
     metadata_rows: np.ndarray | None = None,
 ) -> FoldTrainer:
-    """Model (pretrained, synchronised BatchNorm, frozen stages, DDP/compile), loss, optimizer,
-    schedule, generators.
+    """Model (pretrained, synchronised BatchNorm, frozen stages, MixStyle, DDP/compile), loss,
+    optimizer, schedule, generators.
 
     ``train.batch_size`` is the global batch: the steps per epoch do not depend on the number
     of processes. A fused model takes ``metadata``'s encoding; ``metadata_rows`` holds it per
@@ -123,6 +124,8 @@ def build_trainer(
     if runtime.dist.enabled and cfg.train.sync_bn:
         model = convert_sync_batchnorm(model, runtime.device)
     frozen = freeze_stages(model, cfg.train.freeze_stages)
+    if cfg.train.mixstyle > 0:
+        add_mixstyle(model, cfg.train.mixstyle, cfg.train.mixstyle_alpha, cfg.train.mixstyle_stages)
     train_model: nn.Module = model
     if runtime.dist.enabled:
         # Broadcasts rank 0's weights and buffers; the ranks' random streams part afterwards.
