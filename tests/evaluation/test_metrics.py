@@ -2,6 +2,7 @@ import inspect
 import json
 import math
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,14 +12,18 @@ from sklearn import metrics as skm
 from skinlesion.core.labels import CLASSES
 from skinlesion.evaluation import metrics as metrics_module
 from skinlesion.evaluation.metrics import (
-    bootstrap_metrics,
     draw_bootstrap_weights,
-    evaluate_predictions,
     expected_calibration_error,
-    melanoma_threshold_for_specificity,
-    point_metrics,
     reliability_bins,
     roc_curve_points,
+)
+
+# The metric functions take the class list from their caller; these tests use HAM10000's 7.
+point_metrics = partial(metrics_module.point_metrics, classes=CLASSES)
+bootstrap_metrics = partial(metrics_module.bootstrap_metrics, classes=CLASSES)
+evaluate_predictions = partial(metrics_module.evaluate_predictions, classes=CLASSES)
+melanoma_threshold_for_specificity = partial(
+    metrics_module.melanoma_threshold_for_specificity, classes=CLASSES
 )
 
 K = len(CLASSES)

@@ -50,14 +50,14 @@ def _run(folder: Path, y: np.ndarray, groups: np.ndarray, probs: np.ndarray) -> 
 
 def test_difference_is_b_minus_a_with_an_interval_around_it() -> None:
     y, groups, noisy, good = _data()
-    result = paired_bootstrap(y, noisy, good, groups, n_boot=200, seed=0)
-    a, b = point_metrics(y, noisy), point_metrics(y, good)
+    result = paired_bootstrap(y, noisy, good, groups, n_boot=200, seed=0, classes=CLASSES)
+    a, b = point_metrics(y, noisy, classes=CLASSES), point_metrics(y, good, classes=CLASSES)
     r = result["balanced_accuracy"]
     assert r["a"] == pytest.approx(a["balanced_accuracy"])
     assert r["b"] == pytest.approx(b["balanced_accuracy"]) == pytest.approx(1.0)
     assert r["difference"] == pytest.approx(b["balanced_accuracy"] - a["balanced_accuracy"])
     assert 0 < r["ci95"][0] <= r["difference"] <= r["ci95"][1]
-    same = paired_bootstrap(y, noisy, noisy.copy(), groups, n_boot=50, seed=0)
+    same = paired_bootstrap(y, noisy, noisy.copy(), groups, n_boot=50, seed=0, classes=CLASSES)
     assert same["macro_auroc"]["difference"] == 0.0 and same["macro_auroc"]["ci95"] == [0.0, 0.0]
 
 
@@ -130,11 +130,12 @@ def test_two_evaluations_of_one_set_are_compared(
         if lesions
         else np.array([f"ISIC_{i:07d}" for i in range(len(y))]),
         n_boot=50,
+        classes=CLASSES,
     )
     assert result["metrics"] == expected
     # Melanoma AUROC is among the paired figures, and equals the point metric.
     assert result["metrics"]["mel_auroc"]["a"] == pytest.approx(
-        point_metrics(y, noisy)["per_class"]["mel"]["auroc"]
+        point_metrics(y, noisy, classes=CLASSES)["per_class"]["mel"]["auroc"]
     )
     assert main(["compare", str(a), str(b), "--n-boot", "20"]) == 0
     assert "same labelled images" in capsys.readouterr().out
@@ -167,11 +168,17 @@ def test_melanoma_sensitivity_at_95_specificity_is_a_point_of_the_roc() -> None:
     probs[:, mel] = scores
     probs[:, CLASSES.index("nv")] = 1 - scores
     y = np.r_[np.full(20, CLASSES.index("nv")), np.full(4, mel)]
-    assert sensitivity_at_specificity(y, probs) == pytest.approx(0.75)
-    assert sensitivity_at_specificity(y, probs, specificity=1.0) == pytest.approx(0.5)
-    assert sensitivity_at_specificity(y, probs, specificity=0.90) == pytest.approx(0.75)
-    assert sensitivity_at_specificity(y, probs, specificity=0.25) == pytest.approx(1.0)
-    assert sensitivity_at_specificity(y[:20], probs[:20]) is None  # no melanoma
+    assert sensitivity_at_specificity(y, probs, classes=CLASSES) == pytest.approx(0.75)
+    assert sensitivity_at_specificity(y, probs, classes=CLASSES, specificity=1.0) == pytest.approx(
+        0.5
+    )
+    assert sensitivity_at_specificity(y, probs, classes=CLASSES, specificity=0.90) == pytest.approx(
+        0.75
+    )
+    assert sensitivity_at_specificity(y, probs, classes=CLASSES, specificity=0.25) == pytest.approx(
+        1.0
+    )
+    assert sensitivity_at_specificity(y[:20], probs[:20], classes=CLASSES) is None  # no melanoma
     y2, groups, noisy, good = _data()
-    result = paired_bootstrap(y2, noisy, good, groups, n_boot=50, seed=0)
+    result = paired_bootstrap(y2, noisy, good, groups, n_boot=50, seed=0, classes=CLASSES)
     assert result["mel_sensitivity_at_spec95"]["b"] == pytest.approx(1.0)

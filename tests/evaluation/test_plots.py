@@ -41,7 +41,7 @@ def assert_png(path: Path, min_bytes: int = 10_000) -> None:
 
 def test_confusion_matrices(tmp_path: Path, predictions) -> None:
     y, _, probs = predictions
-    cm = point_metrics(y, probs)["confusion_matrix"]
+    cm = point_metrics(y, probs, classes=CLASSES)["confusion_matrix"]
     path = plot_confusion_matrices(cm, CLASSES, tmp_path / "nested" / "cm.png")
     assert path == tmp_path / "nested" / "cm.png"
     assert_png(path)

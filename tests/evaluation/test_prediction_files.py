@@ -14,7 +14,9 @@ from skinlesion.core.labels import CLASSES
 from skinlesion.evaluation.prediction_files import (
     class_columns,
     labelled_predictions,
+    read_holdout_unfamiliarity,
     read_predictions,
+    write_holdout_unfamiliarity,
     write_predictions,
 )
 
@@ -198,3 +200,32 @@ def test_a_long_run_of_faults_is_counted_not_listed(tmp_path: Path) -> None:
         read_predictions(path)
     assert len(err.value.problems) == 6
     assert err.value.problems[-1] == "column dx: 3 more such line(s)"
+
+
+def test_held_out_unfamiliarity_round_trips_with_text_ids(tmp_path: Path) -> None:
+    path = tmp_path / "holdout_unfamiliarity.csv"
+    scores = np.array([0.123456789, 2.5, 1e-4])
+    write_holdout_unfamiliarity(["0012", "ISIC_1", "7"], scores, path)
+    table = read_holdout_unfamiliarity(path)
+    assert table["image_id"].tolist() == ["0012", "ISIC_1", "7"]
+    np.testing.assert_allclose(table["unfamiliarity"], scores, rtol=1e-7)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("image_id,score\na,1\n", r"missing column\(s\) \['unfamiliarity'\]"),
+        ("image_id,unfamiliarity\n", "no rows"),
+        ("image_id,unfamiliarity\na,1\nb,nan\n", "line 3 is not a finite number"),
+        ("image_id,unfamiliarity\na,x\n", "line 2 is not a finite number"),
+    ],
+)
+def test_a_broken_held_out_unfamiliarity_file_is_named(
+    tmp_path: Path, text: str, match: str
+) -> None:
+    path = tmp_path / "holdout_unfamiliarity.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=match) as err:
+        read_holdout_unfamiliarity(path)
+    assert str(path) in str(err.value)

@@ -259,7 +259,7 @@ def test_render_markdown_from_computed_metrics() -> None:
     probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(y))
     probs[np.arange(len(y)), y] += 2.0
     probs /= probs.sum(1, keepdims=True)
-    result = evaluate_predictions(y, probs, mel_threshold=0.3, n_boot=50)
+    result = evaluate_predictions(y, probs, classes=CLASSES, mel_threshold=0.3, n_boot=50)
     result["mel_threshold"] = 0.3
     md = render_markdown(result, "t")
     assert "absent: akiec, bcc, bkl, df, vasc" in md

@@ -117,9 +117,9 @@ def test_card_figures_equal_those_recomputed_from_saved_predictions(tiny_run: Pa
     oof = pd.read_csv(tiny_run / "oof_predictions.csv", dtype={"image_id": str, "lesion_id": str})
     y = oof["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     p = oof[list(CLASSES)].to_numpy(dtype=np.float64)
-    thr = melanoma_threshold_for_specificity(y, p, 0.95)
+    thr = melanoma_threshold_for_specificity(y, p, 0.95, classes=CLASSES)
     res = evaluate_predictions(
-        y, p, groups=oof["lesion_id"].to_numpy(), mel_threshold=thr, n_boot=30
+        y, p, groups=oof["lesion_id"].to_numpy(), classes=CLASSES, mel_threshold=thr, n_boot=30
     )
     fig = card["metrics"]["out_of_fold"]
     assert fig["n"] == len(oof)

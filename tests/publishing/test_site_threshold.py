@@ -10,13 +10,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import attach_tiny_familiarity, make_tiny_packaged, spread_images
 
 from skinlesion.cli import main
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import resolve_runtime
+from skinlesion.evaluation.prediction_files import write_holdout_unfamiliarity
 from skinlesion.inference.packaged import load_packaged
 from skinlesion.publishing.card_text import _familiarity_line as familiarity_line
 from skinlesion.publishing.card_update import set_site_threshold, site_quantiles
@@ -39,9 +39,7 @@ def _cross_site_run(root: Path, sites: dict[str, np.ndarray], unfinished: str = 
         fold = root / f"fold_{k}"
         fold.mkdir(parents=True)
         ids = [f"{site}_{i}" for i in range(len(scores))]
-        pd.DataFrame({"image_id": ids, "unfamiliarity": scores}).to_csv(
-            fold / "holdout_unfamiliarity.csv", index=False
-        )
+        write_holdout_unfamiliarity(ids, scores, fold / "holdout_unfamiliarity.csv")
         if site != unfinished:
             (fold / "summary.json").write_text(json.dumps({"fold": k, "holdout_site": site}))
     return root

@@ -14,6 +14,7 @@ from conftest import FINETUNE, run_overrides, train_cli
 
 from skinlesion.cli import main
 from skinlesion.core.run_folder import RunFolder
+from skinlesion.evaluation.prediction_files import read_holdout_unfamiliarity
 from skinlesion.evaluation.yardstick import compare_yardsticks, yardstick_score
 
 SITES = ("site_a", "site_b", "site_c")
@@ -47,7 +48,7 @@ def test_each_site_is_predicted_by_the_model_that_held_it_out(sited: Path, cross
         inner = pd.read_csv(fold.inner_val_predictions)
         assert site not in set(inner["site"]) and len(inner) == summary["n_val"]
         assert 0 < summary["mel_threshold"] < 1 and summary["refer"]["n"] == len(inner)
-        scored = pd.read_csv(fold.holdout_unfamiliarity, dtype={"image_id": str})
+        scored = read_holdout_unfamiliarity(fold.holdout_unfamiliarity)
         assert set(scored["image_id"]) == set(test["image_id"])
 
 

@@ -47,7 +47,7 @@ def write_fake_oof(cfg: Any, probs: np.ndarray) -> Path:
 
 def test_identical_predictions_have_zero_inflation() -> None:
     y, groups, probs = hand_data()
-    result = paired_inflation(y, probs, probs.copy(), groups, n_boot=100, seed=1)
+    result = paired_inflation(y, probs, probs.copy(), groups, n_boot=100, seed=1, classes=CLASSES)
     assert set(result) == {
         *AUDIT_METRICS,
         "mel_auroc",
@@ -65,8 +65,11 @@ def test_perfect_leaky_predictions_are_inflated() -> None:
     y, groups, noisy = hand_data()
     perfect = np.full_like(noisy, 0.02 / (K - 1))
     perfect[np.arange(len(y)), y] = 0.98
-    result = paired_inflation(y, perfect, noisy, groups, n_boot=200, seed=0)
-    clean, leaky = point_metrics(y, noisy), point_metrics(y, perfect)
+    result = paired_inflation(y, perfect, noisy, groups, n_boot=200, seed=0, classes=CLASSES)
+    clean, leaky = (
+        point_metrics(y, noisy, classes=CLASSES),
+        point_metrics(y, perfect, classes=CLASSES),
+    )
     for name in HIGHER_IS_BETTER:
         r = result[name]
         assert r["lesion_grouped"] == pytest.approx(clean[name])
@@ -78,7 +81,7 @@ def test_perfect_leaky_predictions_are_inflated() -> None:
     for name in ("log_loss",):
         assert result[name]["inflation"] < 0 and result[name]["ci95"][1] < 0
     # Swapping the roles flips the sign.
-    swapped = paired_inflation(y, noisy, perfect, groups, n_boot=200, seed=0)
+    swapped = paired_inflation(y, noisy, perfect, groups, n_boot=200, seed=0, classes=CLASSES)
     assert swapped["accuracy"]["inflation"] == pytest.approx(-result["accuracy"]["inflation"])
 
 
@@ -87,10 +90,12 @@ def test_bootstrap_resamples_whole_lesions() -> None:
     the resampling unit is the lesion: the set has no more independent information."""
     y, groups, noisy = hand_data()
     perfect = np.eye(K)[y] * 0.9 + 0.1 / K
-    single = paired_inflation(y[::2], perfect[::2], noisy[::2], groups[::2], 300, seed=3)
+    single = paired_inflation(
+        y[::2], perfect[::2], noisy[::2], groups[::2], 300, seed=3, classes=CLASSES
+    )
     dup = paired_inflation(
         np.repeat(y[::2], 4), np.repeat(perfect[::2], 4, 0), np.repeat(noisy[::2], 4, 0),
-        np.repeat(groups[::2], 4), 300, seed=3,
+        np.repeat(groups[::2], 4), 300, seed=3, classes=CLASSES,
     )  # fmt: skip
     for name in ("accuracy", "balanced_accuracy"):
         assert dup[name]["inflation"] == pytest.approx(single[name]["inflation"])
@@ -129,7 +134,7 @@ def test_audit_writes_both_schemes(audit: tuple[Path, dict[str, Any]], syn_root:
     # Each reported value is the point metric of that scheme's OOF predictions.
     for scheme, df in oof.items():
         y = df["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-        expected = point_metrics(y, df[list(CLASSES)].to_numpy(np.float64))
+        expected = point_metrics(y, df[list(CLASSES)].to_numpy(np.float64), classes=CLASSES)
         for name in AUDIT_METRICS:
             got = result["metrics"][name]
             assert got[scheme] == pytest.approx(expected[name], abs=1e-9), (scheme, name)
@@ -189,7 +194,9 @@ def test_audit_runs_each_scheme_on_all_folds(
     ba = result["metrics"]["balanced_accuracy"]
     assert ba["ci95"] is None and ba["n_valid"] == 0
     assert ba["image_random"] == 1.0
-    assert ba["inflation"] == pytest.approx(1.0 - point_metrics(y, noisy)["balanced_accuracy"])
+    assert ba["inflation"] == pytest.approx(
+        1.0 - point_metrics(y, noisy, classes=CLASSES)["balanced_accuracy"]
+    )
     assert "| balanced_accuracy |" in (tmp_path / "leakage.md").read_text()
 
 

@@ -17,6 +17,6 @@ CLASS_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def class_index(classes: Sequence[str] = CLASSES) -> dict[str, int]:
-    """``{class name: output index}``, e.g. ``class_index()["mel"] == 4``."""
+def class_index(classes: Sequence[str]) -> dict[str, int]:
+    """``{class name: output index}``, e.g. ``class_index(CLASSES)["mel"] == 4``."""
     return {c: i for i, c in enumerate(classes)}

@@ -54,7 +54,13 @@ def site_figures(
     probs = table[list(classes)].to_numpy(np.float64)
     threshold = summary.get("mel_threshold")
     m = evaluate_predictions(
-        y, probs, table["lesion_id"].to_numpy(), classes, threshold, n_boot=n_boot, seed=seed
+        y,
+        probs,
+        table["lesion_id"].to_numpy(),
+        classes=classes,
+        mel_threshold=threshold,
+        n_boot=n_boot,
+        seed=seed,
     )
     point, ci = m["point"], m["ci95"]
     support = {c: v["support"] for c, v in point["per_class"].items()}

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from skinlesion.core.errors import ConfigError, DataError
-from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.labels import class_index
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.labelled_table import (
@@ -75,7 +75,8 @@ def load_labels(
     images_dir: Path,
     label_map: dict[str, str] | None = None,
     where: Mapping[str, str | Sequence[str]] | None = None,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
 ) -> pd.DataFrame:
     """Labels with ``label`` (index in the model's ``classes``), ``path`` and ``source`` (the
     file's stem), through :mod:`skinlesion.data.labelled_table`'s steps; every problem reported
@@ -217,7 +218,7 @@ def evaluate_external(
     runtime = resolve_runtime(device)
     loaded = resolve_model(model, runtime, backend, tta, detail)
     classes = loaded.class_names
-    labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes)
+    labels = load_labels(Path(labels_csv), Path(images_dir), mapping, where, classes=classes)
     tta = loaded.tta if tta is None else tta
     metadata, used = _metadata(labels, loaded, use_metadata, str(labels_csv))
     unseen = loaded.unseen_metadata(metadata, str(labels_csv)) if metadata is not None else {}
@@ -225,10 +226,11 @@ def evaluate_external(
     if out.errors:
         raise DataError("images failed to decode", list(out.errors.values()))
     y, p = _write_predictions(labels, out.probs, classes, output, out.unfamiliarity)
-    reference = loaded.reference
-    threshold = reference.get("mel_threshold") if reference else None
+    threshold = loaded.reference.get("mel_threshold") if loaded.reference else None
     groups = labels["lesion_id"].to_numpy() if "lesion_id" in labels.columns else None
-    metrics = evaluate_predictions(y, p, groups, classes, threshold, n_boot=n_boot)
+    metrics = evaluate_predictions(
+        y, p, groups, classes=classes, mel_threshold=threshold, n_boot=n_boot
+    )
     result = {
         "source": str(labels_csv),
         "filter": where or {},
@@ -242,7 +244,7 @@ def evaluate_external(
         "mel_threshold_rule": "taken unchanged from the run's out-of-fold report"
         if threshold is not None
         else "none (no out-of-fold report found)",
-        "domain": reference_domain(p, reference),
+        "domain": reference_domain(p, loaded.reference),
         **metrics,
     }
     result.update(_refer_results(y, p, out.unfamiliarity, loaded))

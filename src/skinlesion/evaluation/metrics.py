@@ -11,7 +11,7 @@ by how often it (or its lesion) was drawn. That keeps the two consistent by cons
 
 Example::
 
-    report = evaluate_predictions(y_true, probs, groups=lesion_ids, n_boot=1000)
+    report = evaluate_predictions(y_true, probs, groups=lesion_ids, classes=CLASSES, n_boot=1000)
     report["point"]["balanced_accuracy"], report["ci95"]["balanced_accuracy"]
 """
 
@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from skinlesion.core.labels import CLASSES, MELANOMA
+from skinlesion.core.labels import MELANOMA
 
 # The floor scikit-learn uses, so log loss agrees with sklearn.metrics.log_loss.
 LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
@@ -241,7 +242,8 @@ def _to_float(value: float) -> float | None:
 def point_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
     mel_threshold: float | None = None,
 ) -> dict:
     """Point estimates of every metric, as JSON-able python values.
@@ -309,7 +311,7 @@ def draw_bootstrap_weights(
 
 
 def replicate_metrics(
-    y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray, classes: Sequence[str] = CLASSES
+    y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray, *, classes: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Balanced accuracy and each class's AUROC (``auroc.<class>``) per row of bootstrap
     ``weights`` (B, n); NaN where undefined. The same weights for two models pair them."""
@@ -333,7 +335,8 @@ def bootstrap_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
     groups: np.ndarray | None = None,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
     mel_threshold: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -392,7 +395,8 @@ def melanoma_threshold_for_specificity(
     y_true: np.ndarray,
     probs: np.ndarray,
     specificity: float = 0.95,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
 ) -> float:
     """Smallest threshold on ``p_mel`` whose melanoma-vs-rest specificity reaches ``specificity``.
 
@@ -474,7 +478,8 @@ def evaluate_predictions(
     y_true: np.ndarray,
     probs: np.ndarray,
     groups: np.ndarray | None = None,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
     mel_threshold: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -485,16 +490,9 @@ def evaluate_predictions(
     :func:`bootstrap_metrics`), ``n_boot``, ``seed`` and ``bootstrap_unit`` ("lesion" when
     ``groups`` is given, else "image").
     """
-    point = point_metrics(y_true, probs, classes, mel_threshold)
-    boot = bootstrap_metrics(
-        y_true, probs, groups, classes, mel_threshold, n_boot=n_boot, seed=seed, alpha=0.05
-    )
-    return {
-        "n": point["n"],
-        "point": point,
-        "ci95": boot["intervals"],
-        "ci_n_valid": boot["n_valid"],
-        "n_boot": boot["n_boot"],
-        "seed": boot["seed"],
-        "bootstrap_unit": boot["bootstrap_unit"],
-    }
+    kw: dict[str, Any] = {"classes": classes, "mel_threshold": mel_threshold}
+    point = point_metrics(y_true, probs, **kw)
+    boot = bootstrap_metrics(y_true, probs, groups, n_boot=n_boot, seed=seed, **kw)
+    ci = {"ci95": boot["intervals"], "ci_n_valid": boot["n_valid"]}
+    kept = {k: boot[k] for k in ("n_boot", "seed", "bootstrap_unit")}
+    return {"n": point["n"], "point": point, **ci, **kept}

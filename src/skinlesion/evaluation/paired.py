@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.core.errors import DataError
-from skinlesion.core.labels import CLASSES
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.metrics import (
     draw_bootstrap_weights,
@@ -38,22 +37,22 @@ PAIRED_METRICS: tuple[str, ...] = (
 
 
 def scalar_metrics(
-    y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
+    y: np.ndarray, probs: np.ndarray, *, classes: Sequence[str]
 ) -> dict[str, float | None]:
     """The metrics of :data:`PAIRED_METRICS` plus melanoma AUROC, sensitivity at the argmax,
     and sensitivity at 95% specificity (``None`` without a ``mel`` class, or without melanomas
     or other lesions)."""
-    m = point_metrics(y, probs, classes)
+    m = point_metrics(y, probs, classes=classes)
     out = {k: m[k] for k in PAIRED_METRICS}
     mel = m["per_class"].get("mel")
     out["mel_auroc"] = mel["auroc"] if mel else None
     out["mel_sensitivity_argmax"] = m["mel"]["sensitivity_argmax"]
-    out["mel_sensitivity_at_spec95"] = sensitivity_at_specificity(y, probs, classes)
+    out["mel_sensitivity_at_spec95"] = sensitivity_at_specificity(y, probs, classes=classes)
     return out
 
 
 def sensitivity_at_specificity(
-    y: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, specificity: float = 0.95
+    y: np.ndarray, probs: np.ndarray, specificity: float = 0.95, *, classes: Sequence[str]
 ) -> float | None:
     """Melanoma-vs-rest sensitivity at the threshold that gives ``specificity`` on these images
     themselves: a point of their ROC curve, so two models are compared at the same
@@ -65,7 +64,7 @@ def sensitivity_at_specificity(
     y = np.asarray(y)
     if not (y == m).any() or (y == m).all():
         return None
-    t = melanoma_threshold_for_specificity(y, probs, specificity, classes)
+    t = melanoma_threshold_for_specificity(y, probs, specificity, classes=classes)
     return float((np.asarray(probs)[y == m, m] >= t).mean())
 
 
@@ -76,14 +75,16 @@ def paired_bootstrap(
     groups: np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
 ) -> dict[str, dict[str, Any]]:
     """Per metric: ``a``, ``b``, ``difference`` (b - a) and its 95% lesion-bootstrap interval.
 
     A resample in which a class vanishes is skipped (macro metrics would not be comparable);
     ``n_valid`` counts the resamples used.
     """
-    ma, mb = scalar_metrics(y, p_a, classes), scalar_metrics(y, p_b, classes)
+    ma = scalar_metrics(y, p_a, classes=classes)
+    mb = scalar_metrics(y, p_b, classes=classes)
     weights = draw_bootstrap_weights(len(y), n_boot, np.random.default_rng(seed), groups=groups)
     diffs: dict[str, list[float]] = {k: [] for k in ma}
     n_classes = len(set(y.tolist()))
@@ -91,8 +92,8 @@ def paired_bootstrap(
         idx = np.repeat(np.arange(len(y)), w.astype(int))
         if len(set(y[idx].tolist())) < n_classes:
             continue
-        a = scalar_metrics(y[idx], p_a[idx], classes)
-        b = scalar_metrics(y[idx], p_b[idx], classes)
+        a = scalar_metrics(y[idx], p_a[idx], classes=classes)
+        b = scalar_metrics(y[idx], p_b[idx], classes=classes)
         for k in diffs:
             if a[k] is not None and b[k] is not None:
                 diffs[k].append(b[k] - a[k])
@@ -172,7 +173,7 @@ def compare_runs(
         "n_images": len(both),
         "n_lesions": int(both["lesion_id"].nunique()),
         "bootstrap": {"unit": "lesion", "n_boot": n_boot, "paired": True, "seed": seed},
-        "metrics": paired_bootstrap(y, p_a, p_b, groups, n_boot, seed, classes),
+        "metrics": paired_bootstrap(y, p_a, p_b, groups, n_boot, seed, classes=classes),
     }
 
 

@@ -147,7 +147,7 @@ def plot_roc_curves(
 ) -> Path:
     """One-vs-rest ROC curve for each class present in ``y_true``, AUROC in the legend."""
     y = np.asarray(y_true)
-    per_class = point_metrics(y, probs, classes)["per_class"]
+    per_class = point_metrics(y, probs, classes=classes)["per_class"]
     fig = Figure(figsize=(6.5, 6))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")

@@ -192,3 +192,33 @@ def _fold_problems(table: pd.DataFrame) -> list[str]:
         return _lines(table["fold"], bad, "fold", "is not an integer")
     table["fold"] = values.astype(np.int64)
     return []
+
+
+HOLDOUT_COLUMNS: tuple[str, ...] = ("image_id", "unfamiliarity")
+"""``fold_K/holdout_unfamiliarity.csv`` (cross-site validation): each held-out image's score."""
+
+
+def write_holdout_unfamiliarity(image_ids: Sequence[str], scores: np.ndarray, path: Path) -> None:
+    """The held-out site's unfamiliarity scores under the fold's member, written atomically."""
+    table = pd.DataFrame({"image_id": list(image_ids), "unfamiliarity": np.asarray(scores)})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    table.to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
+    tmp.replace(path)
+
+
+def read_holdout_unfamiliarity(path: Path) -> pd.DataFrame:
+    """``image_id`` (text) and ``unfamiliarity`` (finite floats) of a held-out site, checked: a
+    missing column, no rows or a score that is not a finite number fails naming the file."""
+    try:
+        table = pd.read_csv(path, dtype={"image_id": str})
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable held-out unfamiliarity file ({err})") from err
+    missing = [c for c in HOLDOUT_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected {list(HOLDOUT_COLUMNS)}")
+    scores = pd.to_numeric(table["unfamiliarity"], errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(table) == 0 or len(bad):
+        where = f"line {bad[0] + 2} is not a finite number" if len(bad) else "no rows"
+        raise DataError(f"{path}: unfamiliarity {where}")
+    return table.assign(unfamiliarity=scores)[list(HOLDOUT_COLUMNS)]

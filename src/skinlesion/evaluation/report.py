@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.core.errors import DataError
-from skinlesion.core.labels import CLASSES
 from skinlesion.core.paths import check_writable_dir, check_writable_file
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.cross_site import cross_site_figures, render_cross_site
@@ -30,7 +29,12 @@ from skinlesion.evaluation.plots import (
     plot_reliability_diagram,
     plot_roc_curves,
 )
-from skinlesion.evaluation.prediction_files import RAW_PREFIX, read_predictions, write_predictions
+from skinlesion.evaluation.prediction_files import (
+    RAW_PREFIX,
+    read_holdout_unfamiliarity,
+    read_predictions,
+    write_predictions,
+)
 from skinlesion.evaluation.refer_figures import (
     plot_risk_coverage,
     render_risk_coverage,
@@ -78,7 +82,8 @@ def write_plots(
     cm: list[list[int]],
     out: Path,
     raw: np.ndarray | None = None,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
 ) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_confusion_matrices(cm, classes, out / "confusion_matrix.png")]
@@ -98,7 +103,7 @@ def _melanoma_threshold(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]
     if "mel" not in classes:
         log.info("no 'mel' class: the melanoma threshold and figures are left out")
         return None
-    return melanoma_threshold_for_specificity(y, probs, 0.95, classes)
+    return melanoma_threshold_for_specificity(y, probs, 0.95, classes=classes)
 
 
 def check_report_writable(run: RunFolder) -> None:
@@ -145,7 +150,7 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
     result["refer"] = fit_refer_reference(probs)
     result["risk_coverage"] = risk_coverage(y, probs, result["refer"])
     if raw is not None:
-        before = point_metrics(y, raw, classes)
+        before = point_metrics(y, raw, classes=classes)
         result["calibration"] = {
             "before": {k: before[k] for k in ("ece", "log_loss", "brier")},
             "after": {k: metrics["point"][k] for k in ("ece", "log_loss", "brier")},
@@ -157,7 +162,7 @@ def write_oof_report(run_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> 
         result["source"] = "held-out sites (cross-site validation)"
         result["cross_site"] = sites
     cm = metrics["point"]["confusion_matrix"]
-    result["plots"] = write_plots(y, probs, cm, run.plots, raw, classes)
+    result["plots"] = write_plots(y, probs, cm, run.plots, raw, classes=classes)
     rc_plot = plot_risk_coverage(y, probs, run.plots / "risk_coverage.png")
     result["plots"].append(rc_plot.name)
     run.oof_metrics.write_text(json.dumps(result, indent=2, allow_nan=False))
@@ -179,9 +184,7 @@ def _cross_site(
             return None
         summaries[folder.number] = summary
         if folder.holdout_unfamiliarity.is_file():
-            scored[folder.number] = pd.read_csv(
-                folder.holdout_unfamiliarity, dtype={"image_id": str}
-            )
+            scored[folder.number] = read_holdout_unfamiliarity(folder.holdout_unfamiliarity)
     if not summaries:
         return None
     return cross_site_figures(oof, classes, summaries, scored, n_boot, seed)
@@ -196,7 +199,7 @@ def per_source_figures(
     out: dict[str, Any] = {}
     for name in sorted(set(sources.tolist())):
         keep = sources == name
-        p = point_metrics(y[keep], probs[keep], classes)
+        p = point_metrics(y[keep], probs[keep], classes=classes)
         per_class = {
             c: {"support": v["support"], "recall": v["recall"], "auroc": v["auroc"]}
             for c, v in p["per_class"].items()

@@ -74,7 +74,9 @@ def _replicates(
 ) -> dict[str, np.ndarray]:
     """Melanoma AUROC and balanced accuracy of the point estimate (row 0) and each replicate."""
     y = table["dx"].map(class_index(classes)).to_numpy()
-    values = replicate_metrics(y, table[list(classes)].to_numpy(np.float64), weights, classes)
+    values = replicate_metrics(
+        y, table[list(classes)].to_numpy(np.float64), weights, classes=classes
+    )
     return {
         "mel_auroc": values[f"auroc.{MELANOMA}"],
         "balanced_accuracy": values["balanced_accuracy"],

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.data.preprocess import Detail, measure_detail
 from skinlesion.data.sources import load_labelled
+from skinlesion.evaluation.prediction_files import read_holdout_unfamiliarity
 from skinlesion.inference.packaged import CARD_FILE, read_familiarity
 from skinlesion.inference.packaged_meta import MODEL_FILE, read_packaged_meta, write_packaged_meta
 from skinlesion.publishing.card_text import render_card
@@ -100,9 +100,9 @@ def site_quantiles(run_dir: str | Path, rate: float = SITE_RATE) -> dict[str, fl
         if not (fold.finished and path.is_file()):
             continue
         site = fold.read_summary().get("holdout_site")
-        scores = pd.read_csv(path)["unfamiliarity"].to_numpy(dtype=np.float64)
-        if site is None or not np.isfinite(scores).all() or len(scores) == 0:
-            raise CheckpointError(f"{path}: no held-out site or unreadable scores")
+        if site is None:
+            raise CheckpointError(f"{fold.summary}: no holdout_site beside {path.name}")
+        scores = read_holdout_unfamiliarity(path)["unfamiliarity"].to_numpy()
         out[str(site)] = float(np.quantile(scores, 1 - rate))
     if not out:
         raise CheckpointError(

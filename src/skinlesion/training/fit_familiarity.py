@@ -37,6 +37,7 @@ from skinlesion.core.run_folder import FoldFolder, RunFolder
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.folds import fold_split
 from skinlesion.data.preprocess import Normalization
+from skinlesion.evaluation.prediction_files import write_holdout_unfamiliarity
 from skinlesion.inference.familiarity import (
     FAMILIARITY_FILE,
     Familiarity,
@@ -219,11 +220,8 @@ def score_holdout_site(
     stats = identity_statistics(
         model, data.images, test["row"].to_numpy(), runtime, norm, batch_size
     )
-    out = pd.DataFrame(
-        {"image_id": test["image_id"].to_numpy(), "unfamiliarity": fam.unfamiliarity(stats)}
-    )
     path = FoldFolder(folder).holdout_unfamiliarity
-    out.to_csv(path, index=False, float_format="%.6g")
+    write_holdout_unfamiliarity(test["image_id"].to_numpy(), fam.unfamiliarity(stats), path)
     return path
 
 

@@ -278,7 +278,7 @@ def site_summary(split: FoldSplit, val_probs: np.ndarray, data: RunData) -> dict
     y = split.val["label"].to_numpy()
     threshold = None
     if MELANOMA in classes and (y == list(classes).index(MELANOMA)).any():
-        threshold = melanoma_threshold_for_specificity(y, val_probs, 0.95, classes)
+        threshold = melanoma_threshold_for_specificity(y, val_probs, 0.95, classes=classes)
     return {
         "holdout_site": split.site,
         "n_test": len(split.test),

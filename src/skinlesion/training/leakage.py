@@ -18,7 +18,7 @@ import numpy as np
 
 from skinlesion.core.config import Config
 from skinlesion.core.errors import ConfigError
-from skinlesion.core.labels import CLASSES, class_index
+from skinlesion.core.labels import class_index
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.paired import PAIRED_METRICS, paired_bootstrap, paired_row
 from skinlesion.evaluation.prediction_files import read_predictions
@@ -36,11 +36,12 @@ def paired_inflation(
     groups: np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
-    classes: Sequence[str] = CLASSES,
+    *,
+    classes: Sequence[str],
 ) -> dict[str, Any]:
     """Per metric: both values, their difference (leaky - clean) and its bootstrap interval
     (:func:`~skinlesion.evaluation.paired.paired_bootstrap` with A = clean, B = leaky)."""
-    paired = paired_bootstrap(y, p_clean, p_leaky, groups, n_boot, seed, classes)
+    paired = paired_bootstrap(y, p_clean, p_leaky, groups, n_boot, seed, classes=classes)
     return {
         k: {
             "lesion_grouped": v["a"],

@@ -14,7 +14,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from skinlesion.core.labels import CLASSES
 from skinlesion.evaluation.calibration import apply_temperature, softmax
 from skinlesion.evaluation.metrics import point_metrics
 from skinlesion.evaluation.prediction_files import labelled_predictions, write_predictions
@@ -51,7 +50,7 @@ def val_figures(
     yt = torch.tensor(y, dtype=torch.long)  # a copy: y may be a read-only view (pandas)
     probs = torch.softmax(lt.double(), -1).numpy()
     # Only the scalars are read, which do not depend on the class names.
-    pm = point_metrics(y, probs, [f"class_{i}" for i in range(probs.shape[1])])
+    pm = point_metrics(y, probs, classes=[f"class_{i}" for i in range(probs.shape[1])])
     loss = criterion(lt, yt) if mask is None else criterion(lt, yt, torch.from_numpy(mask))
     return {
         "val_loss": float(loss),
@@ -68,7 +67,7 @@ def write_val_predictions(
     logits: np.ndarray,
     temperature: float,
     path: Path,
-    classes: Sequence[str] = CLASSES,
+    classes: Sequence[str],
 ) -> None:
     """Calibrated probabilities (columns named by class) plus the raw ones (``raw_<class>``);
     a run of sources has the image's ``source`` after ``dx``, cross-site validation its

@@ -311,7 +311,7 @@ def end_fold_tracking(
     validation ``logits`` (at its best epoch)."""
     if tracker is None:
         return
-    confusion = np.asarray(point_metrics(y, softmax(logits), classes)["confusion_matrix"])
+    confusion = np.asarray(point_metrics(y, softmax(logits), classes=classes)["confusion_matrix"])
     tracker.end_fold(int(summary["fold"]), int(summary["best_epoch"]), confusion, classes, folder)
 
 
