@@ -250,9 +250,25 @@ BUGS: tuple[Bug, ...] = (
     Bug(
         "explain_drops_tta",
         "src/skinlesion/inference/explain.py",
-        "(ex,) = explain_sources([src], members, runtime, tta)",
-        "(ex,) = explain_sources([src], members, runtime)",
+        "(ex,) = explain_sources([src], members, runtime, tta, class_index)",
+        "(ex,) = explain_sources([src], members, runtime, class_index=class_index)",
         (f"{_EXPLAIN}::test_explain_command_predicts_with_the_tta_it_is_given",),
+    ),
+    Bug(
+        "explain_command_drops_the_class",
+        "src/skinlesion/inference/explain.py",
+        "(ex,) = explain_sources([src], members, runtime, tta, class_index)",
+        "(ex,) = explain_sources([src], members, runtime, tta)",
+        (f"{_EXPLAIN}::test_explain_command_class_reaches_every_map",),
+    ),
+    Bug(
+        "mixstyle_mixes_in_evaluation",
+        "src/skinlesion/models/mixstyle.py",
+        "if not root.training or torch.rand(()) >= p:",
+        "if torch.rand(()) >= p:",
+        (
+            "tests/models/test_mixstyle.py::test_hooks_mix_in_training_only_and_with_their_probability",
+        ),
     ),
     Bug(
         "resume_allows_more_epochs",

@@ -177,3 +177,34 @@ def test_explain_command_predicts_with_the_tta_it_is_given(
     np.testing.assert_allclose(table["probability"], four[[0, 1], index], atol=2e-6)
     own, _ = model.predict_proba(images)
     assert model.tta == 2 and np.abs(own[[0, 1], index] - four[[0, 1], index]).max() > 1e-4
+
+
+def test_explain_command_class_reaches_every_map(tiny_packaged: Path, tmp_path: Path) -> None:
+    """``--class`` explains that class for every image (its probability, not the top one's),
+    and the overlays differ from those of the predicted class."""
+    images = lesion_images(tmp_path / "imgs", 2)
+    model = resolve_model(tiny_packaged, resolve_runtime("cpu"), backend="torch")
+    probs, _ = model.predict_proba(images)
+    other = next(c for i, c in enumerate(model.class_names) if i not in set(probs.argmax(1)))
+    args = ["explain", "--model", str(tiny_packaged), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "top"), *map(str, images)]) == 0
+    assert main([*args, "--class", other, "--output", str(tmp_path / "c"), *map(str, images)]) == 0
+    table = pd.read_csv(tmp_path / "c" / "explanations.csv")
+    assert table["class_explained"].tolist() == [other, other]
+    k = model.class_names.index(other)
+    np.testing.assert_allclose(table["probability"], probs[:, k], atol=2e-6)
+    for name in table["overlay"]:
+        top = np.asarray(Image.open(tmp_path / "top" / name), dtype=np.int16)
+        asked = np.asarray(Image.open(tmp_path / "c" / name), dtype=np.int16)
+        assert np.abs(top - asked).mean() > 1.0
+
+
+def test_explain_command_refuses_a_class_the_model_lacks(
+    tiny_packaged: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = lesion_images(tmp_path / "imgs", 1)[0]
+    args = ["explain", "--model", str(tiny_packaged), "--output", str(tmp_path / "c")]
+    assert main([*args, "--class", "melanoma", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "--class melanoma: not a class of this model" in err and "'mel'" in err
+    assert not (tmp_path / "c").exists()

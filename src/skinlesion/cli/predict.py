@@ -158,7 +158,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     runtime = resolve_runtime(args.device)
     # Grad-CAM needs the PyTorch weights: an export folder gives the model it came from.
     members = resolve_torch_model(args.model, runtime, needs="explain").members
-    rows, errors = explain_to_dir(args.images, members, runtime, Path(args.output), tta=args.tta)
+    rows, errors = explain_to_dir(
+        args.images, members, runtime, Path(args.output), tta=args.tta, class_name=args.class_name
+    )
     for r in rows:
         print(f"{r['image']}: {r['class_explained']} (p={r['probability']:.3f}) -> {r['overlay']}")
     for msg in errors.values():
@@ -293,6 +295,13 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("images", nargs="+")
     ex.add_argument("--output", required=True, help="folder for the PNG overlays")
     ex.add_argument("--tta", type=int, default=None, help="views for the prediction explained")
+    ex.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        metavar="NAME",
+        help="explain this class for every image (e.g. mel); default: each image's predicted one",
+    )
     ex.add_argument("--device", default="auto")
     ex.set_defaults(func=_cmd_explain)
 

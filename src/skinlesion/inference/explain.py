@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from skinlesion.core.errors import ConfigError
 from skinlesion.core.paths import check_writable_dir
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.augment import normalize, to_float
@@ -152,17 +153,23 @@ def explain_to_dir(
     runtime: Runtime,
     output: Path,
     tta: int | None = None,
+    class_name: str | None = None,
 ) -> tuple[list[dict[str, object]], dict[int, str]]:
     """Write ``<stem>_gradcam.png`` per image and ``explanations.csv`` (image, class explained,
-    its probability, overlay file); a bad image is reported and the others go on."""
+    its probability, overlay file); a bad image is reported and the others go on. The class
+    explained is each image's predicted one, or ``class_name`` for all."""
     import pandas as pd
 
+    names = members[0].spec.class_names
+    if class_name is not None and class_name not in names:
+        raise ConfigError(f"--class {class_name}: not a class of this model; its classes: {names}")
+    class_index = None if class_name is None else names.index(class_name)
     check_writable_dir(output, "explanations folder")
     output.mkdir(parents=True, exist_ok=True)
     rows, errors, used = [], {}, set()
     for i, src in enumerate(sources):
         try:
-            (ex,) = explain_sources([src], members, runtime, tta)
+            (ex,) = explain_sources([src], members, runtime, tta, class_index)
         except ImageDecodeError as err:
             errors[i] = str(err)
             continue
