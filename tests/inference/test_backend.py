@@ -16,10 +16,12 @@ import pytest
 import torch
 from conftest import (
     attach_tiny_familiarity,
+    check_not_saturated,
     make_spread_packaged,
     make_tiny_packaged,
     spread_images,
 )
+from scipy.stats import spearmanr
 
 from skinlesion.cli import main
 from skinlesion.core.errors import ConfigError
@@ -216,16 +218,23 @@ def test_forced_onnx_refuses_another_tta(tiny_packaged: Path, lesions: list[Path
         model.predict_proba(lesions[:2], tta=1)
 
 
-def test_int8_export_and_backend(tiny_packaged: Path, lesions: list[Path], tmp_path) -> None:
+def test_int8_export_and_backend(lesions: list[Path], tmp_path) -> None:
+    """The int8 graph is the quantized model (not the fp32 graph) and keeps its answers: on a
+    model whose p(mel) spreads across the images, int8 p(mel) ranks the images as fp32 does
+    and stays within a tenth of that spread. The bounds are relative to what the model does,
+    not a number that any near-constant output would meet, and hold whatever int8 kernels the
+    CPU has (VNNI or not: onnxruntime's u8s8 path can lose a bit of precision without it).
+    The model is a spread model of its own: its int8 graph stays out of the module's ``spread``."""
+    spread = make_spread_packaged(tmp_path / "zoo", lesions[::2], name="spread_int8")
     calib = tmp_path / "calib"
     calib.mkdir()
     for p in lesions[::2]:
         (calib / p.name).write_bytes(p.read_bytes())
-    images = [str(p) for p in lesions[1::3]]
-    predict = ["predict", "--no-progress", "--model", str(tiny_packaged), *images]
+    images = [str(p) for p in lesions[::2]]
+    predict = ["predict", "--no-progress", "--model", str(spread), *images]
     assert main([*predict, "--backend", "onnx-int8"]) == 2  # no int8 graph yet
     out = tmp_path / "int8"
-    export = ["export", "--model", str(tiny_packaged), "--int8", "--output", str(out)]
+    export = ["export", "--model", str(spread), "--int8", "--output", str(out)]
     assert main(export) == 2  # --calibration-images is required
     assert main([*export, "--calibration-images", str(calib), "--calibration-count", "8"]) == 0
     spec = json.loads((out / "spec.json").read_text())
@@ -233,11 +242,17 @@ def test_int8_export_and_backend(tiny_packaged: Path, lesions: list[Path], tmp_p
     a, b = tmp_path / "fp32.csv", tmp_path / "int8.csv"
     assert main([*predict, "--backend", "onnx", "--output", str(a)]) == 0
     assert main([*predict, "--backend", "onnx-int8", "--output", str(b)]) == 0
-    classes = resolve_model(tiny_packaged, CPU, backend="torch").class_names
-    diff = np.abs(_probs(pd.read_csv(a), classes) - _probs(pd.read_csv(b), classes)).max()
-    assert 0 < diff < 0.05  # quantized (not the fp32 graph), and close to it
-    sums = _probs(pd.read_csv(b), classes).sum(axis=1)
-    np.testing.assert_allclose(sums, 1.0, atol=1e-5)  # the softmax tail stays fp32
+    classes = resolve_model(spread, CPU, backend="torch").class_names
+    fp32, int8 = _probs(pd.read_csv(a), classes), _probs(pd.read_csv(b), classes)
+    check_not_saturated(fp32)
+    mel = classes.index("mel")
+    spread_mel = fp32[:, mel].max() - fp32[:, mel].min()
+    diff = np.abs(fp32 - int8).max()
+    rho = spearmanr(fp32[:, mel], int8[:, mel]).statistic
+    print(f"int8: max |diff| {diff:.4f}, p(mel) spread {spread_mel:.3f}, Spearman {rho:.3f}")
+    assert 0 < diff < 0.1 * spread_mel, (diff, spread_mel)  # quantized, and close to fp32
+    assert rho > 0.9
+    np.testing.assert_allclose(int8.sum(axis=1), 1.0, atol=1e-5)  # the softmax tail stays fp32
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / ONNX_FILE)).graph.node}

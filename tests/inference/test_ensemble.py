@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import BATCH_ATOL
 
 from skinlesion.cli import main
 from skinlesion.core.labels import CLASSES
@@ -115,13 +116,13 @@ def test_shared_backbone_fast_path_equals_each_model_alone(
         )
         z = torch.from_numpy(logits).double().mean(0) / m.temperature
         alone.append(torch.softmax(z, -1).numpy())
-    np.testing.assert_allclose(fast, np.mean(alone, axis=0), atol=1e-6)
+    np.testing.assert_allclose(fast, np.mean(alone, axis=0), atol=BATCH_ATOL)
     # The members really differ, so a fast path that applied one classifier to all would show.
     assert np.abs(alone[0] - alone[2]).max() > 1e-2
     # And so does the ensemble of one member each.
     for m, expected in zip(members, alone, strict=True):
         np.testing.assert_allclose(
-            ensemble_probs([m], arr, RUNTIME, tta=tta, batch_size=4), expected, atol=1e-6
+            ensemble_probs([m], arr, RUNTIME, tta=tta, batch_size=4), expected, atol=BATCH_ATOL
         )
 
 
@@ -226,6 +227,6 @@ def test_failed_rows_are_empty_and_good_rows_as_if_alone(
     assert (failed["prediction"] == "").all() and (failed["error"] != "").all()
     good = df.drop(index=[1, 4])
     values = good[list(CLASSES)].astype(float).to_numpy()
-    np.testing.assert_allclose(values, probs[[0, 2, 3, 5]], atol=1e-6)
+    np.testing.assert_allclose(values, probs[[0, 2, 3, 5]], atol=BATCH_ATOL)
     assert good["prediction"].tolist() == [CLASSES[k] for k in values.argmax(1)]
     assert (good["error"] == "").all()

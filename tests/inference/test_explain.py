@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lesion_images
+from conftest import BATCH_ATOL, lesion_images
 from PIL import Image
 from torch import nn
 
@@ -103,7 +103,7 @@ def test_timm_efficientnet_target_is_its_last_stage(tiny_packaged: Path, tmp_pat
     probs, _ = model.predict_proba(images)
     explained = explain_sources(images, model.members, resolve_runtime("cpu"))
     for ex, p, path in zip(explained, probs, images, strict=True):
-        np.testing.assert_allclose(ex.probs, p, atol=1e-6)
+        np.testing.assert_allclose(ex.probs, p, atol=BATCH_ATOL)
         assert ex.class_index == int(p.argmax())
         assert ex.cam.shape == Image.open(path).size[::-1]
 

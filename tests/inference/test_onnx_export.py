@@ -61,7 +61,7 @@ def test_dynamic_batch_and_saved_spec(exported: Path, tiny_packaged: Path, tmp_p
     assert meta["tta"] == 2 and meta["preprocessing"] == source["preprocessing"]
     assert [m["temperature"] for m in meta["members"]] == [1.0, 1.5]
     # What recognises the model it came from (explain needs it): its path and weights' hash.
-    assert meta["source"] == str(tiny_packaged.resolve())
+    assert meta["exported_from"] == str(tiny_packaged.resolve())
     assert [m["weights_sha256"] for m in meta["members"]] == [source["weights_sha256"]] * 2
     assert meta["reference"] == source["reference"]
     assert json.loads((exported / "card.json").read_text())["name"] == "tiny"

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lesion_images, make_tiny_packaged
+from conftest import BATCH_ATOL, lesion_images, make_tiny_packaged
 from PIL import Image
 
 import skinlesion
@@ -136,15 +136,15 @@ def test_python_api_takes_paths_pil_images_and_arrays(tiny_run: Path, zoo: Path)
     table = model.predict([path, pil, np.asarray(pil), b"not an image"])
     assert list(table.columns[:1]) == ["image"] and "melanoma_flag" in table.columns
     probs = table[model.class_names].to_numpy()
-    np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
-    np.testing.assert_allclose(probs[0], probs[2], atol=1e-6)
+    np.testing.assert_allclose(probs[0], probs[1], atol=BATCH_ATOL)
+    np.testing.assert_allclose(probs[0], probs[2], atol=BATCH_ATOL)
     assert np.isnan(probs[3]).all() and table["prediction"][3] == "" and table["error"][3]
 
 
 def test_default_model_and_names(monkeypatch: pytest.MonkeyPatch, zoo: Path) -> None:
     monkeypatch.setattr(packaged, "zoo_dir", lambda: zoo)
     assert resolve_model(None, resolve_runtime("cpu")).name == "tiny"
-    assert resolve_model("tiny", resolve_runtime("cpu")).source == zoo / "tiny"
+    assert resolve_model("tiny", resolve_runtime("cpu")).origin == zoo / "tiny"
     with pytest.raises(CheckpointError, match="packaged models: tiny"):
         resolve_model("tinny")
     rows = packaged.list_packaged()

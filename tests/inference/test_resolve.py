@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import check_not_saturated, make_spread_packaged, spread_images
+from conftest import BATCH_ATOL, check_not_saturated, make_spread_packaged, spread_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -82,7 +82,7 @@ def test_load_model_of_an_export_folder_runs_its_graph(spread) -> None:
     array = np.asarray(Image.open(images[7]).convert("RGB"))
     probs, errors = graph.predict_proba([array, images[7]], tta=graph.tta)
     assert not errors
-    np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
+    np.testing.assert_allclose(probs[0], probs[1], atol=BATCH_ATOL)
     assert graph.predict([array])["image"].tolist() == ["<image 0>"]
 
 
@@ -174,19 +174,23 @@ def test_explain_an_export_explains_the_model_it_was_exported_from(
     got, want = (pd.read_csv(tmp_path / d / "explanations.csv") for d in ("a", "b"))
     pd.testing.assert_frame_equal(got, want)
     # Moved away from the recorded path: found again as the packaged model of its name.
-    moved = _changed_export(export, tmp_path / "moved", source=str(tmp_path / "gone"))
+    moved = _changed_export(export, tmp_path / "moved", exported_from=str(tmp_path / "gone"))
     monkeypatch.setattr(packaged, "zoo_dir", lambda: folder.parent)
-    assert resolve_torch_model(moved, CPU, "explain").source == folder
+    assert resolve_torch_model(moved, CPU, "explain").origin == folder
 
 
 @pytest.mark.parametrize(
     ("changes", "why"),
     [
-        ({"source": "/nowhere/spread", "name": "gone"}, "(gone), and it is not found"),
+        (
+            {"exported_from": "/nowhere/spread", "name": "gone"},
+            "not at /nowhere/spread, not packaged",
+        ),
+        ({"exported_from": None, "source": "/old/key", "name": "gone"}, "not at /old/key,"),
         ({"weights_sha256": "0" * 64}, "has other weights"),
         ({"weights_sha256": None}, "records no weights' SHA-256"),
     ],
-    ids=["not-found", "other-weights", "not-recorded"],
+    ids=["not-found", "older-export", "other-weights", "not-recorded"],
 )
 def test_explain_an_export_of_a_model_not_at_hand_names_it(
     spread, tmp_path: Path, capsys, changes: dict[str, object], why: str

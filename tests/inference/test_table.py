@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_spread_packaged, spread_images
+from conftest import BATCH_ATOL, make_spread_packaged, spread_images
 from fastapi.testclient import TestClient
 
 import skinlesion
@@ -97,7 +97,7 @@ def test_every_entry_point_flags_the_same_rows_at_the_cards_threshold(
     assert set(DECISION_COLUMNS) | {"image"} <= set(answers[0])
     assert [a["image"] for a in answers] == [p.name for p in images]
     got = np.array([[a["probabilities"][c] for c in CLASSES] for a in answers])
-    np.testing.assert_allclose(got, api[list(CLASSES)].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(got, api[list(CLASSES)].to_numpy(), atol=BATCH_ATOL)
 
 
 def _decisions(threshold: float | None = 0.3) -> Decisions:

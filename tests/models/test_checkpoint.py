@@ -12,8 +12,8 @@ from skinlesion.models.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
-    model_from_state,
 )
+from skinlesion.models.description import model_from_state
 from skinlesion.models.factory import build_model, default_spec
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -196,7 +196,7 @@ def test_a_state_dict_that_does_not_fit_is_one_checkpoint_error(
     path = tmp_path / "best.pt"
     atomic_torch_save(ckpt, path)
     with pytest.raises(CheckpointError) as info:
-        model_from_checkpoint(load_checkpoint(path), source=path)
+        model_from_checkpoint(load_checkpoint(path), where=path)
     text = str(info.value)
     assert not isinstance(info.value, RuntimeError) and "\n" not in text
     assert text.startswith(f"{path}: weights do not fit {BACKBONE} (")

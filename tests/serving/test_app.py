@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import lesion_images, png_bytes, png_header
+from conftest import BATCH_ATOL, lesion_images, png_bytes, png_header
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -60,7 +60,7 @@ def test_probabilities_equal_the_predict_command(
         # A misleading file name: the content decides.
         answer = _post(client, path.read_bytes(), name="notes.txt").json()
         got = np.array([answer["probabilities"][c] for c in model.class_names])
-        np.testing.assert_allclose(got, direct[i], atol=1e-6)
+        np.testing.assert_allclose(got, direct[i], atol=BATCH_ATOL)
         np.testing.assert_allclose(got, expected[model.class_names].to_numpy()[i], atol=1e-4)
         assert answer["prediction"] == model.class_names[int(got.argmax())]
         assert answer["confidence"] == pytest.approx(got.max())

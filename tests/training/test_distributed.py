@@ -307,8 +307,10 @@ def test_torchrun_two_cpu_processes_train_as_one(syn_root: Path, tmp_path: Path)
     assert load_checkpoint(ddp / "fold_0" / "best.pt")["epoch"] == int(
         mb.loc[mb["val_loss"].idxmin(), "epoch"]
     )
-    # Only rank 0 writes: one log line per epoch, not two.
+    # Only rank 0 writes: one log line per epoch, not two, and one tracker's event file (TensorBoard
+    # is on by default; a second process that tracked would leave a second file).
     assert (ddp / "train.log").read_text().count("fold 0 epoch 1/2") == 1
+    assert len(list((ddp / "fold_0" / "tensorboard").glob("events.*"))) == 1
     oof = pd.read_csv(ddp / "oof_predictions.csv")
     assert oof["image_id"].is_unique
     assert sorted(oof["image_id"]) == sorted(

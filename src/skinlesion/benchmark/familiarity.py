@@ -55,7 +55,7 @@ def _recipe(loaded: Any) -> dict[str, Any]:
     recipe = (loaded.card or {}).get("recipe")
     if recipe:
         return recipe
-    for folder in (loaded.source, loaded.source.parent, loaded.source.parent.parent):
+    for folder in (loaded.origin, loaded.origin.parent, loaded.origin.parent.parent):
         tree = RunFolder(Path(folder)).read_config_tree()
         if tree:
             return tree
@@ -126,7 +126,7 @@ def bench_familiarity(
         None if model in (None, "default") else model, runtime, "benchmark familiarity"
     )
     if not loaded.has_familiarity:
-        raise CheckpointError(f"{loaded.source}: no familiarity; run `skinlesion fit-familiarity`")
+        raise CheckpointError(f"{loaded.origin}: no familiarity; run `skinlesion fit-familiarity`")
     held, what = heldout_images(loaded, _table_of(loaded, Path(data), folds_file), max_heldout)
     sets = {f"HAM10000 held out: {what}": held}
     if isic is not None:

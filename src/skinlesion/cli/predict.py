@@ -83,7 +83,7 @@ def _predict_metadata(table: Any, loaded: Predictor, source: str | None) -> Any:
         from skinlesion.core.errors import ConfigError
 
         raise ConfigError(
-            f"--metadata: {loaded.source} is an ONNX export, whose graph takes images only; "
+            f"--metadata: {loaded.origin} is an ONNX export, whose graph takes images only; "
             f"pass --model with the model it was exported from ({loaded.name})"
         )
     if not loaded.uses_metadata:

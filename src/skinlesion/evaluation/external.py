@@ -137,7 +137,7 @@ def _metadata(
     if isinstance(loaded, OnnxModel):
         if use:
             raise ConfigError(
-                f"use_metadata=True: {loaded.source} is an ONNX export, whose graph takes images "
+                f"use_metadata=True: {loaded.origin} is an ONNX export, whose graph takes images "
                 f"only; evaluate the model it was exported from ({loaded.name}) for metadata"
             )
         present = [f for f in METADATA_FIELDS if f in labels.columns] if use is None else []
@@ -234,7 +234,7 @@ def evaluate_external(
     result = {
         "source": str(labels_csv),
         "filter": where or {},
-        "model": str(loaded.source),
+        "model": str(loaded.origin),
         "tta": tta,
         "backend": ", ".join(sorted(loaded.engines_used)) or loaded.backend,  # what ran
         "metadata": used,

@@ -49,6 +49,7 @@ from skinlesion.inference.onnx_model import (
 )
 from skinlesion.inference.packaged_meta import sha256_file
 from skinlesion.inference.predict import Member
+from skinlesion.models.description import io_dict
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Exportable(Protocol):
     """What :func:`export_onnx` reads of a loaded model (``LoadedModel`` has it)."""
 
     name: str
-    source: Path
+    origin: Path
     members: list[Member]
     reference: dict[str, Any] | None
     card: dict[str, Any] | None
@@ -189,10 +190,9 @@ def _spec_json(model: Exportable, spec: PreprocessSpec, tta: int) -> dict[str, A
         "format": ONNX_FORMAT,
         "name": model.name,
         "version": model.version,
-        "preprocessing": spec.to_dict(),
-        "class_names": list(spec.class_names),
+        **io_dict(spec),
         "tta": tta,
-        "source": str(Path(model.source).resolve()),
+        "exported_from": str(Path(model.origin).resolve()),
         "members": member_records(model.members),
         "reference": model.reference,
         "input": {

@@ -5,7 +5,7 @@ The folder (written by :func:`~skinlesion.inference.onnx_export.export_onnx`)::
     model.onnx   the graph: prepared uint8 images (N, S, S, 3) -> probabilities (N, C), and
                  unfamiliarity (N,) for a model with a familiarity
     spec.json    preprocessing spec, class names, TTA views, reference, input/output, the model
-                 it was exported from (``source``) and its members (fold, temperature, the
+                 it was exported from (``exported_from``) and its members (fold, temperature, the
                  SHA-256 of the weights file), by which that model is recognised again
     card.json    the model card, when the model has one
 
@@ -39,6 +39,7 @@ from skinlesion.inference.predict import (
     predict_prepared,
 )
 from skinlesion.inference.table import Decisions, predictions_table
+from skinlesion.models.description import spec_from_dict
 
 ONNX_FORMAT = "skinlesion-onnx"
 ONNX_FILE = "model.onnx"
@@ -61,16 +62,9 @@ def read_export_spec(path: Path) -> tuple[dict[str, Any], PreprocessSpec]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
         raise CheckpointError(f"{path}: not a skinlesion ONNX export (format {ONNX_FORMAT!r})")
-    try:
-        spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{path}: preprocessing is not a mapping with size, mean and std ({err!r})"
-        ) from err
-    names = meta.get("class_names")
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise CheckpointError(f"{path}: class_names is {names!r}, expected a list of names")
-    return meta, spec
+    if "class_names" not in meta:
+        raise CheckpointError(f"{path}: class_names is missing, expected a list of names")
+    return meta, spec_from_dict(meta, path)
 
 
 def _check_graph_io(session: Any, graph: Path, spec: PreprocessSpec) -> None:
@@ -133,7 +127,7 @@ class OnnxModel:
         return str(self.meta.get("version") or "")
 
     @property
-    def source(self) -> Path:
+    def origin(self) -> Path:
         return self.folder
 
     @property

@@ -35,7 +35,7 @@ import torch
 from skinlesion.core.errors import CheckpointError
 from skinlesion.core.runtime import Runtime, resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec, size_from_plain, size_label
-from skinlesion.data.tabular import MetadataInput, MetadataSpec, metadata_table
+from skinlesion.data.tabular import MetadataInput, metadata_table
 from skinlesion.inference.backend import usable_graph
 from skinlesion.inference.familiarity import FAMILIARITY_FILE, Familiarity, load_familiarities
 from skinlesion.inference.onnx_model import OnnxModel
@@ -57,7 +57,8 @@ from skinlesion.inference.predict import (
     predict_images,
 )
 from skinlesion.inference.table import Decisions, predictions_table
-from skinlesion.models.checkpoint import FINAL_FOLD, model_from_state
+from skinlesion.models.checkpoint import FINAL_FOLD
+from skinlesion.models.description import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class LoadedModel:
     :class:`~skinlesion.inference.resolve.Predictor`)."""
 
     name: str
-    source: Path
+    origin: Path
     members: list[Member]
     reference: dict[str, Any] | None = None  # out-of-fold figures: mel_threshold, domain
     card: dict[str, Any] | None = None
@@ -239,7 +240,7 @@ class LoadedModel:
 
     def decisions(self) -> Decisions:
         """Class names, melanoma threshold and refer rules of this model's reference."""
-        return Decisions.of(self.class_names, self.reference, str(self.source))
+        return Decisions.of(self.class_names, self.reference, str(self.origin))
 
     def predict(
         self,
@@ -343,27 +344,20 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
     meta = read_packaged_meta(folder)
     tensors = _read_weights(folder, meta)
     familiarity = read_familiarity(folder, meta)
-    spec = PreprocessSpec.from_dict(meta["preprocessing"])
     members = []
     for m in meta["members"]:
         prefix = m["prefix"]
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        fused = m.get("metadata")
-        metadata = MetadataSpec.from_dict(fused["spec"]) if fused else None
-        model = model_from_state(
-            state,
-            meta["backbone"],
-            len(spec.class_names),
-            f"{folder / WEIGHTS_FILE} (member '{prefix}')",
-            runtime,
-            metadata=metadata,
-            metadata_hidden=int(fused["hidden"]) if fused else 0,
-            model_kwargs=meta.get("model_kwargs", {}),
+        # The shared keys of model.json with the member's own metadata branch.
+        description = ModelDescription.from_dict(
+            {**meta, "metadata": m.get("metadata")}, f"{folder / MODEL_FILE} (member '{prefix}')"
         )
+        model = description.build(state, f"{folder / WEIGHTS_FILE} (member '{prefix}')", runtime)
+        metadata = description.metadata
         members.append(
             Member(
                 model=model,
-                spec=spec,
+                spec=description.spec,
                 temperature=float(m["temperature"]),
                 fold=int(m["fold"]),
                 path=folder / WEIGHTS_FILE,
@@ -375,7 +369,7 @@ def load_packaged(folder: str | Path, runtime: Runtime | None = None) -> LoadedM
         )
     return LoadedModel(
         name=meta["name"],
-        source=folder,
+        origin=folder,
         members=members,
         reference=meta.get("reference"),
         card=_read_json(folder / CARD_FILE),

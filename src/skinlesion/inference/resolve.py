@@ -69,7 +69,7 @@ class Predictor(Protocol):
     def version(self) -> str: ...
 
     @property
-    def source(self) -> Path: ...
+    def origin(self) -> Path: ...
 
     @property
     def card(self) -> dict[str, Any] | None: ...
@@ -230,14 +230,20 @@ def exported_from(folder: Path, runtime: Runtime, needs: str = "this command") -
         if _identity(member_records(loaded.members)) == recorded:
             log.info(
                 "%s: %s uses %s (%s), the model the graph was exported from (same weights)",
-                *(folder, needs, loaded.name, loaded.source),
+                *(folder, needs, loaded.name, loaded.origin),
             )
             return loaded
         tried.append(str(candidate))
     if tried:
         raise refuse(f"{' and '.join(tried)} has other weights")
-    where = meta.get("source")
+    where = _recorded_origin(meta)
     raise refuse(f"it is not found ({f'not at {where}, ' if where else ''}not packaged)")
+
+
+def _recorded_origin(meta: dict[str, Any]) -> Any:
+    """The folder an export records it came from (``source`` in exports written before
+    ``exported_from``)."""
+    return meta.get("exported_from") or meta.get("source")
 
 
 def _identity(members: Any) -> list[tuple[int, float, str]] | None:
@@ -254,9 +260,9 @@ def _candidates(meta: dict[str, Any], name: str) -> list[Path]:
     """Where the model an export names may be: its recorded path, then the packaged model of its
     name, each once."""
     found: list[Path] = []
-    source = meta.get("source")
-    if isinstance(source, str) and Path(source).exists() and not is_export_folder(source):
-        found.append(Path(source))
+    origin = _recorded_origin(meta)
+    if isinstance(origin, str) and Path(origin).exists() and not is_export_folder(origin):
+        found.append(Path(origin))
     zoo = packaged.zoo_dir() / name
     if (zoo / MODEL_FILE).is_file() and all(p.resolve() != zoo.resolve() for p in found):
         found.append(zoo)
@@ -317,7 +323,7 @@ def _resolve(model: str | Path | None, runtime: Runtime) -> LoadedModel:
     members = load_ensemble(path, runtime)
     return LoadedModel(
         name=path.name,
-        source=path,
+        origin=path,
         members=members,
         reference=run_reference(path),
         runtime=runtime,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from skinlesion.core.errors import CheckpointError, torch_load_problem
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.preprocess import PreprocessSpec
 from skinlesion.data.tabular import MetadataSpec
+from skinlesion.models.description import ModelDescription
 
 FORMAT_VERSION = 1
 FINAL_FOLD = -1
@@ -34,7 +34,6 @@ REQUIRED_KEYS = (
     "fold",
     "epoch",
 )
-_KEYS_NAMED = 3  # keys a mismatch names of each kind
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -79,24 +78,19 @@ def make_checkpoint(
         k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
         for k, v in module.state_dict().items()
     }
+    meta_branch = getattr(module, "meta", None)
+    hidden = meta_branch[0].out_features if isinstance(meta_branch, torch.nn.Sequential) else 0
+    description = ModelDescription(backbone, spec, dict(model_kwargs or {}), metadata, hidden)
     ckpt = {
         "format_version": FORMAT_VERSION,
         "state_dict": state,
-        "backbone": backbone,
-        "num_classes": len(spec.class_names),
-        "class_names": list(spec.class_names),
-        "preprocessing": spec.to_dict(),
+        **description.to_dict(),
         "fold": int(fold),
         "epoch": int(epoch),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "temperature": float(temperature),
-        "model_kwargs": dict(model_kwargs or {}),
         "config": config,
     }
-    if metadata is not None:
-        meta_branch = getattr(module, "meta", None)
-        hidden = meta_branch[0].out_features if isinstance(meta_branch, torch.nn.Sequential) else 0
-        ckpt["metadata"] = {"spec": metadata.to_dict(), "hidden": int(hidden)}
     if extra:
         ckpt.update(extra)
     return ckpt
@@ -104,8 +98,7 @@ def make_checkpoint(
 
 def checkpoint_metadata(ckpt: dict[str, Any]) -> MetadataSpec | None:
     """The metadata encoding a checkpoint's model takes; ``None`` for an image-only model."""
-    meta = ckpt.get("metadata")
-    return MetadataSpec.from_dict(meta["spec"]) if meta else None
+    return ModelDescription.from_dict(ckpt, "checkpoint").metadata
 
 
 def load_plain(path: Path, what: str = "checkpoint") -> Any:
@@ -140,83 +133,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def state_mismatch(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
-    """How a state dict ``given`` does not fit a network whose own is ``own``, in one line naming
-    the first few keys of each kind (missing, unexpected, another shape); empty when it fits."""
-
-    def first(keys: list[str]) -> str:
-        more = f" and {len(keys) - _KEYS_NAMED} more" if len(keys) > _KEYS_NAMED else ""
-        return ", ".join(keys[:_KEYS_NAMED]) + more
-
-    missing = [k for k in own if k not in given]
-    unexpected = [k for k in given if k not in own]
-    shapes = [
-        f"{k} {list(given[k].shape)} for {list(own[k].shape)}"
-        for k in own
-        if k in given and tuple(given[k].shape) != tuple(own[k].shape)
-    ]
-    parts = [
-        f"{what} {first(keys)}"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-        if keys
-    ]
-    return "; ".join(parts)
-
-
-def model_from_state(
-    state: Mapping[str, torch.Tensor],
-    backbone: str,
-    num_classes: int,
-    source: str | Path,
-    runtime: Runtime | None = None,
-    metadata: MetadataSpec | None = None,
-    metadata_hidden: int = 0,
-    model_kwargs: Mapping[str, Any] | None = None,
-) -> torch.nn.Module:
-    """The network ``backbone`` (fused with ``metadata`` when given) with ``state`` loaded
-    strictly, in eval mode, placed on the runtime's device (the CPU without one): the one builder
-    of every saved model (checkpoints, run folders, packaged models).
-
-    A state dict that does not fit (missing or unexpected keys, another shape) is a
-    :class:`CheckpointError` in one line naming ``source`` and the first keys that differ.
-    """
-    from skinlesion.models.factory import build_model, place_model
-
-    model = build_model(
-        backbone,
-        num_classes,
-        False,
-        metadata=metadata,
-        metadata_hidden=metadata_hidden,
-        **dict(model_kwargs or {}),
-    )
-    why = state_mismatch(model.state_dict(), state)
-    try:
-        if not why:
-            model.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # what the key and shape checks above do not foresee
-        why = str(err).strip().splitlines()[0]
-    if why:
-        raise CheckpointError(f"{source}: weights do not fit {backbone} ({why})")
-    return place_model(
-        model.eval(), runtime or Runtime(torch.device("cpu"), None, channels_last=False)
-    )
-
-
 def model_from_checkpoint(
-    ckpt: dict[str, Any], runtime: Runtime | None = None, source: str | Path = "checkpoint"
+    ckpt: dict[str, Any], runtime: Runtime | None = None, where: str | Path = "checkpoint"
 ) -> tuple[torch.nn.Module, PreprocessSpec]:
     """Rebuild the model (eval mode, placed on the runtime's device; CPU without one) and its
-    preprocessing spec from a loaded checkpoint; ``source`` (its file) names it in an error."""
-    meta = ckpt.get("metadata")
-    model = model_from_state(
-        ckpt["state_dict"],
-        ckpt["backbone"],
-        ckpt["num_classes"],
-        source,
-        runtime,
-        metadata=checkpoint_metadata(ckpt),
-        metadata_hidden=int(meta["hidden"]) if meta else 0,
-        model_kwargs=ckpt.get("model_kwargs", {}),
-    )
-    return model, PreprocessSpec.from_dict(ckpt["preprocessing"])
+    preprocessing spec from a loaded checkpoint; ``where`` (its file) names it in an error."""
+    description = ModelDescription.from_dict(ckpt, where)
+    return description.build(ckpt["state_dict"], where, runtime), description.spec

@@ -40,6 +40,7 @@ from skinlesion.inference.packaged_meta import (
 )
 from skinlesion.inference.predict import checkpoint_paths
 from skinlesion.models.checkpoint import load_checkpoint
+from skinlesion.models.description import ModelDescription
 from skinlesion.publishing.card_text import (
     INTENDED_USE,
     LEE_2018,
@@ -67,8 +68,9 @@ def _load_members(run_dir: Path, folds: list[int] | None, final: bool) -> list[d
             raise CheckpointError(f"{run_dir}: no checkpoint for folds {missing} (has {have})")
         ckpts = [c for c in ckpts if c["fold"] in folds]
     first = ckpts[0]
-    for key in ("backbone", "preprocessing", "model_kwargs", "class_names"):
-        odd = [c["fold"] for c in ckpts if c.get(key) != first.get(key)]
+    shared = [ModelDescription.from_dict(c, f"fold {c['fold']}").shared_dict() for c in ckpts]
+    for key in shared[0]:
+        odd = [c["fold"] for c, d in zip(ckpts, shared, strict=True) if d[key] != shared[0][key]]
         if odd:
             raise CheckpointError(
                 f"{run_dir}: fold models {odd} differ from fold "
@@ -300,7 +302,7 @@ def _member_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
         "fold": ckpt["fold"],
         "prefix": _prefix(ckpt),
         "temperature": ckpt["temperature"],
-        **({"metadata": ckpt["metadata"]} if ckpt.get("metadata") else {}),
+        **ModelDescription.from_dict(ckpt, f"fold {ckpt['fold']}").metadata_dict(),
     }
 
 
@@ -313,10 +315,7 @@ def _model_meta(
         "format_version": PACKAGED_VERSION,
         "name": name,
         "version": version,
-        "backbone": ckpts[0]["backbone"],
-        "model_kwargs": ckpts[0].get("model_kwargs", {}),
-        "preprocessing": ckpts[0]["preprocessing"],
-        "class_names": ckpts[0]["class_names"],
+        **ModelDescription.from_dict(ckpts[0], f"fold {ckpts[0]['fold']}").shared_dict(),
         "tta": _tta(ckpts[0]),
         "members": [_member_meta(c) for c in ckpts],
         "reference": {

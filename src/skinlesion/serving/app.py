@@ -210,7 +210,7 @@ def _explainer(model: Predictor) -> Callable[[bytes], dict[str, Any]] | None:
     """One upload -> its ``explanation`` (Grad-CAM overlay, base64 PNG); ``None`` for a model
     without PyTorch weights (an export folder), logged once."""
     if not isinstance(model, LoadedModel):
-        log.info("%s: ?explain=true answers no overlay: %s", model.source, NO_GRAD_CAM)
+        log.info("%s: ?explain=true answers no overlay: %s", model.origin, NO_GRAD_CAM)
         return None
     runtime = model.runtime or resolve_runtime("auto")
 

@@ -21,7 +21,7 @@ from skinlesion.core.labels import MELANOMA
 from skinlesion.core.run_folder import FoldFolder, RunFolder
 from skinlesion.core.runtime import Runtime
 from skinlesion.data.folds import FoldSplit
-from skinlesion.evaluation.calibration import apply_temperature, fit_temperature
+from skinlesion.evaluation.calibration import apply_temperature
 from skinlesion.evaluation.metrics import melanoma_threshold_for_specificity
 from skinlesion.inference.refer import fit_refer_reference
 from skinlesion.models.checkpoint import (
@@ -38,13 +38,18 @@ from skinlesion.training.fold_trainer import (
     trainer_for_table,
     validation_logits,
 )
-from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
+from skinlesion.training.outputs import (
+    close_fold,
+    fold_temperature,
+    val_figures,
+    write_metrics_rows,
+)
 from skinlesion.training.run_data import (
     RunData,
     label_mask,
     metadata_by_row,
 )
-from skinlesion.training.tracking import Tracker, end_fold_tracking
+from skinlesion.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +224,7 @@ def finish_fold(
         return _tta_logits(cfg, model, data, table, runtime, metadata)
 
     logits = tta_logits(split.val)
-    y = split.val["label"].to_numpy()
-    temperature = fit_temperature(logits, y) if cfg.eval.calibrate else 1.0
+    temperature = fold_temperature(logits, split.val["label"].to_numpy(), cfg.eval.calibrate)
     summary = {
         "fold": fold,
         "best_epoch": ckpt["epoch"],
@@ -231,21 +235,14 @@ def finish_fold(
     }
     # Another clinic's images come without the patient's details: a held-out site is predicted
     # on images alone, as the cross-site score is defined.
-    test_logits = logits if split.site is None else tta_logits(split.test, None)
+    test = None if split.site is None else (split.test, tta_logits(split.test, None))
     if split.site is not None:
         summary.update(site_summary(split, apply_temperature(logits, temperature), data))
     if runtime.dist.is_main:
         ckpt["temperature"] = float(temperature)
         ckpt["tta"] = int(cfg.eval.tta)  # the views the temperature was fitted on
         atomic_torch_save(ckpt, folder.best)
-        classes = data.spec.class_names
-        if split.site is not None:
-            write_val_predictions(
-                split.val, logits, temperature, folder.inner_val_predictions, classes
-            )
-        write_val_predictions(split.test, test_logits, temperature, folder.val_predictions, classes)
-        folder.write_summary(summary)
-        end_fold_tracking(tracker, summary, y, logits, classes, folder.root)
+        close_fold(folder, summary, split.val, logits, data.spec.class_names, tracker, test)
     log.info(
         "fold %d done: best epoch %d, val_loss %.4f, temperature %.3f",
         fold,

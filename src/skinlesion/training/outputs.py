@@ -1,5 +1,6 @@
 """What one fold writes into the run folder: per-epoch metrics, validation figures and
-predictions; shared by fine-tuning and the linear probe."""
+predictions, and the fold's end (:func:`close_fold`); shared by fine-tuning and the linear
+probe."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from skinlesion.evaluation.calibration import apply_temperature, softmax
+from skinlesion.core.run_folder import FoldFolder
+from skinlesion.evaluation.calibration import apply_temperature, fit_temperature, softmax
 from skinlesion.evaluation.metrics import point_metrics
 from skinlesion.evaluation.prediction_files import labelled_predictions, write_predictions
+from skinlesion.training.tracking import Tracker, end_fold_tracking
 
 METRIC_COLUMNS = (
     "epoch",
@@ -77,3 +80,30 @@ def write_val_predictions(
     extra = [c for c in ("source", "site") if c in val_t.columns]
     keys = ["image_id", "lesion_id", "dx", *extra, "fold"]
     write_predictions(labelled_predictions(val_t[keys], probs, classes, raw=raw), path)
+
+
+def fold_temperature(logits: np.ndarray, y: np.ndarray, calibrate: bool) -> float:
+    """The fold's temperature on its validation images (``eval.calibrate``), else 1."""
+    return fit_temperature(logits, y) if calibrate else 1.0
+
+
+def close_fold(
+    folder: FoldFolder,
+    summary: dict[str, Any],
+    val: pd.DataFrame,
+    logits: np.ndarray,
+    classes: Sequence[str],
+    tracker: Tracker | None = None,
+    test: tuple[pd.DataFrame, np.ndarray] | None = None,
+) -> None:
+    """The end of a fold, one for fine-tuning and the linear probe: its out-of-fold predictions
+    at ``summary["temperature"]`` (the validation images in k-fold CV; in cross-site validation
+    ``test`` holds the held-out site's images and logits, and the validation images go to
+    ``inner_val_predictions.csv``), its summary, and its end in ``tracker``."""
+    temperature = summary["temperature"]
+    if test is not None:
+        write_val_predictions(val, logits, temperature, folder.inner_val_predictions, classes)
+    table, test_logits = test if test is not None else (val, logits)
+    write_val_predictions(table, test_logits, temperature, folder.val_predictions, classes)
+    folder.write_summary(summary)
+    end_fold_tracking(tracker, summary, val["label"].to_numpy(), logits, classes, folder.root)

@@ -39,7 +39,6 @@ from skinlesion.data.cache import default_cache_dir
 from skinlesion.data.preprocess import Normalization
 from skinlesion.data.sampling import sample_weights
 from skinlesion.data.tabular import MetadataSpec, encode_metadata, missing_vector
-from skinlesion.evaluation.calibration import fit_temperature
 from skinlesion.inference.forward import prepare
 from skinlesion.models.checkpoint import atomic_torch_save, make_checkpoint
 from skinlesion.models.factory import fuse_metadata
@@ -49,9 +48,14 @@ from skinlesion.training.builders import (
     model_kwargs,
     run_metadata_spec,
 )
-from skinlesion.training.outputs import val_figures, write_metrics_rows, write_val_predictions
+from skinlesion.training.outputs import (
+    close_fold,
+    fold_temperature,
+    val_figures,
+    write_metrics_rows,
+)
 from skinlesion.training.run_data import RunData
-from skinlesion.training.tracking import Tracker, end_fold_tracking
+from skinlesion.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +279,9 @@ def probe_fold(
     with torch.no_grad():
         classifier.weight.copy_(torch.from_numpy(best.w).float())
         classifier.bias.copy_(torch.from_numpy(best.b).float())
-    y_va = va["label"].to_numpy()
     logits = best.logits.astype(np.float64)
-    temperature = fit_temperature(logits, y_va) if cfg.eval.calibrate else 1.0
+    temperature = fold_temperature(logits, va["label"].to_numpy(), cfg.eval.calibrate)
     _save_probe_fold(cfg, data, backbone, folder, best, temperature, metadata)
-    write_val_predictions(va, logits, temperature, folder.val_predictions, data.spec.class_names)
     summary = {
         "fold": fold,
         "best_epoch": best.index,
@@ -289,8 +291,7 @@ def probe_fold(
         "n_train": len(tr),
         "n_val": len(va),
     }
-    folder.write_summary(summary)
-    end_fold_tracking(tracker, summary, y_va, logits, data.spec.class_names, folder.root)
+    close_fold(folder, summary, va, logits, data.spec.class_names, tracker)
     return summary
 
 
