@@ -133,8 +133,8 @@ BUGS: tuple[Bug, ...] = (
     Bug(
         "colour_constancy_off_at_inference",
         "src/skinlesion/data/preprocess.py",
-        "prepare_image(source, spec.size, spec.interpolation, spec.colour_constancy, spec.detail)",
-        "prepare_image(source, spec.size, spec.interpolation, False, spec.detail)",
+        "prepare_image(image, spec.size, spec.interpolation, spec.colour_constancy, spec.detail)",
+        "prepare_image(image, spec.size, spec.interpolation, False, spec.detail)",
         (f"{_OOF}::test_fused_finetune_with_colour_constancy_reproduces_its_oof_rows",),
     ),
     Bug(
@@ -223,13 +223,6 @@ BUGS: tuple[Bug, ...] = (
         (f"{_RANKS}::test_only_rank_0_writes_logs_and_tracks",),
     ),
     Bug(
-        "every_rank_tracks_under_torchrun",  # the same bug, caught by 2 real processes alone
-        "src/skinlesion/training/cv.py",
-        "tracker = open_tracker(saved, run, dist_info.is_main, resume)",
-        "tracker = open_tracker(saved, run, True, resume)",
-        ("tests/training/test_distributed.py::test_torchrun_two_cpu_processes_train_as_one",),
-    ),
-    Bug(
         "graph_key_without_familiarity",
         "src/skinlesion/inference/backend.py",
         "_BESIDE = (FAMILIARITY_FILE, MODEL_FILE)",
@@ -257,15 +250,15 @@ BUGS: tuple[Bug, ...] = (
     Bug(
         "explain_drops_tta",
         "src/skinlesion/inference/explain.py",
-        "(ex,) = explain_sources([src], members, runtime, tta, class_index)",
-        "(ex,) = explain_sources([src], members, runtime, class_index=class_index)",
+        "(ex,) = explain_images([src], members, runtime, tta, class_index)",
+        "(ex,) = explain_images([src], members, runtime, class_index=class_index)",
         (f"{_EXPLAIN}::test_explain_command_predicts_with_the_tta_it_is_given",),
     ),
     Bug(
         "explain_command_drops_the_class",
         "src/skinlesion/inference/explain.py",
-        "(ex,) = explain_sources([src], members, runtime, tta, class_index)",
-        "(ex,) = explain_sources([src], members, runtime, tta)",
+        "(ex,) = explain_images([src], members, runtime, tta, class_index)",
+        "(ex,) = explain_images([src], members, runtime, tta)",
         (f"{_EXPLAIN}::test_explain_command_class_reaches_every_map",),
     ),
     Bug(

@@ -16,7 +16,7 @@ from torch import nn
 from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import PreprocessSpec
-from skinlesion.inference.explain import explain_sources, target_layer
+from skinlesion.inference.explain import explain_images, target_layer
 from skinlesion.inference.predict import Member
 from skinlesion.inference.resolve import resolve_model
 
@@ -71,7 +71,7 @@ def _patch_image(colour: tuple[int, int, int], box: tuple[int, int, int, int], s
 )
 def test_map_peak_lies_on_the_deciding_patch(colour, box, expected: str) -> None:
     img = _patch_image(colour, box, seed=box[0])
-    (ex,) = explain_sources([img], _members(), resolve_runtime("cpu"))
+    (ex,) = explain_images([img], _members(), resolve_runtime("cpu"))
     assert ex.class_name == expected
     assert ex.cam.shape == (120, 160) and ex.overlay.size == img.size
     assert ex.cam.min() >= 0.0 and ex.cam.max() <= 1.0
@@ -90,8 +90,8 @@ def test_ensemble_map_is_the_members_mean() -> None:
     img = _patch_image((220, 40, 40), (20, 20, 50, 50), seed=1)
     runtime = resolve_runtime("cpu")
     members = _members()
-    (both,) = explain_sources([img], members, runtime)
-    singles = [explain_sources([img], [m], runtime)[0].cam for m in members]
+    (both,) = explain_images([img], members, runtime)
+    singles = [explain_images([img], [m], runtime)[0].cam for m in members]
     np.testing.assert_allclose(both.cam, (singles[0] + singles[1]) / 2, atol=1e-5)
 
 
@@ -101,7 +101,7 @@ def test_timm_efficientnet_target_is_its_last_stage(tiny_packaged: Path, tmp_pat
     assert target_layer(net) is net.bn2
     images = lesion_images(tmp_path / "imgs", 2)
     probs, _ = model.predict_proba(images)
-    explained = explain_sources(images, model.members, resolve_runtime("cpu"))
+    explained = explain_images(images, model.members, resolve_runtime("cpu"))
     for ex, p, path in zip(explained, probs, images, strict=True):
         np.testing.assert_allclose(ex.probs, p, atol=BATCH_ATOL)
         assert ex.class_index == int(p.argmax())
@@ -139,8 +139,8 @@ def test_a_requested_class_is_the_one_whose_map_is_drawn() -> None:
     """Asking for a class that is not the predicted one explains that class: its map moves to
     the patch that decides it; the prediction itself stays."""
     img, runtime = _two_patches(), resolve_runtime("cpu")
-    (predicted,) = explain_sources([img], _members(), runtime)
-    (asked,) = explain_sources([img], _members(), runtime, class_index=1)
+    (predicted,) = explain_images([img], _members(), runtime)
+    (asked,) = explain_images([img], _members(), runtime, class_index=1)
     assert predicted.class_name == "red" and (asked.class_index, asked.class_name) == (1, "blue")
     np.testing.assert_allclose(asked.probs, predicted.probs)
     x, y = _peak(predicted.cam)

@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import attach_tiny_familiarity, lesion_images, make_tiny_packaged, spread_images
+from conftest import (
+    attach_tiny_familiarity,
+    check_not_saturated,
+    lesion_images,
+    make_spread_packaged,
+    make_tiny_packaged,
+    spread_images,
+)
 
 from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
@@ -38,13 +45,25 @@ def test_graph_views_are_the_tta_views() -> None:
         torch.testing.assert_close(_view(y, k), view, rtol=0, atol=0)
 
 
-def test_parity_with_pytorch(exported: Path, tiny_packaged: Path, tmp_path: Path) -> None:
-    images = lesion_images(tmp_path / "imgs", 6)
-    model = resolve_model(tiny_packaged, resolve_runtime("cpu"), backend="torch")
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A model whose outputs move across images (so a swap of rows, views or classes shows),
+    and the images they move on."""
+    root = tmp_path_factory.mktemp("spread")
+    images = spread_images(root / "images", n=12)
+    return make_spread_packaged(root / "zoo", images), images
+
+
+def test_parity_with_pytorch(spread: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    folder, images = spread
+    model = resolve_model(folder, resolve_runtime("cpu"), backend="torch")
     expected, errors = model.predict_proba(images)
-    got, onnx_errors = OnnxModel(exported).predict_proba(images, batch_size=4)
+    export_onnx(model, tmp_path / "onnx")
+    got, onnx_errors = OnnxModel(tmp_path / "onnx").predict_proba(images, batch_size=4)
     assert not errors and not onnx_errors
+    check_not_saturated(expected)
     assert np.abs(got - expected).max() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all() and len(set(expected.argmax(1))) > 1
     np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
 
 
@@ -67,24 +86,21 @@ def test_dynamic_batch_and_saved_spec(exported: Path, tiny_packaged: Path, tmp_p
     assert json.loads((exported / "card.json").read_text())["name"] == "tiny"
 
 
-def test_export_and_onnx_backend_commands(tiny_packaged: Path, tmp_path: Path) -> None:
-    images = [str(p) for p in lesion_images(tmp_path / "imgs", 3)]
+def test_export_and_onnx_backend_commands(spread: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    folder, paths = spread
+    images = [str(p) for p in paths]
     out = tmp_path / "export"
-    assert (
-        main(["export", "--model", str(tiny_packaged), "--format", "onnx", "--output", str(out)])
-        == 0
-    )
+    assert main(["export", "--model", str(folder), "--format", "onnx", "--output", str(out)]) == 0
     a, b = tmp_path / "torch.csv", tmp_path / "onnx.csv"
     common = ["predict", "--no-progress", *images]
-    assert (
-        main([*common, "--model", str(tiny_packaged), "--backend", "torch", "--output", str(a)])
-        == 0
-    )
+    assert main([*common, "--model", str(folder), "--backend", "torch", "--output", str(a)]) == 0
     assert main([*common, "--backend", "onnx", "--model", str(out), "--output", str(b)]) == 0
     ta, tb = pd.read_csv(a), pd.read_csv(b)
     classes = json.loads((out / "spec.json").read_text())["class_names"]
+    check_not_saturated(ta[classes].to_numpy())
     assert np.abs(ta[classes].to_numpy() - tb[classes].to_numpy()).max() <= 1e-4
-    assert (ta["prediction"] == tb["prediction"]).all()
+    assert (ta["prediction"] == tb["prediction"]).all() and ta["prediction"].nunique() > 1
+    assert (ta["melanoma_flag"] == tb["melanoma_flag"]).all() and ta["melanoma_flag"].nunique() > 1
 
 
 def test_torch_backend_refuses_an_export_folder(exported: Path, capsys) -> None:

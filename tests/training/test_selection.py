@@ -18,8 +18,7 @@ import torch
 from conftest import FINETUNE, crash_on_call, run_overrides, train_cli
 
 from skinlesion.models.checkpoint import load_checkpoint
-from skinlesion.training import fold as fold_module
-from skinlesion.training import outputs
+from skinlesion.training import fold_trainer, outputs
 
 
 def script_val_loss(monkeypatch: pytest.MonkeyPatch, offsets: Iterator[float]) -> None:
@@ -30,7 +29,7 @@ def script_val_loss(monkeypatch: pytest.MonkeyPatch, offsets: Iterator[float]) -
         figs = real(*args, **kwargs)
         return {**figs, "val_loss": figs["val_loss"] + next(offsets)}
 
-    monkeypatch.setattr(fold_module, "val_figures", scripted)
+    monkeypatch.setattr(fold_trainer, "val_figures", scripted)
 
 
 def rising() -> Iterator[float]:

@@ -61,9 +61,9 @@ def bench_model_predict(
     spec = loaded.members[0].spec
     h, w = spec.hw
     rng = np.random.default_rng(seed)
-    source = rng.integers(0, 256, (max(batch_sizes), h, w, 3), dtype=np.uint8)
+    pixels = rng.integers(0, 256, (max(batch_sizes), h, w, 3), dtype=np.uint8)
     results = [
-        _time_batch(loaded, spec, source[:b], runtime, views, steps, warmup) for b in batch_sizes
+        _time_batch(loaded, spec, pixels[:b], runtime, views, steps, warmup) for b in batch_sizes
     ]
     hw = hardware or {}
     single = next((r for r in results if r["batch_size"] == 1), None)

@@ -52,9 +52,9 @@ def bench_predict(
     spec = default_spec(backbone, image_size)
     model, _ = build_model(backbone, runtime)
     rng = np.random.default_rng(seed)
-    source = rng.integers(0, 256, (max(batch_sizes), image_size, image_size, 3), dtype=np.uint8)
+    pixels = rng.integers(0, 256, (max(batch_sizes), image_size, image_size, 3), dtype=np.uint8)
 
-    rows_out = [_time_predict(model, source, b, steps, warmup, runtime, spec) for b in batch_sizes]
+    rows_out = [_time_predict(model, pixels, b, steps, warmup, runtime, spec) for b in batch_sizes]
     single = next((r for r in rows_out if r["batch_size"] == 1), None)
     return {
         "benchmark": "predict",
@@ -75,7 +75,7 @@ def bench_predict(
 
 def _time_predict(
     model: nn.Module,
-    source: np.ndarray,
+    pixels: np.ndarray,
     b: int,
     steps: int,
     warmup: int,
@@ -87,6 +87,6 @@ def _time_predict(
     rows = np.arange(b)
 
     def call() -> None:
-        predict_logits(model, source, rows, batch_size=b, runtime=runtime, norm=spec.normalization)
+        predict_logits(model, pixels, rows, batch_size=b, runtime=runtime, norm=spec.normalization)
 
     return latency_row(call, b, steps, warmup, runtime.device)

@@ -206,14 +206,14 @@ def _decode_errors(name: str) -> Iterator[None]:
         raise ImageDecodeError(f"{name}: not a decodable image ({err})") from err
 
 
-def _open(source: str | Path | bytes | Image.Image) -> tuple[Image.Image, str]:
+def _open(image: str | Path | bytes | Image.Image) -> tuple[Image.Image, str]:
     """The image and its name for messages; a file or bytes are opened lazily (header only), which
     is where PIL refuses more pixels than ``Image.MAX_IMAGE_PIXELS`` allows."""
-    if isinstance(source, Image.Image):
-        return source, "<image>"
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if isinstance(image, Image.Image):
+        return image, "<image>"
+    name = "<bytes>" if isinstance(image, bytes) else str(image)
     with _decode_errors(name):
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
     _log_large(img, name)
     return img, name
 
@@ -255,9 +255,9 @@ def _upright(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(source: str | Path | bytes | Image.Image) -> Image.Image:
-    """Open a file (or bytes) as RGB, honouring EXIF orientation; raise naming the source."""
-    img, name = _open(source)
+def decode_image(image: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open a file (or bytes) as RGB, honouring EXIF orientation; raise naming the image."""
+    img, name = _open(image)
     _load(img, name)
     return to_rgb8(_upright(img))
 
@@ -418,7 +418,7 @@ def _finish(
 
 
 def prepare_image(
-    source: str | Path | bytes | Image.Image,
+    image: str | Path | bytes | Image.Image,
     size: Size,
     interpolation: str = "bicubic",
     colour_constancy: bool = False,
@@ -430,10 +430,10 @@ def prepare_image(
     The whole field of view is kept (no crop): a lesion near the border must not be cut off.
     Images over `EXACT_MAX_PIXELS` are prepared with bounded memory (`_prepare_large`).
     """
-    img, name = _open(source)
+    img, name = _open(image)
     h, w = size_hw(size)
     if img.width * img.height > EXACT_MAX_PIXELS:
-        owned = not isinstance(source, Image.Image)
+        owned = not isinstance(image, Image.Image)
         return _prepare_large(img, name, owned, (w, h), interpolation, colour_constancy, detail)
     _load(img, name)
     img = reduce_detail(to_rgb8(_upright(img)), detail)
@@ -487,5 +487,5 @@ def _prepare_large(
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def prepare_with_spec(source: str | Path | bytes | Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    return prepare_image(source, spec.size, spec.interpolation, spec.colour_constancy, spec.detail)
+def prepare_with_spec(image: str | Path | bytes | Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    return prepare_image(image, spec.size, spec.interpolation, spec.colour_constancy, spec.detail)

@@ -84,19 +84,19 @@ def load_labels(
 
     ``where`` keeps only rows whose columns hold the given values (e.g. ``{"split": "test"}``).
     """
-    source = str(labels_csv)
+    name = str(labels_csv)
     df = read_table(labels_csv)
-    check_columns(df, ["image_id", "dx", *(where or {})], source, "expected image_id, dx")
-    df = keep_rows(number_lines(df), where, source, "--where")
+    check_columns(df, ["image_id", "dx", *(where or {})], name, "expected image_id, dx")
+    df = keep_rows(number_lines(df), where, name, "--where")
     df = strip(df, ["image_id", "dx"])
     if label_map:
         df = apply_label_map(df, label_map, classes)
-    problems = unknown_labels(df, classes, source, "" if label_map else " (use --label-map)")
-    problems += duplicate_images(df, source)
+    problems = unknown_labels(df, classes, name, "" if label_map else " (use --label-map)")
+    problems += duplicate_images(df, name)
     # The same lookup as a training set's (data.format csv): an id finds ID.jpg/.png/... in
     # the folder, a value with an extension is a path relative to it.
     df, missing_images = attach_images(
-        df.assign(image=df["image_id"]), FolderImages(images_dir), source, verify=True
+        df.assign(image=df["image_id"]), FolderImages(images_dir), name, verify=True
     )
     problems += missing_images
     df = df.assign(image_id=df["image"].map(image_id_of)).drop(columns=["image"])
@@ -125,7 +125,7 @@ def _write_predictions(
 
 
 def _metadata(
-    labels: pd.DataFrame, loaded: Predictor, use: bool | None, source: str
+    labels: pd.DataFrame, loaded: Predictor, use: bool | None, where: str
 ) -> tuple[pd.DataFrame | None, list[str] | str]:
     """The labels' metadata columns for a fused model, and what the report says was used.
 
@@ -142,7 +142,7 @@ def _metadata(
             )
         present = [f for f in METADATA_FIELDS if f in labels.columns] if use is None else []
         if present:
-            log.info("%s: columns %s not used: an ONNX graph takes images only", source, present)
+            log.info("%s: columns %s not used: an ONNX graph takes images only", where, present)
         return None, "not used: the ONNX graph takes images only"
     if not loaded.uses_metadata:
         return None, "not used: the model takes images only"
@@ -154,7 +154,7 @@ def _metadata(
             log.warning(
                 "%s: column %r is not read as %s (the model reads columns named %s); rename it "
                 "to give the model that field",
-                source,
+                where,
                 column,
                 field,
                 ", ".join(METADATA_FIELDS),
@@ -162,7 +162,7 @@ def _metadata(
     if "age" in fields:  # named as predict --metadata names them, not by row position
         problems = age_problems(labels["age"].tolist(), labels["line"].tolist(), labels["image_id"])
         if problems:
-            raise DataError(f"{source}: invalid metadata", problems)
+            raise DataError(f"{where}: invalid metadata", problems)
     return (labels[fields] if fields else None), fields
 
 

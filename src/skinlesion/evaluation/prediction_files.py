@@ -109,20 +109,20 @@ def write_predictions(table: pd.DataFrame, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def class_columns(columns: Sequence[str], source: str | Path) -> list[str]:
-    """The class columns of a file with ``columns`` (the module's rule); ``source`` names the
+def class_columns(columns: Sequence[str], where: str | Path) -> list[str]:
+    """The class columns of a file with ``columns`` (the module's rule); ``where`` names the
     file in the error when the layout is not there."""
     columns = [str(c) for c in columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise DataError(
-            f"{source}: not a predictions file",
+            f"{where}: not a predictions file",
             [f"missing column(s) {missing}; found {columns}; {_LAYOUT}"],
         )
     found = [c for c in columns[: columns.index("prediction")] if c not in _NOT_CLASSES]
     if not found:
         raise DataError(
-            f"{source}: not a predictions file",
+            f"{where}: not a predictions file",
             [f"no class column before prediction; found {columns}; {_LAYOUT}"],
         )
     return found

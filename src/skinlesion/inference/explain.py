@@ -8,7 +8,7 @@ explains is the ensemble's calibrated prediction with the run's TTA.
 
 Example::
 
-    results = explain_sources(["lesion.jpg"], loaded.members, runtime)
+    results = explain_images(["lesion.jpg"], loaded.members, runtime)
     results[0].overlay.save("lesion_gradcam.png")
 """
 
@@ -121,8 +121,8 @@ def _to_image_size(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[0, 0].clamp(0, 1).numpy()
 
 
-def explain_sources(
-    sources: Sequence[str | Path | bytes | Image.Image],
+def explain_images(
+    inputs: Sequence[str | Path | bytes | Image.Image],
     members: Sequence[Member],
     runtime: Runtime,
     tta: int | None = None,
@@ -133,7 +133,7 @@ def explain_sources(
     Raises :class:`ImageDecodeError` naming the first image that cannot be decoded."""
     tta = members[0].tta if tta is None else tta
     specs = list(dict.fromkeys(m.spec for m in members))
-    originals = [decode_image(s) for s in sources]
+    originals = [decode_image(x) for x in inputs]
     images = {s: np.stack([prepare_with_spec(img, s) for img in originals]) for s in specs}
     with MODEL_LOCK:
         probs = ensemble_probs(members, images, runtime, tta)
@@ -148,7 +148,7 @@ def explain_sources(
 
 
 def explain_to_dir(
-    sources: Sequence[str | Path],
+    inputs: Sequence[str | Path],
     members: Sequence[Member],
     runtime: Runtime,
     output: Path,
@@ -167,9 +167,9 @@ def explain_to_dir(
     check_writable_dir(output, "explanations folder")
     output.mkdir(parents=True, exist_ok=True)
     rows, errors, used = [], {}, set()
-    for i, src in enumerate(sources):
+    for i, src in enumerate(inputs):
         try:
-            (ex,) = explain_sources([src], members, runtime, tta, class_index)
+            (ex,) = explain_images([src], members, runtime, tta, class_index)
         except ImageDecodeError as err:
             errors[i] = str(err)
             continue

@@ -44,8 +44,8 @@ from skinlesion.inference.onnx_model import (
     CARD_FILE,
     ONNX_FILE,
     ONNX_FORMAT,
-    SPEC_FILE,
     UNFAMILIARITY,
+    write_export_spec,
 )
 from skinlesion.inference.packaged_meta import sha256_file
 from skinlesion.inference.predict import Member
@@ -178,7 +178,7 @@ def export_onnx(model: Exportable, output: str | Path, tta: int | None = None) -
     spec_json = _spec_json(model, spec, tta)
     if graph.scored:
         spec_json["outputs"] = [spec_json["output"], _unfamiliarity_output(len(graph.scored))]
-    (output / SPEC_FILE).write_text(json.dumps(spec_json, indent=2))
+    write_export_spec(output, spec_json)
     if model.card:
         (output / CARD_FILE).write_text(json.dumps(model.card, indent=2))
     log.info("exported %s to %s", model.name, path)

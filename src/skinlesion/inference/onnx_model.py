@@ -34,7 +34,7 @@ from skinlesion.data.tabular import MetadataInput
 from skinlesion.inference.predict import (
     ImageInput,
     Predictions,
-    as_source,
+    as_image_input,
     image_name,
     predict_prepared,
 )
@@ -51,6 +51,17 @@ UNFAMILIARITY = "unfamiliarity"
 def is_export_folder(path: str | Path | None) -> bool:
     """Whether ``path`` is a folder that ``skinlesion export`` wrote (a graph and its spec)."""
     return path is not None and all((Path(path) / f).is_file() for f in (ONNX_FILE, SPEC_FILE))
+
+
+def write_export_spec(folder: Path, meta: dict[str, Any]) -> Path:
+    """Write ``meta`` as ``folder/spec.json`` (atomically) after the reader's checks: the one
+    writer of the file, for an export and for its int8 copy."""
+    path = folder / SPEC_FILE
+    spec_from_dict(meta, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path)
+    return path
 
 
 def read_export_spec(path: Path) -> tuple[dict[str, Any], PreprocessSpec]:
@@ -165,7 +176,7 @@ class OnnxModel:
     def metadata_inputs(self) -> dict[str, Any] | None:
         return None
 
-    def unseen_metadata(self, metadata: Any, source: str | None) -> dict[str, dict[str, int]]:
+    def unseen_metadata(self, metadata: Any, where: str | None) -> dict[str, dict[str, int]]:
         return {}
 
     def check_call(self, tta: int | None, metadata: Any = None) -> None:
@@ -235,7 +246,7 @@ class OnnxModel:
         """Probabilities, errors and unfamiliarity (``familiarity=True``) of each image, the
         images decoded and prepared as for the PyTorch model."""
         self.check_call(tta, metadata)
-        sources = [as_source(x) for x in images]
+        inputs = [as_image_input(x) for x in images]
 
         def outputs(prepared: dict[PreprocessSpec, np.ndarray], _: Any) -> Any:
             return self.outputs(prepared, self.tta, batch_size, None, familiarity)
@@ -243,7 +254,7 @@ class OnnxModel:
         scored = familiarity and self.has_familiarity
         n_classes = len(self.class_names)
         return predict_prepared(
-            sources,
+            inputs,
             [self.spec],
             n_classes,
             outputs,

@@ -50,7 +50,7 @@ from skinlesion.inference.predict import (
     ImageInput,
     Member,
     Predictions,
-    as_source,
+    as_image_input,
     backbone_id,
     ensemble_outputs,
     image_name,
@@ -138,15 +138,15 @@ class LoadedModel:
     ) -> Predictions:
         """Probabilities, errors and unfamiliarity (``familiarity=True``) of each image, from
         the model's backend; ``metadata`` as for :meth:`predict_proba`."""
-        sources = [as_source(x) for x in images]
-        table = metadata_table(metadata, len(sources))
+        inputs = [as_image_input(x) for x in images]
+        table = metadata_table(metadata, len(inputs))
         tta = self.tta if tta is None else tta
 
         def outputs(prepared: Any, meta: Any) -> tuple[np.ndarray, np.ndarray | None]:
             return self.outputs(prepared, tta, batch_size, meta, familiarity)
 
         return predict_images(
-            sources,
+            inputs,
             self.members,
             self.runtime or resolve_runtime("auto"),
             tta,
@@ -215,10 +215,10 @@ class LoadedModel:
             "sites": specs[0].sites,
         }
 
-    def unseen_metadata(self, metadata: Any, source: str | None) -> dict[str, dict[str, int]]:
+    def unseen_metadata(self, metadata: Any, where: str | None) -> dict[str, dict[str, int]]:
         """The metadata values of ``metadata`` (a table, or ``None``) that a member never saw
         in training (they encode as ``unknown``), the largest count over the members per
-        value; logged as a warning naming ``source`` (``None``: not logged)."""
+        value; logged as a warning naming ``where`` (``None``: not logged)."""
         from skinlesion.data.tabular import describe_unseen, unseen_values
 
         merged: dict[str, dict[str, int]] = {}
@@ -230,10 +230,10 @@ class LoadedModel:
                 for value, n in counts.items():
                     seen[value] = max(n, seen.get(value, 0))
         merged = {f: dict(sorted(c.items())) for f, c in sorted(merged.items())}
-        if merged and source is not None:
+        if merged and where is not None:
             log.warning(
                 "%s: metadata the model never saw in training, encoded as unknown: %s",
-                source,
+                where,
                 describe_unseen(merged),
             )
         return merged

@@ -287,7 +287,7 @@ Outputs = Callable[
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 
-def as_source(x: ImageInput) -> str | Path | bytes | Image.Image:
+def as_image_input(x: ImageInput) -> str | Path | bytes | Image.Image:
     """What the image loaders take: a uint8 array becomes a PIL image."""
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8 or x.ndim not in (2, 3):
@@ -307,13 +307,13 @@ def image_name(x: ImageInput, i: int) -> str:
 class Predictions:
     """What :func:`predict_images` returns."""
 
-    probs: np.ndarray  # (N, C) calibrated probabilities; NaN rows for sources that failed
-    errors: dict[int, str]  # {index: error message} of the sources that could not be decoded
+    probs: np.ndarray  # (N, C) calibrated probabilities; NaN rows for inputs that failed
+    errors: dict[int, str]  # {index: error message} of the inputs that could not be decoded
     unfamiliarity: np.ndarray | None  # (N,), NaN where failed; None: no member has familiarity
 
 
 def predict_images(
-    sources: Sequence[str | Path | bytes],
+    inputs: Sequence[str | Path | bytes],
     members: Sequence[Member],
     runtime: Runtime,
     tta: int | None = None,
@@ -324,10 +324,10 @@ def predict_images(
     outputs: Outputs | None = None,
     workers: int | None = None,
 ) -> Predictions:
-    """Probabilities, errors and unfamiliarity of each source (see :class:`Predictions`).
+    """Probabilities, errors and unfamiliarity of each image (see :class:`Predictions`).
 
     ``tta=None`` uses the views the run calibrated on (the checkpoint's ``tta``). ``metadata``:
-    a row per source with any of ``age``, ``sex``, ``localization`` (missing values allowed),
+    a row per image with any of ``age``, ``sex``, ``localization`` (missing values allowed),
     used by models fused with metadata; ``None``: no metadata for any image. ``outputs``
     replaces :func:`ensemble_outputs` on each chunk of prepared images (another backend, e.g. an
     ONNX graph). ``workers``: decoding threads (default :func:`decode_workers`). See
@@ -344,12 +344,12 @@ def predict_images(
     specs = list(dict.fromkeys(m.spec for m in members))
     n_classes = len(members[0].spec.class_names)
     return predict_prepared(
-        sources, specs, n_classes, outputs or run, scored, batch_size, progress, metadata, workers
+        inputs, specs, n_classes, outputs or run, scored, batch_size, progress, metadata, workers
     )
 
 
 def predict_prepared(
-    sources: Sequence[str | Path | bytes],
+    inputs: Sequence[str | Path | bytes],
     specs: Sequence[PreprocessSpec],
     n_classes: int,
     outputs: Outputs,
@@ -359,20 +359,20 @@ def predict_prepared(
     metadata: pd.DataFrame | None = None,
     workers: int | None = None,
 ) -> Predictions:
-    """Each source prepared for each of ``specs`` and given, a chunk at a time, to ``outputs``
+    """Each image prepared for each of ``specs`` and given, a chunk at a time, to ``outputs``
     (the engine: probabilities (N, ``n_classes``) and, when ``scored``, unfamiliarity), with
     its rows of ``metadata``. One bad file never costs the predictions of the others. Images
     are decoded and prepared by a thread pool (PIL releases the GIL while it decodes and
     resizes): ``workers`` of them, default :func:`decode_workers`."""
-    out = np.full((len(sources), n_classes), np.nan)
-    unfamiliar = np.full(len(sources), np.nan) if scored else None
+    out = np.full((len(inputs), n_classes), np.nan)
+    unfamiliar = np.full(len(inputs), np.nan) if scored else None
     errors: dict[int, str] = {}
     chunk = max(batch_size * 4, 64)
-    bar = tqdm(total=len(sources), desc="predict", disable=not progress)
+    bar = tqdm(total=len(inputs), desc="predict", disable=not progress)
     with ThreadPoolExecutor(workers or decode_workers()) as pool:
-        for start in range(0, len(sources), chunk):
-            idx = list(range(start, min(start + chunk, len(sources))))
-            stacked, ok = _prepare_chunk(sources, idx, list(specs), errors, pool)
+        for start in range(0, len(inputs), chunk):
+            idx = list(range(start, min(start + chunk, len(inputs))))
+            stacked, ok = _prepare_chunk(inputs, idx, list(specs), errors, pool)
             if ok:
                 meta = None if metadata is None else metadata.iloc[ok].reset_index(drop=True)
                 probs, u = outputs(stacked, meta)
@@ -399,26 +399,26 @@ def decode_workers() -> int:
 
 
 def _prepare_one(
-    source: str | Path | bytes, specs: list[PreprocessSpec]
+    image: str | Path | bytes, specs: list[PreprocessSpec]
 ) -> dict[PreprocessSpec, np.ndarray] | ImageDecodeError:
     try:
-        return {s: prepare_with_spec(source, s) for s in specs}
+        return {s: prepare_with_spec(image, s) for s in specs}
     except ImageDecodeError as err:
         return err
 
 
 def _prepare_chunk(
-    sources: Sequence[str | Path | bytes],
+    inputs: Sequence[str | Path | bytes],
     idx: list[int],
     specs: list[PreprocessSpec],
     errors: dict[int, str],
     pool: Executor,
 ) -> tuple[dict[PreprocessSpec, np.ndarray], list[int]]:
-    """The sources ``idx`` prepared for each spec (on ``pool``), and the indices that decoded;
+    """The inputs ``idx`` prepared for each spec (on ``pool``), and the indices that decoded;
     the others' errors go into ``errors``."""
     prepared: dict[PreprocessSpec, list[np.ndarray]] = {s: [] for s in specs}
     ok: list[int] = []
-    results = pool.map(lambda i: _prepare_one(sources[i], specs), idx)
+    results = pool.map(lambda i: _prepare_one(inputs[i], specs), idx)
     for i, arrays in zip(idx, results, strict=True):
         if isinstance(arrays, ImageDecodeError):
             errors[i] = str(arrays)

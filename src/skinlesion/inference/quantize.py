@@ -14,7 +14,6 @@ HAM10000 images): decoded and prepared exactly as at prediction time.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -31,7 +30,12 @@ from skinlesion.data.preprocess import (
     PreprocessSpec,
     prepare_with_spec,
 )
-from skinlesion.inference.onnx_model import ONNX_FILE, SPEC_FILE, read_export_spec
+from skinlesion.inference.onnx_model import (
+    ONNX_FILE,
+    SPEC_FILE,
+    read_export_spec,
+    write_export_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +98,14 @@ def _probability_nodes(model: Any) -> tuple[list[str], list[str]]:
     return [n for n in names if n in wanted], [n for n in names if n not in wanted]
 
 
-def _quantize(source: Path, output: Path, reader: Any) -> None:
+def _quantize(graph: Path, output: Path, reader: Any) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(graph), str(pre), skip_symbolic_shape=True)
         _, fp32_only = _probability_nodes(onnx.load(str(pre)))
         quantize_static(
             str(pre),
@@ -120,12 +124,12 @@ def _quantize(source: Path, output: Path, reader: Any) -> None:
         )
 
 
-def quantize_export(source: Path, output: Path, images: Sequence[Path]) -> Path:
-    """Write an int8 copy of the export folder ``source`` into ``output`` (``model.onnx``,
+def quantize_export(export: Path, output: Path, images: Sequence[Path]) -> Path:
+    """Write an int8 copy of the export folder ``export`` into ``output`` (``model.onnx``,
     ``spec.json`` with a ``quantization`` entry, ``card.json``), calibrated on ``images``."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    meta, spec = read_export_spec(source / SPEC_FILE)
+    meta, spec = read_export_spec(export / SPEC_FILE)
     batches = _batches(images, spec)
 
     class Reader(CalibrationDataReader):
@@ -137,7 +141,7 @@ def quantize_export(source: Path, output: Path, images: Sequence[Path]) -> Path:
     root_level = logging.getLogger().level
     logging.getLogger().setLevel(logging.WARNING)
     try:
-        _quantize(source / ONNX_FILE, output / ONNX_FILE, Reader())
+        _quantize(export / ONNX_FILE, output / ONNX_FILE, Reader())
     finally:
         logging.getLogger().setLevel(root_level)
     meta["quantization"] = {
@@ -147,7 +151,7 @@ def quantize_export(source: Path, output: Path, images: Sequence[Path]) -> Path:
         "calibration_id": calibration_id(images),
         "quantization_id": QUANTIZATION_ID,
     }
-    (output / SPEC_FILE).write_text(json.dumps(meta, indent=2))
-    if (source / "card.json").is_file():
-        shutil.copyfile(source / "card.json", output / "card.json")
+    write_export_spec(output, meta)
+    if (export / "card.json").is_file():
+        shutil.copyfile(export / "card.json", output / "card.json")
     return output / ONNX_FILE

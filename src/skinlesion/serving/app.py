@@ -39,7 +39,7 @@ from skinlesion.core.labels import MELANOMA
 from skinlesion.core.runtime import resolve_runtime
 from skinlesion.data.preprocess import ImageDecodeError, prepare_with_spec
 from skinlesion.data.tabular import AGE_MAX, METADATA_FIELDS, age_problem, normalise_category
-from skinlesion.inference.explain import MODEL_LOCK, explain_sources
+from skinlesion.inference.explain import MODEL_LOCK, explain_images
 from skinlesion.inference.packaged import LoadedModel
 from skinlesion.inference.resolve import Predictor
 from skinlesion.inference.table import Decisions, prediction_rows
@@ -215,7 +215,7 @@ def _explainer(model: Predictor) -> Callable[[bytes], dict[str, Any]] | None:
     runtime = model.runtime or resolve_runtime("auto")
 
     def explain(data: bytes) -> dict[str, Any]:
-        (ex,) = explain_sources([data], model.members, runtime, model.tta)
+        (ex,) = explain_images([data], model.members, runtime, model.tta)
         return {
             "class_explained": ex.class_name,
             "method": "Grad-CAM, last convolutional stage, mean over fold models",

@@ -30,7 +30,7 @@ from skinlesion.models.checkpoint import FINAL_FOLD, atomic_torch_save, make_che
 from skinlesion.training.builders import model_kwargs
 from skinlesion.training.checks import check_world_size
 from skinlesion.training.fit_familiarity import fit_checkpoint_familiarity
-from skinlesion.training.fold_trainer import train_fold_epoch, trainer_for_table
+from skinlesion.training.fold_trainer import train_one_epoch, trainer_for_table
 from skinlesion.training.run_data import load_run_data
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
         tr.restore(out / "last.pt")
         log.info("final fit: resuming after epoch %d", tr.state["epoch"])
     for epoch in range(tr.state["epoch"] + 1, choice["epochs"] + 1):
-        loss = train_fold_epoch(cfg, data, tr, table, runtime, progress)
+        loss = train_one_epoch(cfg, data, tr, table, runtime, progress)
         tr.state["epoch"] = epoch
         atomic_torch_save(tr.snapshot(), out / "last.pt")
         log.info("final fit epoch %d/%d: train_loss %.4f", epoch, choice["epochs"], loss)

@@ -34,19 +34,18 @@ from skinlesion.models.checkpoint import (
 from skinlesion.training.builders import model_kwargs
 from skinlesion.training.fold_trainer import (
     FoldTrainer,
-    train_fold_epoch,
+    train_one_epoch,
     trainer_for_table,
+    validate,
     validation_logits,
 )
 from skinlesion.training.outputs import (
     close_fold,
     fold_temperature,
-    val_figures,
     write_metrics_rows,
 )
 from skinlesion.training.run_data import (
     RunData,
-    label_mask,
     metadata_by_row,
 )
 from skinlesion.training.tracking import Tracker
@@ -109,7 +108,7 @@ def _save_epoch(
     atomic_torch_save(tr.snapshot(), folder.last)
 
 
-def train_and_validate_epoch(
+def run_epoch(
     cfg: Config,
     data: RunData,
     tr: FoldTrainer,
@@ -117,15 +116,12 @@ def train_and_validate_epoch(
     runtime: Runtime,
     progress: bool,
 ) -> dict[str, Any]:
-    """:func:`~skinlesion.training.fold_trainer.train_fold_epoch`, then validate, step the
-    schedule and the early-stopping state; the epoch's metrics row."""
-    train_t, val_t = split.train, split.val
+    """One epoch of a fold: :func:`~skinlesion.training.fold_trainer.train_one_epoch`, then
+    :func:`~skinlesion.training.fold_trainer.validate`, then the schedule and the
+    early-stopping state step; the epoch's metrics row."""
     t0 = time.perf_counter()
-    train_loss = train_fold_epoch(cfg, data, tr, train_t, runtime, progress)
-    rows = val_t["row"].to_numpy()
-    meta = tr.feed.by_row.numpy() if tr.feed is not None else None
-    logits = validation_logits(tr.model, data, rows, _eval_batch_size(cfg), runtime, 1, meta)[0]
-    figs = val_figures(tr.criterion, logits, val_t["label"].to_numpy(), label_mask(data, val_t))
+    train_loss = train_one_epoch(cfg, data, tr, split.train, runtime, progress)
+    figs = validate(tr, data, split.val, runtime, _eval_batch_size(cfg))
     tr.schedule.after_epoch(figs["val_loss"])
     epoch = tr.state["epoch"] + 1
     tr.state["epoch"] = epoch
@@ -168,7 +164,7 @@ def fit_fold(
         log.info("fold %d: resuming after epoch %d", fold, tr.state["epoch"])
     rows = _read_metrics(folder.metrics, tr.state["epoch"])
     while tr.state["epoch"] < cfg.train.epochs:
-        rows.append(train_and_validate_epoch(cfg, data, tr, split, runtime, progress))
+        rows.append(run_epoch(cfg, data, tr, split, runtime, progress))
         if runtime.dist.is_main:
             _save_epoch(cfg, data, tr, folder, rows[-1])
             write_metrics_rows(folder.metrics, rows)

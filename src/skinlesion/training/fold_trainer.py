@@ -39,8 +39,10 @@ from skinlesion.training.distributed import (
     rank_share,
     seed_rank_streams,
 )
+from skinlesion.training.outputs import val_figures
 from skinlesion.training.run_data import (
     RunData,
+    label_mask,
     metadata_by_row,
     table_sources,
     targets_by_row,
@@ -204,7 +206,7 @@ def validation_logits(
     return out
 
 
-def train_fold_epoch(
+def train_one_epoch(
     cfg: Config,
     data: RunData,
     tr: FoldTrainer,
@@ -253,3 +255,14 @@ def train_fold_epoch(
         dist.all_reduce(t)
         loss = float(t.item() / d.world_size)
     return loss
+
+
+def validate(
+    tr: FoldTrainer, data: RunData, val_t: pd.DataFrame, runtime: Runtime, batch_size: int
+) -> dict[str, float]:
+    """The fold's validation figures after an epoch (one view; validation loss, the figure that
+    selects the model, with each image's own label space in a run of sources)."""
+    meta = tr.feed.by_row.numpy() if tr.feed is not None else None
+    rows = val_t["row"].to_numpy()
+    logits = validation_logits(tr.model, data, rows, batch_size, runtime, 1, meta)[0]
+    return val_figures(tr.criterion, logits, val_t["label"].to_numpy(), label_mask(data, val_t))
