@@ -98,8 +98,9 @@ def labelled_predictions(
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
-    """Write ``table`` at ``path`` in :data:`FLOAT_FORMAT`, atomically: a reader never finds
-    half a file, and an interrupted write leaves the previous one."""
+    """Write ``table`` (any file of this module) at ``path`` in :data:`FLOAT_FORMAT`,
+    atomically: a reader never finds half a file, and an interrupted write leaves the previous
+    one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -201,9 +202,7 @@ HOLDOUT_COLUMNS: tuple[str, ...] = ("image_id", "unfamiliarity")
 def write_holdout_unfamiliarity(image_ids: Sequence[str], scores: np.ndarray, path: Path) -> None:
     """The held-out site's unfamiliarity scores under the fold's member, written atomically."""
     table = pd.DataFrame({"image_id": list(image_ids), "unfamiliarity": np.asarray(scores)})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
-    tmp.replace(path)
+    write_predictions(table, path)
 
 
 def read_holdout_unfamiliarity(path: Path) -> pd.DataFrame:
