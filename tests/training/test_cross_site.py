@@ -102,3 +102,29 @@ def test_yardstick_scores_a_folder_and_pairs_it_with_itself(cross_run: Path) -> 
         main(["yardstick", "--output", str(folder), "--against", str(folder), "--n-boot", "20"])
         == 0
     )
+
+
+def test_yardstick_seeds_run_the_recipe_once_each_in_its_folder(
+    monkeypatch: pytest.MonkeyPatch, cross_run: Path, tmp_path: Path
+) -> None:
+    """``--seeds``: the config's own seed trains in the folder, every other seed N in ``seed_N/``
+    with ``seed=N``; the score then reads every run."""
+    import skinlesion.training.yardstick as ys
+
+    calls: list[tuple[list[str], Path]] = []
+
+    def fake_run(config, overrides, output, isic2017, resume, progress) -> None:  # noqa: ANN001
+        calls.append((list(overrides), output))
+        shutil.copytree(cross_run, output / "cross_site")
+
+    monkeypatch.setattr(ys, "_one_run", fake_run)
+    out = tmp_path / "recipe"
+    recipe = str(Path(__file__).resolve().parents[2] / "configs" / "quick.yaml")
+    args = ["yardstick", "--config", recipe, "--output", str(out), "--isic2017", "none"]
+    assert main([*args, "--n-boot", "20", "--seeds", "42,7", "train.lr=0.01"]) == 0
+    assert calls == [(["train.lr=0.01"], out), (["train.lr=0.01", "seed=7"], out / "seed_7")]
+    assert yardstick_score(out)["runs"] == [str(out), str(out / "seed_7")]
+    with pytest.raises(Exception, match="--seeds or seed=N, not both"):
+        ys.run_yardstick(recipe, tmp_path / "other", ["seed=3"], None, seeds=[1, 2])
+    with pytest.raises(SystemExit):
+        main([*args, "--seeds", "7,7"])

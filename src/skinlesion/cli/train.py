@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from skinlesion.cli.common import int_at_least, key_value, load_checked_config, run_n_boot
 
@@ -152,25 +153,64 @@ def _cmd_yardstick(args: argparse.Namespace) -> int:
         yardstick_score,
     )
 
-    if args.config is not None:
+    if args.ensemble_of and (args.config is not None or args.overrides or args.seeds):
+        print(
+            "skinlesion yardstick: --ensemble-of trains nothing: no --config, --seeds or "
+            "key=value with it",
+            file=sys.stderr,
+        )
+        return 2
+    if args.ensemble_of:
+        from skinlesion.evaluation.yardstick import write_ensemble
+
+        made = write_ensemble(args.ensemble_of, args.output)
+        print(f"ensemble of {len(made['members'])} run(s) on {', '.join(made['sets'])}")
+    elif args.config is not None:
         from skinlesion.training.yardstick import run_yardstick
 
         isic = None if args.isic2017 == "none" else args.isic2017
         run_yardstick(
-            args.config, args.output, args.overrides, isic, args.resume, not args.no_progress
+            args.config,
+            args.output,
+            args.overrides,
+            isic,
+            args.resume,
+            not args.no_progress,
+            seeds=args.seeds or (),
         )
-    elif args.overrides:
-        print("skinlesion yardstick: key=value overrides need --config", file=sys.stderr)
+    elif args.overrides or args.seeds:
+        print(
+            "skinlesion yardstick: key=value overrides and --seeds need --config", file=sys.stderr
+        )
         return 2
-    score = yardstick_score(args.output)
-    for name, f in [*score["sets"].items(), ("mean", score["mean"])]:
-        n = f" ({f['n']} images)" if "n" in f else ""
-        print(f"{name}{n}: mel AUROC {f['mel_auroc']:.3f}, bal acc {f['balanced_accuracy']:.3f}")
+    _print_score(yardstick_score(args.output))
     if args.against:
         result = compare_yardsticks(args.against, args.output, args.n_boot)
         write_yardstick(result, Path(args.output) / "comparison.json")
         print(render_yardstick_comparison(result))
     return 0
+
+
+def _print_score(score: dict[str, Any]) -> None:
+    """Each set's and the mean's figures (each run's melanoma AUROC where there are several)."""
+    print(f"{len(score['runs'])} training run(s): {', '.join(score['runs'])}")
+    for name, f in [*score["sets"].items(), ("mean", score["mean"])]:
+        n = f" ({f['n']} images)" if "n" in f else ""
+        each = ""
+        if len(f.get("runs", {}).get("mel_auroc", [])) > 1:
+            each = " (runs: " + ", ".join(f"{v:.3f}" for v in f["runs"]["mel_auroc"]) + ")"
+        print(
+            f"{name}{n}: mel AUROC {f['mel_auroc']:.3f}{each}, bal acc {f['balanced_accuracy']:.3f}"
+        )
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated non-negative integers."""
+    parse = int_at_least(0)
+    seeds = [parse(part.strip()) for part in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
+    return seeds
 
 
 def _add_yardstick(sub: argparse._SubParsersAction) -> None:
@@ -190,6 +230,21 @@ def _add_yardstick(sub: argparse._SubParsersAction) -> None:
         help="ISIC 2017 folder (labels.csv, images/), or none",
     )
     y.add_argument("--n-boot", type=int_at_least(1), default=1000)
+    y.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="comma-separated, e.g. 42,7: train the recipe once per seed (the config's seed "
+        "in --output, others in --output/seed_N); comparisons resample runs as well as lesions",
+    )
+    y.add_argument(
+        "--ensemble-of",
+        nargs="+",
+        default=None,
+        metavar="FOLDER",
+        help="write --output as the ensemble of every run of these yardstick folders (mean "
+        "calibrated probabilities, on the sets all predicted); trains nothing",
+    )
     y.add_argument("--resume", action="store_true", help="continue the runs in --output")
     y.add_argument("--no-progress", action="store_true")
     y.add_argument("overrides", nargs="*", help="key=value for the recipe")

@@ -2,10 +2,13 @@
 cross-site run holding out HAM10000's sites, and for a recipe that does not train on ISIC 2017
 the model trained on all of HAM10000 (fold 0's split: its validation images choose the epoch
 and temperature) evaluated on ISIC 2017's test split on images alone. Every step resumes.
+With several seeds the recipe is trained once per seed: the config's own seed in the folder
+itself, each other seed N in its ``seed_N/``.
 
 Example::
 
     run_yardstick("configs/ham10000_cpu160_5fold.yaml", "runs/yardstick/c160", resume=True)
+    run_yardstick("configs/ham10000_cpu160_5fold.yaml", "runs/yardstick/c160", seeds=[42, 7])
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from skinlesion.core.config import Config, load_config
+from skinlesion.core.errors import ConfigError
 from skinlesion.core.run_folder import RunFolder
 from skinlesion.evaluation.external import evaluate_external
 from skinlesion.evaluation.prediction_files import EVALUATION_PREDICTIONS
@@ -24,6 +28,7 @@ from skinlesion.evaluation.yardstick import (
     ISIC_SET,
     YARDSTICK_FILE,
     YARDSTICK_SITES,
+    seed_dir,
     write_yardstick,
     yardstick_score,
 )
@@ -59,9 +64,34 @@ def run_yardstick(
     isic2017: str | Path | None = "../shared/data/isic2017",
     resume: bool = False,
     progress: bool = True,
+    seeds: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Train and predict what the recipe's yardstick needs in ``output``; its score."""
+    """Train and predict what the recipe's yardstick needs in ``output``, once per seed (none
+    given: the config's seed); its score over all the folder's runs."""
     output = Path(output)
+    own = load_config(config, overrides).seed
+    if seeds and any(o.split("=", 1)[0].strip() == "seed" for o in overrides):
+        raise ConfigError("yardstick: give seeds with --seeds or seed=N, not both")
+    for seed in dict.fromkeys(seeds or [own]):
+        where = output if seed == own else seed_dir(output, seed)
+        extra = [] if seed == own else [f"seed={seed}"]
+        log.info("yardstick run with seed %d in %s", seed, where)
+        _one_run(config, [*overrides, *extra], where, isic2017, resume, progress)
+    score = yardstick_score(output)
+    write_yardstick(score, output / YARDSTICK_FILE)
+    return score
+
+
+def _one_run(
+    config: str | Path | None,
+    overrides: Sequence[str],
+    output: Path,
+    isic2017: str | Path | None,
+    resume: bool,
+    progress: bool,
+) -> None:
+    """One training run of the recipe: the cross-site run, and ISIC 2017 test where it is
+    outside the recipe's training data."""
     cross = load_config(config, [*overrides, *cross_site_overrides(output)])
     run_cv(cross, resume=_started(cross, resume), progress=progress)
     isic = Path(isic2017) if isic2017 is not None else None
@@ -69,9 +99,6 @@ def run_yardstick(
         log.info("the recipe trains on %s: ISIC 2017 test is in-domain, not in its yardstick", isic)
     elif isic is not None:
         _isic_leg(config, overrides, output, isic, resume, progress)
-    score = yardstick_score(output)
-    write_yardstick(score, output / YARDSTICK_FILE)
-    return score
 
 
 def _started(cfg: Config, resume: bool) -> bool:
