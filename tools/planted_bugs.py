@@ -40,6 +40,7 @@ _SOURCES = "tests/training/test_multi_source.py"
 _RANKS = "tests/training/test_rank_wiring.py"
 _EXPLAIN = "tests/inference/test_explain.py"
 _KEYS = "tests/core/test_config_keys.py"
+_YARD = "tests/evaluation/test_yardstick.py"
 
 BUGS: tuple[Bug, ...] = (
     Bug(
@@ -307,6 +308,23 @@ BUGS: tuple[Bug, ...] = (
         '_FLOAT32_SUFFIXES = ("running_mean", "running_var")',
         '_FLOAT32_SUFFIXES = ("running_mean",)',
         ("tests/inference/test_packaged.py::test_packaged_weights_follow_the_float32_rule",),
+    ),
+    Bug(
+        "yardstick_ignores_training_randomness",
+        "src/skinlesion/evaluation/yardstick.py",
+        "draws = {side: rng.integers(0, k, size=(n_boot, k)) for side, k in n_runs.items()}",
+        "draws = {side: np.tile(np.arange(k), (n_boot, 1)) for side, k in n_runs.items()}",
+        (f"{_YARD}::test_runs_are_averaged_and_their_spread_widens_the_interval",),
+    ),
+    Bug(
+        "yardstick_seed_run_keeps_the_configs_seed",
+        "src/skinlesion/training/yardstick.py",
+        'extra = [] if seed == own else [f"seed={seed}"]',
+        "extra = []",
+        (
+            "tests/training/test_cross_site.py"
+            "::test_yardstick_seeds_run_the_recipe_once_each_in_its_folder",
+        ),
     ),
 )
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import BATCH_ATOL, lesion_images
+from conftest import BATCH_ATOL, lesion_images, make_spread_packaged, spread_images
 from PIL import Image
 from torch import nn
 
@@ -95,17 +95,21 @@ def test_ensemble_map_is_the_members_mean() -> None:
     np.testing.assert_allclose(both.cam, (singles[0] + singles[1]) / 2, atol=1e-5)
 
 
-def test_timm_efficientnet_target_is_its_last_stage(tiny_packaged: Path, tmp_path: Path) -> None:
-    model = resolve_model(tiny_packaged, resolve_runtime("cpu"))
+def test_timm_efficientnet_target_is_its_last_stage(tmp_path: Path) -> None:
+    """On a model whose prediction moves with the image (a pale lesion: nv, a dark one: mel),
+    each map explains its own image's predicted class."""
+    spread = spread_images(tmp_path / "imgs")
+    model = resolve_model(make_spread_packaged(tmp_path / "zoo", spread), resolve_runtime("cpu"))
     net = model.members[0].model
     assert target_layer(net) is net.bn2
-    images = lesion_images(tmp_path / "imgs", 2)
+    images = [spread[0], spread[-1]]
     probs, _ = model.predict_proba(images)
     explained = explain_images(images, model.members, resolve_runtime("cpu"))
     for ex, p, path in zip(explained, probs, images, strict=True):
         np.testing.assert_allclose(ex.probs, p, atol=BATCH_ATOL)
         assert ex.class_index == int(p.argmax())
         assert ex.cam.shape == Image.open(path).size[::-1]
+    assert explained[0].class_index != explained[1].class_index
 
 
 def test_explain_command_writes_overlays(tiny_packaged: Path, tmp_path: Path) -> None:

@@ -1,5 +1,9 @@
 """The HTTP service: answers equal `skinlesion predict`'s, bad input gets a JSON 4xx and the
-service keeps serving, requests can send bytes only, concurrent requests share batches."""
+service keeps serving, requests can send bytes only, concurrent requests share batches.
+
+Numbers, flags and refer decisions are checked on a spread model (outputs that move across the
+images, flags and refer split), where a swapped row or class would show; mechanics run on the
+tiny model."""
 
 from __future__ import annotations
 
@@ -11,12 +15,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BATCH_ATOL, lesion_images, png_bytes, png_header
+from conftest import (
+    BATCH_ATOL,
+    check_not_saturated,
+    lesion_images,
+    make_spread_packaged,
+    png_bytes,
+    png_header,
+    spread_images,
+)
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from skinlesion.cli import main
 from skinlesion.core.runtime import resolve_runtime
+from skinlesion.inference.refer import entropy, reason_kind
 from skinlesion.inference.resolve import resolve_model
 from skinlesion.serving.app import _MULTIPART_SLACK, ServeSettings, create_app
 from skinlesion.serving.uploads import UploadLimits
@@ -42,42 +55,83 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return lesion_images(tmp_path_factory.mktemp("imgs"), 3)
 
 
+@pytest.fixture(scope="module")
+def spread_imgs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return spread_images(tmp_path_factory.mktemp("spread_imgs"))
+
+
+@pytest.fixture(scope="module")
+def spread_folder(tmp_path_factory: pytest.TempPathFactory, spread_imgs: list[Path]) -> Path:
+    return make_spread_packaged(tmp_path_factory.mktemp("spread_zoo"), spread_imgs)
+
+
+@pytest.fixture(scope="module")
+def spread_model(spread_folder: Path):
+    return resolve_model(spread_folder, resolve_runtime("cpu"))
+
+
+@pytest.fixture(scope="module")
+def spread_client(spread_model):
+    with TestClient(create_app(spread_model, ServeSettings())) as c:
+        yield c
+
+
 def _post(client: TestClient, data: bytes, name: str = "x.jpg", explain: bool = False):
     url = "/predict?explain=true" if explain else "/predict"
     return client.post(url, files={"file": (name, data, "application/octet-stream")})
 
 
 def test_probabilities_equal_the_predict_command(
-    client: TestClient, model, images: list[Path], tiny_packaged: Path, tmp_path: Path
-) -> None:
+    spread_client: TestClient, spread_model, spread_imgs: list[Path], spread_folder: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     out = tmp_path / "p.csv"
-    args = ["predict", "--no-progress", "--device", "cpu", "--model", str(tiny_packaged)]
-    assert main([*args, *map(str, images), "--output", str(out)]) == 0
+    args = ["predict", "--no-progress", "--device", "cpu", "--model", str(spread_folder)]
+    assert main([*args, *map(str, spread_imgs), "--output", str(out)]) == 0
     expected = pd.read_csv(out)
-    direct, errors = model.predict_proba(images)
+    classes = spread_model.class_names
+    direct, errors = spread_model.predict_proba(spread_imgs)
     assert not errors
-    for i, path in enumerate(images):
+    check_not_saturated(direct)
+    card = spread_client.get("/model").json()
+    threshold = card["card"]["melanoma_threshold"]
+    answers = []
+    for i, path in enumerate(spread_imgs):
         # A misleading file name: the content decides.
-        answer = _post(client, path.read_bytes(), name="notes.txt").json()
-        got = np.array([answer["probabilities"][c] for c in model.class_names])
+        answer = _post(spread_client, path.read_bytes(), name="notes.txt").json()
+        answers.append(answer)
+        got = np.array([answer["probabilities"][c] for c in classes])
         np.testing.assert_allclose(got, direct[i], atol=BATCH_ATOL)
-        np.testing.assert_allclose(got, expected[model.class_names].to_numpy()[i], atol=1e-4)
-        assert answer["prediction"] == model.class_names[int(got.argmax())]
+        np.testing.assert_allclose(got, expected[classes].to_numpy()[i], atol=1e-4)
+        assert answer["prediction"] == expected["prediction"][i] == classes[int(got.argmax())]
         assert answer["confidence"] == pytest.approx(got.max())
-        assert answer["model"] == {"name": "tiny", "version": "0.0-test"}
+        assert answer["model"]["name"] == "spread"
         mel = answer["melanoma"]
-        assert mel["threshold"] == 0.15 and mel["flag"] == (mel["probability"] >= 0.15)
-        assert isinstance(answer["refer"], bool)
-        assert answer["refer"] == bool(answer["refer_reasons"])
+        assert mel["threshold"] == pytest.approx(threshold)
+        assert (
+            mel["flag"] == (mel["probability"] >= threshold) == bool(expected["melanoma_flag"][i])
+        )
+        assert answer["refer"] == bool(answer["refer_reasons"]) == bool(expected["refer"][i])
+    # The images tell the classes, the flags and the refer decisions apart.
+    assert len({a["prediction"] for a in answers}) > 1
+    assert {a["melanoma"]["flag"] for a in answers} == {True, False}
+    assert {a["refer"] for a in answers} == {True, False}
 
 
-def test_refer_flag_follows_the_models_rules(client: TestClient, images: list[Path]) -> None:
-    from skinlesion.inference.refer import entropy
-
-    answer = _post(client, images[0].read_bytes()).json()
-    p = np.array(list(answer["probabilities"].values()))
-    expect = bool(p.max() < 0.2 or entropy(p) > 1.9)
-    assert answer["refer"] == expect
+def test_refer_flag_follows_the_models_rules(
+    spread_client: TestClient, spread_imgs: list[Path]
+) -> None:
+    rules = spread_client.get("/model").json()["reference"]["refer"]
+    kinds = set()
+    for path in spread_imgs:
+        answer = _post(spread_client, path.read_bytes()).json()
+        p = np.array(list(answer["probabilities"].values()))
+        reasons = {reason_kind(r) for r in answer["refer_reasons"]}
+        assert ("low confidence" in reasons) == bool(p.max() < rules["confidence_threshold"])
+        assert ("out of distribution" in reasons) == bool(entropy(p) > rules["ood_threshold"])
+        assert answer["refer"] == bool(reasons)
+        kinds |= reasons
+    assert {"low confidence", "out of distribution"} <= kinds
 
 
 @pytest.mark.parametrize(
@@ -204,16 +258,20 @@ def test_health_model_card_and_schema(client: TestClient) -> None:
     assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
 
 
-def test_concurrent_requests_share_batches(model, images: list[Path]) -> None:
+def test_concurrent_requests_share_batches(spread_model, spread_imgs: list[Path]) -> None:
+    """Each request gets its own image's answer back from a shared batch: three images whose
+    answers lie far apart, so an answer handed to the wrong request would show."""
+    picked = spread_imgs[::4]
     settings = ServeSettings(max_batch=8, max_wait_ms=50)
-    data = [p.read_bytes() for p in images]
-    direct, _ = model.predict_proba(images)
-    with TestClient(create_app(model, settings)) as c:
+    data = [p.read_bytes() for p in picked]
+    direct, _ = spread_model.predict_proba(picked)
+    assert min(np.abs(direct[i] - direct[j]).max() for i, j in ((0, 1), (0, 2), (1, 2))) > 0.05
+    with TestClient(create_app(spread_model, settings)) as c:
         before = c.get("/health").json()["batches"]
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda i: _post(c, data[i % 3]).json(), range(16)))
         health = c.get("/health").json()
     for i, a in enumerate(answers):
-        got = np.array([a["probabilities"][k] for k in model.class_names])
+        got = np.array([a["probabilities"][k] for k in spread_model.class_names])
         np.testing.assert_allclose(got, direct[i % 3], atol=1e-5)
     assert health["images"] == 16 and health["batches"] - before < 16

@@ -98,8 +98,10 @@ def test_embedding_cache_reused_and_invalidated(
 
     monkeypatch.setattr(probe, "compute_embeddings", counting)
     cache = tmp_path / "c"
+    # One fold and no familiarity: what is cached is every image's embedding, whatever is fitted.
+    quick = {"cv.folds_to_run": "[0]", "eval.familiarity": "false"}
     run = lambda name, **kw: main(  # noqa: E731
-        ["train", "--no-progress", *probe_args(syn_root, tmp_path / name, cache, **kw)]
+        ["train", "--no-progress", *probe_args(syn_root, tmp_path / name, cache, **quick, **kw)]
     )
     assert run("a") == 0 and calls["n"] == 1
     assert run("b") == 0 and calls["n"] == 1  # same backbone, size and data: from disk
@@ -113,7 +115,7 @@ def test_embedding_cache_reused_and_invalidated(
 
     Image.new("RGB", (64, 48), (10, 200, 10)).save(first)
     assert (
-        main(["train", "--no-progress", *probe_args(other, tmp_path / "e", cache)]) == 0
+        main(["train", "--no-progress", *probe_args(other, tmp_path / "e", cache, **quick)]) == 0
         and calls["n"] == 4
     )
 

@@ -54,17 +54,27 @@ def assert_same_best(a: Path, b: Path) -> None:
             assert torch.equal(value, y["state_dict"][key]), key
 
 
+RESUME_EPOCHS = {"train.epochs": 4}
+
+
+@pytest.fixture(scope="module")
+def full(syn_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run that every crashed-and-resumed run must match (trained once)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as mp:
+        script_val_loss(mp, rising())
+        args = run_overrides(FINETUNE, syn_root, root / "full", root / "cache", **RESUME_EPOCHS)
+        assert train_cli(args) == 0
+    return root / "full"
+
+
 # Fold 0 trains epochs 1-4 (calls 1-4), fold 1 calls 5-8: call 3 crashes fold 0 in epoch 3,
 # call 7 crashes fold 1 in epoch 3 after fold 0 finished.
 @pytest.mark.parametrize("crash_call", [3, 7], ids=["fold0_epoch3", "fold1_epoch3"])
 def test_resumed_run_ships_the_same_best_checkpoint(
-    syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_call: int
+    syn_root: Path, full: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_call: int
 ) -> None:
-    extra = {"train.epochs": 4}
-    script_val_loss(monkeypatch, rising())
-    full = tmp_path / "full"
-    assert train_cli(run_overrides(FINETUNE, syn_root, full, tmp_path / "cache", **extra)) == 0
-
+    extra = RESUME_EPOCHS
     script_val_loss(monkeypatch, rising())
     crashed = tmp_path / "crashed"
     args = run_overrides(FINETUNE, syn_root, crashed, tmp_path / "cache", **extra)
