@@ -326,6 +326,13 @@ BUGS: tuple[Bug, ...] = (
             "::test_yardstick_seeds_run_the_recipe_once_each_in_its_folder",
         ),
     ),
+    Bug(
+        "service_answers_the_wrong_request",
+        "src/skinlesion/serving/batcher.py",
+        "for it, row in zip(items, out, strict=True):",
+        "for it, row in zip(items, out[::-1], strict=True):",
+        ("tests/serving/test_app.py::test_concurrent_requests_share_batches",),
+    ),
 )
 
 
