@@ -128,3 +128,24 @@ def test_yardstick_seeds_run_the_recipe_once_each_in_its_folder(
         ys.run_yardstick(recipe, tmp_path / "other", ["seed=3"], None, seeds=[1, 2])
     with pytest.raises(SystemExit):
         main([*args, "--seeds", "7,7"])
+
+
+def test_package_writes_the_recipes_cross_site_figures_into_the_card(
+    cross_run: Path, sited: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``package --cross-site RUN``: the card gives each held-out site of the recipe's cross-site
+    run and says that a package of several members is judged by one model per site; a folder
+    that is not a cross-site run fails before the package is written."""
+    run = tmp_path / "run"
+    shutil.copytree(cross_run, run)  # package rewrites the run's report
+    args = ["package", str(run), "--out-root", str(tmp_path / "zoo")]
+    assert main([*args, "--name", "bad", "--cross-site", str(sited)]) == 2
+    assert "has the run finished?" in capsys.readouterr().err
+    assert not (tmp_path / "zoo" / "bad").exists()
+    assert main([*args, "--name", "good", "--cross-site", str(cross_run)]) == 0
+    card = json.loads((tmp_path / "zoo" / "good" / "card.json").read_text())
+    assert [s["site"] for s in card["cross_site"]["sites"]] == ["site_a", "site_b"]
+    assert card["cross_site"]["run"] == str(cross_run)
+    text = (tmp_path / "zoo" / "good" / "MODEL_CARD.md").read_text()
+    assert "## Cross-site validation" in text and "| site_b |" in text
+    assert "this package averages 2 members" in text

@@ -40,9 +40,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_package(args: argparse.Namespace) -> int:
+    from skinlesion.publishing.card_update import attach_cross_site, read_cross_site
     from skinlesion.publishing.package import package_run
 
     external = dict(key_value(x) for x in args.external)
+    if args.cross_site:
+        read_cross_site(args.cross_site)  # a wrong folder fails before anything is written
     out = package_run(
         args.run_dir,
         args.name,
@@ -53,6 +56,8 @@ def _cmd_package(args: argparse.Namespace) -> int:
         folds=[int(f) for f in args.folds.split(",")] if args.folds else None,
         final=args.final,
     )
+    if args.cross_site:
+        attach_cross_site(out, args.cross_site)
     print(f"packaged model: {out}")
     return 0
 
@@ -295,6 +300,13 @@ def _add_package(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--default", action="store_true", help="make it the default model")
     pk.add_argument("--folds", default=None, help="comma-separated folds to package (default all)")
     pk.add_argument("--final", action="store_true", help="package RUN/final/best.pt (fit-final)")
+    pk.add_argument(
+        "--cross-site",
+        default=None,
+        metavar="RUN",
+        help="a cross-site run of the model's recipe (e.g. runs/yardstick/NAME/cross_site) "
+        "whose figures per held-out source go into the card",
+    )
     pk.set_defaults(func=_cmd_package)
 
 

@@ -115,7 +115,18 @@ def _detail_line(spec: dict[str, Any]) -> str:
 def _cross_site_lines(card: dict[str, Any]) -> str:
     """The figures of the recipe's cross-site run, where the card has them."""
     result = card.get("cross_site")
-    return "\n\n" + "\n".join(render_cross_site(result)) if result else ""
+    if not result:
+        return ""
+    lines = render_cross_site(result)
+    n = len(card["members"])
+    if n > 1:
+        # The cross-site models are single models of the recipe; the package averages members.
+        lines.insert(
+            3,
+            f"These are the figures of one model of the recipe at each held-out site; this "
+            f"package averages {n} members of it.",
+        )
+    return "\n\n" + "\n".join(lines)
 
 
 def _members_line(card: dict[str, Any]) -> str:

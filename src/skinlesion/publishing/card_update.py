@@ -70,18 +70,25 @@ def _rewrite_card(folder: Path, card: dict) -> None:
         (folder / "MODEL_CARD.md").write_text(render_card(card))
 
 
-def attach_cross_site(folder: str | Path, run_dir: str | Path) -> dict:
-    """Write the cross-site figures of ``run_dir`` (a run of the model's recipe with
-    ``cv.holdout_column``) into the packaged model's card; the figures."""
-    folder, run = Path(folder), RunFolder(Path(run_dir))
-    card_path = folder / CARD_FILE
-    if not card_path.is_file():
-        raise CheckpointError(f"{folder}: no {CARD_FILE}")
+def read_cross_site(run_dir: str | Path) -> dict[str, Any]:
+    """The cross-site figures of ``run_dir``, a finished run with ``cv.holdout_column``."""
+    run = RunFolder(Path(run_dir))
     if not run.oof_metrics.is_file():
         raise CheckpointError(f"{run.root}: no {run.oof_metrics.name} (has the run finished?)")
     result = json.loads(run.oof_metrics.read_text()).get("cross_site")
     if not result:
         raise CheckpointError(f"{run.root}: not a cross-site run (no cv.holdout_column)")
+    return result
+
+
+def attach_cross_site(folder: str | Path, run_dir: str | Path) -> dict:
+    """Write the cross-site figures of ``run_dir`` (a run of the model's recipe with
+    ``cv.holdout_column``) into the packaged model's card; the figures."""
+    folder = Path(folder)
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        raise CheckpointError(f"{folder}: no {CARD_FILE}")
+    result = read_cross_site(run_dir)
     card = json.loads(card_path.read_text())
     card["cross_site"] = {**result, "run": str(run_dir)}
     _rewrite_card(folder, card)
