@@ -127,15 +127,22 @@ def _fmt(value: float | None, ci: list[float] | None = None, pct: bool = False) 
     return text + (f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]" if ci else "")
 
 
-def render_cross_site(result: dict[str, Any]) -> list[str]:
-    """The Markdown section of a cross-site report."""
+def render_cross_site(result: dict[str, Any], members: int = 1) -> list[str]:
+    """The Markdown section of a cross-site report; in the card of a model that averages
+    ``members`` models of the recipe, it says that the figures are of one model per site."""
     run = f" (`{result['run']}`)" if result.get("run") else ""
+    ensemble = (
+        f" These are the figures of one model of the recipe at each held-out site; this "
+        f"package averages {members} members of it."
+        if members > 1
+        else ""
+    )
     lines = [
         "## Cross-site validation",
         "",
         f"Each site predicted by the model of the recipe trained on the other sites{run}; "
         "melanoma threshold and refer rules from that model's training sites (95% lesion-level "
-        "bootstrap intervals).",
+        f"bootstrap intervals).{ensemble}",
         "",
         "| held-out site | images (lesions) | melanoma AUROC | balanced accuracy (%) | mel "
         "sensitivity (%) | mel specificity (%) | ECE | referred (%) | by reason (%) |",

@@ -117,16 +117,7 @@ def _cross_site_lines(card: dict[str, Any]) -> str:
     result = card.get("cross_site")
     if not result:
         return ""
-    lines = render_cross_site(result)
-    n = len(card["members"])
-    if n > 1:
-        # The cross-site models are single models of the recipe; the package averages members.
-        lines.insert(
-            3,
-            f"These are the figures of one model of the recipe at each held-out site; this "
-            f"package averages {n} members of it.",
-        )
-    return "\n\n" + "\n".join(lines)
+    return "\n\n" + "\n".join(render_cross_site(result, len(card["members"])))
 
 
 def _members_line(card: dict[str, Any]) -> str:
