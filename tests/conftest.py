@@ -360,6 +360,19 @@ def spread_images(folder: Path, n: int = 10) -> list[Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def spread_imgs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """:func:`spread_images` (10), made once per test module that asks for them."""
+    return spread_images(tmp_path_factory.mktemp("spread_imgs"))
+
+
+@pytest.fixture(scope="module")
+def spread_folder(tmp_path_factory: pytest.TempPathFactory, spread_imgs: list[Path]) -> Path:
+    """:func:`make_spread_packaged` on ``spread_imgs``, built once per test module (module
+    scope: a module that exports or refits it does not touch another module's copy)."""
+    return make_spread_packaged(tmp_path_factory.mktemp("spread_zoo"), spread_imgs)
+
+
 def _gap_midpoint(values: Any, low: float, high: float, gap: float = 0.02) -> float:
     """The midpoint of the first gap of at least ``gap`` between sorted ``values`` that lies
     within (low, high); fails the fixture when there is none."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BATCH_ATOL, make_spread_packaged, spread_images
+from conftest import BATCH_ATOL
 from fastapi.testclient import TestClient
 
 import skinlesion
@@ -31,16 +31,6 @@ from skinlesion.serving.app import create_app
 RULES = {"confidence_threshold": 0.5, "ood_threshold": 1.0, "ood_quantile": 0.95}
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return spread_images(tmp_path_factory.mktemp("spread_imgs"))
-
-
-@pytest.fixture(scope="module")
-def spread(tmp_path_factory: pytest.TempPathFactory, images: list[Path]) -> Path:
-    return make_spread_packaged(tmp_path_factory.mktemp("spread_zoo"), images)
-
-
 def _cli_table(argv: list[str], out: Path) -> pd.DataFrame:
     assert main(["predict", "--no-progress", *argv, "--output", str(out)]) == 0
     return pd.read_csv(out, keep_default_na=False, dtype=str)
@@ -51,8 +41,9 @@ def _flags(column: pd.Series) -> list[bool]:
 
 
 def test_every_entry_point_flags_the_same_rows_at_the_cards_threshold(
-    spread: Path, images: list[Path], tmp_path: Path
+    spread_folder: Path, spread_imgs: list[Path], tmp_path: Path
 ) -> None:
+    spread, images = spread_folder, spread_imgs
     threshold = json.loads((spread / "card.json").read_text())["melanoma_threshold"]
     assert threshold != 0.5
     paths = [str(p) for p in images]

@@ -19,10 +19,8 @@ from conftest import (
     BATCH_ATOL,
     check_not_saturated,
     lesion_images,
-    make_spread_packaged,
     png_bytes,
     png_header,
-    spread_images,
 )
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -53,16 +51,6 @@ def client(model):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return lesion_images(tmp_path_factory.mktemp("imgs"), 3)
-
-
-@pytest.fixture(scope="module")
-def spread_imgs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return spread_images(tmp_path_factory.mktemp("spread_imgs"))
-
-
-@pytest.fixture(scope="module")
-def spread_folder(tmp_path_factory: pytest.TempPathFactory, spread_imgs: list[Path]) -> Path:
-    return make_spread_packaged(tmp_path_factory.mktemp("spread_zoo"), spread_imgs)
 
 
 @pytest.fixture(scope="module")
