@@ -208,6 +208,11 @@ class TrainConfig(_Strict):
     warmup_epochs: int = Field(1, ge=0)
     patience: int | None = Field(5, ge=1)
     """Early stopping: epochs without a lower validation loss; ``None`` disables it."""
+    average_from: int = Field(0, ge=0)
+    """Weight averaging (SWA, dense as in SWAD): from this epoch on (1-based), the running mean
+    of the weights after every optimizer step is kept, and at each epoch's end it is validated
+    beside the trained weights; the fold keeps whichever has the lowest validation loss so far.
+    0 = off."""
     steps_per_epoch: int | None = Field(None, ge=1)
     """Batches drawn per epoch; default: one pass over the fold's training images."""
     grad_clip: float | None = Field(None, gt=0)
@@ -218,6 +223,17 @@ class TrainConfig(_Strict):
     compile: bool = False
     deterministic: bool = False
     num_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _average_within_epochs(self) -> TrainConfig:
+        if self.average_from > self.epochs:
+            raise ValueError(
+                f"train.average_from={self.average_from} is after the last epoch "
+                f"(train.epochs={self.epochs}): no weights would be averaged"
+            )
+        if self.average_from and self.scheme == "linear_probe":
+            raise ValueError("train.average_from averages fine-tuned weights: scheme=finetune")
+        return self
 
 
 class LossConfig(_Strict):

@@ -3,7 +3,8 @@ chose, calibrated with the folds' temperature.
 
 Cross-validation estimates how good the recipe is; the model to ship sees all the data. Nothing
 is left to validate it on, so its epoch count is the median of the folds' best epochs and its
-temperature the mean of theirs; the run's out-of-fold figures stay the honest estimate of it.
+temperature the mean of theirs; with ``train.average_from``, it ships its weight average where
+most folds kept theirs. The run's out-of-fold figures stay the honest estimate of it.
 
     run_dir/final/config.yaml  the config it trains with (the run's, with the chosen epochs)
     run_dir/final/best.pt      (fold -1; ``final_fit`` says how it was made)
@@ -45,12 +46,14 @@ def fold_choices(run_dir: Path) -> dict[str, Any]:
         )
     epochs = [int(s["best_epoch"]) for s in summaries]
     temps = [float(s["temperature"]) for s in summaries]
+    averaged = [bool(s.get("averaged")) for s in summaries]
     return {
         "folds": [int(s["fold"]) for s in summaries],
         "fold_best_epochs": epochs,
         "epochs": max(1, round(statistics.median(epochs))),
         "temperature": statistics.fmean(temps),
         "fold_temperatures": temps,
+        "average": 2 * sum(averaged) > len(averaged),  # most folds kept their weight average
     }
 
 
@@ -99,8 +102,12 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
         tr.state["epoch"] = epoch
         atomic_torch_save(tr.snapshot(), out / "last.pt")
         log.info("final fit epoch %d/%d: train_loss %.4f", epoch, choice["epochs"], loss)
+    model, extra = tr.model, {}
+    if choice["average"] and tr.average is not None and tr.average.count:
+        model = tr.average.averaged(tr.model)
+        extra = {"weights": f"mean of {tr.average.count} steps from epoch {tr.average_from}"}
     ckpt = make_checkpoint(
-        tr.model,
+        model,
         backbone=cfg.model.backbone,
         spec=data.spec,
         fold=FINAL_FOLD,
@@ -110,7 +117,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
         temperature=choice["temperature"],
         model_kwargs=model_kwargs(cfg.model),
         metadata=tr.metadata,
-        extra={"final_fit": {**choice, "n_train": len(table)}, "tta": cfg.eval.tta},
+        extra={"final_fit": {**choice, "n_train": len(table)}, "tta": cfg.eval.tta, **extra},
     )
     atomic_torch_save(ckpt, out / "best.pt")
     (out / "summary.json").write_text(json.dumps({**choice, "n_train": len(table)}, indent=2))

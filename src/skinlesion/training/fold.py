@@ -40,6 +40,7 @@ from skinlesion.training.fold_trainer import (
     validation_logits,
 )
 from skinlesion.training.outputs import (
+    AVERAGE_PREFIX,
     close_fold,
     fold_temperature,
     write_metrics_rows,
@@ -90,11 +91,16 @@ def _save_epoch(
     cfg: Config, data: RunData, tr: FoldTrainer, folder: FoldFolder, row: dict[str, Any]
 ) -> None:
     """best.pt first (if improved), then last.pt; the caller writes metrics.csv after them, so a
-    crash between two writes leaves a state that --resume continues from consistently."""
+    crash between two writes leaves a state that --resume continues from consistently. The kept
+    weights are the trained ones or, where validation preferred it, their average."""
     if tr.state["best_epoch"] == row["epoch"]:
-        metrics = {k: v for k, v in row.items() if k.startswith("val_")}
+        model, extra, prefix = tr.model, None, ""
+        if tr.state.get("best_average") and tr.average is not None:
+            model, prefix = tr.average.averaged(tr.model), AVERAGE_PREFIX
+            extra = {"weights": f"mean of {tr.average.count} steps from epoch {tr.average_from}"}
+        metrics = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix + "val_")}
         ckpt = make_checkpoint(
-            tr.model,
+            model,
             backbone=cfg.model.backbone,
             spec=data.spec,
             fold=folder.number,
@@ -103,6 +109,7 @@ def _save_epoch(
             config=config_to_dict(cfg),
             model_kwargs=model_kwargs(cfg.model),
             metadata=tr.metadata,
+            extra=extra,
         )
         atomic_torch_save(ckpt, folder.best)
     atomic_torch_save(tr.snapshot(), folder.last)
@@ -118,15 +125,26 @@ def run_epoch(
 ) -> dict[str, Any]:
     """One epoch of a fold: :func:`~skinlesion.training.fold_trainer.train_one_epoch`, then
     :func:`~skinlesion.training.fold_trainer.validate`, then the schedule and the
-    early-stopping state step; the epoch's metrics row."""
+    early-stopping state step; the epoch's metrics row. Once weights are averaged
+    (``train.average_from``) their average is validated too, and the lower validation loss of the
+    two is the epoch's candidate."""
     t0 = time.perf_counter()
     train_loss = train_one_epoch(cfg, data, tr, split.train, runtime, progress)
     figs = validate(tr, data, split.val, runtime, _eval_batch_size(cfg))
     tr.schedule.after_epoch(figs["val_loss"])
     epoch = tr.state["epoch"] + 1
     tr.state["epoch"] = epoch
-    if figs["val_loss"] < tr.state["best_val_loss"]:
-        tr.state.update(best_val_loss=figs["val_loss"], best_epoch=epoch, bad_epochs=0)
+    avg: dict[str, Any] = {}
+    if tr.average is not None and tr.average.count:
+        net = tr.average.averaged(tr.model)
+        avg = validate(tr, data, split.val, runtime, _eval_batch_size(cfg), model=net)
+    loss, from_average = figs["val_loss"], False
+    if avg and avg["val_loss"] < loss:
+        loss, from_average = avg["val_loss"], True
+    if loss < tr.state["best_val_loss"]:
+        tr.state.update(
+            best_val_loss=loss, best_epoch=epoch, bad_epochs=0, best_average=from_average
+        )
     else:
         tr.state["bad_epochs"] += 1
     return {
@@ -135,6 +153,7 @@ def run_epoch(
         **figs,
         "lr": tr.optimizer.param_groups[0]["lr"],
         "seconds": time.perf_counter() - t0,
+        **{AVERAGE_PREFIX + k: v for k, v in avg.items()},
     }
 
 
@@ -167,9 +186,11 @@ def fit_fold(
         rows.append(run_epoch(cfg, data, tr, split, runtime, progress))
         if runtime.dist.is_main:
             _save_epoch(cfg, data, tr, folder, rows[-1])
-            write_metrics_rows(folder.metrics, rows)
+            write_metrics_rows(folder.metrics, rows, averaging=tr.average is not None)
             tracker.log_epoch(fold, rows[-1])
-        _log_epoch(fold, cfg.train.epochs, rows[-1], tr.state["best_epoch"] == rows[-1]["epoch"])
+        improved = tr.state["best_epoch"] == rows[-1]["epoch"]
+        kept = ("average" if tr.state.get("best_average") else "trained") if improved else None
+        _log_epoch(fold, cfg.train.epochs, rows[-1], kept)
         if runtime.dist.enabled:
             dist.barrier()
         if cfg.train.patience and tr.state["bad_epochs"] >= cfg.train.patience:
@@ -182,9 +203,12 @@ def fit_fold(
     return finish_fold(cfg, data, fold, folder.root, runtime, split, tracker)
 
 
-def _log_epoch(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> None:
+def _log_epoch(fold: int, epochs: int, row: dict[str, Any], kept: str | None) -> None:
+    """``kept``: None, or which weights became the fold's checkpoint (``trained``/``average``)."""
+    key = AVERAGE_PREFIX + "val_loss"
+    average = f" average's val_loss {row[key]:.4f}" if row.get(key) is not None else ""
     log.info(
-        "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f bal_acc %.3f macro_f1 %.3f (%.0fs)%s",
+        "fold %d epoch %d/%d: train_loss %.4f val_loss %.4f bal_acc %.3f macro_f1 %.3f%s (%.0fs)%s",
         fold,
         row["epoch"],
         epochs,
@@ -192,8 +216,9 @@ def _log_epoch(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> N
         row["val_loss"],
         row["val_balanced_accuracy"],
         row["val_macro_f1"],
+        average,
         row["seconds"],
-        " *" if improved else "",
+        "" if kept is None else (" * (average)" if kept == "average" else " *"),
     )
 
 
@@ -228,6 +253,7 @@ def finish_fold(
         "temperature": temperature,
         "n_train": len(split.train),
         "n_val": len(split.val),
+        "averaged": "weights" in ckpt,  # the kept weights are train.average_from's mean
     }
     # Another clinic's images come without the patient's details: a held-out site is predicted
     # on images alone, as the cross-site score is defined.

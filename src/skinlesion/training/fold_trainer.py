@@ -27,6 +27,7 @@ from skinlesion.data.tabular import MetadataSpec, missing_vector
 from skinlesion.inference.forward import predict_logits
 from skinlesion.models.freezing import freeze_stages
 from skinlesion.models.mixstyle import add_mixstyle
+from skinlesion.training.averaging import WeightAverage
 from skinlesion.training.builders import (
     Schedule,
     build_criterion,
@@ -68,6 +69,15 @@ class FoldTrainer:
     fold: int  # with the seed, epoch and rank, keys the per-rank draws
     metadata: MetadataSpec | None = None  # the encoding a fused model takes
     feed: MetadataFeed | None = None
+    average: WeightAverage | None = None  # train.average_from's running mean of the weights
+    average_from: int = 0
+
+    def after_step(self) -> None:
+        """After every optimizer step: the schedule, and the weight average once its epoch
+        (``train.average_from``) has come."""
+        self.schedule.after_step()
+        if self.average is not None and self.state["epoch"] + 1 >= self.average_from:
+            self.average.update(self.model)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -78,6 +88,7 @@ class FoldTrainer:
             # Augmentation and dropout draws are seeded afresh every epoch (seed_epoch).
             "generator": self.gen.get_state(),
             "state": self.state,
+            "average": self.average.state_dict() if self.average is not None else None,
         }
 
     def restore(self, path: Path) -> None:
@@ -92,6 +103,9 @@ class FoldTrainer:
                 self.scaler.load_state_dict(last["scaler"])
             self.gen.set_state(last["generator"])
             self.state = dict(last["state"])
+            if self.average is not None and last.get("average"):
+                device = next(self.model.parameters()).device
+                self.average.load_state_dict(last["average"], device)
         except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
             raise CheckpointError(
                 f"{path}: cannot resume from it, {torch_load_problem(err, 'training state')}; "
@@ -152,6 +166,8 @@ def build_trainer(
         fold=fold,
         metadata=metadata,
         feed=_feed(metadata, metadata_rows, cfg.model.metadata_drop),
+        average=WeightAverage() if cfg.train.average_from else None,
+        average_from=cfg.train.average_from,
     )
 
 
@@ -243,7 +259,7 @@ def train_one_epoch(
         augment=cfg.augment,
         generator=tr.aug_gen,
         scaler=tr.scaler,
-        step_scheduler=tr.schedule.after_step,
+        step_scheduler=tr.after_step,
         grad_clip=cfg.train.grad_clip,
         progress=progress and d.is_main,
         frozen=tr.frozen,
@@ -258,11 +274,18 @@ def train_one_epoch(
 
 
 def validate(
-    tr: FoldTrainer, data: RunData, val_t: pd.DataFrame, runtime: Runtime, batch_size: int
+    tr: FoldTrainer,
+    data: RunData,
+    val_t: pd.DataFrame,
+    runtime: Runtime,
+    batch_size: int,
+    model: nn.Module | None = None,
 ) -> dict[str, float]:
     """The fold's validation figures after an epoch (one view; validation loss, the figure that
-    selects the model, with each image's own label space in a run of sources)."""
+    selects the model, with each image's own label space in a run of sources) of its trained
+    weights, or of ``model`` (the weight average)."""
     meta = tr.feed.by_row.numpy() if tr.feed is not None else None
     rows = val_t["row"].to_numpy()
-    logits = validation_logits(tr.model, data, rows, batch_size, runtime, 1, meta)[0]
+    net = tr.model if model is None else model
+    logits = validation_logits(net, data, rows, batch_size, runtime, 1, meta)[0]
     return val_figures(tr.criterion, logits, val_t["label"].to_numpy(), label_mask(data, val_t))

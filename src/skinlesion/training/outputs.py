@@ -33,12 +33,18 @@ METRIC_COLUMNS = (
     "lr",
     "seconds",
 )
+AVERAGE_PREFIX = "avg_"
+AVERAGE_COLUMNS = tuple(
+    AVERAGE_PREFIX + c for c in METRIC_COLUMNS if c.startswith("val_")
+)  # the weight average's validation figures (train.average_from), blank before it starts
 
 
-def write_metrics_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_metrics_rows(path: Path, rows: list[dict[str, Any]], averaging: bool = False) -> None:
+    """The fold's metrics rows; ``averaging``: with the weight average's columns."""
     tmp = path.with_name(f".{path.name}.tmp")
+    columns = METRIC_COLUMNS + AVERAGE_COLUMNS if averaging else METRIC_COLUMNS
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
