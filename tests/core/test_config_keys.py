@@ -79,6 +79,7 @@ CHANGES: dict[str, tuple[list[str], str]] = {
     "train.mixstyle_alpha": ([], "train.mixstyle_alpha=0.3"),
     "train.mixstyle_stages": ([], "train.mixstyle_stages=[1,2]"),
     "train.average_from": ([], "train.average_from=1"),
+    "train.average_only": (["train.average_from=1"], "train.average_only=true"),
     "train.probe_flips": ([], "train.probe_flips=false"),
     "train.epochs": ([], "train.epochs=3"),
     "train.batch_size": ([], "train.batch_size=16"),

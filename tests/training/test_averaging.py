@@ -127,6 +127,21 @@ def test_trained_weights_kept_where_they_validate_better(
     assert best["metrics"]["val_loss"] == pytest.approx(metrics["val_loss"][1])
 
 
+def test_average_only_keeps_the_average_though_the_trained_weights_validate_better(
+    syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same losses as above: epoch 2's trained weights (1) lose to nothing but are no
+    # candidate; the averages (2, then 4) decide, so epoch 2's average is kept.
+    script_val_loss(monkeypatch, offsets([5, 1, 2, 3, 4]))
+    out = tmp_path / "run"
+    assert train_cli(_train(syn_root, out, **{"train.average_only": "true"})) == 0
+    best = load_checkpoint(out / "fold_0" / "best.pt")
+    steps = int(FINETUNE["train.steps_per_epoch"])
+    assert best["epoch"] == 2 and best["weights"] == f"mean of {steps} steps from epoch 2"
+    with pytest.raises(ConfigError, match="train.average_only needs train.average_from"):
+        load_config(None, ["train.average_only=true"])
+
+
 def test_resume_keeps_the_average(
     syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -213,6 +213,9 @@ class TrainConfig(_Strict):
     of the weights after every optimizer step is kept, and at each epoch's end it is validated
     beside the trained weights; the fold keeps whichever has the lowest validation loss so far.
     0 = off."""
+    average_only: bool = False
+    """With ``average_from``: once averaging has started, only the average is a candidate (SWA
+    as published: the average is the model), its epoch still chosen on validation loss."""
     steps_per_epoch: int | None = Field(None, ge=1)
     """Batches drawn per epoch; default: one pass over the fold's training images."""
     grad_clip: float | None = Field(None, gt=0)
@@ -231,6 +234,8 @@ class TrainConfig(_Strict):
                 f"train.average_from={self.average_from} is after the last epoch "
                 f"(train.epochs={self.epochs}): no weights would be averaged"
             )
+        if self.average_only and not self.average_from:
+            raise ValueError("train.average_only needs train.average_from (the epoch it starts)")
         if self.average_from and self.scheme == "linear_probe":
             raise ValueError("train.average_from averages fine-tuned weights: scheme=finetune")
         return self

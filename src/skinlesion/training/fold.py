@@ -127,7 +127,7 @@ def run_epoch(
     :func:`~skinlesion.training.fold_trainer.validate`, then the schedule and the
     early-stopping state step; the epoch's metrics row. Once weights are averaged
     (``train.average_from``) their average is validated too, and the lower validation loss of the
-    two is the epoch's candidate."""
+    two is the epoch's candidate (the average's alone with ``train.average_only``)."""
     t0 = time.perf_counter()
     train_loss = train_one_epoch(cfg, data, tr, split.train, runtime, progress)
     figs = validate(tr, data, split.val, runtime, _eval_batch_size(cfg))
@@ -139,7 +139,7 @@ def run_epoch(
         net = tr.average.averaged(tr.model)
         avg = validate(tr, data, split.val, runtime, _eval_batch_size(cfg), model=net)
     loss, from_average = figs["val_loss"], False
-    if avg and avg["val_loss"] < loss:
+    if avg and (avg["val_loss"] < loss or cfg.train.average_only):
         loss, from_average = avg["val_loss"], True
     if loss < tr.state["best_val_loss"]:
         tr.state.update(
