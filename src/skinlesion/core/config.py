@@ -209,13 +209,10 @@ class TrainConfig(_Strict):
     patience: int | None = Field(5, ge=1)
     """Early stopping: epochs without a lower validation loss; ``None`` disables it."""
     average_from: int = Field(0, ge=0)
-    """Weight averaging (SWA, dense as in SWAD): from this epoch on (1-based), the running mean
-    of the weights after every optimizer step is kept, and at each epoch's end it is validated
-    beside the trained weights; the fold keeps whichever has the lowest validation loss so far.
-    0 = off."""
+    """Weight averaging (SWA, dense as in SWAD; 0 = off): from this epoch on, the running mean of
+    the weights after every step, validated beside the trained weights each epoch; the lower
+    validation loss is the epoch's candidate (the average's alone with ``average_only``)."""
     average_only: bool = False
-    """With ``average_from``: once averaging has started, only the average is a candidate (SWA
-    as published: the average is the model), its epoch still chosen on validation loss."""
     steps_per_epoch: int | None = Field(None, ge=1)
     """Batches drawn per epoch; default: one pass over the fold's training images."""
     grad_clip: float | None = Field(None, gt=0)
@@ -231,8 +228,7 @@ class TrainConfig(_Strict):
     def _average_within_epochs(self) -> TrainConfig:
         if self.average_from > self.epochs:
             raise ValueError(
-                f"train.average_from={self.average_from} is after the last epoch "
-                f"(train.epochs={self.epochs}): no weights would be averaged"
+                f"train.average_from={self.average_from} is after the last epoch {self.epochs}"
             )
         if self.average_only and not self.average_from:
             raise ValueError("train.average_only needs train.average_from (the epoch it starts)")
