@@ -27,6 +27,7 @@ from skinlesion.training.final import fit_final
 # Epoch 1 validates the trained weights once; from epoch 2 on (average_from=2) the trained
 # weights, then their average.
 AVERAGING = {"cv.folds_to_run": "[0]", "train.average_from": 2, "eval.calibrate": "false"}
+STEPS = int(FINETUNE["train.steps_per_epoch"])
 
 
 def offsets(values: list[float]) -> Iterator[float]:
@@ -59,7 +60,7 @@ def assert_mean_of(state: dict[str, torch.Tensor], seen: list[dict[str, torch.Te
 def test_mean_of_floating_state_latest_of_integer_state() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    avg, seen = WeightAverage(), []
+    avg, seen = WeightAverage(1), []
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
@@ -73,7 +74,7 @@ def test_mean_of_floating_state_latest_of_integer_state() -> None:
     assert_mean_of(out.state_dict(), seen)
     for key, value in model.state_dict().items():  # the trained model is untouched
         assert torch.equal(value, before[key]), key
-    again = WeightAverage()
+    again = WeightAverage(1)
     again.load_state_dict(avg.state_dict(), torch.device("cpu"))
     assert again.count == 3
     assert_mean_of(again.averaged(model).state_dict(), seen)
@@ -81,7 +82,7 @@ def test_mean_of_floating_state_latest_of_integer_state() -> None:
 
 def test_nothing_averaged_yet_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="no weights averaged"):
-        WeightAverage().averaged(nn.Linear(2, 2))
+        WeightAverage(1).averaged(nn.Linear(2, 2))
 
 
 def test_average_after_the_last_epoch_is_a_config_error() -> None:
@@ -91,24 +92,29 @@ def test_average_after_the_last_epoch_is_a_config_error() -> None:
 
 
 def _train(root: Path, out: Path, **extra: Any) -> list[str]:
-    args = run_overrides(FINETUNE, root, out, out.parent / "cache", **AVERAGING, **extra)
-    return args
+    return run_overrides(FINETUNE, root, out, out.parent / "cache", **AVERAGING, **extra)
+
+
+def _fold0_best(
+    root: Path, out: Path, monkeypatch: pytest.MonkeyPatch, losses: list[float], **extra: Any
+) -> dict[str, Any]:
+    """Fold 0 trained with the scripted ``losses``; its best.pt."""
+    script_val_loss(monkeypatch, offsets(losses))
+    assert train_cli(_train(root, out, **extra)) == 0
+    return load_checkpoint(out / "fold_0" / "best.pt")
 
 
 def test_average_kept_where_its_validation_loss_is_lowest(
     syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # epoch 1: trained 5; epoch 2: trained 4, average 1 (kept); epoch 3: trained 3, average 2.
-    script_val_loss(monkeypatch, offsets([5, 4, 1, 3, 2]))
     seen = record_updates(monkeypatch)
     out = tmp_path / "run"
-    assert train_cli(_train(syn_root, out)) == 0
-    steps = int(FINETUNE["train.steps_per_epoch"])
-    assert len(seen) == 2 * steps  # epochs 2 and 3, every step
-    best = load_checkpoint(out / "fold_0" / "best.pt")
+    best = _fold0_best(syn_root, out, monkeypatch, [5, 4, 1, 3, 2])
+    assert len(seen) == 2 * STEPS  # epochs 2 and 3, every step
     assert best["epoch"] == 2
-    assert best["weights"] == f"mean of {steps} steps from epoch 2"
-    assert_mean_of(best["state_dict"], seen[:steps])
+    assert best["weights"] == f"mean of {STEPS} steps from epoch 2"
+    assert_mean_of(best["state_dict"], seen[:STEPS])
     metrics = pd.read_csv(out / "fold_0" / "metrics.csv")
     assert metrics["avg_val_loss"].isna().tolist() == [True, False, False]
     assert best["metrics"]["val_loss"] == pytest.approx(metrics["avg_val_loss"][1])
@@ -118,10 +124,8 @@ def test_trained_weights_kept_where_they_validate_better(
     syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # epoch 2's trained weights (1) beat its average (2) and every later candidate.
-    script_val_loss(monkeypatch, offsets([5, 1, 2, 3, 4]))
     out = tmp_path / "run"
-    assert train_cli(_train(syn_root, out)) == 0
-    best = load_checkpoint(out / "fold_0" / "best.pt")
+    best = _fold0_best(syn_root, out, monkeypatch, [5, 1, 2, 3, 4])
     assert best["epoch"] == 2 and "weights" not in best
     metrics = pd.read_csv(out / "fold_0" / "metrics.csv")
     assert best["metrics"]["val_loss"] == pytest.approx(metrics["val_loss"][1])
@@ -132,12 +136,9 @@ def test_average_only_keeps_the_average_though_the_trained_weights_validate_bett
 ) -> None:
     # The same losses as above: epoch 2's trained weights (1) lose to nothing but are no
     # candidate; the averages (2, then 4) decide, so epoch 2's average is kept.
-    script_val_loss(monkeypatch, offsets([5, 1, 2, 3, 4]))
-    out = tmp_path / "run"
-    assert train_cli(_train(syn_root, out, **{"train.average_only": "true"})) == 0
-    best = load_checkpoint(out / "fold_0" / "best.pt")
-    steps = int(FINETUNE["train.steps_per_epoch"])
-    assert best["epoch"] == 2 and best["weights"] == f"mean of {steps} steps from epoch 2"
+    only = {"train.average_only": "true"}
+    best = _fold0_best(syn_root, tmp_path / "run", monkeypatch, [5, 1, 2, 3, 4], **only)
+    assert best["epoch"] == 2 and best["weights"] == f"mean of {STEPS} steps from epoch 2"
     with pytest.raises(ConfigError, match="train.average_only needs train.average_from"):
         load_config(None, ["train.average_only=true"])
 
@@ -161,8 +162,7 @@ def test_resume_keeps_the_average(
     undo()
     assert train_cli(["--resume", *args]) == 0
     best = load_checkpoint(crashed / "fold_0" / "best.pt")
-    steps = int(FINETUNE["train.steps_per_epoch"])
-    assert best["epoch"] == 3 and best["weights"] == f"mean of {2 * steps} steps from epoch 2"
+    assert best["epoch"] == 3 and best["weights"] == f"mean of {2 * STEPS} steps from epoch 2"
     assert_same_best(full / "fold_0" / "best.pt", crashed / "fold_0" / "best.pt")
 
 
@@ -170,15 +170,13 @@ def test_final_fit_ships_its_average_where_the_folds_kept_theirs(
     syn_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fold 0 keeps epoch 2's average; the final fit trains 2 epochs and keeps its own average.
-    script_val_loss(monkeypatch, offsets([5, 4, 1, 3, 2]))
     seen = record_updates(monkeypatch)
     out = tmp_path / "run"
-    assert train_cli(_train(syn_root, out)) == 0
+    _fold0_best(syn_root, out, monkeypatch, [5, 4, 1, 3, 2])
     assert json.loads((out / "fold_0" / "summary.json").read_text())["averaged"] is True
     del seen[:]
     final = fit_final(out, progress=False)
-    steps = int(FINETUNE["train.steps_per_epoch"])
     ckpt = load_checkpoint(final)
     assert ckpt["final_fit"]["epochs"] == 2 and ckpt["final_fit"]["average"] is True
-    assert len(seen) == steps and ckpt["weights"] == f"mean of {steps} steps from epoch 2"
+    assert len(seen) == STEPS and ckpt["weights"] == f"mean of {STEPS} steps from epoch 2"
     assert_mean_of(ckpt["state_dict"], seen)

@@ -14,11 +14,17 @@ from torch import nn
 class WeightAverage:
     """The running mean of a model's floating-point state after each update: its weights and its
     BatchNorm statistics (averaged like the weights, so no extra pass over the images). Integer
-    entries (BatchNorm's batch counters) take the latest model's value."""
+    entries (BatchNorm's batch counters) take the latest model's value. ``start``: the epoch
+    (1-based) whose steps are the first averaged."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: int) -> None:
+        self.start = start
         self.count = 0
         self.mean: dict[str, torch.Tensor] = {}
+
+    def describe(self) -> str:
+        """What a checkpoint of the average says it holds (its ``weights`` entry)."""
+        return f"mean of {self.count} steps from epoch {self.start}"
 
     def update(self, model: nn.Module) -> None:
         """Add ``model``'s current state to the mean."""

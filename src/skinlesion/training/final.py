@@ -105,7 +105,7 @@ def fit_final(run_dir: str | Path, resume: bool = False, progress: bool = True) 
     model, extra = tr.model, {}
     if choice["average"] and tr.average is not None and tr.average.count:
         model = tr.average.averaged(tr.model)
-        extra = {"weights": f"mean of {tr.average.count} steps from epoch {tr.average_from}"}
+        extra = {"weights": tr.average.describe()}
     ckpt = make_checkpoint(
         model,
         backbone=cfg.model.backbone,

@@ -97,7 +97,7 @@ def _save_epoch(
         model, extra, prefix = tr.model, None, ""
         if tr.state.get("best_average") and tr.average is not None:
             model, prefix = tr.average.averaged(tr.model), AVERAGE_PREFIX
-            extra = {"weights": f"mean of {tr.average.count} steps from epoch {tr.average_from}"}
+            extra = {"weights": tr.average.describe()}
         metrics = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix + "val_")}
         ckpt = make_checkpoint(
             model,

@@ -70,13 +70,12 @@ class FoldTrainer:
     metadata: MetadataSpec | None = None  # the encoding a fused model takes
     feed: MetadataFeed | None = None
     average: WeightAverage | None = None  # train.average_from's running mean of the weights
-    average_from: int = 0
 
     def after_step(self) -> None:
         """After every optimizer step: the schedule, and the weight average once its epoch
         (``train.average_from``) has come."""
         self.schedule.after_step()
-        if self.average is not None and self.state["epoch"] + 1 >= self.average_from:
+        if self.average is not None and self.state["epoch"] + 1 >= self.average.start:
             self.average.update(self.model)
 
     def snapshot(self) -> dict[str, Any]:
@@ -166,8 +165,7 @@ def build_trainer(
         fold=fold,
         metadata=metadata,
         feed=_feed(metadata, metadata_rows, cfg.model.metadata_drop),
-        average=WeightAverage() if cfg.train.average_from else None,
-        average_from=cfg.train.average_from,
+        average=WeightAverage(cfg.train.average_from) if cfg.train.average_from else None,
     )
 
 
