@@ -232,6 +232,7 @@ def check_point_against_sklearn(
         "log_loss": log_loss(y, clip_probs(probs), labels=labels),
         "brier": float(((probs - onehot) ** 2).sum(1).mean()),
         "ece": plain_ece(y, probs),
+        "predicted_absent": float(np.isin(pred, present, invert=True).mean()),
     }
     for key, value in expected.items():
         assert point[key] == pytest.approx(value, abs=tol), key

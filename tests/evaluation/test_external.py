@@ -257,7 +257,7 @@ def test_where_filter_and_single_checkpoint(
 
 @pytest.mark.slow
 @requires_isic
-def test_isic2017_test_subset(run: Path, tmp_path: Path) -> None:
+def test_isic2017_test_subset(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Real dermoscopy from another archive: three classes present, four absent."""
     table = pd.read_csv(ISIC_DIR / "labels.csv", dtype=str, keep_default_na=False)
     test = table[table["split"] == "test"].sort_values("image_id")
@@ -278,6 +278,13 @@ def test_isic2017_test_subset(run: Path, tmp_path: Path) -> None:
     assert metrics["point"]["classes_present"] == ["bkl", "mel", "nv"]
     assert metrics["point"]["classes_absent"] == ["akiec", "bcc", "df", "vasc"]
     check_against_sklearn(preds, metrics)
+    share = preds["prediction"].isin(["akiec", "bcc", "df", "vasc"]).mean()
+    printed = capsys.readouterr().out
+    assert f"{share:.1%} predicted as a class they lack" in printed
+    assert (
+        f"| predicted as a class these images lack (%) | {share * 100:.1f} ["
+        in (out / "report.md").read_text()
+    )
 
 
 def test_labels_may_name_images_by_relative_path(

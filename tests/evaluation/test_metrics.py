@@ -31,6 +31,7 @@ MEL = CLASSES.index("mel")
 NV = CLASSES.index("nv")
 BCC = CLASSES.index("bcc")
 SCALARS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "brier", "log_loss")
+SCALARS += ("predicted_absent",)
 
 
 def random_predictions(
@@ -94,6 +95,24 @@ def test_perfect_classifier() -> None:
     }
 
 
+def test_predicted_absent_counts_predictions_of_classes_the_labels_lack() -> None:
+    """A set of mel and nv only: images predicted bcc or vasc are predicted as absent classes,
+    whatever their true class; with every class present the share is 0."""
+    vasc = CLASSES.index("vasc")
+    y = np.array([MEL, MEL, NV, NV, NV, NV, NV, MEL])
+    predicted = np.array([MEL, BCC, NV, vasc, NV, BCC, NV, NV])
+    probs = np.full((len(y), K), 0.05)
+    probs[np.arange(len(y)), predicted] = 0.7
+    m = point_metrics(y, probs)
+    assert m["predicted_absent"] == pytest.approx(3 / 8)
+    result = evaluate_predictions(y, probs, groups=np.arange(len(y)), n_boot=200, seed=0)
+    low, high = result["ci95"]["predicted_absent"]
+    assert 0.0 <= low < 3 / 8 < high <= 1.0
+    every = np.r_[y, np.arange(K)]
+    probs_every = np.vstack([probs, np.eye(K) * 0.65 + 0.05])
+    assert point_metrics(every, probs_every)["predicted_absent"] == 0.0
+
+
 def test_constant_nv_classifier() -> None:
     counts = [2, 3, 5, 1, 4, 10, 0]  # vasc absent
     y = np.repeat(np.arange(K), counts)
@@ -137,6 +156,7 @@ def test_small_hand_computed_case() -> None:
     assert m["n"] == 6
     assert m["classes_present"] == ["bcc", "mel", "nv"]
     assert m["classes_absent"] == ["akiec", "bkl", "df", "vasc"]
+    assert m["predicted_absent"] == 0.0  # every prediction is a class these images have
     assert m["accuracy"] == pytest.approx(4 / 6)
     recall = {"mel": 1 / 2, "nv": 2 / 3, "bcc": 1.0}
     precision = {"mel": 1 / 2, "nv": 2 / 3, "bcc": 1.0}

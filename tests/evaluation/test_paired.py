@@ -182,3 +182,15 @@ def test_melanoma_sensitivity_at_95_specificity_is_a_point_of_the_roc() -> None:
     y2, groups, noisy, good = _data()
     result = paired_bootstrap(y2, noisy, good, groups, n_boot=50, seed=0, classes=CLASSES)
     assert result["mel_sensitivity_at_spec95"]["b"] == pytest.approx(1.0)
+
+
+def test_share_predicted_as_absent_classes_is_paired_only_when_classes_are_absent() -> None:
+    from skinlesion.evaluation.paired import scalar_metrics
+
+    y = np.array([CLASSES.index("mel"), CLASSES.index("nv")] * 4)
+    probs = np.full((8, K), 0.05)
+    probs[:4, CLASSES.index("bcc")] = 0.7  # half predicted bcc, a class these images lack
+    probs[np.arange(4, 8), y[4:]] = 0.7
+    assert scalar_metrics(y, probs, classes=CLASSES)["predicted_absent"] == pytest.approx(0.5)
+    y_all = np.arange(K)
+    assert scalar_metrics(y_all, np.eye(K), classes=CLASSES)["predicted_absent"] is None

@@ -251,6 +251,16 @@ def test_render_markdown_with_absent_classes() -> None:
     assert md.endswith("\n")
 
 
+def test_share_predicted_as_absent_classes_is_shown_only_when_classes_are_absent() -> None:
+    result = _hand_result()
+    result["point"]["predicted_absent"] = 0.25
+    result["ci95"]["predicted_absent"] = [0.0, 0.5]
+    lines = render_markdown(result, "t").splitlines()
+    assert "| predicted as a class these images lack (%) | 25.0 [0.0, 50.0] |" in lines
+    result["point"]["classes_absent"] = []
+    assert "predicted as a class" not in render_markdown(result, "t")
+
+
 def test_render_markdown_from_computed_metrics() -> None:
     """The renderer accepts what ``evaluate_predictions`` returns, absent classes included."""
     rng = np.random.default_rng(0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from skinlesion.inference.packaged import default_name, zoo_dir
 from skinlesion.publishing.card_text import KNOWN_LIMITS, MULTI_SOURCE_LIMITS, known_limits
 
 
@@ -20,3 +23,17 @@ def test_multi_source_card_says_in_domain_not_ham10000_only() -> None:
 
 def test_config_without_data_section_is_single_source() -> None:
     assert known_limits({}) == KNOWN_LIMITS
+
+
+def test_card_shows_the_share_predicted_as_absent_classes_where_a_set_lacks_some() -> None:
+    from skinlesion.publishing.card_text import render_card
+
+    card = json.loads((zoo_dir() / str(default_name()) / "card.json").read_text())
+    plain = render_card(card)
+    assert "predicted as a class the set lacks" not in plain
+    sets = card["metrics"]
+    last = list(sets)[-1]
+    sets[last]["predicted_absent"], sets[last]["predicted_absent_ci95"] = 0.245, [0.21, 0.28]
+    lines = render_card(card).splitlines()
+    row = next(line for line in lines if line.startswith("| predicted as a class the set lacks"))
+    assert row.endswith("| 0.245 [0.210, 0.280] |") and "n/a" in row

@@ -114,10 +114,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         detail=args.detail,
     )
     p = result["point"]
+    absent = (
+        f"; {p['predicted_absent']:.1%} predicted as a class they lack"
+        if p["classes_absent"]
+        else ""
+    )
     print(
         f"{p['n']} images, classes present {p['classes_present']}: balanced accuracy "
-        f"{p['balanced_accuracy']:.3f}, macro AUROC {p['macro_auroc'] or float('nan'):.3f}; "
-        f"details in {args.output}/metrics.json and report.md"
+        f"{p['balanced_accuracy']:.3f}, macro AUROC {p['macro_auroc'] or float('nan'):.3f}"
+        f"{absent}; details in {args.output}/metrics.json and report.md"
     )
     print(_referred_line(result))
     return 0

@@ -33,6 +33,7 @@ LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
 _CHUNK_ELEMENTS = 2_000_000
 
 _SCALARS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "brier", "log_loss")
+_SCALARS += ("predicted_absent",)  # the share predicted as a class absent from the labels
 _MEL_KEYS = (
     "sensitivity_argmax",
     "specificity_argmax",
@@ -224,6 +225,7 @@ def _weighted_metrics(prep: _Prepared, weights: np.ndarray) -> dict[str, np.ndar
         "ece": np.abs(bin_correct - bin_conf).sum(axis=1) / total,
         "brier": brier / total,
         "log_loss": log_loss / total,
+        "predicted_absent": cols[:, ~present].sum(axis=1) / total,
     }
     out.update(_mel_metrics(prep, cm, mel_tp, mel_tn))
     per_class = {"precision": precision, "recall": recall, "f1": f1, "auroc": auroc}
@@ -248,10 +250,10 @@ def point_metrics(
 ) -> dict:
     """Point estimates of every metric, as JSON-able python values.
 
-    Macro metrics (balanced accuracy, macro F1, macro AUROC) average only the classes with at
-    least one true sample; absent classes are listed in ``classes_absent`` and their per-class
-    values are ``None``. ``mel`` holds melanoma-vs-rest sensitivity/specificity for the argmax
-    decision and, when ``mel_threshold`` is given, for ``p_mel >= mel_threshold``.
+    Macro metrics (balanced accuracy, macro F1, macro AUROC) average the classes with a true
+    sample; absent classes are in ``classes_absent`` (per-class values ``None``), and
+    ``predicted_absent`` is the share of images predicted as one of them. ``mel`` holds
+    melanoma-vs-rest sensitivity/specificity for the argmax and, given ``mel_threshold``, at it.
     """
     y, p = _check_inputs(y_true, probs, len(classes))
     prep = _prepare(y, p, classes, mel_threshold)
@@ -368,14 +370,12 @@ def bootstrap_metrics(
     def interval(key: str) -> tuple[list[float] | None, int]:
         return _interval(np.concatenate(parts[key]) if key in parts else empty, alpha)
 
-    intervals: dict = {}
-    n_valid: dict = {}
+    intervals: dict = {"mel": {}, "per_class": {}}
+    n_valid: dict = {"mel": {}, "per_class": {}}
     for key in _SCALARS:
         intervals[key], n_valid[key] = interval(key)
-    intervals["mel"], n_valid["mel"] = {}, {}
     for key in _MEL_KEYS:
         intervals["mel"][key], n_valid["mel"][key] = interval(f"mel.{key}")
-    intervals["per_class"], n_valid["per_class"] = {}, {}
     for c, name in enumerate(classes):
         intervals["per_class"][name], n_valid["per_class"][name] = {}, {}
         for key in _PER_CLASS_BOOT:

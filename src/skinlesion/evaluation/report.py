@@ -270,6 +270,9 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
     ]
     for label, key, pct in _HEADLINE:
         lines.append(f"| {label} | {_fmt(p[key], ci.get(key), pct)} |")
+    if p["classes_absent"] and "predicted_absent" in p:  # e.g. bcc predicted on a set without bcc
+        absent = _fmt(p["predicted_absent"], ci.get("predicted_absent"), True)
+        lines.append(f"| predicted as a class these images lack (%) | {absent} |")
     mel_ci = ci.get("mel", {})
     if "mel" in p["per_class"]:  # melanoma figures only for a class list that has it
         for label, key in _MELANOMA:

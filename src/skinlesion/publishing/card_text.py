@@ -165,6 +165,8 @@ def render_card(card: dict[str, Any]) -> str:
         ("melanoma AUROC", "melanoma_auroc"),
         ("ECE", "ece"),
     ]
+    if any(s.get("predicted_absent") is not None for s in sets.values()):
+        rows.append(("predicted as a class the set lacks", "predicted_absent"))
     head = "| metric | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets) + "\n"
     body = "".join(
         f"| {label} | "

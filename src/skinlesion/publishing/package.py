@@ -105,6 +105,9 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
     for key in ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy", "ece", "log_loss"):
         out[key] = point[key]
         out[f"{key}_ci95"] = ci.get(key)
+    lacking = point.get("classes_absent") and "predicted_absent" in point
+    out["predicted_absent"] = point["predicted_absent"] if lacking else None
+    out["predicted_absent_ci95"] = ci.get("predicted_absent") if lacking else None
     out["melanoma_auroc"] = mel.get("auroc")
     out["melanoma_auroc_ci95"] = mel_ci.get("auroc")
     out["melanoma_sensitivity_at_threshold"] = point["mel"]["sensitivity_at_threshold"]
