@@ -41,15 +41,15 @@ def scalar_metrics(
 ) -> dict[str, float | None]:
     """The metrics of :data:`PAIRED_METRICS` plus melanoma AUROC, sensitivity at the argmax,
     and sensitivity at 95% specificity (``None`` without a ``mel`` class, or without melanomas
-    or other lesions), and the share predicted as a class absent from the labels (``None``
-    when every class is present)."""
+    or other lesions), and, where the labels lack classes, the share predicted as one of them."""
     m = point_metrics(y, probs, classes=classes)
     out = {k: m[k] for k in PAIRED_METRICS}
     mel = m["per_class"].get("mel")
     out["mel_auroc"] = mel["auroc"] if mel else None
     out["mel_sensitivity_argmax"] = m["mel"]["sensitivity_argmax"]
     out["mel_sensitivity_at_spec95"] = sensitivity_at_specificity(y, probs, classes=classes)
-    out["predicted_absent"] = m["predicted_absent"] if m["classes_absent"] else None
+    if m["classes_absent"]:  # a resample keeps every class, so the keys stay the same
+        out["predicted_absent"] = m["predicted_absent"]
     return out
 
 

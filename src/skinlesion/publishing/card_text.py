@@ -38,8 +38,9 @@ The skinlesion source code is licensed separately under Apache-2.0.
 
 MULTI_SOURCE_LIMITS = [
     "Trained on several labelled sources (see the training data): a source with fewer classes "
-    "taught only its own classes (masked loss). Figures on a source's own archive (e.g. its test "
-    "split) are IN-DOMAIN, not an external validation.",
+    "taught only its own classes (masked loss), so nothing kept its images out of the classes it "
+    "lacks: on such a set, read the share 'predicted as a class the set lacks'. Figures on a "
+    "source's own archive (e.g. its test split) are IN-DOMAIN, not an external validation.",
     "Domain shift: other sites, dermatoscopes and framings lower accuracy and calibration. Check "
     "the domain indicators (`skinlesion evaluate`) before trusting the probabilities on new data.",
     "Seven HAM10000 diagnoses only: any other lesion is forced into one of them.",
